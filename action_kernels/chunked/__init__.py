@@ -1,0 +1,1 @@
+"""Memory-bounded plain-torch paths: row chunks with the full key axis per chunk, for any device."""

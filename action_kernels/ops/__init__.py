@@ -1,0 +1,1 @@
+"""Public ops: validation, dispatch and autograd around the kernels."""

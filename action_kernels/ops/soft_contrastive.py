@@ -1,0 +1,172 @@
+"""soft_contrastive_loss: the pixel-wise soft-label contrastive distillation loss, from kernel to user.
+
+    loss_i = KL( softmax(n(t_i) n(K)ᵀ / τ_t) || softmax(n(s_i) n(K)ᵀ / τ_s) ),   reduced with optional row weights.
+
+Layers: the torch.library op `action_kernels::soft_contrastive_rows` (per-row loss of normalised (B, P, D) views,
+autograd registered, so torch.compile keeps it as one node), the autograd Function `SoftContrastiveLossFunction`
+over the same kernels, and the functional `soft_contrastive_loss` (validation, normalisation, dispatch, reduction).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from action_kernels import dispatch
+from action_kernels._validation import RowLayout, check_soft_contrastive
+from action_kernels.reference import reduce_rows, soft_contrastive_loss_ref
+
+_MODULES = {
+    "chunked": "action_kernels.chunked.soft_contrastive",
+    "triton": "action_kernels.triton.soft_contrastive",
+    "cuda": "action_kernels.cuda.soft_contrastive",
+}
+
+
+def _impl(backend: str):
+    if backend not in _MODULES:
+        raise ValueError(f"soft_contrastive_rows: backend must be one of {tuple(_MODULES)}, got {backend!r}")
+    return importlib.import_module(_MODULES[backend])
+
+
+@torch.library.custom_op("action_kernels::soft_contrastive_rows", mutates_args=())
+def soft_contrastive_rows(
+    s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, backend: str,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s, t: (B, P, D) normalised views; k: (K, D) -> loss (N,), lse_s (N,), lse_t (N,), ds0 (N, D) or (0,).
+
+    ds0 is the row gradient per unit upstream gradient, formed in the forward pass when with_grad.
+    """
+    with torch.no_grad():
+        return _impl(backend).soft_contrastive_forward(s, t, k, inv_tau_s, inv_tau_t, with_grad)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@soft_contrastive_rows.register_fake
+def _(s, t, k, inv_tau_s, inv_tau_t, backend, with_grad):
+    B, P, D = s.shape
+    loss = s.new_empty((B * P,), dtype=_out_dtype(s))
+    ds0 = s.new_empty((B * P, D) if with_grad else (0,), dtype=_out_dtype(s))
+    return loss, torch.empty_like(loss), torch.empty_like(loss), ds0
+
+
+@torch.library.custom_op("action_kernels::soft_contrastive_key_grad", mutates_args=())
+def soft_contrastive_key_grad(
+    s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, loss: torch.Tensor,
+    lse_s: torch.Tensor, lse_t: torch.Tensor, g: torch.Tensor, backend: str,
+) -> torch.Tensor:
+    """dL/dk (K, D) given the forward's per-row loss, lse_s, lse_t and the upstream per-row gradient g (N,)."""
+    with torch.no_grad():
+        return _impl(backend).soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, loss, lse_s, lse_t, g)
+
+
+@soft_contrastive_key_grad.register_fake
+def _(s, t, k, inv_tau_s, inv_tau_t, loss, lse_s, lse_t, g, backend):
+    return k.new_empty(k.shape, dtype=_out_dtype(s))
+
+
+def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, backend, g_loss, need_s: bool, need_k: bool):
+    """The backward shared by the library op and the autograd Function: (ds or None, dk or None)."""
+    s, t, k, loss, lse_s, lse_t, ds0 = saved
+    ds = dk = None
+    g = g_loss.to(loss.dtype)
+    if need_s:
+        if ds0.numel() == 0 and s.numel() != 0:
+            raise RuntimeError("soft_contrastive_rows was called with with_grad=False but student needs a gradient")
+        ds = (g.view(*s.shape[:2], 1) * ds0.view(s.shape)).to(s.dtype)
+    if need_k:
+        dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, loss, lse_s, lse_t, g, backend).to(k.dtype)
+    return ds, dk
+
+
+def _setup_context(ctx, inputs, output):
+    s, t, k, inv_tau_s, inv_tau_t, backend, _ = inputs
+    loss, lse_s, lse_t, ds0 = output
+    ctx.save_for_backward(s, t, k, loss, lse_s, lse_t, ds0)
+    ctx.mark_non_differentiable(lse_s, lse_t, ds0)
+    ctx.args = (inv_tau_s, inv_tau_t, backend)
+
+
+def _backward(ctx, g_loss, _g_lse_s, _g_lse_t, _g_ds0):
+    ds, dk = _row_and_key_grads(ctx.saved_tensors, *ctx.args, g_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+    return ds, None, dk, None, None, None, None
+
+
+soft_contrastive_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+class SoftContrastiveLossFunction(torch.autograd.Function):
+    """Per-row loss of normalised inputs as a plain autograd Function (the kernels without torch.library).
+
+    Args: s, t: (B, P, D) views (rows: x.unsqueeze(0); maps: x.flatten(2).transpose(1, 2)), k: (K, D),
+    tau_s, tau_t: temperatures, backend: "chunked", "triton" or "cuda". Returns (B * P,) fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, k, tau_s: float, tau_t: float, backend: str):
+        args = (1.0 / tau_s, 1.0 / tau_t, backend)
+        out = _impl(backend).soft_contrastive_forward(s, t, k, args[0], args[1], ctx.needs_input_grad[0])
+        ctx.save_for_backward(s, t, k, *out)
+        ctx.args = args
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        ds, dk = _row_and_key_grads(ctx.saved_tensors, *ctx.args, g_loss, ctx.needs_input_grad[0],
+                                    ctx.needs_input_grad[2])
+        return ds, None, dk, None, None, None
+
+
+def as_row_view(x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """(N, D) -> (1, N, D) view; (B, D, *spatial) -> (B, P, D) view (no copy when the spatial dims collapse)."""
+    if not layout.spatial:
+        return x.unsqueeze(0)
+    return x.flatten(2).transpose(1, 2)
+
+
+def soft_contrastive_loss(
+    student: torch.Tensor, teacher: torch.Tensor, keys: torch.Tensor, tau_student: float = 0.1,
+    tau_teacher: float = 0.01, weight: torch.Tensor | None = None, reduction: str = "mean", normalize: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Soft-label contrastive distillation loss (ACTION's global and local distillation).
+
+    Shapes: student, teacher: (N, D) rows or channel-first maps (B, D, H, W) / (B, D, Z, H, W), read in place;
+    keys: (K, D); weight: None, (N,) or (B, *spatial), non-negative (a bool mask is a weight).
+    Returns: () fp32 for "mean" (weighted mean) and "sum"; (N,) fp32 per row, in the input's row order, for "none"
+    (multiplied by the weight when given). fp64 inputs give fp64 results on the torch and chunked backends.
+
+    Args:
+        tau_student, tau_teacher: softmax temperatures (> 0). normalize: L2-normalise rows and keys first
+        (gradients flow through the normalisation). backend: None (ACTION_KERNELS_BACKEND, then automatic),
+        "torch" (materialising reference), "chunked", "triton", "cuda".
+
+    Gradients flow to student and, when keys.requires_grad, to keys. teacher must not require grad.
+    Non-finite inputs are not checked (a check would synchronise the device): they make the affected rows NaN.
+
+    Raises:
+        ValueError / TypeError: shapes, feature sizes, dtypes or devices that do not match, tau <= 0, negative
+        weights, an empty bank, a teacher that requires grad. RuntimeError: a forced backend that cannot run.
+
+    Example:
+        >>> s = torch.randn(2, 64, 32, 32, requires_grad=True); t = torch.randn(2, 64, 32, 32); bank = torch.randn(512, 64)
+        >>> soft_contrastive_loss(s, t, bank).backward()
+    """
+    layout, tau_s, tau_t, w, reduction = check_soft_contrastive(
+        student, teacher, keys, tau_student, tau_teacher, weight, reduction)
+    name = dispatch.select("soft_contrastive_loss", backend, student.device, student.dtype)
+    if name == "torch":
+        return soft_contrastive_loss_ref(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
+    if normalize:
+        student, keys = F.normalize(student, dim=1), F.normalize(keys, dim=1)
+        with torch.no_grad():
+            teacher = F.normalize(teacher, dim=1)
+    s, t = as_row_view(student, layout), as_row_view(teacher, layout)
+    with_grad = torch.is_grad_enabled() and s.requires_grad
+    loss = soft_contrastive_rows(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, name, with_grad)[0]
+    return reduce_rows(loss, w, reduction)

@@ -1,0 +1,35 @@
+// pybind11 module action_kernels._C (CUDA) or action_kernels._C_emu (CPU emulation), named by -DAK_MODULE:
+// the kernel launchers, with no torch headers (survives torch upgrades).
+// Pointers arrive as integers (tensor.data_ptr()), the stream as an integer handle (0 = default stream).
+#include <pybind11/pybind11.h>
+
+#include "launchers.h"
+
+namespace py = pybind11;
+
+namespace {
+ak::RowsArg rows(uintptr_t ptr, int64_t P, int64_t sb, int64_t sp, int64_t sd) { return ak::RowsArg{ptr, P, sb, sp, sd}; }
+}  // namespace
+
+#ifndef AK_MODULE
+#define AK_MODULE _C
+#endif
+
+PYBIND11_MODULE(AK_MODULE, m) {
+  m.doc() = "action_kernels CUDA kernels (raw-pointer launchers)";
+  m.def("flavour", &ak::flavour, "'cuda' or 'cpu-emulation'");
+  py::class_<ak::RowsArg>(m, "Rows", py::module_local()).def(py::init(&rows), py::arg("ptr"), py::arg("P"), py::arg("sb"), py::arg("sp"),
+                                         py::arg("sd"));
+  m.def("soft_contrastive_forward", &ak::soft_contrastive_forward, py::arg("s"), py::arg("t"), py::arg("k"),
+        py::arg("k_sk"), py::arg("k_sd"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
+        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("soft_contrastive_row_grad", &ak::soft_contrastive_row_grad, py::arg("s"), py::arg("t"), py::arg("k"),
+        py::arg("k_sk"), py::arg("k_sd"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
+        py::arg("inv_tau_t"), py::arg("lse_s"), py::arg("lse_t"), py::arg("ds0"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("soft_contrastive_key_grad", &ak::soft_contrastive_key_grad, py::arg("s"), py::arg("t"), py::arg("k"),
+        py::arg("k_sk"), py::arg("k_sd"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
+        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("g"), py::arg("dk"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,215 @@
+// Soft-label contrastive distillation loss: fused forward, row-gradient and key-gradient kernels (fp32, SIMT).
+//
+//   a_ij = s_i·k_j / τ_s,  b_ij = t_i·k_j / τ_t,  q_i = softmax_j(a_ij),  p_i = softmax_j(b_ij)
+//   loss_i = KL(p_i || q_i) = Σ_j p_ij (b_ij - a_ij) - lse_t,i + lse_s,i
+//   ds0_i  = (q_i - p_i) K / τ_s                                  (dL/ds_i = g_i ds0_i)
+//   dK_j   = Σ_i g_i [ (q_ij - p_ij) s_i / τ_s + p_ij (log p_ij - log q_ij - loss_i) t_i / τ_t ]
+//
+// Tiles of BM rows x BN keys; D streamed through shared memory in BK chunks. 128 threads: thread (r, g) with
+// r = tid / 4 owns tile row r and keys g*8 .. g*8+7, and keeps its own online softmax statistics over those keys;
+// the four partial statistics of a row are merged once at the end, so the key loop needs no cross-thread step.
+// Every output element is written by one block in a fixed order: deterministic, no atomics.
+#include <cmath>
+
+#include "cuda_compat.h"
+#include "launchers.h"
+
+namespace ak {
+namespace {
+
+constexpr int BM = 32;
+constexpr int BN = 32;
+constexpr int BK = 32;
+constexpr int THREADS = 128;
+constexpr int LANES = THREADS / BM;  // threads per tile row
+constexpr int KPT = BN / LANES;      // keys per thread
+static_assert(BM == BN, "tile_dots stages row and key tiles with the same loop");
+
+struct Keys {
+  const float* ptr;
+  int64_t sk, sd;
+  __device__ __forceinline__ float at(int64_t j, int64_t d) const { return ptr[j * sk + d * sd]; }
+};
+
+struct Tiles {
+  float s[BM][BK + 1];
+  float t[BM][BK + 1];
+  float k[BN][BK + 1];
+};
+
+// as[c] = s_row · k_(key0 + g*KPT + c), at[c] likewise for t, for this thread's row r = tid / LANES.
+__device__ void tile_dots(const Rows& S, const Rows& T, const Keys& Kb, int64_t row0, int64_t N, int64_t key0,
+                          int64_t K, int64_t D, Tiles& sh, float* as, float* at) {
+  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
+  for (int c = 0; c < KPT; ++c) as[c] = at[c] = 0.f;
+  for (int64_t d0 = 0; d0 < D; d0 += BK) {
+    for (int i = tid; i < BM * BK; i += THREADS) {
+      const int rr = i / BK, dd = i % BK;
+      const int64_t n = row0 + rr, j = key0 + rr, d = d0 + dd;
+      const bool row_ok = n < N && d < D, key_ok = j < K && d < D;
+      sh.s[rr][dd] = row_ok ? S.at(n, d) : 0.f;
+      sh.t[rr][dd] = row_ok ? T.at(n, d) : 0.f;
+      sh.k[rr][dd] = key_ok ? Kb.at(j, d) : 0.f;
+    }
+    __syncthreads();
+    for (int dd = 0; dd < BK; ++dd) {
+      const float sv = sh.s[r][dd], tv = sh.t[r][dd];
+      for (int c = 0; c < KPT; ++c) {
+        const float kv = sh.k[g * KPT + c][dd];
+        as[c] += sv * kv;
+        at[c] += tv * kv;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+struct Stats {
+  float m_s, l_s, m_t, l_t, acc;
+};
+
+// Merges (m, l) softmax partials; an empty partial has l == 0 and m == -inf.
+__device__ __forceinline__ void merge(float& m, float& l, float& acc, float m2, float l2, float acc2) {
+  if (l2 == 0.f) return;
+  if (l == 0.f) { m = m2; l = l2; acc = acc2; return; }
+  const float mx = fmaxf(m, m2), e1 = expf(m - mx), e2 = expf(m2 - mx);
+  l = l * e1 + l2 * e2;
+  acc = acc * e1 + acc2 * e2;
+  m = mx;
+}
+
+__global__ void forward_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, int64_t D, float inv_tau_s,
+                               float inv_tau_t, float* loss, float* lse_s, float* lse_t) {
+  __shared__ Tiles sh;
+  __shared__ Stats part[THREADS];
+  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
+  const int64_t row0 = int64_t(blockIdx.x) * BM;
+  float as[KPT], at[KPT];
+  float m_s = -INFINITY, l_s = 0.f, m_t = -INFINITY, l_t = 0.f, acc = 0.f, unused = 0.f;
+  for (int64_t key0 = 0; key0 < K; key0 += BN) {
+    tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
+    for (int c = 0; c < KPT; ++c) {
+      if (key0 + g * KPT + c >= K) break;
+      const float a = as[c] * inv_tau_s, b = at[c] * inv_tau_t;
+      merge(m_s, l_s, unused, a, 1.f, 0.f);
+      merge(m_t, l_t, acc, b, 1.f, b - a);
+    }
+  }
+  part[tid] = Stats{m_s, l_s, m_t, l_t, acc};
+  __syncthreads();
+  const int64_t n = row0 + r;
+  if (g == 0 && n < N) {
+    for (int o = 1; o < LANES; ++o) {
+      const Stats& p = part[tid + o];
+      merge(m_s, l_s, unused, p.m_s, p.l_s, 0.f);
+      merge(m_t, l_t, acc, p.m_t, p.l_t, p.acc);
+    }
+    const float ls = m_s + logf(l_s), lt = m_t + logf(l_t);
+    loss[n] = acc / l_t - lt + ls;
+    lse_s[n] = ls;
+    lse_t[n] = lt;
+  }
+}
+
+__global__ void row_grad_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, int64_t D, float inv_tau_s,
+                                float inv_tau_t, const float* lse_s, const float* lse_t, float* ds0) {
+  __shared__ Tiles sh;
+  __shared__ float z[BM][BN + 1];
+  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
+  const int64_t row0 = int64_t(blockIdx.x) * BM, n = row0 + r;
+  const float ls = n < N ? lse_s[n] : 0.f, lt = n < N ? lse_t[n] : 0.f;
+  float as[KPT], at[KPT];
+  for (int64_t key0 = 0; key0 < K; key0 += BN) {
+    tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
+    for (int c = 0; c < KPT; ++c) {
+      const bool ok = n < N && key0 + g * KPT + c < K;
+      z[r][g * KPT + c] = ok ? (expf(as[c] * inv_tau_s - ls) - expf(at[c] * inv_tau_t - lt)) * inv_tau_s : 0.f;
+    }
+    __syncthreads();
+    if (n < N) {
+      const int64_t kmax = K - key0 < BN ? K - key0 : BN;
+      for (int64_t d = g; d < D; d += LANES) {
+        float sum = 0.f;
+        for (int64_t c = 0; c < kmax; ++c) sum += z[r][c] * Kb.at(key0 + c, d);
+        ds0[n * D + d] += sum;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void key_grad_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, int64_t D, float inv_tau_s,
+                                float inv_tau_t, const float* loss, const float* lse_s, const float* lse_t,
+                                const float* gr, float* dk) {
+  __shared__ Tiles sh;
+  __shared__ float zs[BM][BN + 1];
+  __shared__ float zt[BM][BN + 1];
+  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
+  const int64_t key0 = int64_t(blockIdx.x) * BN;
+  float as[KPT], at[KPT];
+  for (int64_t row0 = 0; row0 < N; row0 += BM) {
+    tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
+    const int64_t n = row0 + r;
+    const bool row_ok = n < N;
+    const float gn = row_ok ? gr[n] : 0.f, ls = row_ok ? lse_s[n] : 0.f, lt = row_ok ? lse_t[n] : 0.f;
+    const float ln = row_ok ? loss[n] : 0.f;
+    for (int c = 0; c < KPT; ++c) {
+      const bool ok = row_ok && key0 + g * KPT + c < K;
+      const float log_q = as[c] * inv_tau_s - ls, log_p = at[c] * inv_tau_t - lt, p = expf(log_p);
+      zs[r][g * KPT + c] = ok ? (expf(log_q) - p) * gn * inv_tau_s : 0.f;
+      zt[r][g * KPT + c] = ok ? p * (log_p - log_q - ln) * gn * inv_tau_t : 0.f;
+    }
+    __syncthreads();
+    // thread (c, lane): key c = tid / LANES, features lane, lane + LANES, ...
+    const int64_t j = key0 + r;
+    if (j < K) {
+      const int64_t rmax = N - row0 < BM ? N - row0 : BM;
+      for (int64_t d = g; d < D; d += LANES) {
+        float sum = 0.f;
+        for (int64_t i = 0; i < rmax; ++i) sum += zs[i][r] * S.at(row0 + i, d) + zt[i][r] * T.at(row0 + i, d);
+        dk[j * D + d] += sum;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+Rows rows_of(const RowsArg& a) { return Rows{reinterpret_cast<const float*>(a.ptr), a.P, a.sb, a.sp, a.sd}; }
+Keys keys_of(uintptr_t k, int64_t sk, int64_t sd) { return Keys{reinterpret_cast<const float*>(k), sk, sd}; }
+template <class T>
+T* out(uintptr_t p) { return reinterpret_cast<T*>(p); }
+unsigned blocks(int64_t n, int64_t per) { return unsigned((n + per - 1) / per); }
+
+}  // namespace
+
+void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+                              int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
+                              uintptr_t lse_t, uintptr_t stream) {
+  if (N == 0) return;
+  AK_LAUNCH(forward_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+            rows_of(t), keys_of(k, k_sk, k_sd), N, K, D, inv_tau_s, inv_tau_t, out<float>(loss), out<float>(lse_s),
+            out<float>(lse_t));
+  check_launch("soft_contrastive forward_kernel");
+}
+
+void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+                               int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t lse_s, uintptr_t lse_t,
+                               uintptr_t ds0, uintptr_t stream) {
+  if (N == 0) return;
+  AK_LAUNCH(row_grad_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+            rows_of(t), keys_of(k, k_sk, k_sd), N, K, D, inv_tau_s, inv_tau_t, out<const float>(lse_s),
+            out<const float>(lse_t), out<float>(ds0));
+  check_launch("soft_contrastive row_grad_kernel");
+}
+
+void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+                               int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
+                               uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream) {
+  if (N == 0 || K == 0) return;
+  AK_LAUNCH(key_grad_kernel, dim3(blocks(K, BN)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+            rows_of(t), keys_of(k, k_sk, k_sd), N, K, D, inv_tau_s, inv_tau_t, out<const float>(loss),
+            out<const float>(lse_s), out<const float>(lse_t), out<const float>(g), out<float>(dk));
+  check_launch("soft_contrastive key_grad_kernel");
+}
+
+}  // namespace ak
