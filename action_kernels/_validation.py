@@ -99,8 +99,9 @@ def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: boo
         weight = weight.to(torch.float32)
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating point or bool tensor (a mask is a weight), got {weight.dtype}")
-    # One host sync: a negative weight would silently turn the loss into a reward, so it is worth it.
-    if check_values and weight.numel() and bool((weight < 0).any()):
+    # One host sync: a negative weight would silently turn the loss into a reward, so it is worth it in eager mode.
+    # Under torch.compile the check would be a data-dependent graph break, so it is skipped there.
+    if check_values and not torch.compiler.is_compiling() and weight.numel() and bool((weight < 0).any()):
         raise ValueError(f"weight must be non-negative, got a minimum of {float(weight.min())}")
     return weight.reshape(layout.rows)
 

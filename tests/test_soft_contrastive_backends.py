@@ -1,0 +1,187 @@
+"""Every fused backend against the float64 reference: values and gradients, ragged shapes, dtypes, determinism.
+
+Triton runs under TRITON_INTERPRET=1 and the CUDA kernels through the CPU emulation build (action_kernels._C_emu).
+Inputs are fresh random tensors on every run (seeded from the clock, printed on failure).
+"""
+import time
+
+import pytest
+import torch
+
+import action_kernels as ak
+from action_kernels.ops.soft_contrastive import SoftContrastiveLossFunction, soft_contrastive_rows
+from action_kernels.reference import soft_contrastive_loss_ref
+from action_kernels.testing import assert_close
+from conftest import FUSED, require
+
+# (student shape, number of keys): rows and 2D / 3D channel-first maps, sizes not multiples of any tile.
+SHAPES = [((37, 7), 19), ((300, 64), 257), ((2, 130, 5, 7), 45), ((1, 33, 3, 4, 5), 70)]
+TEMPS = [(0.1, 0.01), (1.0, 0.5), (0.05, 0.2)]
+
+
+def _seed() -> int:
+    return time.time_ns() % (2**31)
+
+
+def _make(shape, num_keys, dtype, seed, weighted, keys_grad):
+    g = torch.Generator().manual_seed(seed)
+    d = shape[1]
+    s = torch.randn(shape, generator=g).to(dtype)
+    t = (s.float() + 0.7 * torch.randn(shape, generator=g)).to(dtype)  # correlated, like student and EMA teacher
+    k = torch.randn(num_keys, d, generator=g).to(dtype)
+    w = None
+    if weighted:
+        spatial = (shape[0],) if len(shape) == 2 else (shape[0], *shape[2:])
+        w = torch.rand(spatial, generator=g) * (torch.rand(spatial, generator=g) > 0.3)
+    return s.requires_grad_(True), t, k.requires_grad_(keys_grad), w
+
+
+def _run(backend, s, t, k, taus, w, reduction):
+    s = s.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(k.requires_grad)
+    loss = ak.soft_contrastive_loss(s, t, k, *taus, weight=w, reduction=reduction, backend=backend)
+    g = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else torch.tensor(1.0)
+    (loss * g).sum().backward()
+    return loss.detach(), s.grad, (k.grad if k.requires_grad else None)
+
+
+def _check_against_reference(backend, shape, num_keys, taus, dtype, weighted, keys_grad, reduction, seed):
+    s, t, k, w = _make(shape, num_keys, dtype, seed, weighted, keys_grad)
+    got = _run(backend, s, t, k, taus, w, reduction)
+    ref = _run("torch", s.double(), t.double(), k.double(), taus, None if w is None else w.double(), reduction)
+    where = f"{backend} {shape} K={num_keys} taus={taus} {dtype} weighted={weighted} seed={seed}"
+    assert got[0].dtype == torch.float32
+    assert_close(f"loss [{where}]", got[0], ref[0], dtype, min(taus))
+    assert got[1].dtype == dtype
+    assert_close(f"student grad [{where}]", got[1], ref[1], dtype, min(taus))
+    if keys_grad:
+        assert_close(f"keys grad [{where}]", got[2], ref[2], dtype, min(taus))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape,num_keys", SHAPES)
+def test_fp32_matches_reference_across_shapes_and_temperatures(backend, shape, num_keys):
+    require(backend)
+    seed = _seed()
+    for i, taus in enumerate(TEMPS):
+        _check_against_reference(backend, shape, num_keys, taus, torch.float32, weighted=i % 2 == 0,
+                                 keys_grad=i != 1, reduction="mean" if i != 2 else "none", seed=seed + i)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_match_reference_with_fp32_accumulation(backend, dtype):
+    require(backend, dtype=dtype)
+    seed = _seed()
+    _check_against_reference(backend, (2, 40, 3, 5), 33, (0.1, 0.01), dtype, True, True, "mean", seed)
+    _check_against_reference(backend, (53, 24), 70, (0.5, 0.2), dtype, False, False, "none", seed + 1)
+
+
+def test_chunked_backend_gradcheck_float64():
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(2, 5, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 3, 2, generator=g, dtype=torch.float64)
+    k = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 3, 2, generator=g, dtype=torch.float64)
+    fn = lambda s_, k_: ak.soft_contrastive_loss(s_, t, k_, 0.3, 0.1, weight=w, backend="chunked")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (s, k))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_three_runs_are_bitwise_equal(backend):
+    require(backend)
+    s, t, k, w = _make((3, 20, 6, 7), 77, torch.float32, _seed(), True, True)
+    runs = [_run(backend, s, t, k, (0.1, 0.01), w, "mean") for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ("torch",) + FUSED)
+def test_zero_rows_give_zero_loss_and_zero_gradients(backend):
+    require(backend)
+    s = torch.randn(0, 16, requires_grad=True)
+    k = torch.randn(9, 16, requires_grad=True)
+    loss = ak.soft_contrastive_loss(s, torch.randn(0, 16), k, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert s.grad.shape == (0, 16) and torch.equal(k.grad, torch.zeros_like(k))
+    assert ak.soft_contrastive_loss(s, torch.randn(0, 16), k, reduction="none", backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ("torch",) + FUSED)
+def test_all_zero_weights_give_zero_loss_and_zero_gradients(backend):
+    require(backend)
+    s = torch.randn(2, 8, 3, 3, requires_grad=True)
+    k = torch.randn(10, 8, requires_grad=True)
+    loss = ak.soft_contrastive_loss(s, torch.randn(2, 8, 3, 3), k, weight=torch.zeros(2, 3, 3), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    assert torch.equal(s.grad, torch.zeros_like(s)) and torch.equal(k.grad, torch.zeros_like(k))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_bool_mask_is_a_weight(backend):
+    require(backend)
+    s, t, k, _ = _make((2, 12, 4, 5), 21, torch.float32, _seed(), False, False)
+    mask = torch.rand(2, 4, 5) > 0.5
+    got = ak.soft_contrastive_loss(s, t, k, weight=mask, backend=backend)
+    ref = soft_contrastive_loss_ref(s.double(), t.double(), k.double(), weight=mask.double())
+    assert_close("masked loss", got.detach(), ref.detach(), torch.float32, 0.01)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_channels_last_and_strided_maps_are_read_in_place(backend):
+    require(backend)
+    s, t, k, _ = _make((2, 16, 5, 6), 29, torch.float32, _seed(), False, False)
+    s_cl = s.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    t_wide = torch.randn(2, 16, 5, 12)[..., ::2]  # non-contiguous spatial stride
+    t_wide.copy_(t)
+    loss = ak.soft_contrastive_loss(s_cl, t_wide, k, backend=backend)
+    loss.backward()
+    ref_s = s.detach().double().requires_grad_(True)
+    ref = soft_contrastive_loss_ref(ref_s, t.double(), k.double())
+    ref.backward()
+    assert_close("loss", loss.detach(), ref.detach(), torch.float32, 0.01)
+    assert_close("grad", s_cl.grad, ref_s.grad, torch.float32, 0.01)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_autograd_function_and_module_forms_agree_with_functional(backend):
+    require(backend)
+    s, t, k, _ = _make((45, 10), 13, torch.float32, _seed(), False, True)
+    functional = _run(backend, s, t, k, (0.2, 0.05), None, "mean")
+    s2 = s.detach().clone().requires_grad_(True)
+    k2 = k.detach().clone().requires_grad_(True)
+    sn, kn = torch.nn.functional.normalize(s2, dim=1), torch.nn.functional.normalize(k2, dim=1)
+    tn = torch.nn.functional.normalize(t, dim=1)
+    rows = SoftContrastiveLossFunction.apply(sn.unsqueeze(0), tn.unsqueeze(0), kn, 0.2, 0.05, backend)
+    rows.mean().backward()
+    assert torch.allclose(rows.mean(), functional[0], rtol=1e-6)
+    assert torch.allclose(s2.grad, functional[1], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(k2.grad, functional[2], rtol=1e-5, atol=1e-7)
+    module = ak.SoftContrastiveLoss(0.2, 0.05, backend=backend)
+    assert torch.allclose(module(s, t, k), functional[0], rtol=1e-6)
+    assert "tau_student=0.2" in repr(module)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_library_op_passes_opcheck(backend):
+    require(backend)
+    g = torch.Generator().manual_seed(0)
+    s = torch.nn.functional.normalize(torch.randn(1, 20, 8, generator=g), dim=2).requires_grad_(True)
+    t = torch.nn.functional.normalize(torch.randn(1, 20, 8, generator=g), dim=2)
+    k = torch.nn.functional.normalize(torch.randn(11, 8, generator=g), dim=1).requires_grad_(True)
+    torch.library.opcheck(soft_contrastive_rows, (s, t, k, 10.0, 20.0, backend, True))
+
+
+def test_torch_compile_keeps_the_op_in_one_graph():
+    s, t, k, w = _make((2, 8, 4, 4), 17, torch.float32, _seed(), True, False)
+    fn = lambda s_: ak.soft_contrastive_loss(s_, t, k, weight=w, backend="chunked")  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    s1 = s.detach().clone().requires_grad_(True)
+    s2 = s.detach().clone().requires_grad_(True)
+    eager, graph = fn(s1), compiled(s2)
+    eager.backward()
+    graph.backward()
+    assert torch.allclose(eager, graph) and torch.allclose(s1.grad, s2.grad)
