@@ -1,11 +1,12 @@
 """Builds the kernel extension from csrc/ without torch: raw-pointer launchers bound with pybind11.
 
 ACTION_KERNELS_BUILD selects what is built:
-  auto (default)  `_C` with nvcc when nvcc is found (CUDA kernels), plus `_C_emu` (the same .cu sources compiled by
-                  the host C++ compiler under csrc/emulation.h: the kernels' logic on CPU threads, for tests);
-                  only `_C_emu` when there is no nvcc; nothing when there is no C++ compiler either.
+  auto (default)  `_C` with nvcc when nvcc is found (CUDA kernels), plus `_C_cpu`, the host build: the same .cu
+                  sources compiled by the host C++ compiler under csrc/emulation.h (the kernels' logic on CPU
+                  threads, for tests) and the native CPU kernels of csrc/cpu/ (used by the chunked CPU path);
+                  only `_C_cpu` when there is no nvcc; nothing when there is no C++ compiler either.
   cuda            both, and fail when nvcc is missing.
-  cpu             `_C_emu` only.
+  cpu             `_C_cpu` only.
   none            nothing: the package still works through its Triton and torch backends.
 CUDA_ARCHS (default "80;90") lists the SM architectures for the CUDA flavour. CMakeLists.txt builds the same targets.
 """
@@ -25,6 +26,7 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 CU_SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+CPU_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))  # native CPU kernels, host build only
 BINDINGS = os.path.join(CSRC, "bindings.cpp")
 MODES = ("auto", "cuda", "cpu", "none")
 
@@ -61,10 +63,10 @@ def plan() -> list[str]:
         raise SystemExit(f"ACTION_KERNELS_BUILD={mode} needs a C++ compiler (g++ or clang++), none found")
     if mode == "cuda" and nvcc is None:
         raise SystemExit("ACTION_KERNELS_BUILD=cuda needs nvcc: set CUDA_HOME or put nvcc on PATH")
-    modules = ["_C_emu"]
+    modules = ["_C_cpu"]
     if nvcc is not None and mode in ("auto", "cuda"):
         modules.insert(0, "_C")
-    flavours = {"_C": f"CUDA kernels with {nvcc}", "_C_emu": f"CPU emulation with {cxx}"}
+    flavours = {"_C": f"CUDA kernels with {nvcc}", "_C_cpu": f"CPU emulation with {cxx}"}
     _say("building " + " and ".join(f"action_kernels.{m} ({flavours[m]})" for m in modules))
     return modules
 
@@ -99,9 +101,10 @@ class BuildKernels(build_ext):
             self._build_emulation(module, target)
 
     def _build_emulation(self, module: str, target: str) -> None:
-        cmd = [find_cxx(), "-O2", "-std=c++20", "-g0", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden",
-               "-DAK_EMULATION", f"-DAK_MODULE={module}", *_python_includes(), "-x", "c++", *CU_SOURCES,
-               "-x", "c++", BINDINGS, "-o", target]
+        # -fno-math-errno / -fno-trapping-math let the CPU kernels' exp loops vectorise (results unchanged)
+        cmd = [find_cxx(), "-O3", "-std=c++20", "-g0", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden",
+               "-fno-math-errno", "-fno-trapping-math", "-DAK_EMULATION", f"-DAK_MODULE={module}",
+               *_python_includes(), "-x", "c++", *CU_SOURCES, "-x", "none", *CPU_SOURCES, BINDINGS, "-o", target]
         _run(cmd)
 
     def _build_cuda(self, module: str, target: str, tmp: str) -> None:

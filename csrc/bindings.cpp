@@ -1,4 +1,4 @@
-// pybind11 module action_kernels._C (CUDA) or action_kernels._C_emu (CPU emulation), named by -DAK_MODULE:
+// pybind11 module action_kernels._C (CUDA) or action_kernels._C_cpu (CPU emulation), named by -DAK_MODULE:
 // the kernel launchers, with no torch headers (survives torch upgrades).
 // Pointers arrive as integers (tensor.data_ptr()), the stream as an integer handle (0 = default stream).
 #include <pybind11/pybind11.h>
@@ -9,6 +9,7 @@ namespace py = pybind11;
 
 namespace {
 ak::RowsArg rows(uintptr_t ptr, int64_t P, int64_t sb, int64_t sp, int64_t sd) { return ak::RowsArg{ptr, P, sb, sp, sd}; }
+ak::ScalesArg scales(uintptr_t rs, uintptr_t rt, uintptr_t rk) { return ak::ScalesArg{rs, rt, rk}; }
 }  // namespace
 
 #ifndef AK_MODULE
@@ -20,16 +21,23 @@ PYBIND11_MODULE(AK_MODULE, m) {
   m.def("flavour", &ak::flavour, "'cuda' or 'cpu-emulation'");
   py::class_<ak::RowsArg>(m, "Rows", py::module_local()).def(py::init(&rows), py::arg("ptr"), py::arg("P"), py::arg("sb"), py::arg("sp"),
                                          py::arg("sd"));
+  py::class_<ak::ScalesArg>(m, "Scales", py::module_local())
+      .def(py::init(&scales), py::arg("rs"), py::arg("rt"), py::arg("rk"));
   m.def("soft_contrastive_forward", &ak::soft_contrastive_forward, py::arg("s"), py::arg("t"), py::arg("k"),
-        py::arg("k_sk"), py::arg("k_sd"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
+        py::arg("k_sk"), py::arg("k_sd"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
         py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("soft_contrastive_row_grad", &ak::soft_contrastive_row_grad, py::arg("s"), py::arg("t"), py::arg("k"),
-        py::arg("k_sk"), py::arg("k_sd"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
+        py::arg("k_sk"), py::arg("k_sd"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
         py::arg("inv_tau_t"), py::arg("lse_s"), py::arg("lse_t"), py::arg("ds0"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("soft_contrastive_key_grad", &ak::soft_contrastive_key_grad, py::arg("s"), py::arg("t"), py::arg("k"),
-        py::arg("k_sk"), py::arg("k_sd"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
+        py::arg("k_sk"), py::arg("k_sd"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
         py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("g"), py::arg("dk"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+#ifdef AK_EMULATION
+  m.def("soft_contrastive_rows_cpu", &ak::soft_contrastive_rows_cpu, py::arg("a"), py::arg("b"), py::arg("rows"),
+        py::arg("K"), py::arg("loss"), py::arg("lse_a"), py::arg("lse_b"), py::arg("grad"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
+#endif
 }

@@ -11,21 +11,32 @@ struct RowsArg {
   int64_t P, sb, sp, sd;
 };
 
+// Inverse norms (fp32): rs, rt (N,) for the student and teacher rows, rk (K,) for the keys; ones to not normalise.
+struct ScalesArg {
+  uintptr_t rs, rt, rk;
+};
+
 const char* flavour();
 
 // loss, lse_s, lse_t: (N,) fp32. s, t: (B, P, D) fp32 views; k: (K, D) fp32 with strides k_sk, k_sd.
-void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
                               int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                               uintptr_t lse_t, uintptr_t stream);
 
-// ds0: (N, D) fp32, zero-filled by the caller; ds0_i = (q_i - p_i) K / tau_s.
-void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+// ds0: (N, D) fp32, zero-filled by the caller; ds0_i = (q_i - p_i) K̂ / tau_s (gradient w.r.t. the normalised row).
+void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
                                int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t lse_s, uintptr_t lse_t,
                                uintptr_t ds0, uintptr_t stream);
 
-// dk: (K, D) fp32, zero-filled by the caller; g: (N,) fp32 upstream per-row gradient.
-void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+// dk: (K, D) fp32, zero-filled by the caller: the gradient w.r.t. the normalised keys; g: (N,) upstream gradient.
+void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
                                int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                                uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream);
+
+// Host build only (csrc/cpu): per-row softmax statistics of a chunk of logits for the chunked CPU path.
+// a, b: (rows, K) fp32 contiguous, already divided by their temperatures; loss, lse_a, lse_b: (rows,) fp32.
+// With grad, a becomes q - p (softmax(a) - softmax(b)) and b is overwritten.
+void soft_contrastive_rows_cpu(uintptr_t a, uintptr_t b, int64_t rows, int64_t K, uintptr_t loss, uintptr_t lse_a,
+                               uintptr_t lse_b, bool grad, int threads);
 
 }  // namespace ak

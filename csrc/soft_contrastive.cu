@@ -1,9 +1,10 @@
 // Soft-label contrastive distillation loss: fused forward, row-gradient and key-gradient kernels (fp32, SIMT).
 //
-//   a_ij = s_i·k_j / τ_s,  b_ij = t_i·k_j / τ_t,  q_i = softmax_j(a_ij),  p_i = softmax_j(b_ij)
+// Normalisation is fused as scales: ŝ_i = rs_i s_i, t̂_i = rt_i t_i, k̂_j = rk_j k_j (inverse norms, or ones).
+//   a_ij = ŝ_i·k̂_j / τ_s,  b_ij = t̂_i·k̂_j / τ_t,  q_i = softmax_j(a_ij),  p_i = softmax_j(b_ij)
 //   loss_i = KL(p_i || q_i) = Σ_j p_ij (b_ij - a_ij) - lse_t,i + lse_s,i
-//   ds0_i  = (q_i - p_i) K / τ_s                                  (dL/ds_i = g_i ds0_i)
-//   dK_j   = Σ_i g_i [ (q_ij - p_ij) s_i / τ_s + p_ij (log p_ij - log q_ij - loss_i) t_i / τ_t ]
+//   ds0_i  = (q_i - p_i) K̂ / τ_s                                    (dL/dŝ_i = g_i ds0_i)
+//   dK̂_j   = Σ_i g_i [ (q_ij - p_ij) ŝ_i / τ_s + p_ij (log p_ij - log q_ij - loss_i) t̂_i / τ_t ]
 //
 // Tiles of BM rows x BN keys; D streamed through shared memory in BK chunks. 128 threads: thread (r, g) with
 // r = tid / 4 owns tile row r and keys g*8 .. g*8+7, and keeps its own online softmax statistics over those keys;
@@ -29,6 +30,12 @@ struct Keys {
   const float* ptr;
   int64_t sk, sd;
   __device__ __forceinline__ float at(int64_t j, int64_t d) const { return ptr[j * sk + d * sd]; }
+};
+
+struct Scales {
+  const float* rs;  // (N,) student row inverse norms
+  const float* rt;  // (N,) teacher row inverse norms
+  const float* rk;  // (K,) key inverse norms
 };
 
 struct Tiles {
@@ -78,26 +85,27 @@ __device__ __forceinline__ void merge(float& m, float& l, float& acc, float m2, 
   m = mx;
 }
 
-__global__ void forward_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, int64_t D, float inv_tau_s,
+__global__ void forward_kernel(Rows S, Rows T, Keys Kb, Scales sc, int64_t N, int64_t K, int64_t D, float inv_tau_s,
                                float inv_tau_t, float* loss, float* lse_s, float* lse_t) {
   __shared__ Tiles sh;
   __shared__ Stats part[THREADS];
   const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
-  const int64_t row0 = int64_t(blockIdx.x) * BM;
+  const int64_t row0 = int64_t(blockIdx.x) * BM, n = row0 + r;
+  const float cs = n < N ? sc.rs[n] * inv_tau_s : 0.f, ct = n < N ? sc.rt[n] * inv_tau_t : 0.f;
   float as[KPT], at[KPT];
   float m_s = -INFINITY, l_s = 0.f, m_t = -INFINITY, l_t = 0.f, acc = 0.f, unused = 0.f;
   for (int64_t key0 = 0; key0 < K; key0 += BN) {
     tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
     for (int c = 0; c < KPT; ++c) {
-      if (key0 + g * KPT + c >= K) break;
-      const float a = as[c] * inv_tau_s, b = at[c] * inv_tau_t;
+      const int64_t j = key0 + g * KPT + c;
+      if (j >= K) break;
+      const float a = as[c] * cs * sc.rk[j], b = at[c] * ct * sc.rk[j];
       merge(m_s, l_s, unused, a, 1.f, 0.f);
       merge(m_t, l_t, acc, b, 1.f, b - a);
     }
   }
   part[tid] = Stats{m_s, l_s, m_t, l_t, acc};
   __syncthreads();
-  const int64_t n = row0 + r;
   if (g == 0 && n < N) {
     for (int o = 1; o < LANES; ++o) {
       const Stats& p = part[tid + o];
@@ -111,19 +119,23 @@ __global__ void forward_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, in
   }
 }
 
-__global__ void row_grad_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, int64_t D, float inv_tau_s,
+__global__ void row_grad_kernel(Rows S, Rows T, Keys Kb, Scales sc, int64_t N, int64_t K, int64_t D, float inv_tau_s,
                                 float inv_tau_t, const float* lse_s, const float* lse_t, float* ds0) {
   __shared__ Tiles sh;
   __shared__ float z[BM][BN + 1];
   const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
   const int64_t row0 = int64_t(blockIdx.x) * BM, n = row0 + r;
   const float ls = n < N ? lse_s[n] : 0.f, lt = n < N ? lse_t[n] : 0.f;
+  const float cs = n < N ? sc.rs[n] * inv_tau_s : 0.f, ct = n < N ? sc.rt[n] * inv_tau_t : 0.f;
   float as[KPT], at[KPT];
   for (int64_t key0 = 0; key0 < K; key0 += BN) {
     tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
     for (int c = 0; c < KPT; ++c) {
-      const bool ok = n < N && key0 + g * KPT + c < K;
-      z[r][g * KPT + c] = ok ? (expf(as[c] * inv_tau_s - ls) - expf(at[c] * inv_tau_t - lt)) * inv_tau_s : 0.f;
+      const int64_t j = key0 + g * KPT + c;
+      const float rk = j < K ? sc.rk[j] : 0.f;
+      // z = (q - p) rk / τ_s: the rk turns the raw key rows read below into k̂
+      z[r][g * KPT + c] = (n < N && j < K)
+          ? (expf(as[c] * cs * rk - ls) - expf(at[c] * ct * rk - lt)) * inv_tau_s * rk : 0.f;
     }
     __syncthreads();
     if (n < N) {
@@ -138,7 +150,7 @@ __global__ void row_grad_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, i
   }
 }
 
-__global__ void key_grad_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, int64_t D, float inv_tau_s,
+__global__ void key_grad_kernel(Rows S, Rows T, Keys Kb, Scales sc, int64_t N, int64_t K, int64_t D, float inv_tau_s,
                                 float inv_tau_t, const float* loss, const float* lse_s, const float* lse_t,
                                 const float* gr, float* dk) {
   __shared__ Tiles sh;
@@ -153,11 +165,16 @@ __global__ void key_grad_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, i
     const bool row_ok = n < N;
     const float gn = row_ok ? gr[n] : 0.f, ls = row_ok ? lse_s[n] : 0.f, lt = row_ok ? lse_t[n] : 0.f;
     const float ln = row_ok ? loss[n] : 0.f;
+    const float rs = row_ok ? sc.rs[n] : 0.f, rt = row_ok ? sc.rt[n] : 0.f;
     for (int c = 0; c < KPT; ++c) {
-      const bool ok = row_ok && key0 + g * KPT + c < K;
-      const float log_q = as[c] * inv_tau_s - ls, log_p = at[c] * inv_tau_t - lt, p = expf(log_p);
-      zs[r][g * KPT + c] = ok ? (expf(log_q) - p) * gn * inv_tau_s : 0.f;
-      zt[r][g * KPT + c] = ok ? p * (log_p - log_q - ln) * gn * inv_tau_t : 0.f;
+      const int64_t j = key0 + g * KPT + c;
+      const bool ok = row_ok && j < K;
+      const float rk = j < K ? sc.rk[j] : 0.f;
+      const float log_q = as[c] * rs * inv_tau_s * rk - ls, log_p = at[c] * rt * inv_tau_t * rk - lt;
+      const float p = expf(log_p);
+      // the rs, rt factors turn the raw rows read below into ŝ, t̂
+      zs[r][g * KPT + c] = ok ? (expf(log_q) - p) * gn * inv_tau_s * rs : 0.f;
+      zt[r][g * KPT + c] = ok ? p * (log_p - log_q - ln) * gn * inv_tau_t * rt : 0.f;
     }
     __syncthreads();
     // thread (c, lane): key c = tid / LANES, features lane, lane + LANES, ...
@@ -176,38 +193,42 @@ __global__ void key_grad_kernel(Rows S, Rows T, Keys Kb, int64_t N, int64_t K, i
 
 Rows rows_of(const RowsArg& a) { return Rows{reinterpret_cast<const float*>(a.ptr), a.P, a.sb, a.sp, a.sd}; }
 Keys keys_of(uintptr_t k, int64_t sk, int64_t sd) { return Keys{reinterpret_cast<const float*>(k), sk, sd}; }
+Scales scales_of(const ScalesArg& a) {
+  return Scales{reinterpret_cast<const float*>(a.rs), reinterpret_cast<const float*>(a.rt),
+                reinterpret_cast<const float*>(a.rk)};
+}
 template <class T>
 T* out(uintptr_t p) { return reinterpret_cast<T*>(p); }
 unsigned blocks(int64_t n, int64_t per) { return unsigned((n + per - 1) / per); }
 
 }  // namespace
 
-void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
                               int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                               uintptr_t lse_t, uintptr_t stream) {
   if (N == 0) return;
   AK_LAUNCH(forward_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
-            rows_of(t), keys_of(k, k_sk, k_sd), N, K, D, inv_tau_s, inv_tau_t, out<float>(loss), out<float>(lse_s),
+            rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<float>(loss), out<float>(lse_s),
             out<float>(lse_t));
   check_launch("soft_contrastive forward_kernel");
 }
 
-void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
                                int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t lse_s, uintptr_t lse_t,
                                uintptr_t ds0, uintptr_t stream) {
   if (N == 0) return;
   AK_LAUNCH(row_grad_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
-            rows_of(t), keys_of(k, k_sk, k_sd), N, K, D, inv_tau_s, inv_tau_t, out<const float>(lse_s),
+            rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(lse_s),
             out<const float>(lse_t), out<float>(ds0));
   check_launch("soft_contrastive row_grad_kernel");
 }
 
-void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, int64_t N, int64_t K,
+void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
                                int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                                uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream) {
   if (N == 0 || K == 0) return;
   AK_LAUNCH(key_grad_kernel, dim3(blocks(K, BN)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
-            rows_of(t), keys_of(k, k_sk, k_sd), N, K, D, inv_tau_s, inv_tau_t, out<const float>(loss),
+            rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(loss),
             out<const float>(lse_s), out<const float>(lse_t), out<const float>(g), out<float>(dk));
   check_launch("soft_contrastive key_grad_kernel");
 }

@@ -56,9 +56,9 @@ def test_cmake_builds_the_emulation_module(tmp_path):
     for cmd in (configure, ["cmake", "--build", str(build), "-j2"]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    built = glob.glob(str(build / "_C_emu*.so"))
+    built = glob.glob(str(build / "_C_cpu*.so"))
     assert built
-    probe = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C_emu', sys.argv[1]); "
+    probe = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C_cpu', sys.argv[1]); "
              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.flavour())")
     out = subprocess.run([sys.executable, "-c", probe, built[0]], capture_output=True, text=True)
     assert out.stdout.strip() == "cpu-emulation", out.stderr

@@ -1,25 +1,34 @@
 """Memory-bounded soft-label contrastive loss in plain torch (the CPU path).
 
-Rows are processed in chunks of c rows against the whole bank: c x K fp32 logits at a time, never N x K.
-One row's K logits are small (256 KiB at K = 65,536), so the key axis needs no online statistics here;
-the chunk height is chosen so three c x K buffers fit in `CHUNK_BYTES`.
+Rows are processed in chunks of c rows against the whole bank: c x K logits at a time, never N x K. One row's K
+logits are small (256 KiB at K = 65,536), so the key axis needs no online statistics here. The GEMMs are torch's
+(MKL/OpenBLAS); for fp32 CPU tensors the per-row softmax work between them runs in the native kernel of csrc/cpu/
+(three sweeps instead of ~14 torch passes) when the host build is present, else in plain torch
+(`USE_NATIVE = False` forces that).
 
-Forward (per chunk):  a = s Kᵀ/τ_s, b = t Kᵀ/τ_t, lse_s, lse_t, loss = Σ_j p (log p - log q).
-Gradient to rows, formed in the forward pass when asked (no recompute; exact because row i's gradient is
-linear in its own upstream gradient g_i):  ds0_i = (q_i - p_i) K / τ_s, and dL/ds_i = g_i ds0_i.
+Backend contract (shared by every backend): rows s, t arrive raw with inverse norms rs, rt (N,) and keys k with
+rk (K,), so that ŝ = rs ⊙ s, t̂ = rt ⊙ t, k̂ = rk ⊙ k are the normalised vectors (all ones without normalisation).
+Forward (per chunk):  a = ŝ k̂ᵀ/τ_s, b = t̂ k̂ᵀ/τ_t, lse_s, lse_t, loss = Σ_j p (log p - log q), p = softmax(b),
+q = softmax(a). Gradient to the normalised rows, formed in the forward pass when asked (no recompute; exact because
+row i's gradient is linear in its own upstream gradient g_i):  ds0_i = (q_i - p_i) k̂ / τ_s, dL/dŝ_i = g_i ds0_i.
 Key gradient (backward, recomputed): the keys sit in both distributions, so
-    dK = Σ_i g_i [ (q_i - p_i)ᵀ s_i / τ_s + (p_i ⊙ (log p_i - log q_i - loss_i))ᵀ t_i / τ_t ],
-accumulated chunk by chunk in a fixed order (deterministic).
+    dL/dk̂ = Σ_i g_i [ (q_i - p_i)ᵀ ŝ_i / τ_s + (p_i ⊙ (log p_i - log q_i - loss_i))ᵀ t̂_i / τ_t ],
+accumulated chunk by chunk in a fixed order (deterministic). ops/ maps both through the normalisation.
 """
 from __future__ import annotations
 
 import torch
 
-CHUNK_BYTES = 32 << 20  # three c x K fp32 buffers; measured: 1 MiB is 3x slower (skinny GEMMs), 64 MiB no faster
+from action_kernels.cuda import host_module
+
+USE_NATIVE = True
+# The c x K work buffers of one chunk; measured at K = 8192: 1 MiB chunks are 3x slower (skinny GEMMs), 64 MiB
+# no faster than 32 MiB. The native path needs two buffers, the torch path three.
+CHUNK_BYTES = 32 << 20
 
 
-def _chunk_rows(num_keys: int) -> int:
-    return max(1, CHUNK_BYTES // (3 * 4 * num_keys))
+def _chunk_rows(num_keys: int, buffers: int = 3) -> int:
+    return max(1, CHUNK_BYTES // (buffers * 4 * num_keys))
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -27,72 +36,109 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunks(x: torch.Tensor, num_keys: int):
-    """Yields (row offset, (c, D) view or copy in the work dtype) over the rows of a (B, P, D) view, in row order."""
-    step = _chunk_rows(num_keys)
+def _chunks(x: torch.Tensor, scale: torch.Tensor, step: int):
+    """Yields (row offset, scale ⊙ rows as (c <= step, D) in the work dtype) over the rows of a (B, P, D) view."""
     B, P, _ = x.shape
     for b in range(B):
         for p0 in range(0, P, step):
-            yield b * P + p0, x[b, p0:p0 + step].to(_work_dtype(x))
+            rows = x[b, p0:p0 + step].to(_work_dtype(x))
+            r0 = b * P + p0
+            yield r0, rows * scale[r0:r0 + rows.shape[0], None]
 
 
-def _shifted_logits(x: torch.Tensor, k_t: torch.Tensor, inv_tau: float):
-    """(c, D) rows, (D, K) keys -> z - max(z) in one (c, K) buffer, and max(z) (c,), for z = x k_t * inv_tau."""
-    z = torch.mm(x * inv_tau, k_t)
+def _native_kernels(s: torch.Tensor):
+    if not USE_NATIVE or s.device.type != "cpu" or _work_dtype(s) != torch.float32:
+        return None
+    mod = host_module()
+    return mod if mod is not None and hasattr(mod, "soft_contrastive_rows_cpu") else None
+
+
+def _chunk_native(mod, buffers, sc, tc, k_t, loss, lse_s, lse_t, with_grad):
+    """One chunk through csrc/cpu: returns q - p (c, K) when with_grad; writes loss / lse slices in place.
+
+    sc, tc: rows already scaled by rs/τ_s and rt/τ_t. buffers: two reused (step, K) fp32 tensors (fresh ones per
+    chunk cost page faults: ~15% measured).
+    """
+    rows = sc.shape[0]
+    b = torch.mm(tc, k_t, out=buffers[1][:rows])
+    a = torch.mm(sc, k_t, out=buffers[0][:rows])
+    mod.soft_contrastive_rows_cpu(a.data_ptr(), b.data_ptr(), rows, a.shape[1], loss.data_ptr(), lse_s.data_ptr(),
+                                  lse_t.data_ptr(), with_grad, torch.get_num_threads())
+    return a
+
+
+def _shifted_logits(x: torch.Tensor, k_t: torch.Tensor):
+    """(c, D) scaled rows, (D, K) keys -> z - max(z) in one (c, K) buffer, and max(z) (c,), for z = x k_t."""
+    z = torch.mm(x, k_t)
     m = z.amax(dim=1, keepdim=True)
     return z.sub_(m), m.view(-1)
 
 
-def soft_contrastive_forward(s, t, k, inv_tau_s: float, inv_tau_t: float, with_grad: bool):
-    """s, t: (B, P, D) views, k: (K, D) -> loss (N,), lse_s (N,), lse_t (N,), ds0 (N, D) (empty if not with_grad).
+def _chunk_torch(sc, tc, k_t, loss, lse_s, lse_t, with_grad):
+    """One chunk in plain torch, same contract as _chunk_native.
 
-    Outputs are fp32, or fp64 for fp64 inputs. Per chunk, with b' = b - max b and a' = a - max a (the shifted logits), p = e^{b'} / l_t, q = e^{a'} / l_a:
-    loss = Σ_j p_j (b'_j - a'_j) - log l_t + log l_s, lse = max + log l.  Two exponentials per logit, no log.
+    With b' = b - max b, a' = a - max a, p = e^{b'} / l_t, q = e^{a'} / l_s:
+    loss = Σ_j p_j (b'_j - a'_j) - log l_t + log l_s, lse = max + log l. Two exponentials per logit.
+    """
+    b, m_t = _shifted_logits(tc, k_t)
+    p = b.exp()
+    log_l_t = p.sum(dim=1).log_()
+    p.mul_(torch.exp(-log_l_t)[:, None])
+    a, m_s = _shifted_logits(sc, k_t)
+    cross = b.sub_(a).mul_(p).sum(dim=1)  # Σ p (b' - a')
+    e = a.exp_()
+    l_s = e.sum(dim=1)
+    log_l_s = torch.log(l_s)
+    loss.copy_(cross - log_l_t + log_l_s)
+    lse_s.copy_(m_s + log_l_s)
+    lse_t.copy_(m_t + log_l_t)
+    return e.mul_(l_s.reciprocal()[:, None]).sub_(p) if with_grad else None
+
+
+def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, with_grad: bool):
+    """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) -> loss (N,), lse_s (N,), lse_t (N,), ds0 (N, D).
+
+    ds0 (dL/dŝ per unit upstream gradient) is empty when not with_grad. Outputs are fp32 (fp64 for fp64 inputs).
     """
     B, P, D = s.shape
     N, K = B * P, k.shape[0]
     work = _work_dtype(s)
-    kf = k.to(work)
-    k_t = kf.T.contiguous()
+    k_hat = k.to(work) * rk.to(work)[:, None]
+    k_t = k_hat.T.contiguous()
     loss = torch.empty(N, dtype=work, device=s.device)
     lse_s = torch.empty_like(loss)
     lse_t = torch.empty_like(loss)
     ds0 = torch.empty((N, D) if with_grad else (0,), dtype=work, device=s.device)
-    for (r0, sc), (_, tc) in zip(_chunks(s, K), _chunks(t, K)):
+    native = _native_kernels(s)
+    step = _chunk_rows(K, buffers=2 if native is not None else 3)
+    if native is not None:
+        buffers = torch.empty((2, step, K), dtype=work, device=s.device)
+    scale_s, scale_t = rs.to(work) * inv_tau_s, rt.to(work) * inv_tau_t
+    for (r0, sc), (_, tc) in zip(_chunks(s, scale_s, step), _chunks(t, scale_t, step)):
         r1 = r0 + sc.shape[0]
-        b, m_t = _shifted_logits(tc, k_t, inv_tau_t)
-        p = b.exp()
-        log_l_t = p.sum(dim=1).log_()
-        p.mul_(torch.exp(-log_l_t)[:, None])
-        a, m_s = _shifted_logits(sc, k_t, inv_tau_s)
-        cross = b.sub_(a).mul_(p).sum(dim=1)  # Σ p (b' - a')
-        e = a.exp_()
-        l_s = e.sum(dim=1)
-        log_l_s = torch.log(l_s)
-        loss[r0:r1] = cross - log_l_t + log_l_s
-        lse_s[r0:r1] = m_s + log_l_s
-        lse_t[r0:r1] = m_t + log_l_t
+        stats = (loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], with_grad)
+        if native is not None:
+            q_minus_p = _chunk_native(native, buffers, sc, tc, k_t, *stats)
+        else:
+            q_minus_p = _chunk_torch(sc, tc, k_t, *stats)
         if with_grad:
-            q_minus_p = e.mul_(l_s.reciprocal()[:, None]).sub_(p)
-            torch.mm(q_minus_p, kf, out=ds0[r0:r1]).mul_(inv_tau_s)
+            torch.mm(q_minus_p, k_hat, out=ds0[r0:r1]).mul_(inv_tau_s)
     return loss, lse_s, lse_t, ds0
 
 
-def _log_probs(x: torch.Tensor, k_t: torch.Tensor, inv_tau: float, lse: torch.Tensor):
-    """(c, D) rows, (D, K) keys, (c,) lse -> log softmax(x k_t * inv_tau) in one (c, K) buffer."""
-    return torch.mm(x * inv_tau, k_t).sub_(lse[:, None])
-
-
-def soft_contrastive_key_grad(s, t, k, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, g):
-    """dK (K, D) fp32 or fp64 (module docstring), from the forward's loss, lse_s, lse_t (N,) and the upstream g (N,)."""
+def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, g):
+    """dL/dk̂ (K, D) fp32 (fp64 for fp64 inputs), from the forward's loss, lse_s, lse_t (N,) and upstream g (N,)."""
     K = k.shape[0]
-    k_t = k.to(_work_dtype(s)).T.contiguous()
-    dk = torch.zeros(k.shape, dtype=k_t.dtype, device=k.device)
-    for (r0, sc), (_, tc) in zip(_chunks(s, K), _chunks(t, K)):
+    work = _work_dtype(s)
+    k_t = (k.to(work) * rk.to(work)[:, None]).T.contiguous()
+    dk = torch.zeros(k.shape, dtype=work, device=k.device)
+    step = _chunk_rows(K)
+    rs, rt = rs.to(work), rt.to(work)
+    for (r0, sc), (_, tc) in zip(_chunks(s, rs, step), _chunks(t, rt, step)):
         r1 = r0 + sc.shape[0]
-        gc = g[r0:r1, None]
-        log_q = _log_probs(sc, k_t, inv_tau_s, lse_s[r0:r1])
-        log_p = _log_probs(tc, k_t, inv_tau_t, lse_t[r0:r1])
+        gc = g[r0:r1, None].to(work)
+        log_q = torch.mm(sc, k_t).mul_(inv_tau_s).sub_(lse_s[r0:r1, None])
+        log_p = torch.mm(tc, k_t).mul_(inv_tau_t).sub_(lse_t[r0:r1, None])
         p = log_p.exp()
         # teacher side first: it needs log q before log q becomes q
         dz_t = log_p.sub_(log_q).sub_(loss[r0:r1, None]).mul_(p).mul_(gc * inv_tau_t)

@@ -1,7 +1,7 @@
 """The compiled kernels of csrc/, loaded once, with the reason when a build is absent.
 
 Two builds of the same .cu sources: `action_kernels._C` (nvcc: real kernels on CUDA tensors) and
-`action_kernels._C_emu` (host compiler under csrc/emulation.h: the same kernel logic on CPU threads, for CPU
+`action_kernels._C_cpu` (host compiler under csrc/emulation.h: the same kernel logic on CPU threads, for CPU
 tensors; slow, meant for tests). The "cuda" backend uses whichever matches the tensors' device.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 REBUILD_HINT = ("reinstall with `pip install --no-build-isolation .` where nvcc is on PATH or CUDA_HOME is set "
                 "(ACTION_KERNELS_BUILD=cuda makes a missing nvcc an error)")
-_MODULE = {"cuda": "action_kernels._C", "cpu": "action_kernels._C_emu"}
+_MODULE = {"cuda": "action_kernels._C", "cpu": "action_kernels._C_cpu"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,6 +35,11 @@ def extension(device: torch.device):
     if mod is None:
         raise RuntimeError(why)
     return mod
+
+
+def host_module():
+    """The host build `_C_cpu` (emulated CUDA kernels + native CPU kernels), or None when it is not built."""
+    return _load("cpu")[0]
 
 
 def flavours() -> dict[str, str]:

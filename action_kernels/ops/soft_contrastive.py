@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
 
 from action_kernels import dispatch
 from action_kernels._validation import RowLayout, check_soft_contrastive
@@ -30,47 +29,79 @@ def _impl(backend: str):
     return importlib.import_module(_MODULES[backend])
 
 
-@torch.library.custom_op("action_kernels::soft_contrastive_rows", mutates_args=())
-def soft_contrastive_rows(
-    s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, backend: str,
-    with_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """s, t: (B, P, D) normalised views; k: (K, D) -> loss (N,), lse_s (N,), lse_t (N,), ds0 (N, D) or (0,).
-
-    ds0 is the row gradient per unit upstream gradient, formed in the forward pass when with_grad.
-    """
-    with torch.no_grad():
-        return _impl(backend).soft_contrastive_forward(s, t, k, inv_tau_s, inv_tau_t, with_grad)
+NORM_EPS = 1e-12  # as F.normalize
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
+def _work(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """x: (..., D) -> (...) 1 / max(||x||, eps) in fp32 (fp64 for fp64), or ones when not normalising."""
+    if not normalize:
+        return torch.ones(x.shape[:-1], dtype=_work(x), device=x.device)
+    return torch.linalg.vector_norm(x, dim=-1, dtype=_work(x)).clamp_min(NORM_EPS).reciprocal()
+
+
+def _through_normalization(x: torch.Tensor, r: torch.Tensor, g_hat: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. raw x (..., D) from the gradient w.r.t. x̂ = r x: r (g - x̂ (x̂·g)), as F.normalize's backward.
+
+    Where the norm was clamped to eps, x̂ = x / eps is linear in x and the projection term vanishes.
+    """
+    x_hat = x.to(g_hat.dtype) * r[..., None]
+    unclamped = torch.linalg.vector_norm(x, dim=-1, dtype=g_hat.dtype) > NORM_EPS
+    proj = (x_hat * g_hat).sum(-1, keepdim=True) * unclamped[..., None]
+    return (g_hat - x_hat * proj) * r[..., None]
+
+
+def _forward_impl(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad):
+    rs, rt, rk = inverse_norms(s, normalize).reshape(-1), inverse_norms(t, normalize).reshape(-1), \
+        inverse_norms(k, normalize)
+    return _impl(backend).soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad)
+
+
+@torch.library.custom_op("action_kernels::soft_contrastive_rows", mutates_args=())
+def soft_contrastive_rows(
+    s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, normalize: bool,
+    backend: str, with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s, t: (B, P, D) raw views; k: (K, D) -> loss (N,), lse_s (N,), lse_t (N,), ds0 (N, D) or (0,).
+
+    Normalisation (when asked) is fused: the kernels scale logits by per-row and per-key inverse norms instead of
+    reading normalised copies. ds0 is dL/dŝ per unit upstream gradient, formed in the forward pass when with_grad.
+    """
+    with torch.no_grad():
+        return _forward_impl(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad)
+
+
 @soft_contrastive_rows.register_fake
-def _(s, t, k, inv_tau_s, inv_tau_t, backend, with_grad):
+def _(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad):
     B, P, D = s.shape
-    loss = s.new_empty((B * P,), dtype=_out_dtype(s))
-    ds0 = s.new_empty((B * P, D) if with_grad else (0,), dtype=_out_dtype(s))
+    loss = s.new_empty((B * P,), dtype=_work(s))
+    ds0 = s.new_empty((B * P, D) if with_grad else (0,), dtype=_work(s))
     return loss, torch.empty_like(loss), torch.empty_like(loss), ds0
 
 
 @torch.library.custom_op("action_kernels::soft_contrastive_key_grad", mutates_args=())
 def soft_contrastive_key_grad(
-    s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, loss: torch.Tensor,
-    lse_s: torch.Tensor, lse_t: torch.Tensor, g: torch.Tensor, backend: str,
+    s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, normalize: bool,
+    loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, g: torch.Tensor, backend: str,
 ) -> torch.Tensor:
-    """dL/dk (K, D) given the forward's per-row loss, lse_s, lse_t and the upstream per-row gradient g (N,)."""
+    """dL/dk (K, D) (through the normalisation) given the forward's loss, lse_s, lse_t and the upstream g (N,)."""
     with torch.no_grad():
-        return _impl(backend).soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, loss, lse_s, lse_t, g)
+        rs, rt, rk = inverse_norms(s, normalize).reshape(-1), inverse_norms(t, normalize).reshape(-1), \
+            inverse_norms(k, normalize)
+        dk_hat = _impl(backend).soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, loss, lse_s,
+                                                          lse_t, g)
+        return _through_normalization(k, rk, dk_hat) if normalize else dk_hat
 
 
 @soft_contrastive_key_grad.register_fake
-def _(s, t, k, inv_tau_s, inv_tau_t, loss, lse_s, lse_t, g, backend):
-    return k.new_empty(k.shape, dtype=_out_dtype(s))
+def _(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g, backend):
+    return k.new_empty(k.shape, dtype=_work(s))
 
 
-def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, backend, g_loss, need_s: bool, need_k: bool):
+def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, normalize, backend, g_loss, need_s: bool, need_k: bool):
     """The backward shared by the library op and the autograd Function: (ds or None, dk or None)."""
     s, t, k, loss, lse_s, lse_t, ds0 = saved
     ds = dk = None
@@ -78,39 +109,44 @@ def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, backend, g_loss, need_s: boo
     if need_s:
         if ds0.numel() == 0 and s.numel() != 0:
             raise RuntimeError("soft_contrastive_rows was called with with_grad=False but student needs a gradient")
-        ds = (g.view(*s.shape[:2], 1) * ds0.view(s.shape)).to(s.dtype)
+        ds_hat = g.view(*s.shape[:2], 1) * ds0.view(s.shape)
+        if normalize:
+            ds_hat = _through_normalization(s, inverse_norms(s, True), ds_hat)
+        ds = ds_hat.to(s.dtype)
     if need_k:
-        dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, loss, lse_s, lse_t, g, backend).to(k.dtype)
+        dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g,
+                                       backend).to(k.dtype)
     return ds, dk
 
 
 def _setup_context(ctx, inputs, output):
-    s, t, k, inv_tau_s, inv_tau_t, backend, _ = inputs
+    s, t, k, inv_tau_s, inv_tau_t, normalize, backend, _ = inputs
     loss, lse_s, lse_t, ds0 = output
     ctx.save_for_backward(s, t, k, loss, lse_s, lse_t, ds0)
     ctx.mark_non_differentiable(lse_s, lse_t, ds0)
-    ctx.args = (inv_tau_s, inv_tau_t, backend)
+    ctx.args = (inv_tau_s, inv_tau_t, normalize, backend)
 
 
 def _backward(ctx, g_loss, _g_lse_s, _g_lse_t, _g_ds0):
     ds, dk = _row_and_key_grads(ctx.saved_tensors, *ctx.args, g_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
-    return ds, None, dk, None, None, None, None
+    return ds, None, dk, None, None, None, None, None
 
 
 soft_contrastive_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 class SoftContrastiveLossFunction(torch.autograd.Function):
-    """Per-row loss of normalised inputs as a plain autograd Function (the kernels without torch.library).
+    """Per-row loss as a plain autograd Function (the same kernels, without torch.library).
 
     Args: s, t: (B, P, D) views (rows: x.unsqueeze(0); maps: x.flatten(2).transpose(1, 2)), k: (K, D),
-    tau_s, tau_t: temperatures, backend: "chunked", "triton" or "cuda". Returns (B * P,) fp32.
+    tau_s, tau_t: temperatures, normalize: fuse the L2 normalisation, backend: "chunked", "triton" or "cuda".
+    Returns (B * P,) fp32 per-row losses.
     """
 
     @staticmethod
-    def forward(ctx, s, t, k, tau_s: float, tau_t: float, backend: str):
-        args = (1.0 / tau_s, 1.0 / tau_t, backend)
-        out = _impl(backend).soft_contrastive_forward(s, t, k, args[0], args[1], ctx.needs_input_grad[0])
+    def forward(ctx, s, t, k, tau_s: float, tau_t: float, normalize: bool, backend: str):
+        args = (1.0 / tau_s, 1.0 / tau_t, normalize, backend)
+        out = _forward_impl(s, t, k, *args, ctx.needs_input_grad[0])
         ctx.save_for_backward(s, t, k, *out)
         ctx.args = args
         return out[0]
@@ -119,7 +155,7 @@ class SoftContrastiveLossFunction(torch.autograd.Function):
     def backward(ctx, g_loss):
         ds, dk = _row_and_key_grads(ctx.saved_tensors, *ctx.args, g_loss, ctx.needs_input_grad[0],
                                     ctx.needs_input_grad[2])
-        return ds, None, dk, None, None, None
+        return ds, None, dk, None, None, None, None
 
 
 def as_row_view(x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
@@ -142,8 +178,8 @@ def soft_contrastive_loss(
     (multiplied by the weight when given). fp64 inputs give fp64 results on the torch and chunked backends.
 
     Args:
-        tau_student, tau_teacher: softmax temperatures (> 0). normalize: L2-normalise rows and keys first
-        (gradients flow through the normalisation). backend: None (ACTION_KERNELS_BACKEND, then automatic),
+        tau_student, tau_teacher: softmax temperatures (> 0). normalize: L2-normalise rows and keys (fused into
+        the kernels as per-row / per-key scales, no normalised copies; gradients flow through it). backend: None (ACTION_KERNELS_BACKEND, then automatic),
         "torch" (materialising reference), "chunked", "triton", "cuda".
 
     Gradients flow to student and, when keys.requires_grad, to keys. teacher must not require grad.
@@ -162,11 +198,7 @@ def soft_contrastive_loss(
     name = dispatch.select("soft_contrastive_loss", backend, student.device, student.dtype)
     if name == "torch":
         return soft_contrastive_loss_ref(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
-    if normalize:
-        student, keys = F.normalize(student, dim=1), F.normalize(keys, dim=1)
-        with torch.no_grad():
-            teacher = F.normalize(teacher, dim=1)
     s, t = as_row_view(student, layout), as_row_view(teacher, layout)
     with_grad = torch.is_grad_enabled() and s.requires_grad
-    loss = soft_contrastive_rows(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, name, with_grad)[0]
+    loss = soft_contrastive_rows(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, normalize, name, with_grad)[0]
     return reduce_rows(loss, w, reduction)

@@ -27,14 +27,15 @@ def _load_rows(ptr, rows, P, sb, sp, sd, d, row_mask, d_mask):
     return tl.load(ptr + offs[:, None] + d[None, :].to(tl.int64) * sd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
 
-# Forward, one program per BLOCK_M rows, streaming key tiles in order:
-#   a = s kᵀ/τ_s, b = t kᵀ/τ_t; online (m_s, l_s), (m_t, l_t) and acc = Σ_j e^{b_j - m_t} (b_j - a_j)
+# Forward, one program per BLOCK_M rows, streaming key tiles in order (normalisation fused as scales: ŝ = rs s,
+# k̂ = rk k, so the dot products read the raw inputs and no normalised copy exists):
+#   a = ŝ k̂ᵀ/τ_s, b = t̂ k̂ᵀ/τ_t; online (m_s, l_s), (m_t, l_t) and acc = Σ_j e^{b_j - m_t} (b_j - a_j)
 #   loss = acc / l_t - lse_t + lse_s.
-# With WITH_GRAD, also the two attention-style outputs o_s = Σ_j e^{a_j - m_s} k_j and o_t (teacher), so
-#   ds0 = (o_s / l_s - o_t / l_t) / τ_s = (q - p) K / τ_s, the row gradient per unit upstream gradient.
+# With WITH_GRAD, also the two attention-style outputs o_s = Σ_j e^{a_j - m_s} k̂_j and o_t (teacher), so
+#   ds0 = (o_s / l_s - o_t / l_t) / τ_s = (q - p) k̂ / τ_s = dL/dŝ per unit upstream gradient.
 @triton.jit
 def _soft_contrastive_fwd_kernel(
-    S, T, Kp, Loss, LseS, LseT, DS,
+    S, T, Kp, RS, RT, RK, Loss, LseS, LseT, DS,
     N, P, K, D,
     s_sb, s_sp, s_sd, t_sb, t_sp, t_sd, k_sk, k_sd,
     inv_tau_s, inv_tau_t,
@@ -48,6 +49,8 @@ def _soft_contrastive_fwd_kernel(
     d_mask = d < D
     s = _load_rows(S, rows, P, s_sb, s_sp, s_sd, d, row_mask, d_mask)
     t = _load_rows(T, rows, P, t_sb, t_sp, t_sd, d, row_mask, d_mask)
+    scale_s = tl.load(RS + rows, mask=row_mask, other=0.0) * inv_tau_s
+    scale_t = tl.load(RT + rows, mask=row_mask, other=0.0) * inv_tau_t
 
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -61,8 +64,9 @@ def _soft_contrastive_fwd_kernel(
         k_mask = keys < K
         kt = tl.load(Kp + keys[None, :].to(tl.int64) * k_sk + d[:, None].to(tl.int64) * k_sd,
                      mask=k_mask[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        a = tl.dot(s, kt, input_precision=PRECISION) * inv_tau_s
-        b = tl.dot(t, kt, input_precision=PRECISION) * inv_tau_t
+        rk = tl.load(RK + keys, mask=k_mask, other=0.0)
+        a = tl.dot(s, kt, input_precision=PRECISION) * scale_s[:, None] * rk[None, :]
+        b = tl.dot(t, kt, input_precision=PRECISION) * scale_t[:, None] * rk[None, :]
         # a finite sentinel: e^{-1e30 - m} is 0 and (b - a) stays 0 for masked keys, where -inf would give NaN
         a = tl.where(k_mask[None, :], a, -1e30)
         b = tl.where(k_mask[None, :], b, -1e30)
@@ -81,8 +85,10 @@ def _soft_contrastive_fwd_kernel(
         m_t = m_t_new
         if WITH_GRAD:
             k_rows = tl.trans(kt)  # (BLOCK_N, BLOCK_D)
-            o_s = o_s * alpha[:, None] + tl.dot(e_s.to(k_rows.dtype), k_rows, input_precision=PRECISION)
-            o_t = o_t * beta[:, None] + tl.dot(e_t.to(k_rows.dtype), k_rows, input_precision=PRECISION)
+            o_s = o_s * alpha[:, None] + tl.dot((e_s * rk[None, :]).to(k_rows.dtype), k_rows,
+                                                input_precision=PRECISION)
+            o_t = o_t * beta[:, None] + tl.dot((e_t * rk[None, :]).to(k_rows.dtype), k_rows,
+                                               input_precision=PRECISION)
 
     lse_s = m_s + tl.log(l_s)
     lse_t = m_t + tl.log(l_t)
@@ -95,10 +101,11 @@ def _soft_contrastive_fwd_kernel(
 
 
 # Key gradient, one program per BLOCK_N keys, streaming row tiles in order (deterministic, no atomics):
-#   dK_j = Σ_i g_i [ (q_ij - p_ij) s_i / τ_s + p_ij (log p_ij - log q_ij - loss_i) t_i / τ_t ]
+#   dL/dk̂_j = Σ_i g_i [ (q_ij - p_ij) ŝ_i / τ_s + p_ij (log p_ij - log q_ij - loss_i) t̂_i / τ_t ]
+# with ŝ_i = rs_i s_i folded into the row weights of the two (BLOCK_N x BLOCK_M) @ (BLOCK_M x D) products.
 @triton.jit
 def _soft_contrastive_key_grad_kernel(
-    S, T, Kp, Loss, LseS, LseT, G, DK,
+    S, T, Kp, RS, RT, RK, Loss, LseS, LseT, G, DK,
     N, P, K, D,
     s_sb, s_sp, s_sd, t_sb, t_sp, t_sd, k_sk, k_sd,
     inv_tau_s, inv_tau_t,
@@ -111,6 +118,7 @@ def _soft_contrastive_key_grad_kernel(
     d_mask = d < D
     kt = tl.load(Kp + keys[None, :].to(tl.int64) * k_sk + d[:, None].to(tl.int64) * k_sd,
                  mask=k_mask[None, :] & d_mask[:, None], other=0.0)
+    rk = tl.load(RK + keys, mask=k_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for i0 in range(0, N, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
@@ -121,11 +129,13 @@ def _soft_contrastive_key_grad_kernel(
         loss = tl.load(Loss + rows, mask=row_mask, other=0.0)
         lse_s = tl.load(LseS + rows, mask=row_mask, other=0.0)
         lse_t = tl.load(LseT + rows, mask=row_mask, other=0.0)
-        log_q = tl.dot(s, kt, input_precision=PRECISION) * inv_tau_s - lse_s[:, None]
-        log_p = tl.dot(t, kt, input_precision=PRECISION) * inv_tau_t - lse_t[:, None]
+        rs = tl.load(RS + rows, mask=row_mask, other=0.0)
+        rt = tl.load(RT + rows, mask=row_mask, other=0.0)
+        log_q = tl.dot(s, kt, input_precision=PRECISION) * (rs * inv_tau_s)[:, None] * rk[None, :] - lse_s[:, None]
+        log_p = tl.dot(t, kt, input_precision=PRECISION) * (rt * inv_tau_t)[:, None] * rk[None, :] - lse_t[:, None]
         p = tl.exp(log_p)
-        dz_s = (tl.exp(log_q) - p) * (g * inv_tau_s)[:, None]
-        dz_t = p * (log_p - log_q - loss[:, None]) * (g * inv_tau_t)[:, None]
+        dz_s = (tl.exp(log_q) - p) * (g * rs * inv_tau_s)[:, None]
+        dz_t = p * (log_p - log_q - loss[:, None]) * (g * rt * inv_tau_t)[:, None]
         dk += tl.dot(tl.trans(dz_s).to(s.dtype), s, input_precision=PRECISION)
         dk += tl.dot(tl.trans(dz_t).to(t.dtype), t, input_precision=PRECISION)
     tl.store(DK + keys[:, None].to(tl.int64) * D + d[None, :], dk, mask=k_mask[:, None] & d_mask[None, :])
@@ -148,8 +158,11 @@ def _common(s, t, k):
                 PRECISION=_dot_precision(s.dtype), BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
-def soft_contrastive_forward(s, t, k, inv_tau_s: float, inv_tau_t: float, with_grad: bool):
-    """s, t: (B, P, D) views, k: (K, D) -> loss (N,), lse_s (N,), lse_t (N,), ds0 (N, D) fp32 (empty if not with_grad)."""
+def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, with_grad: bool):
+    """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) inverse norms -> loss, lse_s, lse_t (N,), ds0 (N, D).
+
+    The contract of action_kernels/chunked/soft_contrastive.py; ds0 is empty when not with_grad.
+    """
     s, t, k = _interpreter_safe(s, t, k)
     dims = _common(s, t, k)
     N, D = dims["N"], dims["D"]
@@ -160,14 +173,14 @@ def soft_contrastive_forward(s, t, k, inv_tau_s: float, inv_tau_t: float, with_g
         return loss, lse_s, lse_t, ds0
     grid = (triton.cdiv(N, BLOCKS["BLOCK_M"]),)
     _soft_contrastive_fwd_kernel[grid](
-        s, t, k, loss, lse_s, lse_t, ds0 if with_grad else loss, **dims,
+        s, t, k, rs, rt, rk, loss, lse_s, lse_t, ds0 if with_grad else loss, **dims,
         inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t, WITH_GRAD=with_grad, **BLOCKS,
     )
     return loss, lse_s, lse_t, ds0
 
 
-def soft_contrastive_key_grad(s, t, k, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, g):
-    """dK (K, D) fp32 from the forward's loss, lse_s, lse_t (N,) and the upstream per-row gradient g (N,)."""
+def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, g):
+    """dL/dk̂ (K, D) fp32 from the forward's loss, lse_s, lse_t (N,) and the upstream per-row gradient g (N,)."""
     s, t, k = _interpreter_safe(s, t, k)
     dims = _common(s, t, k)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -175,7 +188,7 @@ def soft_contrastive_key_grad(s, t, k, inv_tau_s: float, inv_tau_t: float, loss,
         return dk
     grid = (triton.cdiv(dims["K"], BLOCKS["BLOCK_N"]),)
     _soft_contrastive_key_grad_kernel[grid](
-        s, t, k, loss, lse_s, lse_t, g.float().contiguous(), dk, **dims,
+        s, t, k, rs, rt, rk, loss, lse_s, lse_t, g.float().contiguous(), dk, **dims,
         inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t, **BLOCKS,
     )
     return dk
