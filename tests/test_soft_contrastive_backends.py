@@ -77,6 +77,15 @@ def test_half_precision_inputs_match_reference_with_fp32_accumulation(backend, d
     _check_against_reference(backend, (53, 24), 70, (0.5, 0.2), dtype, False, False, "none", seed + 1)
 
 
+def test_chunked_plain_torch_fallback_matches_reference(monkeypatch):
+    from action_kernels.chunked import soft_contrastive as chunked
+
+    monkeypatch.setattr(chunked, "USE_NATIVE", False)
+    seed = _seed()
+    for i, taus in enumerate(TEMPS):
+        _check_against_reference("chunked", (2, 33, 4, 5), 45, taus, torch.float32, i == 0, True, "mean", seed + i)
+
+
 def test_chunked_backend_gradcheck_float64():
     g = torch.Generator().manual_seed(11)
     s = torch.randn(2, 5, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
