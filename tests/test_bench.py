@@ -1,0 +1,32 @@
+"""bench_loss.py end to end on tiny sizes: every CPU provider gated, timed, measured, and written out."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_loss  # noqa: E402
+
+
+def test_bench_smoke_writes_table_csv_and_json(tmp_path, capsys):
+    rc = bench_loss.main(["--sizes", "300,200,32", "--repeats", "2", "--out", str(tmp_path),
+                          "--providers", "naive,compile,chunked,triton"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "naive" in out and "chunked" in out and "skipped" in out  # triton on CPU is skipped with its reason
+    csv = (tmp_path / "bench_loss.csv").read_text().splitlines()
+    assert len(csv) == 1 + 4
+    [json_file] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    data = json.loads((tmp_path / json_file).read_text())
+    rows = {r["provider"]: r for r in data["results"]}
+    for name in ("naive", "compile", "chunked"):
+        assert rows[name]["total_ms"] > 0 and rows[name]["peak_extra_mib"] is not None
+        assert rows[name]["gate_error"] < 1e-3
+    assert rows["triton"]["total_ms"] is None and rows["triton"]["note"].startswith("skipped")
+    assert data["environment"]["torch"]
+
+
+def test_bench_rejects_bad_sizes():
+    with pytest.raises(SystemExit, match="N,K,D"):
+        bench_loss.main(["--sizes", "300,200"])
