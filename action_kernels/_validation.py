@@ -132,3 +132,30 @@ def check_soft_contrastive(student, teacher, keys, tau_student, tau_teacher, wei
     tau_t = check_tau("tau_teacher", tau_teacher)
     w = check_weight(weight, layout, student)
     return layout, tau_s, tau_t, w, check_reduction(reduction)
+
+
+def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: int | None = None,
+                 ignore_label: int | None = None) -> torch.Tensor:
+    """Integer labels with `count` elements (any shape) on ref's device -> flat contiguous int64.
+
+    With num_classes, every label must be in [0, num_classes) or equal ignore_label (one host sync).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels, got {labels.dtype}; convert with {name}.long()")
+    if labels.numel() != count:
+        raise ValueError(f"{name} must have {count} elements (one per row), got shape {tuple(labels.shape)}")
+    if labels.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device}, got {labels.device}")
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
+    if num_classes is not None and flat.numel() and not torch.compiler.is_compiling():
+        bad = (flat < 0) | (flat >= num_classes)
+        if ignore_label is not None:
+            bad &= flat != ignore_label
+        if bool(bad.any()):
+            value = int(flat[bad][0])
+            raise ValueError(f"{name} must be in [0, {num_classes}) (num_classes = {num_classes})"
+                             + (f" or ignore_label={ignore_label}" if ignore_label is not None else "")
+                             + f", got {value}")
+    return flat

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from action_kernels.ops.anatomical import anatomical_contrast_loss
+from action_kernels.ops.hard_negative_topk import hard_negative_topk
 from action_kernels.ops.soft_contrastive import soft_contrastive_loss
 
 
@@ -29,3 +31,38 @@ class SoftContrastiveLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"tau_student={self.tau_student}, tau_teacher={self.tau_teacher}, reduction={self.reduction!r}, "
                 f"normalize={self.normalize}, backend={self.backend!r}")
+
+
+class HardNegativeMiner(nn.Module):
+    """Module form of `hard_negative_topk`: forward(anchors, anchor_labels, keys, key_labels) -> (values, indices)."""
+
+    def __init__(self, k: int = 512, ignore_label: int = -1, normalize: bool = True, backend: str | None = None):
+        super().__init__()
+        self.k, self.ignore_label, self.normalize, self.backend = k, ignore_label, normalize, backend
+
+    def forward(self, anchors, anchor_labels, keys, key_labels):
+        return hard_negative_topk(anchors, anchor_labels, keys, key_labels, self.k, self.ignore_label,
+                                  self.normalize, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, ignore_label={self.ignore_label}, normalize={self.normalize}, backend={self.backend!r}"
+
+
+class AnatomicalContrastLoss(nn.Module):
+    """Module form of `anatomical_contrast_loss`:
+    forward(queries, query_labels, prototypes, keys, key_labels, generator=None) -> loss."""
+
+    def __init__(self, tau: float = 0.5, negatives="topk", num_negatives: int = 512, reduction: str = "mean",
+                 ignore_label: int = -1, backend: str | None = None):
+        super().__init__()
+        self.tau, self.negatives, self.num_negatives = tau, negatives, num_negatives
+        self.reduction, self.ignore_label, self.backend = reduction, ignore_label, backend
+
+    def forward(self, queries, query_labels, prototypes, keys, key_labels, generator=None):
+        return anatomical_contrast_loss(queries, query_labels, prototypes, keys, key_labels, self.tau, self.negatives,
+                                        self.num_negatives, generator, self.backend, self.reduction,
+                                        self.ignore_label)
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, negatives={self.negatives!r}, num_negatives={self.num_negatives}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -58,3 +58,79 @@ def soft_contrastive_loss_ref(
     loss = soft_contrastive_rows_ref(student, teacher, keys, tau_student, tau_teacher, normalize)
     w = None if weight is None else weight.reshape(-1)
     return reduce_rows(loss, w, reduction)
+
+
+def _normalized_rows(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = to_rows(x).to(work)
+    return F.normalize(rows, dim=1) if normalize else rows
+
+
+def hard_negative_topk_ref(
+    anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor, k: int,
+    ignore_label: int = -1, normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """anchors: (N, D) or (B, D, *spatial); keys: (K, D) -> values (N, k) fp32 descending, indices (N, k) int64.
+
+    The k keys most similar (cosine) to each anchor among keys whose label differs from the anchor's and is not
+    ignore_label; ties go to the lower index; rows with fewer candidates are padded with (-inf, -1). Materialises
+    the N x K similarity matrix; values are differentiable.
+    """
+    a, kk = _normalized_rows(anchors, normalize), _normalized_rows(keys, normalize)
+    sim = a @ kk.T
+    ya, yk = anchor_labels.reshape(-1, 1), key_labels.reshape(1, -1)
+    allowed = (ya != yk) & (yk != ignore_label)
+    sim = sim.masked_fill(~allowed, float("-inf"))
+    order = torch.sort(sim.detach(), dim=1, descending=True, stable=True).indices[:, :k]  # stable: lower index first
+    values = sim.gather(1, order)
+    pad = k - values.shape[1]
+    if pad > 0:
+        values = F.pad(values, (0, pad), value=float("-inf"))
+        order = F.pad(order, (0, pad), value=-1)
+    order = order.masked_fill(torch.isinf(values), -1)
+    return values, order
+
+
+def class_prototypes_ref(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         weight: torch.Tensor | None = None, ignore_label: int = -1):
+    """features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial) -> (C, D) weighted means, (C,) present."""
+    rows = to_rows(features)
+    y = labels.reshape(-1)
+    w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else weight.reshape(-1).to(rows.dtype)
+    w = w * (y != ignore_label)
+    protos, present = [], []
+    for c in range(num_classes):
+        m = (y == c).to(rows.dtype) * w
+        total = m.sum()
+        protos.append((rows * m[:, None]).sum(0) / total.clamp_min(torch.finfo(rows.dtype).tiny))
+        present.append(total > 0)
+    return torch.stack(protos), torch.stack(present)
+
+
+def anatomical_contrast_loss_ref(
+    queries: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tensor, keys: torch.Tensor,
+    negative_indices: torch.Tensor, tau: float = 0.5, reduction: str = "mean",
+) -> torch.Tensor:
+    """The reference code's formula on given negatives: queries (Q, D), prototypes (C, D), keys (K, D),
+    negative_indices (Q, n) with -1 padding -> per-class mean of CE(cos(q, [μ_y | keys[idx]]) / tau, target 0),
+    summed over the classes present in query_labels, divided by their number; (Q,) for "none".
+
+    Gathers the [Q, 1 + n, D] key tensor like the reference code (materialising; the ground truth).
+    """
+    y = query_labels.reshape(-1)
+    work = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    q = queries.to(work)
+    pos = prototypes.to(work)[y].unsqueeze(1)
+    idx = negative_indices.clamp_min(0)
+    neg = keys.to(work)[idx]  # (Q, n, D)
+    cand = torch.cat([pos, neg], dim=1)
+    logits = F.cosine_similarity(q.unsqueeze(1), cand, dim=2) / tau
+    pad = torch.cat([torch.zeros_like(y[:, None], dtype=torch.bool), negative_indices < 0], dim=1)
+    logits = logits.masked_fill(pad, float("-inf"))
+    per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    if reduction == "none":
+        return per_query
+    classes = torch.unique(y)
+    if classes.numel() <= 1:
+        return per_query.sum() * 0.0
+    return torch.stack([per_query[y == c].mean() for c in classes]).sum() / classes.numel()

@@ -35,9 +35,16 @@ PYBIND11_MODULE(AK_MODULE, m) {
         py::arg("k_sk"), py::arg("k_sd"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
         py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("g"), py::arg("dk"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("hard_negative_topk", &ak::hard_negative_topk, py::arg("a"), py::arg("k"), py::arg("k_sk"), py::arg("k_sd"),
+        py::arg("ra"), py::arg("rk"), py::arg("ya"), py::arg("yk"), py::arg("ignore_label"), py::arg("N"),
+        py::arg("K"), py::arg("D"), py::arg("k_out"), py::arg("work"), py::arg("values"), py::arg("indices"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 #ifdef AK_EMULATION
   m.def("soft_contrastive_rows_cpu", &ak::soft_contrastive_rows_cpu, py::arg("a"), py::arg("b"), py::arg("rows"),
         py::arg("K"), py::arg("loss"), py::arg("lse_a"), py::arg("lse_b"), py::arg("grad"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("hard_negative_topk_rows_cpu", &ak::hard_negative_topk_rows_cpu, py::arg("sim"), py::arg("rows"),
+        py::arg("K"), py::arg("row_labels"), py::arg("key_labels"), py::arg("ignore_label"), py::arg("k"),
+        py::arg("values"), py::arg("indices"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
 #endif
 }

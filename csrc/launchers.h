@@ -33,10 +33,22 @@ void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, 
                                int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                                uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream);
 
+// values (N, k) fp32, indices (N, k) int64 (padded -inf / -1); work: (N, k) int64 scratch. a: (B, P, D) fp32 view,
+// ra (N,), rk (K,) fp32 inverse norms; ya (N,), yk (K,) int64 labels.
+void hard_negative_topk(RowsArg a, uintptr_t k_ptr, int64_t k_sk, int64_t k_sd, uintptr_t ra, uintptr_t rk,
+                        uintptr_t ya, uintptr_t yk, int64_t ignore_label, int64_t N, int64_t K, int64_t D, int64_t k,
+                        uintptr_t work, uintptr_t values, uintptr_t indices, uintptr_t stream);
+
 // Host build only (csrc/cpu): per-row softmax statistics of a chunk of logits for the chunked CPU path.
 // a, b: (rows, K) fp32 contiguous, already divided by their temperatures; loss, lse_a, lse_b: (rows,) fp32.
 // With grad, a becomes q - p (softmax(a) - softmax(b)) and b is overwritten.
 void soft_contrastive_rows_cpu(uintptr_t a, uintptr_t b, int64_t rows, int64_t K, uintptr_t loss, uintptr_t lse_a,
                                uintptr_t lse_b, bool grad, int threads);
+
+// Host build only (csrc/cpu): top-k selection over a block of similarities for the chunked hard-negative path.
+// sim: (rows, K) fp32 contiguous; row_labels (rows,), key_labels (K,) int64; values (rows, k) fp32 and indices
+// (rows, k) int64 out, padded with -inf / -1.
+void hard_negative_topk_rows_cpu(uintptr_t sim, int64_t rows, int64_t K, uintptr_t row_labels, uintptr_t key_labels,
+                                 int64_t ignore_label, int64_t k, uintptr_t values, uintptr_t indices, int threads);
 
 }  // namespace ak

@@ -14,62 +14,10 @@
 
 #include "cuda_compat.h"
 #include "launchers.h"
+#include "tiles.cuh"
 
 namespace ak {
 namespace {
-
-constexpr int BM = 32;
-constexpr int BN = 32;
-constexpr int BK = 32;
-constexpr int THREADS = 128;
-constexpr int LANES = THREADS / BM;  // threads per tile row
-constexpr int KPT = BN / LANES;      // keys per thread
-static_assert(BM == BN, "tile_dots stages row and key tiles with the same loop");
-
-struct Keys {
-  const float* ptr;
-  int64_t sk, sd;
-  __device__ __forceinline__ float at(int64_t j, int64_t d) const { return ptr[j * sk + d * sd]; }
-};
-
-struct Scales {
-  const float* rs;  // (N,) student row inverse norms
-  const float* rt;  // (N,) teacher row inverse norms
-  const float* rk;  // (K,) key inverse norms
-};
-
-struct Tiles {
-  float s[BM][BK + 1];
-  float t[BM][BK + 1];
-  float k[BN][BK + 1];
-};
-
-// as[c] = s_row · k_(key0 + g*KPT + c), at[c] likewise for t, for this thread's row r = tid / LANES.
-__device__ void tile_dots(const Rows& S, const Rows& T, const Keys& Kb, int64_t row0, int64_t N, int64_t key0,
-                          int64_t K, int64_t D, Tiles& sh, float* as, float* at) {
-  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
-  for (int c = 0; c < KPT; ++c) as[c] = at[c] = 0.f;
-  for (int64_t d0 = 0; d0 < D; d0 += BK) {
-    for (int i = tid; i < BM * BK; i += THREADS) {
-      const int rr = i / BK, dd = i % BK;
-      const int64_t n = row0 + rr, j = key0 + rr, d = d0 + dd;
-      const bool row_ok = n < N && d < D, key_ok = j < K && d < D;
-      sh.s[rr][dd] = row_ok ? S.at(n, d) : 0.f;
-      sh.t[rr][dd] = row_ok ? T.at(n, d) : 0.f;
-      sh.k[rr][dd] = key_ok ? Kb.at(j, d) : 0.f;
-    }
-    __syncthreads();
-    for (int dd = 0; dd < BK; ++dd) {
-      const float sv = sh.s[r][dd], tv = sh.t[r][dd];
-      for (int c = 0; c < KPT; ++c) {
-        const float kv = sh.k[g * KPT + c][dd];
-        as[c] += sv * kv;
-        at[c] += tv * kv;
-      }
-    }
-    __syncthreads();
-  }
-}
 
 struct Stats {
   float m_s, l_s, m_t, l_t, acc;
@@ -191,15 +139,10 @@ __global__ void key_grad_kernel(Rows S, Rows T, Keys Kb, Scales sc, int64_t N, i
   }
 }
 
-Rows rows_of(const RowsArg& a) { return Rows{reinterpret_cast<const float*>(a.ptr), a.P, a.sb, a.sp, a.sd}; }
-Keys keys_of(uintptr_t k, int64_t sk, int64_t sd) { return Keys{reinterpret_cast<const float*>(k), sk, sd}; }
 Scales scales_of(const ScalesArg& a) {
   return Scales{reinterpret_cast<const float*>(a.rs), reinterpret_cast<const float*>(a.rt),
                 reinterpret_cast<const float*>(a.rk)};
 }
-template <class T>
-T* out(uintptr_t p) { return reinterpret_cast<T*>(p); }
-unsigned blocks(int64_t n, int64_t per) { return unsigned((n + per - 1) / per); }
 
 }  // namespace
 

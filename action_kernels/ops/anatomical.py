@@ -1,0 +1,141 @@
+"""The anatomical contrast loss of ACTION's fine-tuning stage, and its sampling helpers.
+
+    loss_q = lse(z⁺, z_1..z_n) - z⁺,   z⁺ = cos(q, μ_{y_q}) / τ,   z_j = cos(q, neg_j) / τ
+    reduction "mean": per-class mean over the queries of each class, summed over the classes present among the
+    queries, divided by their number (the reference code's reduction); 0 (graph kept) when at most one class is
+    present. Padding negatives (index -1) are left out; a query with none has loss lse(z⁺) - z⁺ = 0.
+
+Negatives: "topk" (hard_negative_topk: the logits are the selected similarities themselves, no key gather),
+"class_graph" (the reference code's sampling, class_graph_negatives, then indexed_cosine), or an explicit (Q, n)
+index tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from action_kernels._validation import check_labels, check_same, check_tau, check_tensor, row_layout
+from action_kernels.ops.hard_negative_topk import hard_negative_topk, indexed_cosine
+from action_kernels.reference import to_rows
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     weight: torch.Tensor | None = None, ignore_label: int = -1):
+    """Weighted class means. features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial); weight: optional
+    non-negative per-row weights -> prototypes (C, D) (zeros for absent classes), present (C,) bool.
+    Differentiable with respect to features (detach them for the reference setting)."""
+    layout = row_layout("features", features)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    y = check_labels("labels", labels, layout.rows, features, num_classes, ignore_label)
+    rows = to_rows(features)
+    w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device)
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.numel() != layout.rows:
+            raise ValueError(f"weight must have {layout.rows} elements (one per row), got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        w = weight.reshape(-1).to(rows.dtype)
+    keep = y != ignore_label
+    w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    cls = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    sums = rows.new_zeros(num_classes, rows.shape[1]).index_add(0, cls, rows * w[:, None])
+    totals = rows.new_zeros(num_classes).index_add(0, cls, w)
+    present = totals > 0
+    return sums / totals.clamp_min(torch.finfo(rows.dtype).tiny)[:, None], present
+
+
+def class_graph_negatives(prototypes: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
+                          num_negatives: int, tau: float, generator: torch.Generator | None = None,
+                          ignore_label: int = -1) -> torch.Tensor:
+    """The reference code's negative sampling, vectorised on the device: for each query of class c, each negative's
+    class v is drawn from softmax_v(cos(μ_c, μ_v) / tau) over the other classes present among the keys, and the key
+    uniformly within class v. prototypes: (C, D); query_labels: (Q,); key_labels: (K,) -> indices (Q, n) int64,
+    -1 where a query's class has no other class to draw from. Reproducible from `generator`."""
+    check_tensor("prototypes", prototypes, (2,), "(C, D)")
+    C = prototypes.shape[0]
+    yq = check_labels("query_labels", query_labels, query_labels.numel(), prototypes, C)
+    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, ignore_label)
+    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+        raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
+    tau = check_tau("tau", tau)
+    device = prototypes.device
+    valid_keys = yk != ignore_label
+    counts = torch.zeros(C, dtype=torch.int64, device=device).index_add_(
+        0, yk.clamp_min(0), valid_keys.to(torch.int64))
+    mu = torch.nn.functional.normalize(prototypes.detach().float(), dim=1)
+    logits = mu @ mu.T / tau
+    allowed = (counts > 0)[None, :] & ~torch.eye(C, dtype=torch.bool, device=device)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1).nan_to_num_(0.0)
+    q_probs = probs[yq]  # (Q, C)
+    has_any = q_probs.sum(1) > 0
+    safe = torch.where(has_any[:, None], q_probs, torch.ones_like(q_probs))
+    Q = yq.numel()
+    if Q == 0:
+        return torch.empty((0, num_negatives), dtype=torch.int64, device=device)
+    cls = torch.multinomial(safe, num_negatives, replacement=True, generator=generator)  # (Q, n)
+    order = torch.argsort(torch.where(valid_keys, yk, C), stable=True)  # valid keys grouped by class
+    starts = torch.cumsum(counts, 0) - counts
+    u = torch.rand(cls.shape, generator=generator, device=device)
+    within = (u * counts[cls]).long().clamp_max_(counts[cls].clamp_min(1) - 1)
+    idx = order[(starts[cls] + within).clamp_max(max(order.numel() - 1, 0))]
+    return torch.where(has_any[:, None], idx, -1)
+
+
+def _reduce_per_class(per_query: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.zeros(num_classes, dtype=per_query.dtype, device=y.device).index_add_(
+        0, y, torch.ones_like(per_query))
+    sums = torch.zeros(num_classes, dtype=per_query.dtype, device=y.device).index_add(0, y, per_query)
+    present = counts > 0
+    n_present = present.sum()
+    means = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    loss = means.sum() / n_present.clamp_min(1)
+    # one or zero classes present: a zero that keeps the graph (gradients exist and are zero), no host sync
+    return torch.where(n_present > 1, loss, loss * 0.0)
+
+
+def anatomical_contrast_loss(
+    queries: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tensor, keys: torch.Tensor,
+    key_labels: torch.Tensor, tau: float = 0.5, negatives="topk", num_negatives: int = 512,
+    generator: torch.Generator | None = None, backend: str | None = None, reduction: str = "mean",
+    ignore_label: int = -1,
+) -> torch.Tensor:
+    """ACTION's anatomical contrast (InfoNCE with the class prototype as positive and selected negatives).
+
+    Shapes: queries (Q, D); query_labels (Q,) in [0, C); prototypes (C, D); keys (K, D); key_labels (K,) (keys
+    labelled ignore_label are never negatives). negatives: "topk" (the num_negatives most similar keys of other
+    classes, fused), "class_graph" (the reference code's sampling from `generator`), or an int64 (Q, n) index
+    tensor with -1 padding. Returns () for reduction "mean" (see the module docstring) or (Q,) for "none".
+    Gradients flow to queries, and to prototypes and keys when they require grad. backend picks the top-k kernel.
+
+    Example:
+        >>> loss = anatomical_contrast_loss(q, yq, protos.detach(), pix.detach(), pix_labels, tau=0.5)
+    """
+    check_tensor("queries", queries, (2,), "(Q, D)")
+    check_tensor("prototypes", prototypes, (2,), "(C, D)")
+    check_tensor("keys", keys, (2,), "(K, D)")
+    for name, x in (("prototypes", prototypes), ("keys", keys)):
+        check_same(name, x, "queries", queries)
+        if x.shape[1] != queries.shape[1]:
+            raise ValueError(f"{name} must have the feature size of queries (D={queries.shape[1]}), "
+                             f"got {tuple(x.shape)}")
+    C = prototypes.shape[0]
+    yq = check_labels("query_labels", query_labels, queries.shape[0], queries, C)
+    yk = check_labels("key_labels", key_labels, keys.shape[0], queries, C, ignore_label)
+    tau = check_tau("tau", tau)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if isinstance(negatives, torch.Tensor):
+        neg = indexed_cosine(queries, keys, negatives)
+    elif negatives == "topk":
+        neg = hard_negative_topk(queries, yq, keys, yk, num_negatives, ignore_label, backend=backend)[0]
+    elif negatives == "class_graph":
+        idx = class_graph_negatives(prototypes, yq, yk, num_negatives, tau, generator, ignore_label)
+        neg = indexed_cosine(queries, keys, idx)
+    else:
+        raise ValueError(f"negatives must be 'topk', 'class_graph' or a (Q, n) int64 index tensor, got {negatives!r}")
+    work = neg.dtype
+    pos = torch.nn.functional.cosine_similarity(queries.to(work), prototypes.to(work)[yq], dim=1)
+    logits = torch.cat([pos[:, None], neg], dim=1) / tau
+    per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    if reduction == "none":
+        return per_query
+    return _reduce_per_class(per_query, yq, C)

@@ -1,0 +1,191 @@
+"""hard_negative_topk and indexed_cosine: selecting hard negatives and differentiating through their similarities.
+
+    values_ir = cos(a_i, k_{idx_ir}),  idx_i = the k keys of highest cosine with a_i among keys of another class
+    (and not ignore_label), descending, ties to the lower index, padded with (-inf, -1).
+
+The selection runs in the chosen backend's fused kernel (no N x K matrix); the gradient of the values is a gather:
+    dL/dâ_i = Σ_r g_ir k̂_{idx_ir},   dL/dk̂_j = Σ_{(i,r): idx_ir = j} g_ir â_i,
+mapped through the normalisation, computed here in row chunks (memory O(chunk x k x D)). The same gather gives
+`indexed_cosine`, the similarities to explicitly chosen keys (class-graph or user negatives).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from action_kernels import dispatch
+from action_kernels._validation import check_labels, check_same, check_tensor, row_layout
+from action_kernels.ops.soft_contrastive import _through_normalization, _work, as_row_view, inverse_norms
+from action_kernels.reference import hard_negative_topk_ref
+
+_MODULES = {
+    "chunked": "action_kernels.chunked.hard_negative_topk",
+    "triton": "action_kernels.triton.hard_negative_topk",
+    "cuda": "action_kernels.cuda.hard_negative_topk",
+}
+GATHER_BYTES = 32 << 20  # the (c, n, D) gathered keys of one row chunk
+
+
+def _row_chunk(n: int, d: int) -> int:
+    return max(1, GATHER_BYTES // (4 * max(n, 1) * max(d, 1)))
+
+
+def _gathered_dots(a_hat: torch.Tensor, k_hat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """a_hat (N, D), k_hat (K, D), idx (N, n) with -1 padding -> (N, n) dots, -inf at padding, in row chunks."""
+    out = torch.empty(idx.shape, dtype=a_hat.dtype, device=a_hat.device)
+    step = _row_chunk(idx.shape[1], a_hat.shape[1])
+    for r0 in range(0, idx.shape[0], step):
+        ic = idx[r0:r0 + step]
+        keys = k_hat[ic.clamp_min(0)]  # (c, n, D)
+        dots = torch.bmm(keys, a_hat[r0:r0 + step, :, None]).squeeze(2)
+        out[r0:r0 + step] = dots.masked_fill_(ic < 0, float("-inf"))
+    return out
+
+
+def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bool):
+    """Gradient of values = cos(a_i, k_idx) for upstream g (N, n): (dA as a3's (B, P, D) view shape or None, dK)."""
+    ra, rk = inverse_norms(a3, normalize).reshape(-1), inverse_norms(keys, normalize)
+    B, P, D = a3.shape
+    a_hat = a3.reshape(B * P, D).to(ra.dtype) * ra[:, None]
+    k_hat = keys.to(rk.dtype) * rk[:, None]
+    valid = idx >= 0
+    g = torch.where(valid, g.to(ra.dtype), torch.zeros((), dtype=ra.dtype, device=g.device))
+    da = dk = None
+    if need_a:
+        da_hat = torch.empty_like(a_hat)
+        step = _row_chunk(idx.shape[1], D)
+        for r0 in range(0, idx.shape[0], step):
+            gathered = k_hat[idx[r0:r0 + step].clamp_min(0)]
+            da_hat[r0:r0 + step] = torch.bmm(g[r0:r0 + step, None, :], gathered).squeeze(1)
+        da = da_hat.view(B, P, D)
+        if normalize:
+            da = _through_normalization(a3, ra.view(B, P), da)
+        da = da.to(a3.dtype)
+    if need_k:
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
+        contrib = g[valid][:, None] * a_hat[rows]
+        dk = torch.zeros_like(k_hat).index_add_(0, idx[valid], contrib)
+        if normalize:
+            dk = _through_normalization(keys, rk, dk)
+        dk = dk.to(keys.dtype)
+    return da, dk
+
+
+@torch.library.custom_op("action_kernels::hard_negative_topk", mutates_args=())
+def _topk_op(
+    a: torch.Tensor, a_labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor, k: int,
+    ignore_label: int, normalize: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """a: (B, P, D) view -> values (N, k) fp32 (fp64 for fp64), indices (N, k) int64."""
+    with torch.no_grad():
+        ra, rk = inverse_norms(a, normalize).reshape(-1), inverse_norms(keys, normalize)
+        mod = importlib.import_module(_MODULES[backend])
+        values, indices = mod.hard_negative_topk(a, a_labels, keys, key_labels, ra, rk, k, ignore_label)
+        return values.to(_work(a)), indices
+
+
+@_topk_op.register_fake
+def _(a, a_labels, keys, key_labels, k, ignore_label, normalize, backend):
+    n = a.shape[0] * a.shape[1]
+    return a.new_empty((n, k), dtype=_work(a)), a.new_empty((n, k), dtype=torch.int64)
+
+
+def _topk_setup(ctx, inputs, output):
+    a, _, keys, _, _, _, normalize, _ = inputs
+    ctx.save_for_backward(a, keys, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.normalize = normalize
+
+
+def _topk_backward(ctx, g_values, _g_indices):
+    a, keys, idx = ctx.saved_tensors
+    da, dk = _gather_backward(a, keys, idx, g_values, ctx.normalize, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+    return da, None, dk, None, None, None, None, None
+
+
+_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+@torch.library.custom_op("action_kernels::indexed_cosine", mutates_args=())
+def _indexed_cosine_op(a: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """a: (B, P, D) view, keys (K, D), idx (N, n) -> (N, n) similarities (-inf where idx is -1)."""
+    with torch.no_grad():
+        ra, rk = inverse_norms(a, normalize).reshape(-1), inverse_norms(keys, normalize)
+        B, P, D = a.shape
+        a_hat = a.reshape(B * P, D).to(ra.dtype) * ra[:, None]
+        return _gathered_dots(a_hat, keys.to(rk.dtype) * rk[:, None], idx)
+
+
+@_indexed_cosine_op.register_fake
+def _(a, keys, idx, normalize):
+    return a.new_empty(idx.shape, dtype=_work(a))
+
+
+def _cos_setup(ctx, inputs, output):
+    a, keys, idx, normalize = inputs
+    ctx.save_for_backward(a, keys, idx)
+    ctx.normalize = normalize
+
+
+def _cos_backward(ctx, g):
+    a, keys, idx = ctx.saved_tensors
+    da, dk = _gather_backward(a, keys, idx, g, ctx.normalize, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return da, dk, None, None
+
+
+_indexed_cosine_op.register_autograd(_cos_backward, setup_context=_cos_setup)
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int >= 1, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (the number of negatives per anchor), got {k}")
+    return k
+
+
+def hard_negative_topk(
+    anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor, k: int,
+    ignore_label: int = -1, normalize: bool = True, backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k hardest negatives of each anchor: the most similar keys of another class.
+
+    Shapes: anchors (N, D) or (B, D, *spatial) read in place; anchor_labels (N,) or (B, *spatial) int;
+    keys (K, D); key_labels (K,) int. Returns values (N, k) fp32, sorted descending, and indices (N, k) int64;
+    rows with fewer than k candidates are padded with -inf and -1 (k > K is allowed). Ties go to the lower key
+    index. Keys labelled ignore_label are never selected. values are differentiable (to anchors, and to keys when
+    they require grad); indices are not. Fused backends never hold the N x K similarity matrix.
+
+    Example:
+        >>> values, idx = hard_negative_topk(pixel_emb, pixel_labels, bank, bank_labels, k=64)
+    """
+    layout = row_layout("anchors", anchors)
+    check_tensor("keys", keys, (2,), f"(K, D={layout.features})")
+    check_same("keys", keys, "anchors", anchors)
+    if keys.shape[1] != layout.features:
+        raise ValueError(f"keys must have the feature size of anchors (D={layout.features}), got {tuple(keys.shape)}")
+    k = _check_k(k)
+    ya = check_labels("anchor_labels", anchor_labels, layout.rows, anchors)
+    yk = check_labels("key_labels", key_labels, keys.shape[0], anchors)
+    name = dispatch.select("hard_negative_topk", backend, anchors.device, anchors.dtype)
+    if name == "torch":
+        return hard_negative_topk_ref(anchors, ya, keys, yk, k, int(ignore_label), normalize)
+    return _topk_op(as_row_view(anchors, layout), ya, keys, yk, k, int(ignore_label), normalize, name)
+
+
+def indexed_cosine(anchors: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor,
+                   normalize: bool = True) -> torch.Tensor:
+    """cos(anchor_i, keys[indices_ir]): anchors (N, D) or (B, D, *spatial), keys (K, D), indices (N, n) int64
+    with -1 padding -> (N, n) fp32, -inf at padding. Gathers keys in row chunks (never an (N, n, D) tensor whole);
+    differentiable to anchors and keys."""
+    layout = row_layout("anchors", anchors)
+    check_same("keys", keys, "anchors", anchors)
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != layout.rows:
+        got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"indices must have shape ({layout.rows}, n), one row per anchor, got {got}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if indices.numel() and not torch.compiler.is_compiling() and bool((indices >= keys.shape[0]).any()):
+        raise ValueError(f"indices must be < K={keys.shape[0]} (or -1 for padding), got {int(indices.max())}")
+    return _indexed_cosine_op(as_row_view(anchors, layout), keys, indices, normalize)

@@ -1,0 +1,66 @@
+// Native CPU selection of the chunked hard-negative top-k: per row of a block of similarities (c x K, fp32,
+// computed by a GEMM outside), the k best keys among those whose label differs from the row's and is not the
+// ignore label. A size-k min-heap of packed (value, index) keys per row: O(K + m log k) for m heap updates, no
+// sort of the whole row; ties go to the lower index (csrc/topk_pack.h). Rows split across threads: deterministic.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "../launchers.h"
+#include "../topk_pack.h"
+
+namespace ak {
+namespace {
+
+void select_rows(const float* sim, int64_t r0, int64_t r1, int64_t K, const int64_t* row_labels,
+                 const int64_t* key_labels, int64_t ignore, int64_t k, float* values, int64_t* indices) {
+  std::vector<int64_t> heap;
+  heap.reserve(k);
+  const auto greater = std::greater<int64_t>();  // min-heap under std::push_heap's max-heap convention
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* row = sim + i * K;
+    const int64_t y = row_labels[i];
+    heap.clear();
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t yk = key_labels[j];
+      if (yk == y || yk == ignore) continue;
+      const int64_t key = pack_candidate(row[j], j);
+      if (static_cast<int64_t>(heap.size()) < k) {
+        heap.push_back(key);
+        std::push_heap(heap.begin(), heap.end(), greater);
+      } else if (key > heap.front()) {
+        std::pop_heap(heap.begin(), heap.end(), greater);
+        heap.back() = key;
+        std::push_heap(heap.begin(), heap.end(), greater);
+      }
+    }
+    std::sort(heap.begin(), heap.end(), greater);  // descending
+    for (int64_t r = 0; r < k; ++r) {
+      const bool ok = r < static_cast<int64_t>(heap.size());
+      values[i * k + r] = ok ? packed_value(heap[r]) : -INFINITY;
+      indices[i * k + r] = ok ? packed_index(heap[r]) : -1;
+    }
+  }
+}
+
+}  // namespace
+
+void hard_negative_topk_rows_cpu(uintptr_t sim, int64_t rows, int64_t K, uintptr_t row_labels, uintptr_t key_labels,
+                                 int64_t ignore_label, int64_t k, uintptr_t values, uintptr_t indices, int threads) {
+  if (rows <= 0 || k <= 0) return;
+  const int64_t n = threads < 1 ? 1 : (threads > rows ? rows : threads);
+  auto run = [&](int64_t r0, int64_t r1) {
+    select_rows(reinterpret_cast<const float*>(sim), r0, r1, K, reinterpret_cast<const int64_t*>(row_labels),
+                reinterpret_cast<const int64_t*>(key_labels), ignore_label, k, reinterpret_cast<float*>(values),
+                reinterpret_cast<int64_t*>(indices));
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < n; ++t) pool.emplace_back(run, rows * t / n, rows * (t + 1) / n);
+  run(0, rows / n);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace ak

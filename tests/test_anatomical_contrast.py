@@ -1,0 +1,161 @@
+"""Anatomical contrast: prototypes, class-graph sampling statistics, the loss against the reference formula."""
+import math
+import time
+
+import pytest
+import torch
+
+import action_kernels as ak
+from action_kernels.reference import anatomical_contrast_loss_ref, class_prototypes_ref
+from conftest import require
+
+
+def _seed() -> int:
+    return time.time_ns() % (2**31)
+
+
+def _problem(Q=60, K=120, D=16, C=4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Q, D, generator=g, dtype=dtype)
+    yq = torch.randint(0, C, (Q,), generator=g)
+    keys = torch.randn(K, D, generator=g, dtype=dtype)
+    yk = torch.randint(-1, C, (K,), generator=g)
+    protos = torch.randn(C, D, generator=g, dtype=dtype)
+    return q, yq, protos, keys, yk
+
+
+def test_class_prototypes_match_reference_for_rows_and_maps():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 8, 5, 6, generator=g)
+    labels = torch.randint(-1, 3, (2, 5, 6), generator=g)
+    weight = torch.rand(2, 5, 6, generator=g)
+    protos, present = ak.class_prototypes(feats, labels, 4, weight=weight)
+    ref, ref_present = class_prototypes_ref(feats, labels, 4, weight=weight)
+    assert torch.allclose(protos, ref, atol=1e-6) and torch.equal(present, ref_present)
+    assert not present[3] and torch.equal(protos[3], torch.zeros(8))
+
+
+def test_class_prototypes_reject_out_of_range_labels():
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        ak.class_prototypes(torch.randn(4, 2), torch.tensor([0, 1, 3, 0]), 3)
+
+
+def test_class_graph_class_frequencies_follow_the_prototype_softmax():
+    C, D, tau, n = 4, 8, 0.5, 4000
+    g = torch.Generator().manual_seed(1234)
+    protos = torch.randn(C, D, generator=g)
+    yk = torch.arange(400) % C
+    yq = torch.zeros(5, dtype=torch.long)  # class-0 queries
+    idx = ak.class_graph_negatives(protos, yq, yk, n, tau, generator=g)
+    drawn = yk[idx].reshape(-1)
+    assert not (drawn == 0).any()  # never the query's own class
+    mu = torch.nn.functional.normalize(protos, dim=1)
+    logits = mu[0] @ mu.T / tau
+    logits[0] = float("-inf")
+    expected = torch.softmax(logits, 0)
+    total = drawn.numel()
+    for c in range(1, C):
+        freq = (drawn == c).sum().item() / total
+        sigma = math.sqrt(expected[c].item() * (1 - expected[c].item()) / total)
+        assert abs(freq - expected[c].item()) < 5 * sigma + 1e-9, (c, freq, expected[c].item())
+
+
+def test_class_graph_never_picks_ignored_keys_and_pads_when_no_other_class():
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(3, 4, generator=g)
+    yk = torch.tensor([-1, 0, 0, -1, 1, 1, -1])
+    idx = ak.class_graph_negatives(protos, torch.tensor([0, 1, 2]), yk, 50, 0.5, generator=g)
+    assert (yk[idx[:2]] != -1).all()
+    assert (yk[idx[0]] == 1).all() and (yk[idx[1]] == 0).all()
+    assert (idx[2] >= 0).all()  # class 2 has no keys itself, draws from 0 and 1
+    only_one = ak.class_graph_negatives(protos, torch.tensor([0]), torch.tensor([0, 0, -1]), 5, 0.5, generator=g)
+    assert (only_one == -1).all()
+
+
+def test_class_graph_is_reproducible_from_the_generator():
+    q, yq, protos, keys, yk = _problem()
+    a = ak.class_graph_negatives(protos, yq, yk, 30, 0.5, generator=torch.Generator().manual_seed(7))
+    b = ak.class_graph_negatives(protos, yq, yk, 30, 0.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ("torch", "chunked", "cuda", "triton"))
+def test_topk_loss_equals_reference_formula_on_the_same_negatives(backend):
+    require(backend)
+    q, yq, protos, keys, yk = _problem(Q=24, K=100, seed=_seed())
+    q1 = q.clone().requires_grad_(True)
+    p1, k1 = protos.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+    loss = ak.anatomical_contrast_loss(q1, yq, p1, k1, yk, tau=0.5, num_negatives=8, backend=backend)
+    loss.backward()
+    _, idx = ak.hard_negative_topk(q, yq, keys, yk, 8, backend="torch")
+    q2 = q.double().requires_grad_(True)
+    p2, k2 = protos.double().requires_grad_(True), keys.double().requires_grad_(True)
+    ref = anatomical_contrast_loss_ref(q2, yq, p2, k2, idx, tau=0.5)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for got, want in ((q1.grad, q2.grad), (p1.grad, p2.grad), (k1.grad, k2.grad)):
+        assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_class_graph_and_explicit_indices_modes_equal_the_reference():
+    q, yq, protos, keys, yk = _problem(seed=_seed())
+    idx = ak.class_graph_negatives(protos, yq, yk, 32, 0.5, generator=torch.Generator().manual_seed(5))
+    q1 = q.clone().requires_grad_(True)
+    sampled = ak.anatomical_contrast_loss(q1, yq, protos, keys, yk, negatives="class_graph", num_negatives=32,
+                                          generator=torch.Generator().manual_seed(5))
+    explicit = ak.anatomical_contrast_loss(q, yq, protos, keys, yk, negatives=idx)
+    ref = anatomical_contrast_loss_ref(q, yq, protos, keys, idx)
+    assert torch.allclose(sampled, ref, atol=1e-5) and torch.allclose(explicit, ref, atol=1e-5)
+    per_query = ak.anatomical_contrast_loss(q, yq, protos, keys, yk, negatives=idx, reduction="none")
+    assert torch.allclose(per_query, anatomical_contrast_loss_ref(q, yq, protos, keys, idx, reduction="none"),
+                          atol=1e-5)
+    sampled.backward()
+    assert torch.isfinite(q1.grad).all()
+
+
+def test_gradcheck_float64_through_indexed_negatives():
+    q, yq, protos, keys, yk = _problem(Q=6, K=10, D=4, C=3, seed=2, dtype=torch.float64)
+    idx = torch.randint(-1, 10, (6, 5), generator=torch.Generator().manual_seed(0))
+    q.requires_grad_(True)
+    keys.requires_grad_(True)
+    fn = lambda q_, k_: ak.anatomical_contrast_loss(q_, yq, protos, k_, yk, negatives=idx)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, keys))
+
+
+def test_query_without_negatives_has_zero_loss_not_nan():
+    q, yq, protos, keys, _ = _problem(Q=8, K=20, C=2, seed=0)
+    yk = torch.zeros(20, dtype=torch.long)  # every key is class 0: class-0 queries have no negatives
+    per_query = ak.anatomical_contrast_loss(q, yq, protos, keys, yk, num_negatives=4, reduction="none")
+    assert torch.isfinite(per_query).all()
+    assert torch.allclose(per_query[yq == 0], torch.zeros(int((yq == 0).sum())))
+
+
+@pytest.mark.parametrize("labels", [[2, 2, 2, 2], []])
+def test_one_or_zero_classes_give_a_zero_loss_that_keeps_the_graph(labels):
+    q = torch.randn(len(labels), 6, requires_grad=True)
+    protos = torch.randn(3, 6, requires_grad=True)
+    loss = ak.anatomical_contrast_loss(q, torch.tensor(labels, dtype=torch.long), protos, torch.randn(9, 6),
+                                       torch.tensor([0, 1, 2] * 3), num_negatives=4)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_bad_arguments_name_themselves():
+    q, yq, protos, keys, yk = _problem()
+    with pytest.raises(ValueError, match=r"query_labels must be in \[0, 4\)"):
+        ak.anatomical_contrast_loss(q, yq + 4, protos, keys, yk)
+    with pytest.raises(ValueError, match="negatives must be"):
+        ak.anatomical_contrast_loss(q, yq, protos, keys, yk, negatives="random")
+    with pytest.raises(ValueError, match="tau must be"):
+        ak.anatomical_contrast_loss(q, yq, protos, keys, yk, tau=0.0)
+    with pytest.raises(ValueError, match="prototypes must have the feature size"):
+        ak.anatomical_contrast_loss(q, yq, protos[:, :3], keys, yk)
+
+
+def test_module_form_matches_functional():
+    q, yq, protos, keys, yk = _problem()
+    module = ak.AnatomicalContrastLoss(tau=0.5, num_negatives=16)
+    assert torch.allclose(module(q, yq, protos, keys, yk),
+                          ak.anatomical_contrast_loss(q, yq, protos, keys, yk, num_negatives=16))
+    assert "num_negatives=16" in repr(module)
