@@ -159,3 +159,20 @@ def test_module_form_matches_functional():
     assert torch.allclose(module(q, yq, protos, keys, yk),
                           ak.anatomical_contrast_loss(q, yq, protos, keys, yk, num_negatives=16))
     assert "num_negatives=16" in repr(module)
+
+
+@pytest.mark.parametrize("dense_ratio", [0, 10**9])  # always sparse gathers / always dense GEMM blocks
+def test_gather_strategies_give_the_same_values_and_gradients(monkeypatch, dense_ratio):
+    from action_kernels.ops import hard_negative_topk as ops_topk
+
+    monkeypatch.setattr(ops_topk, "DENSE_RATIO", dense_ratio)
+    q, yq, protos, keys, yk = _problem(Q=30, K=80, D=12, seed=_seed())
+    idx = torch.randint(-1, 80, (30, 7), generator=torch.Generator().manual_seed(1))
+    q1, k1 = q.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+    loss = ak.anatomical_contrast_loss(q1, yq, protos, k1, yk, negatives=idx)
+    loss.backward()
+    q2, k2 = q.double().requires_grad_(True), keys.double().requires_grad_(True)
+    ref = anatomical_contrast_loss_ref(q2, yq, protos.double(), k2, idx)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(q1.grad.double(), q2.grad, atol=1e-5) and torch.allclose(k1.grad.double(), k2.grad, atol=1e-5)

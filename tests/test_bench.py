@@ -11,22 +11,26 @@ import bench_loss  # noqa: E402
 
 def test_bench_smoke_writes_table_csv_and_json(tmp_path, capsys):
     rc = bench_loss.main(["--sizes", "300,200,32", "--repeats", "2", "--out", str(tmp_path),
-                          "--providers", "naive,compile,chunked,triton"])
+                          "--providers", "naive,compile,chunked,class_graph,triton"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "naive" in out and "chunked" in out and "skipped" in out  # triton on CPU is skipped with its reason
     csv = (tmp_path / "bench_loss.csv").read_text().splitlines()
-    assert len(csv) == 1 + 4
+    assert len(csv) == 1 + 4 + 3 + 4  # header, soft, topk, anatomical
     [json_file] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
     data = json.loads((tmp_path / json_file).read_text())
-    rows = {r["provider"]: r for r in data["results"]}
-    for name in ("naive", "compile", "chunked"):
-        assert rows[name]["total_ms"] > 0 and rows[name]["peak_extra_mib"] is not None
-        assert rows[name]["gate_error"] < 1e-3
-    assert rows["triton"]["total_ms"] is None and rows["triton"]["note"].startswith("skipped")
+    rows = {(r["op"], r["provider"]): r for r in data["results"]}
+    timed = [("soft", "naive"), ("soft", "compile"), ("soft", "chunked"), ("topk", "naive"), ("topk", "chunked"),
+             ("anatomical", "naive"), ("anatomical", "class_graph"), ("anatomical", "chunked")]
+    for key in timed:
+        assert rows[key]["total_ms"] > 0 and rows[key]["peak_extra_mib"] is not None, key
+        assert rows[key]["gate_error"] < 1e-3, key
+    assert rows[("soft", "triton")]["total_ms"] is None and rows[("soft", "triton")]["note"].startswith("skipped")
     assert data["environment"]["torch"]
 
 
-def test_bench_rejects_bad_sizes():
+def test_bench_rejects_bad_arguments():
     with pytest.raises(SystemExit, match="N,K,D"):
         bench_loss.main(["--sizes", "300,200"])
+    with pytest.raises(SystemExit, match="--ops: unknown"):
+        bench_loss.main(["--ops", "softmax"])

@@ -16,7 +16,7 @@ from action_kernels.chunked.soft_contrastive import _chunks, _work_dtype
 from action_kernels.cuda import host_module
 
 USE_NATIVE = True
-CHUNK_BYTES = 32 << 20  # the c x K similarity block (plus, on the torch path, its packed int64 copy)
+CHUNK_BYTES = 16 << 20  # the c x K similarity block (plus, on the torch path, its packed int64 copy)
 
 
 def _native(x: torch.Tensor):

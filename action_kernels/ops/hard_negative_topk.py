@@ -5,14 +5,19 @@
 
 The selection runs in the chosen backend's fused kernel (no N x K matrix); the gradient of the values is a gather:
     dL/dâ_i = Σ_r g_ir k̂_{idx_ir},   dL/dk̂_j = Σ_{(i,r): idx_ir = j} g_ir â_i,
-mapped through the normalisation, computed here in row chunks (memory O(chunk x k x D)). The same gather gives
-`indexed_cosine`, the similarities to explicitly chosen keys (class-graph or user negatives).
+mapped through the normalisation, computed here in row chunks. The same gather gives `indexed_cosine`, the
+similarities to explicitly chosen keys (class-graph or user negatives). The row gradient is a weighted
+embedding_bag. The forward gather and the key gradient choose per call between sparse (gather the c x n x D
+selected keys of a row chunk; index_add) and, when n is a sizeable fraction of K (K <= DENSE_RATIO n), dense (a
+c x K chunk of all similarities by GEMM; the scattered c x K gradient, transposed, times Â by GEMM). Measured on
+2 CPU cores at Q = 1024, n = 512, K = 16384, D = 512: key gradient 1.78 s sparse, 0.26 s dense.
 """
 from __future__ import annotations
 
 import importlib
 
 import torch
+import torch.nn.functional as F
 
 from action_kernels import dispatch
 from action_kernels._validation import check_labels, check_same, check_tensor, row_layout
@@ -24,7 +29,12 @@ _MODULES = {
     "triton": "action_kernels.triton.hard_negative_topk",
     "cuda": "action_kernels.cuda.hard_negative_topk",
 }
-GATHER_BYTES = 32 << 20  # the (c, n, D) gathered keys of one row chunk
+GATHER_BYTES = 32 << 20  # the (c, n, D) gathered keys, or the (c, K) dense block, of one row chunk
+DENSE_RATIO = 64
+
+
+def _dense(n: int, num_keys: int) -> bool:
+    return num_keys <= DENSE_RATIO * n
 
 
 def _row_chunk(n: int, d: int) -> int:
@@ -34,11 +44,14 @@ def _row_chunk(n: int, d: int) -> int:
 def _gathered_dots(a_hat: torch.Tensor, k_hat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """a_hat (N, D), k_hat (K, D), idx (N, n) with -1 padding -> (N, n) dots, -inf at padding, in row chunks."""
     out = torch.empty(idx.shape, dtype=a_hat.dtype, device=a_hat.device)
-    step = _row_chunk(idx.shape[1], a_hat.shape[1])
+    dense = _dense(idx.shape[1], k_hat.shape[0])
+    step = _row_chunk(k_hat.shape[0] if dense else idx.shape[1], 1 if dense else a_hat.shape[1])
     for r0 in range(0, idx.shape[0], step):
         ic = idx[r0:r0 + step]
-        keys = k_hat[ic.clamp_min(0)]  # (c, n, D)
-        dots = torch.bmm(keys, a_hat[r0:r0 + step, :, None]).squeeze(2)
+        if dense:
+            dots = torch.mm(a_hat[r0:r0 + step], k_hat.T).gather(1, ic.clamp_min(0))
+        else:
+            dots = torch.bmm(k_hat[ic.clamp_min(0)], a_hat[r0:r0 + step, :, None]).squeeze(2)  # (c, n, D) gather
         out[r0:r0 + step] = dots.masked_fill_(ic < 0, float("-inf"))
     return out
 
@@ -53,19 +66,24 @@ def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bo
     g = torch.where(valid, g.to(ra.dtype), torch.zeros((), dtype=ra.dtype, device=g.device))
     da = dk = None
     if need_a:
-        da_hat = torch.empty_like(a_hat)
-        step = _row_chunk(idx.shape[1], D)
-        for r0 in range(0, idx.shape[0], step):
-            gathered = k_hat[idx[r0:r0 + step].clamp_min(0)]
-            da_hat[r0:r0 + step] = torch.bmm(g[r0:r0 + step, None, :], gathered).squeeze(1)
+        # Σ_r g_ir k̂_{idx_ir} without materialising the gathered keys: embedding_bag's weighted sum (deterministic;
+        # measured 66 ms against 278 ms for a dense scatter + GEMM at Q = 1024, n = 512, K = 16384, D = 512)
+        da_hat = F.embedding_bag(idx.clamp_min(0), k_hat, per_sample_weights=g, mode="sum")
         da = da_hat.view(B, P, D)
         if normalize:
             da = _through_normalization(a3, ra.view(B, P), da)
         da = da.to(a3.dtype)
     if need_k:
-        rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
-        contrib = g[valid][:, None] * a_hat[rows]
-        dk = torch.zeros_like(k_hat).index_add_(0, idx[valid], contrib)
+        if _dense(idx.shape[1], k_hat.shape[0]):
+            dk = torch.zeros_like(k_hat)
+            step = _row_chunk(k_hat.shape[0], 1)
+            for r0 in range(0, idx.shape[0], step):
+                ic, gc = idx[r0:r0 + step].clamp_min(0), g[r0:r0 + step]
+                block = gc.new_zeros(ic.shape[0], k_hat.shape[0]).scatter_add_(1, ic, gc)
+                dk.addmm_(block.T, a_hat[r0:r0 + step])
+        else:
+            rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
+            dk = torch.zeros_like(k_hat).index_add_(0, idx[valid], g[valid][:, None] * a_hat[rows])
         if normalize:
             dk = _through_normalization(keys, rk, dk)
         dk = dk.to(keys.dtype)

@@ -24,17 +24,21 @@ void select_rows(const float* sim, int64_t r0, int64_t r1, int64_t K, const int6
     const float* row = sim + i * K;
     const int64_t y = row_labels[i];
     heap.clear();
+    float floor = -INFINITY;  // once the heap is full: the value of its smallest key (a strictly smaller one loses)
     for (int64_t j = 0; j < K; ++j) {
+      if (row[j] < floor) continue;  // the common case once full: no label load, no packing
       const int64_t yk = key_labels[j];
       if (yk == y || yk == ignore) continue;
       const int64_t key = pack_candidate(row[j], j);
       if (static_cast<int64_t>(heap.size()) < k) {
         heap.push_back(key);
         std::push_heap(heap.begin(), heap.end(), greater);
+        if (static_cast<int64_t>(heap.size()) == k) floor = packed_value(heap.front());
       } else if (key > heap.front()) {
         std::pop_heap(heap.begin(), heap.end(), greater);
         heap.back() = key;
         std::push_heap(heap.begin(), heap.end(), greater);
+        floor = packed_value(heap.front());
       }
     }
     std::sort(heap.begin(), heap.end(), greater);  // descending
