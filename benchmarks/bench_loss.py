@@ -227,6 +227,17 @@ def format_table(rows: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -236,7 +247,7 @@ def environment() -> dict:
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit or "unknown", "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads(),
            "action_kernels": ak.__version__,
-           "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}
+           "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()}
     ok, _, _ = dispatch.triton_status()
     if ok:
         import triton
