@@ -12,8 +12,9 @@ rotated every repeat:
   chunked      action_kernels, memory-bounded path (the CPU default)
   triton/cuda  action_kernels, fused kernels (CUDA tensors)
 Each provider first passes a correctness gate against float64 at a reduced size. Time: forward, backward and total,
-median and range over repeats. Memory: peak extra bytes of one call, measured in a fresh subprocess per provider
-(CPU: peak RSS with MALLOC_MMAP_THRESHOLD_=65536 so freed blocks return to the OS; CUDA: max_memory_allocated).
+median and range over repeats. Memory: peak extra bytes of one call (CPU: peak RSS in a fresh subprocess per
+provider, with MALLOC_MMAP_THRESHOLD_=65536 so freed blocks return to the OS; CUDA: max_memory_allocated). On a GPU
+the run also measures two ceilings (a large bf16 GEMM, a device copy) and reports each row against the GEMM floor.
 Results: a table, and CSV + JSON under --out.
 """
 from __future__ import annotations
@@ -123,7 +124,15 @@ def run_once(work, fn, inputs, device) -> tuple[float, float]:
 
 
 def measure_memory(work, name, size, dtype_name, device) -> float | None:
-    """Peak extra MiB of one call (forward + backward for losses), in a fresh subprocess."""
+    """Peak extra MiB of one call (forward + backward for losses): on CUDA in this process (the caching allocator's
+    peak counter is exact), on CPU in a fresh subprocess (peak RSS)."""
+    if device.type == "cuda":
+        inputs = work.make_inputs(size, DTYPES[dtype_name], device)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run_once(work, provider_fn(work, name), inputs, device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", name, "--ops", work.name,
            "--sizes", ",".join(map(str, size)), "--dtype", dtype_name, "--device", str(device)]
@@ -143,6 +152,7 @@ def _rss_field(name: str) -> int:
 
 
 def child_memory(work, name, size, dtype, device) -> None:
+    """CPU: peak extra RSS of one call, printed as JSON (runs in the subprocess of measure_memory)."""
     inputs = work.make_inputs(size, dtype, device)
     fn = provider_fn(work, name)
     if name == "compile":
@@ -150,18 +160,11 @@ def child_memory(work, name, size, dtype, device) -> None:
     else:
         small = (min(size[0], 64), min(size[1], 128), size[2])
         run_once(work, fn, work.make_inputs(small, dtype, device), device)  # load libraries, build caches
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run_once(work, fn, inputs, device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        base = _rss_field("VmRSS")
-        run_once(work, fn, inputs, device)
-        peak = _rss_field("VmHWM") - base
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    base = _rss_field("VmRSS")
+    run_once(work, fn, inputs, device)
+    peak = _rss_field("VmHWM") - base
     print(json.dumps({"peak_extra_mib": peak / 2**20}))
 
 
@@ -236,6 +239,29 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def ceilings(device: torch.device) -> dict:
+    """Measured in this run on a GPU: a large bf16 GEMM (TFLOP/s) and a device-to-device copy (TB/s, read + write)."""
+    if device.type != "cuda":
+        return {}
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def timed(fn, reps=10):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / reps * 1e-3
+
+    gemm = 2.0 * 8192**3 / timed(lambda: a @ a) / 1e12
+    copy = 2.0 * src.numel() / timed(lambda: dst.copy_(src)) / 1e12
+    return {"gemm_bf16_tflops": gemm, "copy_tbps": copy}
 
 
 def environment() -> dict:
@@ -319,6 +345,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--providers: unknown {sorted(set(wanted) - known)}; choose from {sorted(known)}")
 
     env = environment()
+    env.update(ceilings(device))
     print(f"action_kernels benchmark on {device} ({env['device_name']}, {env['threads']} threads), "
           f"torch {env['torch']}, commit {env['commit']}", flush=True)
     plan = [(WORKLOADS[o], size) for o in ops for size in (sizes or WORKLOADS[o].default_sizes(device))]
@@ -330,6 +357,15 @@ def main(argv=None) -> int:
         rows += bench_size(work, size, dtype_name, device, providers, args.repeats, not args.no_memory)
     print()
     print(format_table(rows))
+    if "gemm_bf16_tflops" in env:
+        print(f"\nceilings measured in this run: bf16 GEMM {env['gemm_bf16_tflops']:.0f} TFLOP/s, "
+              f"device copy {env['copy_tbps']:.2f} TB/s")
+        for r in rows:
+            if r.total_ms:
+                floor_ms = WORKLOADS[r.op].floor_flops((r.N, r.K, r.D)) / (env["gemm_bf16_tflops"] * 1e12) * 1e3
+                print(f"  {r.op:10s} {r.provider:11s} N={r.N} K={r.K} D={r.D}: {r.total_ms / floor_ms:6.2f}x the "
+                      f"GEMM floor ({floor_ms:.2f} ms), {r.gflops / 1e3 / env['gemm_bf16_tflops'] * 100:5.1f}% of "
+                      f"GEMM peak")
     csv_path, json_path = write_outputs(rows, args.out, env)
     print(f"\nspeedup and memory are relative to naive at the same size; 'total' is forward + backward for the losses "
           f"and forward for topk; gate err: relative error vs float64 at a reduced size.\nwrote {csv_path} and "

@@ -66,6 +66,10 @@ class SoftContrastive:
         N, K, D = size
         return 3 * 2.0 * N * K * D  # two logit GEMMs and one gradient GEMM
 
+    def floor_flops(self, size):
+        N, K, D = size
+        return 5 * 2.0 * N * K * D  # the 5-GEMM floor of forward + backward (kernels.md)
+
     def rows_keys(self, size):
         return size[0], size[1]
 
@@ -112,6 +116,8 @@ class HardNegativeTopk:
     def flops(self, size):
         N, K, D = size
         return 2.0 * N * K * D
+
+    floor_flops = flops
 
     def rows_keys(self, size):
         return size[0], size[1]
@@ -194,6 +200,8 @@ class AnatomicalContrast:
     def flops(self, size):
         Q, K, D = size
         return 2.0 * Q * K * D + 3 * 2.0 * Q * self.negatives * D  # top-k scan, then logits and two gradients
+
+    floor_flops = flops
 
     def rows_keys(self, size):
         return size[0], size[1]
