@@ -176,3 +176,14 @@ def test_gather_strategies_give_the_same_values_and_gradients(monkeypatch, dense
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5
     assert torch.allclose(q1.grad.double(), q2.grad, atol=1e-5) and torch.allclose(k1.grad.double(), k2.grad, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_keeps_topk_and_loss_in_one_graph():
+    q, yq, protos, keys, yk = _problem(Q=40, K=90, seed=0)
+    fn = lambda q_: ak.anatomical_contrast_loss(q_, yq, protos, keys, yk, num_negatives=8)  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    q1, q2 = q.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    eager, graph = fn(q1), compiled(q2)
+    eager.backward()
+    graph.backward()
+    assert torch.allclose(eager, graph) and torch.allclose(q1.grad, q2.grad)

@@ -85,6 +85,8 @@ def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int,
         return values, indices
     KP = max(16, triton.next_power_of_2(k))
     blocks = dict(BLOCKS, BLOCK_N=max(KP, BLOCKS["BLOCK_N"]))
+    if KP >= 256:  # the running (BLOCK_M, KP) int64 keys and their doubled merge buffer live in registers
+        blocks["BLOCK_M"] = min(blocks["BLOCK_M"], 16)
     grid = (triton.cdiv(N, blocks["BLOCK_M"]),)
     _topk_kernel[grid](
         anchors, keys, ra.float().contiguous(), rk.float().contiguous(), anchor_labels.reshape(-1).contiguous(),

@@ -11,8 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-# GPU defaults; tests set smaller tiles. num_warps only matters on a GPU.
+# GPU defaults for D <= 128; tests set smaller tiles. num_warps only matters on a GPU.
 BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
+
+
+def _blocks(D: int) -> dict:
+    """Tiles for feature size D: a program holds its row tiles (and, with gradients, two BLOCK_M x D fp32
+    accumulators) in registers, so wider rows get fewer rows per program and more warps (not yet tuned on a GPU)."""
+    blocks = dict(BLOCKS)
+    if D > 128 and blocks["BLOCK_M"] > 32:
+        blocks["BLOCK_M"] = 32 if D <= 256 else 16
+        blocks["num_warps"] = 8
+    return blocks
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -171,10 +181,11 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
     ds0 = torch.empty((N, D) if with_grad else (0,), dtype=torch.float32, device=s.device)
     if N == 0:
         return loss, lse_s, lse_t, ds0
-    grid = (triton.cdiv(N, BLOCKS["BLOCK_M"]),)
+    blocks = _blocks(D)
+    grid = (triton.cdiv(N, blocks["BLOCK_M"]),)
     _soft_contrastive_fwd_kernel[grid](
         s, t, k, rs, rt, rk, loss, lse_s, lse_t, ds0 if with_grad else loss, **dims,
-        inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t, WITH_GRAD=with_grad, **BLOCKS,
+        inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t, WITH_GRAD=with_grad, **blocks,
     )
     return loss, lse_s, lse_t, ds0
 
@@ -186,9 +197,10 @@ def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: 
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     if dims["N"] == 0:
         return dk
-    grid = (triton.cdiv(dims["K"], BLOCKS["BLOCK_N"]),)
+    blocks = _blocks(dims["D"])
+    grid = (triton.cdiv(dims["K"], blocks["BLOCK_N"]),)
     _soft_contrastive_key_grad_kernel[grid](
         s, t, k, rs, rt, rk, loss, lse_s, lse_t, g.float().contiguous(), dk, **dims,
-        inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t, **BLOCKS,
+        inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t, **blocks,
     )
     return dk
