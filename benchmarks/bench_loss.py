@@ -300,6 +300,45 @@ def write_outputs(rows: list[Result], out_dir: str, env: dict) -> tuple[str, str
     return csv_path, json_path
 
 
+def write_plot(rows: list[Result], path: str) -> str | None:
+    """PNG: per op, total time and peak extra memory of each provider against the number of keys K."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ops = [op for op in dict.fromkeys(r.op for r in rows) if any(r.op == op and r.total_ms for r in rows)]
+    if not ops:
+        return None
+    fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 6.5), squeeze=False)
+    for col, op in enumerate(ops):
+        for provider in dict.fromkeys(r.provider for r in rows if r.op == op):
+            pts = sorted((r.K, r.total_ms, r.peak_extra_mib) for r in rows
+                         if r.op == op and r.provider == provider and r.total_ms)
+            if not pts:
+                continue
+            ks = [p[0] for p in pts]
+            axes[0][col].plot(ks, [p[1] for p in pts], "o-", label=provider)
+            if all(p[2] is not None for p in pts):
+                axes[1][col].plot(ks, [p[2] for p in pts], "o-", label=provider)
+        first = next(r for r in rows if r.op == op)
+        axes[0][col].set_title(f"{op} ({first.dtype}, {first.device})")
+        axes[0][col].set_ylabel("forward + backward ms" if WORKLOADS[op].backward else "forward ms")
+        axes[1][col].set_ylabel("peak extra MiB")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("keys K")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
     sizes = []
     for item in text.split(";"):
@@ -367,6 +406,8 @@ def main(argv=None) -> int:
                       f"GEMM floor ({floor_ms:.2f} ms), {r.gflops / 1e3 / env['gemm_bf16_tflops'] * 100:5.1f}% of "
                       f"GEMM peak")
     csv_path, json_path = write_outputs(rows, args.out, env)
+    png = write_plot(rows, json_path[:-len(".json")] + ".png")
+    print(f"\nplot: {png}" if png else "\nplot: skipped (pip install matplotlib)")
     print(f"\nspeedup and memory are relative to naive at the same size; 'total' is forward + backward for the losses "
           f"and forward for topk; gate err: relative error vs float64 at a reduced size.\nwrote {csv_path} and "
           f"{json_path}")

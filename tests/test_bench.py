@@ -18,6 +18,8 @@ def test_bench_smoke_writes_table_csv_and_json(tmp_path, capsys):
     csv = (tmp_path / "bench_loss.csv").read_text().splitlines()
     assert len(csv) == 1 + 4 + 3 + 4  # header, soft, topk, anatomical
     [json_file] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    png = tmp_path / json_file.replace(".json", ".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp_path / json_file).read_text())
     rows = {(r["op"], r["provider"]): r for r in data["results"]}
     timed = [("soft", "naive"), ("soft", "compile"), ("soft", "chunked"), ("topk", "naive"), ("topk", "chunked"),
