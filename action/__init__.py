@@ -1,0 +1,5 @@
+"""action: the training package of action-kernels (ACTION / ACTION++ for semi-supervised segmentation).
+
+Present so far: `action.metrics` (Dice, Jaccard, HD95, ASD per class per volume). Data loading, models, the
+training engine, the ACTION stages and the CLI are not implemented yet (see the README's Known limits).
+"""
