@@ -1,0 +1,141 @@
+"""ACDC cardiac MRI in the common semi-supervised HDF5 layout.
+
+Layout (a folder, e.g. ../shared/data/acdc): `data/<name>.h5` with datasets `image` (float, [0, 1]) and `label`
+(integers 0 background, 1 RV, 2 myocardium, 3 LV); `train_slices.list` (one 2D training slice per line:
+`patientXXX_frameYY_slice_Z`), `val.list` and `test.list` (one 3D volume per line: `patientXXX_frameYY`).
+The labelled set for 1 / 3 / 7 labelled patients is the first 23 / 68 / 136 lines of train_slices.list (the
+reference mapping); the remaining slices are the unlabelled set. The HDF5 files carry no voxel spacing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+CLASSES = ("background", "RV", "Myo", "LV")
+LABELLED_SLICES = {1: 23, 3: 68, 7: 136}
+
+
+def _read_list(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ACDC list file not found: {path}")
+    with open(path) as fh:
+        names = [line.strip() for line in fh if line.strip()]
+    if not names:
+        raise ValueError(f"ACDC list file is empty: {path}")
+    return names
+
+
+def read_case(root: str, name: str, num_classes: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label int64) of one slice (H, W) or volume (Z, H, W), checked: the error names the file."""
+    import h5py
+
+    path = os.path.join(root, "data", f"{name}.h5")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ACDC case {name!r}: file not found: {path}")
+    try:
+        with h5py.File(path, "r") as fh:
+            missing = [k for k in ("image", "label") if k not in fh]
+            if missing:
+                raise ValueError(f"ACDC case {name!r}: {path} has no dataset(s) {missing} (found {list(fh.keys())})")
+            image = np.asarray(fh["image"][()], dtype=np.float32)
+            label = np.asarray(fh["label"][()]).astype(np.int64)
+    except OSError as exc:
+        raise ValueError(f"ACDC case {name!r}: cannot read {path} as HDF5 ({exc})") from exc
+    if image.shape != label.shape:
+        raise ValueError(f"ACDC case {name!r}: image shape {image.shape} != label shape {label.shape} in {path}")
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        raise ValueError(f"ACDC case {name!r}: labels must be in [0, {num_classes}), got [{label.min()}, "
+                         f"{label.max()}] in {path}")
+    return image, label
+
+
+@dataclass(frozen=True)
+class AcdcLayout:
+    """The lists of an ACDC folder, validated on construction (missing lists fail here, before any training)."""
+
+    root: str
+
+    def __post_init__(self):
+        if not os.path.isdir(os.path.join(self.root, "data")):
+            raise FileNotFoundError(f"ACDC root {self.root!r} has no data/ folder of .h5 files")
+
+    @property
+    def train_slices(self) -> list[str]:
+        return _read_list(os.path.join(self.root, "train_slices.list"))
+
+    @property
+    def val_volumes(self) -> list[str]:
+        return _read_list(os.path.join(self.root, "val.list"))
+
+    @property
+    def test_volumes(self) -> list[str]:
+        return _read_list(os.path.join(self.root, "test.list"))
+
+    def split(self, labelled_patients: int | None = None, labelled: list[str] | None = None):
+        """(labelled slice names, unlabelled slice names): by number of labelled patients (1, 3 or 7: the first
+        23 / 68 / 136 lines of train_slices.list) or by an explicit list of slice names."""
+        names = self.train_slices
+        if (labelled_patients is None) == (labelled is None):
+            raise ValueError("give exactly one of labelled_patients (1, 3 or 7) and labelled (a list of slice names)")
+        if labelled_patients is not None:
+            if labelled_patients not in LABELLED_SLICES:
+                raise ValueError(f"labelled_patients must be one of {sorted(LABELLED_SLICES)} (the reference "
+                                 f"splits), got {labelled_patients}; pass labelled=[...] for another split")
+            n = LABELLED_SLICES[labelled_patients]
+            return names[:n], names[n:]
+        chosen = set(labelled)
+        unknown = sorted(chosen - set(names))
+        if unknown:
+            raise ValueError(f"labelled names not in train_slices.list: {unknown[:5]}"
+                             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+        return [n for n in names if n in chosen], [n for n in names if n not in chosen]
+
+
+class AcdcSlices(Dataset):
+    """2D slices: item -> {"image": (1, H, W) float32, "label": (H, W) int64, "name": str}, resized to `size`
+    (bilinear for the image, nearest for the label) when given; labels=False drops the label (unlabelled use)."""
+
+    def __init__(self, root: str, names: list[str], size: tuple[int, int] | None = None, labels: bool = True):
+        if not names:
+            raise ValueError("AcdcSlices needs at least one slice name")
+        self.root, self.names, self.size, self.labels = root, list(names), size, labels
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        image, label = read_case(self.root, self.names[i])
+        if image.ndim != 2:
+            raise ValueError(f"ACDC slice {self.names[i]!r} must be 2D, got shape {image.shape}")
+        img = torch.from_numpy(image)[None]
+        lab = torch.from_numpy(label)
+        if self.size is not None and tuple(img.shape[-2:]) != tuple(self.size):
+            img = F.interpolate(img[None], size=self.size, mode="bilinear", align_corners=False)[0]
+            lab = F.interpolate(lab[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
+        item = {"image": img, "name": self.names[i]}
+        if self.labels:
+            item["label"] = lab
+        return item
+
+
+class AcdcVolumes(Dataset):
+    """3D volumes for evaluation: item -> {"image": (Z, H, W) float32, "label": (Z, H, W) int64, "name": str}."""
+
+    def __init__(self, root: str, names: list[str]):
+        if not names:
+            raise ValueError("AcdcVolumes needs at least one volume name")
+        self.root, self.names = root, list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        image, label = read_case(self.root, self.names[i])
+        if image.ndim != 3:
+            raise ValueError(f"ACDC volume {self.names[i]!r} must be 3D, got shape {image.shape}")
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "name": self.names[i]}
