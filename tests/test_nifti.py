@@ -62,3 +62,19 @@ def test_hdf5_volumes_convert_to_nifti_pairs(tmp_path):
     image, label = load_pair(img_path, lab_path)
     assert image.spacing == (1.5, 1.5, 10.0) and set(np.unique(label.data)) <= {0, 1, 2, 3}
     assert image.data.shape[2] < image.data.shape[0]  # (x, y, z) order: the ACDC slices are the short axis
+
+
+def test_raw_acdc_layout_pairs_images_with_their_label_maps(tmp_path):
+    from action.data.nifti import acdc_raw_pairs
+
+    affine = np.diag([1.5, 1.5, 10.0, 1.0])
+    for frame in ("01", "12"):
+        folder = tmp_path / "patient001"
+        save_nifti(np.zeros((4, 4, 2), np.float32), affine, str(folder / f"patient001_frame{frame}.nii.gz"))
+        save_nifti(np.zeros((4, 4, 2), np.uint8), affine, str(folder / f"patient001_frame{frame}_gt.nii.gz"))
+    pairs = acdc_raw_pairs(str(tmp_path))
+    assert [os.path.basename(i) for i, _ in pairs] == ["patient001_frame01.nii.gz", "patient001_frame12.nii.gz"]
+    assert all(lab.endswith("_gt.nii.gz") for _, lab in pairs)
+    os.remove(pairs[0][0])
+    with pytest.raises(FileNotFoundError, match="has no image"):
+        acdc_raw_pairs(str(tmp_path))

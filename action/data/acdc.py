@@ -2,7 +2,7 @@
 
 Layout (a folder, e.g. ../shared/data/acdc): `data/<name>.h5` with datasets `image` (float, [0, 1]) and `label`
 (integers 0 background, 1 RV, 2 myocardium, 3 LV); `train_slices.list` (one 2D training slice per line:
-`patientXXX_frameYY_slice_Z`), `val.list` and `test.list` (one 3D volume per line: `patientXXX_frameYY`).
+`patient<NNN>_frame<FF>_slice_<Z>`), `val.list` and `test.list` (one 3D volume per line: `patient<NNN>_frame<FF>`).
 The labelled set for 1 / 3 / 7 labelled patients is the first 23 / 68 / 136 lines of train_slices.list (the
 reference mapping); the remaining slices are the unlabelled set. The HDF5 files carry no voxel spacing.
 """

@@ -2,7 +2,7 @@
 
 Arrays are returned in nibabel's (x, y, z) axis order together with the affine; `spacing` is the voxel size in mm
 along those axes. `write_like(array, reference, path)` writes a prediction in the space of the image it came from.
-Layouts: the raw ACDC release (`patientXXX/patientXXX_frameYY.nii.gz` with `_gt` label maps) and a generic pair of
+Layouts: the raw ACDC release (`patient<NNN>/patient<NNN>_frame<FF>.nii.gz` with `_gt` label maps) and a generic pair of
 folders (images/ and labels/ with the same file names). `hdf5_to_nifti` converts the HDF5 layout (no spacing
 stored there: pass it, or unit spacing is written).
 """
@@ -81,7 +81,7 @@ def load_pair(image_path: str, label_path: str) -> tuple[Volume, Volume]:
 
 
 def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:
-    """(image, label) paths of the raw ACDC release: patientXXX/patientXXX_frameYY.nii.gz and its _gt."""
+    """(image, label) paths of the raw ACDC release: patient<NNN>/patient<NNN>_frame<FF>.nii.gz and its _gt."""
     pairs = []
     for label in sorted(glob.glob(os.path.join(root, "patient*", "patient*_frame??_gt.nii*"))):
         image = label.replace("_gt.nii", ".nii")
@@ -89,7 +89,7 @@ def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:
             raise FileNotFoundError(f"label map {label} has no image {image}")
         pairs.append((image, label))
     if not pairs:
-        raise FileNotFoundError(f"no patientXXX/patientXXX_frameYY_gt.nii.gz files under {root}")
+        raise FileNotFoundError(f"no patient<NNN>/patient<NNN>_frame<FF>_gt.nii.gz files under {root}")
     return pairs
 
 
