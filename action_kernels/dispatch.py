@@ -28,7 +28,7 @@ def triton_status() -> tuple[bool, str, bool]:
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     try:
         import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (a broken install fails here, not at first kernel launch)
     except Exception as exc:  # ImportError, or a broken install raising anything at import
         return False, f"triton is not importable ({type(exc).__name__}: {exc}); `pip install triton`", interpret
     return True, "", interpret

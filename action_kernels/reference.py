@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of every path: fp64 inputs stay fp64, everything else (fp32/fp16/bf16) runs in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def to_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, D) -> (N, D); (B, D, *spatial) -> (B * prod(spatial), D) in (b, *spatial) row order (a copy)."""
     if x.dim() == 2:
@@ -41,7 +46,7 @@ def soft_contrastive_rows_ref(
 
     p_t = softmax(n(t) n(K)^T / tau_teacher), p_s = softmax(n(s) n(K)^T / tau_student).
     """
-    work = torch.float64 if student.dtype == torch.float64 else torch.float32
+    work = work_dtype(student)
     s, t, k = to_rows(student).to(work), to_rows(teacher).to(work), keys.to(work)
     if normalize:
         s, t, k = F.normalize(s, dim=1), F.normalize(t, dim=1), F.normalize(k, dim=1)
@@ -61,8 +66,7 @@ def soft_contrastive_loss_ref(
 
 
 def _normalized_rows(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rows = to_rows(x).to(work)
+    rows = to_rows(x).to(work_dtype(x))
     return F.normalize(rows, dim=1) if normalize else rows
 
 
@@ -118,7 +122,7 @@ def anatomical_contrast_loss_ref(
     Gathers the [Q, 1 + n, D] key tensor like the reference code (materialising; the ground truth).
     """
     y = query_labels.reshape(-1)
-    work = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    work = work_dtype(queries)
     q = queries.to(work)
     pos = prototypes.to(work)[y].unsqueeze(1)
     idx = negative_indices.clamp_min(0)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels.chunked.soft_contrastive import _chunks, _work_dtype
+from action_kernels.chunked.soft_contrastive import _chunks
 from action_kernels.cuda import host_module
+from action_kernels.reference import work_dtype as _work_dtype
 
 USE_NATIVE = True
 CHUNK_BYTES = 16 << 20  # the c x K similarity block (plus, on the torch path, its packed int64 copy)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from action_kernels.cuda import host_module
+# fp32 math for 16-bit inputs (bf16 GEMMs are also ~100x slower on CPUs); fp64 stays fp64
+from action_kernels.reference import work_dtype as _work_dtype
 
 USE_NATIVE = True
 # The c x K work buffers of one chunk; measured at K = 8192: 1 MiB chunks are 3x slower (skinny GEMMs), 64 MiB
@@ -29,11 +31,6 @@ CHUNK_BYTES = 32 << 20
 
 def _chunk_rows(num_keys: int, buffers: int = 3) -> int:
     return max(1, CHUNK_BYTES // (buffers * 4 * num_keys))
-
-
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp32 accumulation for every 16-bit or fp32 input (bf16 GEMMs are also ~100x slower on CPUs); fp64 stays fp64
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunks(x: torch.Tensor, scale: torch.Tensor, step: int):

@@ -41,6 +41,17 @@ def _row_chunk(n: int, d: int) -> int:
     return max(1, GATHER_BYTES // (4 * max(n, 1) * max(d, 1)))
 
 
+def _scales(a3: torch.Tensor, keys: torch.Tensor, normalize: bool):
+    """(ra (N,), rk (K,)) inverse norms of the (B, P, D) anchors and the keys (ones when not normalising)."""
+    return inverse_norms(a3, normalize).reshape(-1), inverse_norms(keys, normalize)
+
+
+def _unit_rows(a3: torch.Tensor, keys: torch.Tensor, ra: torch.Tensor, rk: torch.Tensor):
+    """(â (N, D), k̂ (K, D)) in the work dtype: the scaled rows the gathers read."""
+    B, P, D = a3.shape
+    return a3.reshape(B * P, D).to(ra.dtype) * ra[:, None], keys.to(rk.dtype) * rk[:, None]
+
+
 def _gathered_dots(a_hat: torch.Tensor, k_hat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """a_hat (N, D), k_hat (K, D), idx (N, n) with -1 padding -> (N, n) dots, -inf at padding, in row chunks."""
     out = torch.empty(idx.shape, dtype=a_hat.dtype, device=a_hat.device)
@@ -58,10 +69,9 @@ def _gathered_dots(a_hat: torch.Tensor, k_hat: torch.Tensor, idx: torch.Tensor) 
 
 def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bool):
     """Gradient of values = cos(a_i, k_idx) for upstream g (N, n): (dA as a3's (B, P, D) view shape or None, dK)."""
-    ra, rk = inverse_norms(a3, normalize).reshape(-1), inverse_norms(keys, normalize)
+    ra, rk = _scales(a3, keys, normalize)
     B, P, D = a3.shape
-    a_hat = a3.reshape(B * P, D).to(ra.dtype) * ra[:, None]
-    k_hat = keys.to(rk.dtype) * rk[:, None]
+    a_hat, k_hat = _unit_rows(a3, keys, ra, rk)
     valid = idx >= 0
     g = torch.where(valid, g.to(ra.dtype), torch.zeros((), dtype=ra.dtype, device=g.device))
     da = dk = None
@@ -97,7 +107,7 @@ def _topk_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """a: (B, P, D) view -> values (N, k) fp32 (fp64 for fp64), indices (N, k) int64."""
     with torch.no_grad():
-        ra, rk = inverse_norms(a, normalize).reshape(-1), inverse_norms(keys, normalize)
+        ra, rk = _scales(a, keys, normalize)
         mod = importlib.import_module(_MODULES[backend])
         values, indices = mod.hard_negative_topk(a, a_labels, keys, key_labels, ra, rk, k, ignore_label)
         return values.to(_work(a)), indices
@@ -129,10 +139,7 @@ _topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 def _indexed_cosine_op(a: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, normalize: bool) -> torch.Tensor:
     """a: (B, P, D) view, keys (K, D), idx (N, n) -> (N, n) similarities (-inf where idx is -1)."""
     with torch.no_grad():
-        ra, rk = inverse_norms(a, normalize).reshape(-1), inverse_norms(keys, normalize)
-        B, P, D = a.shape
-        a_hat = a.reshape(B * P, D).to(ra.dtype) * ra[:, None]
-        return _gathered_dots(a_hat, keys.to(rk.dtype) * rk[:, None], idx)
+        return _gathered_dots(*_unit_rows(a, keys, *_scales(a, keys, normalize)), idx)
 
 
 @_indexed_cosine_op.register_fake

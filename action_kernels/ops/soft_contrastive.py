@@ -15,6 +15,7 @@ import torch
 from action_kernels import dispatch
 from action_kernels._validation import RowLayout, check_soft_contrastive
 from action_kernels.reference import reduce_rows, soft_contrastive_loss_ref
+from action_kernels.reference import work_dtype as _work
 
 _MODULES = {
     "chunked": "action_kernels.chunked.soft_contrastive",
@@ -30,10 +31,6 @@ def _impl(backend: str):
 
 
 NORM_EPS = 1e-12  # as F.normalize
-
-
-def _work(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -54,9 +51,13 @@ def _through_normalization(x: torch.Tensor, r: torch.Tensor, g_hat: torch.Tensor
     return (g_hat - x_hat * proj) * r[..., None]
 
 
+def _scales(s, t, k, normalize: bool):
+    """(rs (N,), rt (N,), rk (K,)): the inverse norms every backend takes (ones when not normalising)."""
+    return inverse_norms(s, normalize).reshape(-1), inverse_norms(t, normalize).reshape(-1), inverse_norms(k, normalize)
+
+
 def _forward_impl(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad):
-    rs, rt, rk = inverse_norms(s, normalize).reshape(-1), inverse_norms(t, normalize).reshape(-1), \
-        inverse_norms(k, normalize)
+    rs, rt, rk = _scales(s, t, k, normalize)
     return _impl(backend).soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad)
 
 
@@ -89,8 +90,7 @@ def soft_contrastive_key_grad(
 ) -> torch.Tensor:
     """dL/dk (K, D) (through the normalisation) given the forward's loss, lse_s, lse_t and the upstream g (N,)."""
     with torch.no_grad():
-        rs, rt, rk = inverse_norms(s, normalize).reshape(-1), inverse_norms(t, normalize).reshape(-1), \
-            inverse_norms(k, normalize)
+        rs, rt, rk = _scales(s, t, k, normalize)
         dk_hat = _impl(backend).soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, loss, lse_s,
                                                           lse_t, g)
         return _through_normalization(k, rk, dk_hat) if normalize else dk_hat
