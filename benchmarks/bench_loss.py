@@ -1,6 +1,7 @@
 """The main job: every implementation of each op side by side, time and memory.
 
-    python benchmarks/bench_loss.py                              # CPU defaults, all three ops (~2-3 minutes)
+    python benchmarks/bench_loss.py                              # quick CPU run, all three ops (about a minute)
+    python benchmarks/bench_loss.py --preset targets             # the kernel issues' target sizes (~3-4 min on CPU)
     python benchmarks/bench_loss.py --ops soft --sizes 65536,65536,128 --dtype bf16 --device cuda
 
 Ops (benchmarks/workloads.py): soft (soft_contrastive_loss), topk (hard_negative_topk), anatomical
@@ -36,7 +37,7 @@ from action_kernels import dispatch
 from action_kernels.testing import tolerance
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import WORKLOADS  # noqa: E402
+from workloads import PRESETS, WORKLOADS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_SKIP = ("triton", "cuda")  # on CPU these run only in the test interpreter / emulation build
@@ -123,24 +124,30 @@ def run_once(work, fn, inputs, device) -> tuple[float, float]:
     return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 
 
-def measure_memory(work, name, size, dtype_name, device) -> float | None:
-    """Peak extra MiB of one call (forward + backward for losses): on CUDA in this process (the caching allocator's
-    peak counter is exact), on CPU in a fresh subprocess (peak RSS)."""
+def measure_memory(work, names, size, dtype_name, device) -> dict[str, float | None]:
+    """Peak extra MiB of one call (forward + backward for losses) per provider: on CUDA in this process (the caching
+    allocator's peak counter is exact), on CPU in one fresh subprocess for all providers of this size (peak RSS,
+    reset before each provider; see child_memory)."""
+    if not names:
+        return {}
     if device.type == "cuda":
         inputs = work.make_inputs(size, DTYPES[dtype_name], device)
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run_once(work, provider_fn(work, name), inputs, device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peaks = {}
+        for name in names:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            run_once(work, provider_fn(work, name), inputs, device)
+            peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return peaks
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", name, "--ops", work.name,
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", ",".join(names), "--ops", work.name,
            "--sizes", ",".join(map(str, size)), "--dtype", dtype_name, "--device", str(device)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        print(f"  memory run of {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+        print(f"  memory run of {','.join(names)} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _rss_field(name: str) -> int:
@@ -151,21 +158,26 @@ def _rss_field(name: str) -> int:
     raise RuntimeError(f"{name} not in /proc/self/status")
 
 
-def child_memory(work, name, size, dtype, device) -> None:
-    """CPU: peak extra RSS of one call, printed as JSON (runs in the subprocess of measure_memory)."""
+def child_memory(work, names, size, dtype, device) -> None:
+    """CPU: peak extra RSS of one call per provider, printed as one JSON dict (runs in the subprocess of
+    measure_memory). Each provider is warmed up first (libraries, caches; compile at this exact shape, since
+    compilation is not the op's memory), then the peak RSS is reset to the current RSS (clear_refs 5) and one call
+    measured; with MALLOC_MMAP_THRESHOLD_ set, what an earlier provider freed has gone back to the OS."""
     inputs = work.make_inputs(size, dtype, device)
-    fn = provider_fn(work, name)
-    if name == "compile":
-        run_once(work, fn, inputs, device)  # compile at this exact shape first: compilation is not the op's memory
-    else:
-        small = (min(size[0], 64), min(size[1], 128), size[2])
-        run_once(work, fn, work.make_inputs(small, dtype, device), device)  # load libraries, build caches
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    base = _rss_field("VmRSS")
-    run_once(work, fn, inputs, device)
-    peak = _rss_field("VmHWM") - base
-    print(json.dumps({"peak_extra_mib": peak / 2**20}))
+    peaks = {}
+    for name in names:
+        fn = provider_fn(work, name)
+        if name == "compile":
+            run_once(work, fn, inputs, device)
+        else:
+            small = (min(size[0], 64), min(size[1], 128), size[2])
+            run_once(work, fn, work.make_inputs(small, dtype, device), device)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        base = _rss_field("VmRSS")
+        run_once(work, fn, inputs, device)
+        peaks[name] = (_rss_field("VmHWM") - base) / 2**20
+    print(json.dumps(peaks))
 
 
 def bench_size(work, size, dtype_name, device, providers, repeats, memory) -> list[Result]:
@@ -202,8 +214,9 @@ def bench_size(work, size, dtype_name, device, providers, repeats, memory) -> li
         res.fwd_ms, res.bwd_ms, res.total_ms = statistics.median(fwd), statistics.median(bwd), statistics.median(tot)
         res.total_min_ms, res.total_max_ms, res.samples_ms = min(tot), max(tot), tot
         res.gflops = work.flops(size) / (res.total_ms * 1e-3) / 1e9
-        if memory:
-            res.peak_extra_mib = measure_memory(work, p, size, dtype_name, device)
+    if memory:
+        for p, mib in measure_memory(work, active, size, dtype_name, device).items():
+            results[p].peak_extra_mib = mib
     return [results[p] for p in providers]
 
 
@@ -332,7 +345,8 @@ def write_plot(rows: list[Result], path: str) -> str | None:
             ax.set_yscale("log")
             ax.set_xlabel("keys K")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # the memory panel is empty under --no-memory
+                ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -352,8 +366,12 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ops", default=",".join(WORKLOADS), help=f"comma list from {','.join(WORKLOADS)}")
-    ap.add_argument("--sizes", default=None, help="N,K,D triples separated by ';' (default: per op and device; "
-                                                  "see benchmarks/workloads.py)")
+    ap.add_argument("--sizes", default=None, help="N,K,D triples separated by ';' (default: the preset's sizes per op "
+                                                  "and device; see benchmarks/workloads.py)")
+    ap.add_argument("--preset", default=None, choices=PRESETS,
+                    help="quick: small sizes with a sweep over K (the CPU default, about a minute);\n"
+                         "targets: the sizes the kernel issues set goals at (the CUDA default; on CPU N16384 K8192 "
+                         "D128 soft,\nN=K=16384 topk, 4x256 queries K16384 D512 anatomical: ~3-4 minutes)")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--providers", default=None, help="comma list (default: every provider of each op that runs)")
@@ -374,7 +392,7 @@ def main(argv=None) -> int:
     sizes = parse_sizes(args.sizes) if args.sizes else None
     if args.child_memory:
         work = WORKLOADS[ops[0]]
-        child_memory(work, args.child_memory, sizes[0], DTYPES[dtype_name], device)
+        child_memory(work, args.child_memory.split(","), sizes[0], DTYPES[dtype_name], device)
         return 0
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
@@ -385,9 +403,10 @@ def main(argv=None) -> int:
 
     env = environment()
     env.update(ceilings(device))
-    print(f"action_kernels benchmark on {device} ({env['device_name']}, {env['threads']} threads), "
+    preset = args.preset or ("quick" if device.type == "cpu" else "targets")
+    print(f"action_kernels benchmark ({'--sizes' if sizes else 'preset ' + preset}) on {device} ({env['device_name']}, {env['threads']} threads), "
           f"torch {env['torch']}, commit {env['commit']}", flush=True)
-    plan = [(WORKLOADS[o], size) for o in ops for size in (sizes or WORKLOADS[o].default_sizes(device))]
+    plan = [(WORKLOADS[o], size) for o in ops for size in (sizes or WORKLOADS[o].default_sizes(device, preset))]
     rows = []
     for i, (work, size) in enumerate(plan, 1):
         providers = [p for p in work.providers if wanted is None or p in wanted]

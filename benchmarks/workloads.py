@@ -31,7 +31,9 @@ class SoftContrastive:
     tau_s, tau_t = 0.1, 0.01
     gate_size = (2048, 1024)
 
-    def default_sizes(self, device):
+    def default_sizes(self, device, preset):
+        if preset == "quick":
+            return [(4096, 1024, 128), (4096, 4096, 128)]
         return [(16384, 8192, 128)] if device.type == "cpu" else [(65536, 4096, 128), (65536, 65536, 128),
                                                                    (65536, 16384, 512)]
 
@@ -86,7 +88,9 @@ class HardNegativeTopk:
     k = 64
     gate_size = (1024, 2048)
 
-    def default_sizes(self, device):
+    def default_sizes(self, device, preset):
+        if preset == "quick":
+            return [(4096, 2048, 128), (4096, 8192, 128)]
         return [(16384, 16384, 128)] if device.type == "cpu" else [(65536, 65536, 128)]
 
     def make_inputs(self, size, dtype, device, seed=0):
@@ -141,7 +145,9 @@ class AnatomicalContrast:
     classes, per_class, negatives, tau = 4, 256, 512, 0.5
     gate_size = None
 
-    def default_sizes(self, device):
+    def default_sizes(self, device, preset):
+        if preset == "quick":  # 64 queries per class: the naive path's Python loop is ~25 ms per query
+            return [(self.classes * 64, 4096, 256)]
         return [(self.classes * self.per_class, 16384, 512)]
 
     def make_inputs(self, size, dtype, device, seed=0):
@@ -211,3 +217,4 @@ class AnatomicalContrast:
 
 
 WORKLOADS = {w.name: w for w in (SoftContrastive(), HardNegativeTopk(), AnatomicalContrast())}
+PRESETS = ("quick", "targets")

@@ -36,3 +36,19 @@ def test_bench_rejects_bad_arguments():
         bench_loss.main(["--sizes", "300,200"])
     with pytest.raises(SystemExit, match="--ops: unknown"):
         bench_loss.main(["--ops", "softmax"])
+
+
+def test_presets_quick_sweeps_keys_and_targets_match_the_kernel_issues():
+    import torch
+    from workloads import PRESETS, WORKLOADS
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for work in WORKLOADS.values():
+        quick = work.default_sizes(cpu, "quick")
+        assert max(n for n, _, _ in quick) <= 4096, work.name  # small enough for a one-minute CPU run
+    assert len({k for _, k, _ in WORKLOADS["soft"].default_sizes(cpu, "quick")}) >= 2  # a K sweep for the plot
+    assert (65536, 65536, 128) in WORKLOADS["soft"].default_sizes(cuda, "targets")
+    assert WORKLOADS["topk"].default_sizes(cpu, "targets") == [(16384, 16384, 128)]
+    assert PRESETS == ("quick", "targets")
+    with pytest.raises(SystemExit):
+        bench_loss.main(["--preset", "huge"])
