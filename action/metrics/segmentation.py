@@ -77,6 +77,11 @@ def binary_metrics(pred, gt, spacing=None) -> dict[str, float]:
             "assd": float(both.mean())}
 
 
+def _nanmean(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 @dataclass
 class SegmentationMetrics:
     """Accumulates per-case, per-class metrics of label volumes and summarises them.
@@ -130,7 +135,7 @@ class SegmentationMetrics:
                 stats[key] = (float(finite.mean()) if finite.size else math.nan,
                               float(finite.std()) if finite.size else math.nan, int(np.isnan(vals).sum()))
             per_class[name] = stats
-        mean = {key: float(np.nanmean([per_class[n][key][0] for n in per_class])) for key in METRICS}
+        mean = {key: _nanmean([per_class[n][key][0] for n in per_class]) for key in METRICS}
         return {"per_class": per_class, "mean": mean, "cases": len(self.cases)}
 
     def to_csv(self, path: str) -> None:

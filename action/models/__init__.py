@@ -1,4 +1,7 @@
-"""Segmentation networks for the training package. Present so far: the 2D UNet of the ACTION papers."""
-from action.models.unet import UNet2D
+"""Segmentation networks and the ACTION heads: the papers' 2D UNet, its 3D form, projection / predictor /
+representation heads, and the EMA teacher."""
+from action.models.ema import EMATeacher
+from action.models.heads import PredictorHead, ProjectionHead, RepresentationHead
+from action.models.unet import UNet, UNet2D, UNet3D
 
-__all__ = ["UNet2D"]
+__all__ = ["EMATeacher", "PredictorHead", "ProjectionHead", "RepresentationHead", "UNet", "UNet2D", "UNet3D"]

@@ -1,0 +1,234 @@
+"""The `action` command line: train, evaluate, predict, data convert. Run `action <command> --help`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import MISSING, fields
+
+from action.config import PRESETS, TrainConfig, build_config
+
+HELP = {
+    "stage": "training stage to run",
+    "data": "ACDC folder in the HDF5 layout (data/*.h5, train_slices.list, val.list, test.list); default "
+            "$ACTION_ACDC, else ../shared/data/acdc",
+    "out": "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, test/",
+    "labelled_patients": "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training slices)",
+    "max_train_slices": "use only the first N labelled and N unlabelled slices (quick checks)",
+    "size": "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it and back",
+    "num_classes": "number of classes including background (ACDC: 4)",
+    "iterations": "training iterations (the poly learning-rate schedule runs over them)",
+    "labelled_batch": "labelled images per batch",
+    "unlabelled_batch": "unlabelled images per batch (semi-supervised stages)",
+    "lr": "initial learning rate of SGD",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "nesterov": "Nesterov momentum",
+    "poly_power": "poly schedule: lr * (1 - it / iterations) ** power",
+    "amp": "mixed precision: auto (bf16/fp16 on CUDA, off on CPU), on, off",
+    "device": "auto, cpu, cuda, cuda:N",
+    "threads": "CPU threads for torch (default: torch's choice)",
+    "seed": "seed of initialisation, batches, augmentation and dropout (a run is reproducible from it)",
+    "augmentation": "JSON object overriding augmentation settings, e.g. '{\"affine_p\": 0.3}' "
+                    "(fields of action.data.augment.AugmentConfig)",
+    "val_every": "validate every N iterations on val.list (0: never; best.pt is then the last model)",
+    "val_volumes": "validate on the first N volumes of val.list only",
+    "checkpoint_every": "write last.pt every N iterations (a kill loses at most this much work)",
+    "log_every": "log losses every N iterations",
+    "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
+    "test_at_end": "evaluate best.pt on test.list when training ends (writes <out>/test/)",
+    "init": "initialise the model from this checkpoint (e.g. the previous stage's best.pt)",
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional_int(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named settings: " + "; ".join(
+        f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
+    p.add_argument("--config", help="JSON or YAML file of options (keys as below, with underscores)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt where it stopped")
+    group = p.add_argument_group("options (defaults: the reference settings; preset < --config < flags)")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = {"int | None": _optional_int, "str | None": str, "bool": _bool, "dict": json.loads,
+                "float": float, "int": int, "str": str}[str(f.type)]
+        extra = {"choices": ["supervised"]} if f.name == "stage" else {}
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                           help=f"{HELP[f.name]} (default: {default})", **extra)
+
+
+def _model_from_checkpoint(path: str, device: str):
+    import torch
+
+    from action.engine import load_checkpoint
+    from action.engine.trainer import resolve_device
+    from action.models import UNet2D
+
+    state = load_checkpoint(path)
+    cfg = TrainConfig(**json.loads(state["config"]))
+    dev = resolve_device(device)
+    model = UNet2D(1, cfg.num_classes)
+    model.load_state_dict(state["model"])
+    return model.to(dev).eval(), cfg, dev, torch
+
+
+def cmd_train(args) -> int:
+    from action.engine import Trainer
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    cfg = build_config(args.preset, args.config, overrides)
+    trainer = {"supervised": Trainer}[cfg.stage](cfg)
+    result = trainer.fit(resume=args.resume)
+    print(json.dumps({k: v for k, v in result.items() if k != "test"}))
+    return 0
+
+
+def _cases(args, cfg):
+    from action.engine import acdc_cases, nifti_cases
+
+    if args.images:
+        from action.data.nifti import folder_pairs
+
+        if args.labels:
+            pairs = folder_pairs(args.images, args.labels)
+        else:
+            pairs = [(os.path.join(args.images, n), None) for n in sorted(os.listdir(args.images))
+                     if n.endswith((".nii", ".nii.gz"))]
+            if not pairs:
+                raise SystemExit(f"--images {args.images}: no .nii/.nii.gz files")
+        return nifti_cases(pairs), len(pairs)
+    if args.acdc_raw:
+        from action.data.nifti import acdc_raw_pairs
+
+        pairs = acdc_raw_pairs(args.acdc_raw)
+        return nifti_cases(pairs), len(pairs)
+    from action.data import AcdcLayout
+
+    layout = AcdcLayout(args.data or cfg.data)
+    names = layout.test_volumes if args.split == "test" else layout.val_volumes
+    return acdc_cases(layout.root, names), len(names)
+
+
+def cmd_evaluate(args) -> int:
+    from action.data.acdc import CLASSES
+    from action.engine import evaluate, predict_slices
+
+    model, cfg, dev, _ = _model_from_checkpoint(args.checkpoint, args.device)
+    cases, total = _cases(args, cfg)
+    size = (cfg.size, cfg.size)
+    metrics = evaluate(lambda case: predict_slices(model, case.image, size, device=dev), cases, args.out,
+                       cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
+                       save_predictions=args.save_predictions, overlays=args.overlays, total=total)
+    if not metrics.cases:
+        raise SystemExit("no case had a label map to score against")
+    print(metrics.summary_table())
+    print(f"\n{len(metrics.cases)} cases; per-case metrics in {os.path.join(args.out, 'metrics.csv')}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from action.engine import evaluate, nifti_cases, predict_slices
+
+    model, cfg, dev, _ = _model_from_checkpoint(args.checkpoint, args.device)
+    if os.path.isdir(args.input):
+        paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
+    else:
+        paths = [args.input]
+    if not paths:
+        raise SystemExit(f"--input {args.input}: no .nii/.nii.gz files")
+    size = (cfg.size, cfg.size)
+    evaluate(lambda case: predict_slices(model, case.image, size, device=dev), nifti_cases([(p, None) for p in paths]),
+             args.out, cfg.num_classes, save_predictions=True, overlays=args.overlays, total=len(paths))
+    print(f"wrote {len(paths)} prediction(s) to {os.path.join(args.out, 'predictions')} (source affines kept)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from action.data import AcdcLayout
+    from action.data.nifti import hdf5_to_nifti
+
+    layout = AcdcLayout(args.data)
+    names = {"test": layout.test_volumes, "val": layout.val_volumes}.get(args.names)
+    if names is None:
+        with open(args.names) as fh:
+            names = [n.strip() for n in fh if n.strip()]
+    spacing = tuple(float(v) for v in args.spacing.split(","))
+    if len(spacing) != 3:
+        raise SystemExit(f"--spacing takes three numbers x,y,z in mm, got {args.spacing!r}")
+    written = hdf5_to_nifti(args.data, names, args.out, spacing)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
+                                 "train, evaluate, predict, convert data.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (a stage of the pipeline)",
+                       description="Train a model. Example: action train --preset acdc-cpu --out runs/baseline")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    def add_model_options(p):
+        p.add_argument("--checkpoint", required=True, help="a checkpoint written by action train (best.pt or last.pt)")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--overlays", type=int, default=3, help="PNG overlays for the first N cases (0: none)")
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on labelled volumes",
+                       description="Per-case Dice, Jaccard, HD95, ASD per class (metrics.csv), a summary table "
+                                   "(summary.md, summary.json), optional NIfTI predictions and PNG overlays. Data: "
+                                   "the ACDC HDF5 layout (--data, --split; voxel units), NIfTI folders "
+                                   "(--images with --labels; mm from the headers) or the raw ACDC layout "
+                                   "(--acdc-raw).")
+    add_model_options(p)
+    p.add_argument("--data", help="ACDC HDF5 folder (default: the checkpoint's)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which list of the HDF5 layout")
+    p.add_argument("--images", help="folder of NIfTI images")
+    p.add_argument("--labels", help="folder of NIfTI label maps with the same file names as --images")
+    p.add_argument("--acdc-raw", help="raw ACDC folder (patient<NNN>/patient<NNN>_frame<FF>[_gt].nii.gz)")
+    p.add_argument("--save-predictions", action="store_true", help="write predictions/<case>.nii.gz")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment NIfTI images", description="Segment NIfTI images slice by slice; "
+                       "predictions are written with each source image's affine to <out>/predictions/.")
+    add_model_options(p)
+    p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("convert", help="HDF5 layout -> NIfTI", description="Write <name>.nii.gz and "
+                        "<name>_gt.nii.gz per volume of the ACDC HDF5 layout (axes moved to x, y, z).")
+    c.add_argument("--data", required=True, help="ACDC HDF5 folder")
+    c.add_argument("--names", default="test", help="test, val, or a file listing volume names")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--spacing", default="1,1,1", help="voxel size x,y,z in mm to write (the HDF5 files have none)")
+    c.set_defaults(func=cmd_convert)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"action {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

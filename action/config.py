@@ -1,0 +1,116 @@
+"""Run configuration: one flat dataclass, presets, and JSON/YAML files. Precedence: defaults < preset < config
+file < command-line flags. Unknown keys are errors (a typo never silently falls back to a default)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from action.data.augment import AugmentConfig
+
+# the ACDC folder when --data is not given: $ACTION_ACDC, else ../shared/data/acdc relative to the working directory
+DEFAULT_ACDC = os.environ.get("ACTION_ACDC", os.path.join("..", "shared", "data", "acdc"))
+
+
+@dataclass
+class TrainConfig:
+    # what and where
+    stage: str = "supervised"
+    data: str = DEFAULT_ACDC
+    out: str = "runs/supervised"
+    labelled_patients: int | None = 3
+    max_train_slices: int | None = None  # use only the first n slices of each set (smoke tests)
+    size: int = 256
+    num_classes: int = 4
+    # optimisation (method.md section 6: the reference schedule)
+    iterations: int = 30000
+    labelled_batch: int = 12
+    unlabelled_batch: int = 0
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    poly_power: float = 0.9
+    amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU; on; off
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 1337
+    augmentation: dict = field(default_factory=dict)  # AugmentConfig fields to override
+    # bookkeeping
+    val_every: int = 500
+    val_volumes: int | None = None  # validate on the first n of val.list (None: all 20)
+    checkpoint_every: int = 500
+    log_every: int = 10
+    tensorboard: bool = True
+    test_at_end: bool = True
+    init: str | None = None  # initialise the model from this checkpoint (pipeline stages)
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            ("size", self.size >= 16 and self.size % 16 == 0, "a multiple of 16, >= 16"),
+            ("iterations", self.iterations >= 1, ">= 1"),
+            ("labelled_batch", self.labelled_batch >= 1, ">= 1"),
+            ("unlabelled_batch", self.unlabelled_batch >= 0, ">= 0"),
+            ("lr", self.lr > 0, "> 0"),
+            ("amp", self.amp in ("auto", "on", "off"), "one of auto, on, off"),
+            ("num_classes", self.num_classes >= 2, ">= 2"),
+            ("val_every", self.val_every >= 0, ">= 0 (0: no validation)"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"config {name}: expected {expected}, got {getattr(self, name)!r}")
+        unknown = set(self.augmentation) - {f.name for f in fields(AugmentConfig)}
+        if unknown:
+            raise ValueError(f"config augmentation: unknown keys {sorted(unknown)}; valid keys are "
+                             f"{[f.name for f in fields(AugmentConfig)]}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+PRESETS: dict[str, dict] = {
+    # the reference setting of the supervised baseline (method.md section 6): 256x256, 30k iterations
+    "acdc-2d": {"size": 256, "iterations": 30000, "labelled_batch": 12, "val_every": 500, "checkpoint_every": 500},
+    # the project's CPU baseline (README): 3 labelled patients at 128x128, ~40 minutes on 2 cores
+    "acdc-cpu": {"size": 128, "iterations": 3000, "labelled_batch": 8, "val_every": 250, "checkpoint_every": 250,
+                 "lr": 0.01},
+    # a seconds-long run for checking an installation
+    "smoke": {"size": 64, "iterations": 20, "labelled_batch": 2, "max_train_slices": 8, "val_every": 10,
+              "val_volumes": 2, "checkpoint_every": 5, "log_every": 5},
+}
+
+
+def load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as fh:
+        text = fh.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    if file is not None:
+        values.update(load_file(file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+    return TrainConfig(**values).validate()

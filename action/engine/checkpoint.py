@@ -1,0 +1,45 @@
+"""Checkpoints that survive a kill and cannot run code when loaded.
+
+save_checkpoint writes to a temporary file in the target folder, flushes and fsyncs it, then renames it over the
+target (os.replace is atomic on POSIX): a kill at any moment leaves either the previous checkpoint or the new
+one, never a truncated file. load_checkpoint uses torch.load(weights_only=True): only tensors, numbers, strings
+and containers of them are accepted, so a checkpoint from an untrusted source cannot execute code. Everything the
+trainer stores is of those types (the config is stored as a JSON string).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FORMAT = "action-checkpoint/1"
+
+
+def save_checkpoint(state: dict, path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt file, or objects outside the safe set
+        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {type(exc).__name__}: "
+                         f"{str(exc)[:300]}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an action checkpoint (format {FORMAT!r} expected, got "
+                         f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    return state

@@ -1,0 +1,276 @@
+"""The training loop shared by every stage. A stage is a Trainer subclass overriding small methods:
+
+    build_model()       the network (and heads) to train            -> nn.Module
+    training_step(b, g) the losses of one batch                     -> {"loss": total, term: value, ...}
+    after_step(it)      per-iteration bookkeeping (EMA update, memory banks)
+    extra_state() / load_extra_state(d)   what a checkpoint must hold beyond model and optimizer (EMA, banks)
+    eval_model()        the network validation and testing use
+
+Determinism: batch t is a pure function of (seed, t) (TwoStreamSampler); the augmentation generator and torch's
+global RNG (dropout) are re-seeded from (seed, t) at every iteration. A run resumed from a checkpoint at iteration t
+therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic, weights_only) hold
+model, optimizer, scheduler, extra state, iteration and the best validation score.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+import torch
+from torch import nn
+
+from action.config import TrainConfig
+from action.data.augment import Augment, AugmentConfig
+from action.data.sampling import TwoStreamSampler, load_slices
+from action.engine.checkpoint import load_checkpoint, save_checkpoint
+from action.engine.evaluate import acdc_cases, evaluate, fast_dice
+from action.engine.inference import predict_slices
+from action.engine.logs import RunLogger
+from action.engine.losses import supervised_loss
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device; use --device cpu")
+    return device
+
+
+class SliceData:
+    """The training slices of an ACDC folder in memory at the training size: labelled images (N_l, 1, S, S) with
+    labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them)."""
+
+    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
+        from action.data import AcdcLayout, AcdcSlices
+
+        layout = AcdcLayout(cfg.data)
+        labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
+        if cfg.max_train_slices:
+            labelled, unlabelled = labelled[:cfg.max_train_slices], unlabelled[:cfg.max_train_slices]
+        size = (cfg.size, cfg.size)
+        self.images, self.labels, self.names = load_slices(AcdcSlices(cfg.data, labelled, size), "labelled slices",
+                                                           progress)
+        self.unlabelled = None
+        if need_unlabelled:
+            self.unlabelled = load_slices(AcdcSlices(cfg.data, unlabelled, size, labels=False),
+                                          "unlabelled slices", progress)[0]
+        self.val_names = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
+        self.test_names = layout.test_volumes
+
+
+class Trainer:
+    stage = "supervised"
+    uses_unlabelled = False
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.progress = progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.data = SliceData(cfg, self.uses_unlabelled or cfg.unlabelled_batch > 0, progress)
+        self.sampler = TwoStreamSampler(len(self.data.images),
+                                        0 if self.data.unlabelled is None else len(self.data.unlabelled),
+                                        cfg.labelled_batch, cfg.unlabelled_batch if self.uses_unlabelled else 0,
+                                        cfg.seed)
+        self.augment = Augment(AugmentConfig(**cfg.augmentation))
+        torch.manual_seed(cfg.seed)  # weight initialisation
+        self.model = self.build_model().to(self.device)
+        if cfg.init:
+            self.initialise_from(cfg.init)
+        self.optimizer = torch.optim.SGD(self.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: (1.0 - min(it, cfg.iterations) / cfg.iterations) ** cfg.poly_power)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.iteration, self.best, self.best_iteration = 0, -math.inf, -1
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        from action.models import UNet2D
+
+        return UNet2D(1, self.cfg.num_classes)
+
+    def trainable_parameters(self):
+        return self.model.parameters()
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    def training_step(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        image, label, _ = self.augment(batch["image_l"], batch["label_l"], generator=generator)
+        losses = supervised_loss(self.model(image), label, self.augment.config.ignore_index)
+        return {"loss": losses["sup"], "ce": losses["ce"], "dice": losses["dice"]}
+
+    def after_step(self, iteration: int) -> None:
+        pass
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # -- machinery -----------------------------------------------------------------------------------------------
+    def _amp_dtype(self):
+        if self.cfg.amp == "off" or (self.cfg.amp == "auto" and self.device.type != "cuda"):
+            return None
+        if self.device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+
+    def initialise_from(self, path: str) -> None:
+        """Model weights from another run's checkpoint (e.g. the previous pipeline stage); strict about shapes,
+        lenient about heads the other stage did not have."""
+        state = load_checkpoint(path)
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        shared = set(state["model"]) & set(self.model.state_dict())
+        if not shared:
+            raise ValueError(f"--init {path}: no parameter of this model is in the checkpoint")
+        self.init_report = {"missing": missing, "unexpected": unexpected}
+
+    def batch(self, t: int) -> dict:
+        lab, unl = self.sampler.batch(t)
+        out = {"image_l": self.data.images[lab].to(self.device), "label_l": self.data.labels[lab].to(self.device)}
+        if len(unl):
+            out["image_u"] = self.data.unlabelled[unl].to(self.device)
+        return out
+
+    def _generator(self, t: int) -> torch.Generator:
+        seed = self.cfg.seed * 1_000_003 + t
+        torch.manual_seed(seed)  # dropout and anything else on the global RNG
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def checkpoint_state(self) -> dict:
+        return {"iteration": self.iteration, "stage": self.stage, "config": self.cfg.to_json(),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state()}
+
+    def save(self, name: str = "last.pt") -> str:
+        return save_checkpoint(self.checkpoint_state(), os.path.join(self.cfg.out, name))
+
+    def resume(self, path: str | None = None) -> bool:
+        """Loads <out>/last.pt (or `path`); returns False when there is nothing to resume."""
+        path = path or os.path.join(self.cfg.out, "last.pt")
+        if not os.path.isfile(path):
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("stage") != self.stage:
+            raise ValueError(f"--resume: {path} is a {state.get('stage')!r} checkpoint, this run is {self.stage!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.load_extra_state(state["extra"])
+        self.iteration, self.best, self.best_iteration = state["iteration"], state["best"], state["best_iteration"]
+        return True
+
+    def validate(self) -> dict:
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        size = (self.cfg.size, self.cfg.size)
+        scores = []
+        for case in acdc_cases(self.cfg.data, self.data.val_names):
+            pred = predict_slices(model, case.image, size, device=self.device)
+            scores.append(fast_dice(pred, case.label, self.cfg.num_classes))
+        model.train(was_training)
+        per_class = torch.tensor(scores).mean(0).tolist()
+        return {**{f"dice_c{c + 1}": v for c, v in enumerate(per_class)}, "mean_dice": sum(per_class) / len(per_class)}
+
+    def test(self, checkpoint: str | None = None, out_dir: str | None = None, overlays: int = 3):
+        """Scores `checkpoint` (default: best.pt, else the current model) on the test volumes."""
+        from action.data.acdc import CLASSES
+
+        path = checkpoint or os.path.join(self.cfg.out, "best.pt")
+        if os.path.isfile(path):
+            self.model.load_state_dict(load_checkpoint(path, self.device)["model"])
+        model = self.eval_model().eval()
+        size = (self.cfg.size, self.cfg.size)
+        names = self.data.test_names
+        return evaluate(lambda case: predict_slices(model, case.image, size, device=self.device),
+                        acdc_cases(self.cfg.data, names), out_dir or os.path.join(self.cfg.out, "test"),
+                        self.cfg.num_classes, CLASSES if self.cfg.num_classes == len(CLASSES) else None,
+                        overlays=overlays, progress=self.progress, total=len(names))
+
+    def fit(self, resume: bool = False) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if resume and self.resume():
+            print(f"resumed from {os.path.join(cfg.out, 'last.pt')} at iteration {self.iteration}", flush=True)
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+            fh.write(cfg.to_json() + "\n")
+        logger = RunLogger(cfg.out, start=self.iteration, tensorboard=cfg.tensorboard)
+        self.model.train()
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"{self.stage}", disable=not self.progress,
+                   dynamic_ncols=True)
+        t_last = time.perf_counter()
+        interrupted = []
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # Ctrl-C: finish the iteration, save, stop
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        try:
+            while self.iteration < cfg.iterations:
+                if interrupted:
+                    path = self.save()
+                    bar.write(f"interrupted after iteration {self.iteration}: saved {path}; continue with --resume")
+                    raise KeyboardInterrupt
+                t = self.iteration
+                generator = self._generator(t)
+                batch = self.batch(t)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    losses = self.training_step(batch, generator)
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    path = self.save()
+                    raise FloatingPointError(
+                        f"iteration {t}: loss term(s) {bad} not finite ({ {k: values[k] for k in bad} }); training "
+                        f"stopped, the state before this iteration is saved in {path}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(losses["loss"]).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.after_step(t)
+                self.iteration = t + 1
+                bar.update(1)
+                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+                    now = time.perf_counter()
+                    logger.log("train", self.iteration, {**values, "lr": self.optimizer.param_groups[0]["lr"],
+                                                         "s_per_it": (now - t_last) / cfg.log_every})
+                    t_last = now
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                if cfg.val_every and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
+                    scores = self.validate()
+                    logger.log("val", self.iteration, scores)
+                    if scores["mean_dice"] > self.best:
+                        self.best, self.best_iteration = scores["mean_dice"], self.iteration
+                        self.save("best.pt")
+                    bar.write(f"iteration {self.iteration}: validation mean Dice {scores['mean_dice']:.4f} "
+                              f"(best {self.best:.4f} at {self.best_iteration})")
+                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                    self.save()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            bar.close()
+            logger.close()
+        if not cfg.val_every:
+            self.save("best.pt")
+        result = {"iterations": self.iteration, "best_val_dice": self.best, "best_iteration": self.best_iteration}
+        if cfg.test_at_end:
+            metrics = self.test()
+            result["test"] = metrics.aggregate()
+            print(metrics.summary_table(), flush=True)
+        return result
