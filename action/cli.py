@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import MISSING, fields
 
-from action.config import PRESETS, TrainConfig, build_config
+from action.config import PRESETS, STAGES, TrainConfig, build_config
 
 HELP = {
     "stage": "training stage to run",
@@ -39,6 +39,30 @@ HELP = {
     "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
     "test_at_end": "evaluate best.pt on test.list when training ends (writes <out>/test/)",
     "init": "initialise the model from this checkpoint (e.g. the previous stage's best.pt)",
+    "ema_decay": "EMA teacher decay (ramped up as 1 - 1/(it+1) at the start)",
+    "tau_student": "student temperature of the global and local distillation",
+    "tau_teacher": "teacher temperature of the global and local distillation",
+    "global_weight": "weight of the global distillation loss (stages i, ii)",
+    "global_dim": "global embedding size (projection head output)",
+    "global_bank": "FIFO bank of teacher image embeddings used as anchors (reference: 36)",
+    "local_weight": "weight of the local (pixel-wise) distillation loss (stage ii)",
+    "local_dim": "local embedding size",
+    "local_grid": "local embeddings on a grid of local_grid x local_grid cells per image",
+    "local_bank": "FIFO bank of teacher local embeddings used as anchors",
+    "local_push": "teacher local embeddings pushed into the bank per iteration (a random subset)",
+    "unsup_weight": "weight of the pseudo-label loss (stage iii)",
+    "anco_weight": "weight of the anatomical contrast loss (stage iii; reference 0.01)",
+    "weak_threshold": "teacher confidence at which an unlabelled pixel joins the anatomical contrast",
+    "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",
+    "queries_per_class": "hard queries sampled per class (with replacement)",
+    "num_negatives": "negatives per query",
+    "anco_tau": "temperature of the anatomical contrast",
+    "negatives": "negative selection: topk (fused hard negatives) or class_graph (the reference sampling)",
+    "rep_dim": "representation head output size (anatomical contrast embeddings)",
+    "rep_stride": "anatomical contrast on a grid of size / rep_stride pixels per side",
+    "cutmix_p": "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)",
+    "stage_iterations": "pipeline: JSON object of iterations per stage, e.g. "
+                        "'{\"pretrain-global\": 300, \"pretrain-local\": 600, \"finetune\": 2000}'",
 }
 
 
@@ -64,7 +88,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = {"int | None": _optional_int, "str | None": str, "bool": _bool, "dict": json.loads,
                 "float": float, "int": int, "str": str}[str(f.type)]
-        extra = {"choices": ["supervised"]} if f.name == "stage" else {}
+        extra = {"choices": list(STAGES)} if f.name == "stage" else {}
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                            help=f"{HELP[f.name]} (default: {default})", **extra)
 
@@ -73,24 +97,27 @@ def _model_from_checkpoint(path: str, device: str):
     import torch
 
     from action.engine import load_checkpoint
-    from action.engine.trainer import resolve_device
+    from action.engine.trainer import align_keys, resolve_device
     from action.models import UNet2D
 
     state = load_checkpoint(path)
     cfg = TrainConfig(**json.loads(state["config"]))
     dev = resolve_device(device)
     model = UNet2D(1, cfg.num_classes)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(align_keys(state["model"], model.state_dict()))
     return model.to(dev).eval(), cfg, dev, torch
 
 
 def cmd_train(args) -> int:
-    from action.engine import Trainer
+    from action.method import STAGE_TRAINERS, run_pipeline
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = build_config(args.preset, args.config, overrides)
-    trainer = {"supervised": Trainer}[cfg.stage](cfg)
-    result = trainer.fit(resume=args.resume)
+    if cfg.stage == "pipeline":
+        results = run_pipeline(cfg, resume=args.resume)
+        print(json.dumps({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
+        return 0
+    result = STAGE_TRAINERS[cfg.stage](cfg).fit(resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "test"}))
     return 0
 

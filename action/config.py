@@ -12,6 +12,10 @@ from action.data.augment import AugmentConfig
 DEFAULT_ACDC = os.environ.get("ACTION_ACDC", os.path.join("..", "shared", "data", "acdc"))
 
 
+STAGES = ("supervised", "pretrain-global", "pretrain-local", "finetune", "pipeline")
+PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
+
+
 @dataclass
 class TrainConfig:
     # what and where
@@ -44,6 +48,33 @@ class TrainConfig:
     tensorboard: bool = True
     test_at_end: bool = True
     init: str | None = None  # initialise the model from this checkpoint (pipeline stages)
+    # ACTION stages i-ii (method.md sections 2, 3): distillation
+    ema_decay: float = 0.99
+    tau_student: float = 0.1
+    tau_teacher: float = 0.01
+    global_weight: float = 1.0
+    global_dim: int = 512
+    global_bank: int = 36
+    local_weight: float = 1.0
+    local_dim: int = 128
+    local_grid: int = 16
+    local_bank: int = 4096
+    local_push: int = 256
+    # ACTION stage iii (sections 4, 5): pseudo-labels and anatomical contrast
+    unsup_weight: float = 1.0
+    anco_weight: float = 0.01
+    weak_threshold: float = 0.7
+    strong_threshold: float = 0.97
+    queries_per_class: int = 256
+    num_negatives: int = 512
+    anco_tau: float = 0.5
+    negatives: str = "topk"
+    rep_dim: int = 512
+    rep_stride: int = 4
+    cutmix_p: float = 0.5
+    # the pipeline (stage "pipeline"): iterations per stage, run in order into <out>/<stage>/
+    stage_iterations: dict = field(default_factory=lambda: {"pretrain-global": 30000, "pretrain-local": 30000,
+                                                            "finetune": 30000})
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -57,6 +88,23 @@ class TrainConfig:
             ("val_every", self.val_every >= 0, ">= 0 (0: no validation)"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
+            ("stage", self.stage in STAGES, f"one of {STAGES}"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("tau_student", self.tau_student > 0, "> 0"),
+            ("tau_teacher", self.tau_teacher > 0, "> 0"),
+            ("anco_tau", self.anco_tau > 0, "> 0"),
+            ("negatives", self.negatives in ("topk", "class_graph"), "topk or class_graph"),
+            ("weak_threshold", 0 <= self.weak_threshold <= 1, "in [0, 1]"),
+            ("strong_threshold", 0 <= self.strong_threshold <= 1, "in [0, 1]"),
+            ("rep_stride", self.rep_stride >= 1 and self.size % self.rep_stride == 0, "a divisor of size"),
+            ("local_grid", 1 <= self.local_grid <= self.size, "in [1, size]"),
+            ("global_bank", self.global_bank >= 1, ">= 1"),
+            ("local_bank", self.local_bank >= 1, ">= 1"),
+            ("queries_per_class", self.queries_per_class >= 1, ">= 1"),
+            ("num_negatives", self.num_negatives >= 1, ">= 1"),
+            ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
+             and all(isinstance(v, int) and v >= 1 for v in self.stage_iterations.values()),
+             f"a mapping of {PIPELINE} to iteration counts >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -247,6 +247,11 @@ class Augment:
         self.config = config or AugmentConfig()
 
     def __call__(self, image, label=None, confidence=None, *, generator: torch.Generator):
+        image, label, confidence = self.geometric(image, label, confidence, generator=generator)
+        return self.photometric(image, label, confidence, generator=generator)
+
+    def geometric(self, image, label=None, confidence=None, *, generator: torch.Generator):
+        """Flips/rot90 and affine only (moves image, label, confidence together)."""
         c = self.config
         if c.flip_p > 0 or c.rot90:
             image, label, confidence = flip_rot90(image, label, confidence, generator=generator, flip_p=c.flip_p,
@@ -254,6 +259,11 @@ class Augment:
         if c.affine_p > 0:
             image, label, confidence = random_affine(image, label, confidence, generator=generator, p=c.affine_p,
                                                      degrees=c.degrees, scale=c.scale, translate=c.translate)
+        return image, label, confidence
+
+    def photometric(self, image, label=None, confidence=None, *, generator: torch.Generator):
+        """Intensity, blur, noise and cutout (pixels stay where they are: two views stay pixel-aligned)."""
+        c = self.config
         if c.intensity_p > 0:
             image = intensity(image, generator=generator, p=c.intensity_p, brightness=c.brightness,
                               contrast=c.contrast, gamma=c.gamma)

@@ -41,6 +41,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def align_keys(weights: dict, target: dict) -> dict:
+    """Maps a checkpoint's weights onto a model's names: a plain network's keys gain the "net." prefix of the
+    ACTION stages' ModuleDict and lose it the other way. Keys the model does not have are dropped; a shape
+    mismatch is an error."""
+    if any(k.startswith("net.") for k in target) and not any(k.startswith("net.") for k in weights):
+        weights = {"net." + k: v for k, v in weights.items()}
+    elif not any(k.startswith("net.") for k in target) and any(k.startswith("net.") for k in weights):
+        weights = {k[4:]: v for k, v in weights.items() if k.startswith("net.")}
+    out = {k: v for k, v in weights.items() if k in target}
+    bad = [k for k, v in out.items() if tuple(v.shape) != tuple(target[k].shape)]
+    if bad:
+        raise ValueError(f"checkpoint tensors {bad[:3]} have shapes {[tuple(out[k].shape) for k in bad[:3]]}, the "
+                         f"model expects {[tuple(target[k].shape) for k in bad[:3]]}")
+    return out
+
+
 class SliceData:
     """The training slices of an ACDC folder in memory at the training size: labelled images (N_l, 1, S, S) with
     labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them)."""
@@ -83,6 +99,7 @@ class Trainer:
         self.model = self.build_model().to(self.device)
         if cfg.init:
             self.initialise_from(cfg.init)
+        self.setup()
         self.optimizer = torch.optim.SGD(self.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -96,6 +113,9 @@ class Trainer:
         from action.models import UNet2D
 
         return UNet2D(1, self.cfg.num_classes)
+
+    def setup(self) -> None:
+        """After the model exists and holds its initial weights (teachers, banks)."""
 
     def trainable_parameters(self):
         return self.model.parameters()
@@ -128,11 +148,10 @@ class Trainer:
     def initialise_from(self, path: str) -> None:
         """Model weights from another run's checkpoint (e.g. the previous pipeline stage); strict about shapes,
         lenient about heads the other stage did not have."""
-        state = load_checkpoint(path)
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-        shared = set(state["model"]) & set(self.model.state_dict())
-        if not shared:
+        weights = align_keys(load_checkpoint(path)["model"], self.model.state_dict())
+        if not weights:
             raise ValueError(f"--init {path}: no parameter of this model is in the checkpoint")
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
         self.init_report = {"missing": missing, "unexpected": unexpected}
 
     def batch(self, t: int) -> dict:

@@ -44,9 +44,18 @@ class RepresentationHead(nn.Module):
         self.mlp = nn.Sequential(conv(sum(feature_channels), hidden, 1), bn(hidden), nn.ReLU(inplace=True),
                                  conv(hidden, out_dim, 1))
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        size = features[-1].shape[2:]
+    def forward(self, features: list[torch.Tensor], size=None) -> torch.Tensor:
+        """-> (B, out_dim, *size); size defaults to the finest feature map's. Finer maps are average-pooled down
+        to `size`, coarser ones interpolated up, so a coarse embedding grid costs only its own pixels."""
+        size = tuple(size) if size is not None else tuple(features[-1].shape[2:])
         mode = "bilinear" if self.dims == 2 else "trilinear"
-        up = [f if f.shape[2:] == size else F.interpolate(f, size=size, mode=mode, align_corners=False)
-              for f in features]
-        return self.mlp(torch.cat(up, dim=1))
+        pool = F.adaptive_avg_pool2d if self.dims == 2 else F.adaptive_avg_pool3d
+        resized = []
+        for f in features:
+            if tuple(f.shape[2:]) == size:
+                resized.append(f)
+            elif all(a >= b for a, b in zip(f.shape[2:], size)):
+                resized.append(pool(f, size))
+            else:
+                resized.append(F.interpolate(f, size=size, mode=mode, align_corners=False))
+        return self.mlp(torch.cat(resized, dim=1))

@@ -1,0 +1,64 @@
+"""The `action` command line: help for every command, a smoke train -> evaluate -> convert -> predict round trip
+on real ACDC data, and clear errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from action.cli import main
+
+from test_engine import ACDC, needs_acdc
+
+
+def test_every_command_explains_itself():
+    for cmd in ([], ["train"], ["evaluate"], ["predict"], ["data", "convert"]):
+        out = subprocess.run([sys.executable, "-m", "action.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: action" in out.stdout, (cmd, out.stderr)
+    train_help = subprocess.run([sys.executable, "-m", "action.cli", "train", "--help"], capture_output=True,
+                                text=True).stdout
+    for option in ("--labelled-patients", "--checkpoint-every", "--augmentation", "--resume", "--preset"):
+        assert option in train_help
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["train", "--preset", "smoke", "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "has no data/ folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--size", "abc"])
+
+
+@needs_acdc
+def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--data", ACDC, "--out", str(run), "--iterations", "6",
+                 "--val-every", "3", "--val-volumes", "1", "--test-at-end", "false", "--threads", "1"]) == 0
+    assert (run / "best.pt").exists() and (run / "tensorboard").is_dir()
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", ACDC, "--split", "val", "--out", str(ev),
+                 "--overlays", "1"]) == 0
+    assert "| RV |" in capsys.readouterr().out
+    assert len((ev / "metrics.csv").read_text().splitlines()) == 1 + 20
+    nii = tmp_path / "nii"
+    names = tmp_path / "names.list"
+    names.write_text(open(os.path.join(ACDC, "val.list")).readline())
+    assert main(["data", "convert", "--data", ACDC, "--names", str(names), "--out", str(nii),
+                 "--spacing", "1.5,1.5,10"]) == 0
+    [image] = [p for p in os.listdir(nii) if not p.endswith("_gt.nii.gz")]
+    pred = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
+                 "--overlays", "0"]) == 0
+    src, out = nib.load(nii / image), nib.load(pred / "predictions" / image)
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+    assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 2, 3}
+    # evaluate on NIfTI folders: metrics in mm from the header spacing
+    imgs, labs = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir(), labs.mkdir()
+    os.replace(nii / image, imgs / image)
+    os.replace(nii / image.replace(".nii.gz", "_gt.nii.gz"), labs / image)
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--images", str(imgs), "--labels", str(labs),
+                 "--out", str(tmp_path / "ev2"), "--overlays", "0"]) == 0

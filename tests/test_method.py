@@ -1,0 +1,181 @@
+"""The ACTION stages: loss pieces and their edge cases, each stage lowering its loss on a fixed batch of real ACDC
+slices, determinism, the pipeline's hand-over, and exact resume (banks and EMA included) after a SIGKILL."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from action.config import build_config
+from action.engine import load_checkpoint
+from action.method import (STAGE_TRAINERS, FifoBank, anatomical_term, pseudo_label_loss, run_pipeline,
+                           sample_hard_queries)
+
+from test_engine import ACDC, needs_acdc
+
+SMALL = {"data": ACDC, "test_at_end": False, "val_every": 0, "log_every": 1, "tensorboard": False, "threads": 1,
+         "unlabelled_batch": 2, "global_dim": 32, "global_bank": 8, "local_dim": 16, "local_bank": 64,
+         "local_push": 16, "local_grid": 8, "rep_dim": 16, "queries_per_class": 16, "num_negatives": 16}
+
+
+def stage_config(out, stage, **kw):
+    return build_config("smoke", overrides={**SMALL, "out": str(out), "stage": stage, **kw})
+
+
+def test_fifo_bank_wraps_in_order():
+    bank = FifoBank(4, 2)
+    assert bank.keys().shape == (0, 2)
+    bank.push(torch.arange(6.0).view(3, 2))
+    bank.push(torch.arange(6.0, 12.0).view(3, 2))
+    assert bank.keys()[:, 0].tolist() == [8.0, 10.0, 4.0, 6.0] and int(bank.filled) == 4
+    bank.push(torch.arange(20.0).view(10, 2))  # more rows than the bank: the last 4 survive
+    assert sorted(bank.keys()[:, 0].tolist()) == [12.0, 14.0, 16.0, 18.0]
+
+
+def test_pseudo_label_loss_weights_and_empty_cases():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
+    pseudo = torch.randint(0, 3, (2, 4, 4), generator=g)
+    conf = torch.zeros(2, 4, 4)
+    conf[0, :2] = 0.99  # image 0: half its pixels confident; image 1: none
+    ce = torch.nn.functional.cross_entropy(logits, pseudo, reduction="none")
+    expected = (ce[0] * 0.5).sum() / (ce > 0).sum()
+    torch.testing.assert_close(pseudo_label_loss(logits, pseudo, conf, 0.97), expected)
+    none = pseudo_label_loss(logits, pseudo, torch.zeros(2, 4, 4), 0.97)
+    none.backward()
+    assert none.item() == 0.0 and logits.grad is not None  # no confident pixel: a zero that keeps the graph
+    assert pseudo_label_loss(logits, torch.full_like(pseudo, 255), conf, 0.97).item() == 0.0
+
+
+def test_hard_queries_are_hard_balanced_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, -1, 2])
+    probs = torch.full((8, 3), 0.5)
+    probs[1, 0] = 0.99  # easy: never a query
+    probs[5, 2] = 0.99
+    idx = sample_hard_queries(labels, probs, 3, 50, 0.97, g)
+    assert idx.numel() == 150
+    assert set(idx.tolist()) <= {0, 2, 3, 4, 7}
+    assert torch.bincount(labels[idx], minlength=3).tolist() == [50, 50, 50]
+    again = sample_hard_queries(labels, probs, 3, 50, 0.97, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)
+    probs[:] = 1.0
+    assert sample_hard_queries(labels, probs, 3, 50, 0.97, g).numel() == 0
+
+
+@pytest.mark.parametrize("negatives", ["topk", "class_graph"])
+def test_anatomical_term_is_defined_in_degenerate_batches(negatives):
+    g = torch.Generator().manual_seed(0)
+    rep = torch.randn(2, 8, 4, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 4), generator=g)
+    probs = torch.full((2, 3, 4, 4), 1 / 3)
+    kw = dict(per_class=8, strong_threshold=0.97, tau=0.5, negatives=negatives, num_negatives=4, generator=g)
+    loss = anatomical_term(rep, labels, probs, 3, **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0 and rep.grad.abs().sum() > 0
+    for case in (torch.zeros_like(labels), torch.full_like(labels, -1)):  # one class only; nothing valid
+        rep.grad = None
+        zero = anatomical_term(rep, case, probs, 3, **kw)
+        zero.backward()
+        assert zero.item() == 0.0 and rep.grad is not None
+    confident = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()  # no hard query
+    assert anatomical_term(rep, labels, confident, 3, **kw).item() == 0.0
+
+
+@needs_acdc
+@pytest.mark.parametrize("stage", ["pretrain-global", "pretrain-local", "finetune"])
+def test_each_stage_lowers_its_loss_on_a_fixed_batch(tmp_path, stage):
+    trainer = STAGE_TRAINERS[stage](stage_config(tmp_path, stage, size=32, lr=0.05,
+                                                 augmentation={"affine_p": 0, "intensity_p": 0, "blur_p": 0,
+                                                               "noise_p": 0, "flip_p": 0, "rot90": False},
+                                                 cutmix_p=0.0, strong_threshold=1.0, weak_threshold=0.0),
+                                    progress=False)
+    if stage != "finetune":
+        # distillation needs a student that differs from its teacher (an exact copy at the start) and spread-out
+        # anchors (a fresh network embeds every image in nearly one direction): re-draw the predictor, fill the
+        # banks with random anchors, then keep teacher and banks fixed
+        torch.manual_seed(1)
+        for m in trainer.model["pred"].modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        for bank in trainer.banks.values():
+            bank.push(torch.randn(bank.bank.shape))
+    batch = trainer.batch(0)
+    seen = []
+    for it in range(12):
+        losses = trainer.training_step(batch, torch.Generator().manual_seed(0))
+        trainer.optimizer.zero_grad()
+        losses["loss"].backward()
+        trainer.optimizer.step()
+        if stage == "finetune":
+            trainer.after_step(it)  # the EMA teacher follows (its pseudo-labels are part of the objective)
+        seen.append(float(losses["loss"].detach()))
+    assert all(torch.isfinite(torch.tensor(seen)))
+    assert max(seen[-3:]) < 0.9 * seen[0], seen
+
+
+@needs_acdc
+def test_a_step_is_deterministic_given_the_seed(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer = STAGE_TRAINERS["finetune"](stage_config(tmp_path / name, "finetune", iterations=3), progress=False)
+        trainer.fit()
+        with open(tmp_path / name / "train.csv") as fh:
+            runs.append([r for r in csv.DictReader(fh)])
+    assert [(r["loss"], r["anco"]) for r in runs[0]] == [(r["loss"], r["anco"]) for r in runs[1]]
+
+
+@needs_acdc
+def test_pipeline_hands_each_stage_the_previous_weights(tmp_path):
+    cfg = stage_config(tmp_path, "pipeline", stage_iterations={"pretrain-global": 2, "pretrain-local": 2,
+                                                               "finetune": 2})
+    results = run_pipeline(cfg, progress=False)
+    assert list(results) == ["pretrain-global", "pretrain-local", "finetune"]
+    local_last = load_checkpoint(str(tmp_path / "pretrain-local" / "last.pt"))
+    ft_cfg = stage_config(tmp_path / "check", "finetune", init=str(tmp_path / "pretrain-local" / "last.pt"))
+    ft = STAGE_TRAINERS["finetune"](ft_cfg, progress=False)
+    for k, v in ft.model["net"].state_dict().items():
+        assert torch.equal(v, local_last["model"]["net." + k]), k
+    for k, v in ft.teacher.module["net"].state_dict().items():  # teacher starts as the pre-trained student
+        assert torch.equal(v, local_last["model"]["net." + k]), k
+    again = run_pipeline(cfg, resume=True, progress=False)  # finished stages are skipped
+    assert all(r == {"skipped": True} for r in again.values())
+
+
+@needs_acdc
+def test_finetune_resume_after_sigkill_restores_banks_ema_and_losses(tmp_path):
+    def script(out):
+        return ("from action.config import build_config; from action.method import STAGE_TRAINERS; "
+                f"cfg = build_config('smoke', overrides={{**{SMALL!r}, 'out': {str(out)!r}, "
+                "'stage': 'pretrain-local', 'iterations': 16, 'checkpoint_every': 3}); "
+                "STAGE_TRAINERS['pretrain-local'](cfg, progress=False).fit(resume=True)")
+
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([sys.executable, "-c", script(ref)], check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-c", script(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        ckpt = killed / "last.pt"
+        if ckpt.exists() and load_checkpoint(str(ckpt))["iteration"] >= 6:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped = load_checkpoint(str(killed / "last.pt"))["iteration"]
+    assert 6 <= stopped < 16
+    subprocess.run([sys.executable, "-c", script(killed)], check=True, capture_output=True)
+
+    def rows(out):
+        with open(out / "train.csv") as fh:
+            return {int(r["iteration"]): (r["loss"], r["global"], r["local"]) for r in csv.DictReader(fh)}
+
+    got, want = rows(killed), rows(ref)
+    assert sorted(got) == list(range(1, 17))
+    assert all(got[i] == want[i] for i in range(stopped + 1, 17)), (got, want)
