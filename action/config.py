@@ -72,6 +72,20 @@ class TrainConfig:
     rep_dim: int = 512
     rep_stride: int = 4
     cutmix_p: float = 0.5
+    # ACTION++ (section 7): SAACL and the anatomical-aware temperature scheduler (ATS)
+    plusplus: bool = False
+    saacl_weight: float = 0.01
+    saacl_dim: int = 128
+    saacl_queue: int = 4096
+    saacl_push: int = 512
+    saacl_eta: float = 0.1
+    lambda_a: float = 0.2
+    saacl_tau: float = 0.1
+    ats: bool = False
+    ats_targets: str = "anco,saacl"
+    tau_min: float = 0.1
+    tau_max: float = 1.0
+    ats_period: int | None = None
     # the pipeline (stage "pipeline"): iterations per stage, run in order into <out>/<stage>/
     stage_iterations: dict = field(default_factory=lambda: {"pretrain-global": 30000, "pretrain-local": 30000,
                                                             "finetune": 30000})
@@ -102,6 +116,11 @@ class TrainConfig:
             ("local_bank", self.local_bank >= 1, ">= 1"),
             ("queries_per_class", self.queries_per_class >= 1, ">= 1"),
             ("num_negatives", self.num_negatives >= 1, ">= 1"),
+            ("ats_targets", set(filter(None, self.ats_targets.split(","))) <= {"anco", "saacl", "global", "local"},
+             "a comma list of anco, saacl, global, local"),
+            ("tau_min", 0 < self.tau_min <= self.tau_max, "in (0, tau_max]"),
+            ("ats_period", self.ats_period is None or self.ats_period >= 1, "None or >= 1"),
+            ("saacl_queue", self.saacl_queue >= 1, ">= 1"),
             ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
              and all(isinstance(v, int) and v >= 1 for v in self.stage_iterations.values()),
              f"a mapping of {PIPELINE} to iteration counts >= 1"),
@@ -125,6 +144,19 @@ PRESETS: dict[str, dict] = {
     # the project's CPU baseline (README): 3 labelled patients at 128x128, ~40 minutes on 2 cores
     "acdc-cpu": {"size": 128, "iterations": 3000, "labelled_batch": 8, "val_every": 250, "checkpoint_every": 250,
                  "lr": 0.01},
+    # the reference ACTION pipeline (method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
+    # pre-training)
+    "action-2d": {"stage": "pipeline", "size": 256, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 500,
+                  "checkpoint_every": 500, "stage_iterations": {"pretrain-global": 30000, "pretrain-local": 30000,
+                                                                "finetune": 30000}},
+    # the project's CPU ACTION result (README): same data and resolution as acdc-cpu, about an hour on 2 cores
+    "action-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 250,
+                   "checkpoint_every": 250, "stage_iterations": {"pretrain-global": 200, "pretrain-local": 400,
+                                                                 "finetune": 2000}},
+    # ACTION++ on the same budget: action-cpu with SAACL and the temperature scheduler in fine-tuning
+    "actionpp-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 250,
+                     "checkpoint_every": 250, "plusplus": True, "ats": True,
+                     "stage_iterations": {"pretrain-global": 200, "pretrain-local": 400, "finetune": 2000}},
     # a seconds-long run for checking an installation
     "smoke": {"size": 64, "iterations": 20, "labelled_batch": 2, "max_train_slices": 8, "val_every": 10,
               "val_volumes": 2, "checkpoint_every": 5, "log_every": 5},

@@ -23,7 +23,9 @@ from action.data.augment import cutmix
 from action.engine.checkpoint import load_checkpoint
 from action.engine.losses import supervised_loss
 from action.engine.trainer import Trainer
-from action.method.losses import FifoBank, anatomical_term, distillation_loss, pseudo_label_loss
+from action.method.losses import (FifoBank, anatomical_term, distillation_loss, pseudo_label_loss,
+                                  sample_hard_queries)
+from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
 from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead, UNet2D
 from action.models.unet import CHANNELS
 
@@ -56,6 +58,13 @@ class _TeacherStage(Trainer):
 
     def eval_model(self) -> nn.Module:
         return self.model["net"]
+
+    def temperature(self, target: str, default: float) -> float:
+        """A contrastive temperature at the current iteration: ATS (cosine) when on for `target`, else fixed."""
+        cfg = self.cfg
+        if cfg.ats and target in cfg.ats_targets.split(","):
+            return ats_temperature(self.iteration, cfg.ats_period or cfg.iterations, cfg.tau_min, cfg.tau_max)
+        return default
 
     def after_step(self, iteration: int) -> None:
         self.teacher.update(self._teacher_source(), iteration)
@@ -99,7 +108,8 @@ class GlobalPretrainer(_TeacherStage):
             _, feats_t, bott_t = self.teacher.module["net"](view_t, return_features=True)
             z_t = self.teacher.module["proj"](bott_t)
         z_s = self.model["pred"](self.model["proj"](bott_s))
-        loss = distillation_loss(z_s, z_t, self.banks["global"], self.cfg.tau_student, self.cfg.tau_teacher)
+        loss = distillation_loss(z_s, z_t, self.banks["global"], self.temperature("global", self.cfg.tau_student),
+                                 self.cfg.tau_teacher)
         self._pending["global"] = z_t
         return loss, feats_s, feats_t
 
@@ -134,9 +144,11 @@ class LocalPretrainer(GlobalPretrainer):
             grid = (cfg.local_grid, cfg.local_grid)
             local_t = self.teacher.module["local"](feats_t, size=grid)
         z_s = self.model["pred"](self.model["proj"](bott_s))
-        glob = distillation_loss(z_s, z_t, self.banks["global"], cfg.tau_student, cfg.tau_teacher)
+        glob = distillation_loss(z_s, z_t, self.banks["global"], self.temperature("global", cfg.tau_student),
+                                 cfg.tau_teacher)
         local_s = self.model["local"](feats_s, size=grid)
-        local = distillation_loss(local_s, local_t, self.banks["local"], cfg.tau_student, cfg.tau_teacher)
+        local = distillation_loss(local_s, local_t, self.banks["local"], self.temperature("local", cfg.tau_student),
+                                  cfg.tau_teacher)
         sup = supervised_loss(logits[:len(y_l)], y_l, self.augment.config.ignore_index)
         rows = local_t.permute(0, 2, 3, 1).reshape(-1, cfg.local_dim)
         pick = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:cfg.local_push]
@@ -147,13 +159,58 @@ class LocalPretrainer(GlobalPretrainer):
 
 class Finetuner(_TeacherStage):
     """Stage iii: L_sup + unsup_weight L_unsup (teacher pseudo-labels, augmented jointly with their confidences,
-    cutmix) + anco_weight L_anco (anatomical contrast on a representation map at size / rep_stride)."""
+    cutmix) + anco_weight L_anco (anatomical contrast on a representation map at size / rep_stride).
+    ACTION++ (plusplus): + saacl_weight L_saacl on labelled grid pixels (student "saacl" head against a queue of
+    teacher "saacl" features, class centres assigned by the Hungarian algorithm), temperatures from ATS."""
 
     stage = "finetune"
-    teacher_keys = ("net",)
+
+    @property
+    def teacher_keys(self):
+        return ("net", "saacl") if self.cfg.plusplus else ("net",)
 
     def build_heads(self) -> dict:
-        return {"rep": RepresentationHead(DECODER, self.cfg.rep_dim, dims=2)}
+        heads = {"rep": RepresentationHead(DECODER, self.cfg.rep_dim, dims=2)}
+        if self.cfg.plusplus:
+            heads["saacl"] = RepresentationHead(DECODER, self.cfg.saacl_dim, dims=2)
+        return heads
+
+    def build_banks(self) -> dict:
+        if not self.cfg.plusplus:
+            return {}
+        cfg = self.cfg
+        centres = class_centres(cfg.num_classes, cfg.saacl_dim, cfg.tau_min)
+        return {"saacl": SaaclState(cfg.num_classes, cfg.saacl_dim, cfg.saacl_queue, centres, cfg.saacl_eta)}
+
+    def saacl_term(self, feats, view_l, y_small_l, small, generator):
+        """L_saacl on the labelled images' grid pixels; queues the teacher's features of the same pixels."""
+        cfg = self.cfg
+        B = view_l.shape[0]
+        emb = self.model["saacl"]([f[:B] for f in feats], size=small)
+        rows = emb.permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
+        y = y_small_l.reshape(-1)
+        with torch.no_grad():
+            _, feats_t, _ = self.teacher.module["net"](view_l, return_features=True)
+            rows_t = self.teacher.module["saacl"](feats_t, size=small).permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
+        state = self.banks["saacl"]
+        valid = y >= 0
+        state.update_means(rows.detach()[valid], y[valid])
+        q = sample_hard_queries(y, torch.zeros(y.numel(), cfg.num_classes, device=y.device), cfg.num_classes,
+                                cfg.queries_per_class, 1.0, generator)  # every valid pixel is a candidate
+        loss = saacl_loss(rows[q], y[q], state.queue, state.queue_labels, state.centres, state.assignment(),
+                          self.temperature("saacl", cfg.saacl_tau), cfg.lambda_a)
+        keep = torch.nonzero(valid)[:, 0]
+        pick = keep[torch.randperm(keep.numel(), generator=generator, device=generator.device)[:cfg.saacl_push]
+                    .to(keep.device)]
+        self._pending_saacl = (rows_t[pick], y[pick])
+        return loss
+
+    def after_step(self, iteration: int) -> None:
+        super().after_step(iteration)
+        pending = getattr(self, "_pending_saacl", None)
+        if pending is not None:
+            self.banks["saacl"].push(*pending)
+            self._pending_saacl = None
 
     def training_step(self, batch, generator):
         cfg, aug = self.cfg, self.augment
@@ -178,10 +235,15 @@ class Finetuner(_TeacherStage):
         y_small = torch.where(y_small == ignore, torch.full_like(y_small, -1), y_small)
         probs = logits.detach().float().softmax(1)[:, :, s // 2::s, s // 2::s]
         anco = anatomical_term(rep, y_small, probs, cfg.num_classes, per_class=cfg.queries_per_class,
-                               strong_threshold=cfg.strong_threshold, tau=cfg.anco_tau, negatives=cfg.negatives,
-                               num_negatives=cfg.num_negatives, generator=generator)
+                               strong_threshold=cfg.strong_threshold, tau=self.temperature("anco", cfg.anco_tau),
+                               negatives=cfg.negatives, num_negatives=cfg.num_negatives, generator=generator)
         loss = sup["sup"] + cfg.unsup_weight * unsup + cfg.anco_weight * anco
-        return {"loss": loss, "sup": sup["sup"], "unsup": unsup, "anco": anco}
+        out = {"loss": loss, "sup": sup["sup"], "unsup": unsup, "anco": anco}
+        if cfg.plusplus:
+            saacl = self.saacl_term(feats, x_l, y_small[:B], small, generator)
+            out["loss"] = loss + cfg.saacl_weight * saacl
+            out["saacl"] = saacl
+        return out
 
 
 STAGE_TRAINERS = {"supervised": Trainer, "pretrain-global": GlobalPretrainer, "pretrain-local": LocalPretrainer,
@@ -197,6 +259,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         iterations = cfg.stage_iterations[stage]
         sub = dataclasses.replace(cfg, stage=stage, out=os.path.join(cfg.out, stage), iterations=iterations,
                                   init=init, test_at_end=cfg.test_at_end and stage == PIPELINE[-1],
+                                  nesterov=cfg.nesterov or stage == "finetune",  # the reference's stage iii
                                   val_every=0 if stage == "pretrain-global" else cfg.val_every)
         last = os.path.join(sub.out, "last.pt")
         if resume and os.path.isfile(last) and load_checkpoint(last)["iteration"] >= iterations:
