@@ -14,6 +14,9 @@ HELP = {
     "data": "ACDC folder in the HDF5 layout (data/*.h5, train_slices.list, val.list, test.list); default "
             "$ACTION_ACDC, else ../shared/data/acdc",
     "out": "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, test/",
+    "dims": "2: slice-wise 2D UNet; 3: UNet3D on patches of volumes assembled from the slices",
+    "patch": "3D training patch as a JSON list [Z, H, W] of multiples of 16",
+    "base_channels": "UNet3D width: channels base x (1, 2, 4, 8, 16)",
     "labelled_patients": "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training slices)",
     "max_train_slices": "use only the first N labelled and N unlabelled slices (quick checks)",
     "size": "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it and back",
@@ -29,6 +32,8 @@ HELP = {
     "amp": "mixed precision: auto (bf16/fp16 on CUDA, off on CPU), on, off",
     "device": "auto, cpu, cuda, cuda:N",
     "threads": "CPU threads for torch (default: torch's choice)",
+    "accumulate": "split each step's batch into this many shards per process (gradient accumulation; under "
+                  "torchrun the global batch is split over world size x accumulate shards)",
     "seed": "seed of initialisation, batches, augmentation and dropout (a run is reproducible from it)",
     "augmentation": "JSON object overriding augmentation settings, e.g. '{\"affine_p\": 0.3}' "
                     "(fields of action.data.augment.AugmentConfig)",
@@ -100,25 +105,25 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = {"int | None": _optional_int, "str | None": str, "bool": _bool, "dict": json.loads,
-                "float": float, "int": int, "str": str}[str(f.type)]
+                "list": json.loads, "float": float, "int": int, "str": str}[str(f.type)]
         extra = {"choices": list(STAGES)} if f.name == "stage" else {}
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                            help=f"{HELP[f.name]} (default: {default})", **extra)
 
 
-def _model_from_checkpoint(path: str, device: str):
-    import torch
-
+def _predictor_from_checkpoint(path: str, device: str):
+    """(case -> labels, config) for a checkpoint of any stage, 2D or 3D."""
     from action.engine import load_checkpoint
+    from action.engine.inference import build_network, volume_predictor
     from action.engine.trainer import align_keys, resolve_device
-    from action.models import UNet2D
 
     state = load_checkpoint(path)
     cfg = TrainConfig(**json.loads(state["config"]))
     dev = resolve_device(device)
-    model = UNet2D(1, cfg.num_classes)
+    model = build_network(cfg)
     model.load_state_dict(align_keys(state["model"], model.state_dict()))
-    return model.to(dev).eval(), cfg, dev, torch
+    predict = volume_predictor(model.to(dev).eval(), cfg, dev)
+    return (lambda case: predict(case.image)), cfg
 
 
 def cmd_train(args) -> int:
@@ -163,12 +168,11 @@ def _cases(args, cfg):
 
 def cmd_evaluate(args) -> int:
     from action.data.acdc import CLASSES
-    from action.engine import evaluate, predict_slices
+    from action.engine import evaluate
 
-    model, cfg, dev, _ = _model_from_checkpoint(args.checkpoint, args.device)
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device)
     cases, total = _cases(args, cfg)
-    size = (cfg.size, cfg.size)
-    metrics = evaluate(lambda case: predict_slices(model, case.image, size, device=dev), cases, args.out,
+    metrics = evaluate(predict, cases, args.out,
                        cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
                        save_predictions=args.save_predictions, overlays=args.overlays, total=total)
     if not metrics.cases:
@@ -179,17 +183,16 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from action.engine import evaluate, nifti_cases, predict_slices
+    from action.engine import evaluate, nifti_cases
 
-    model, cfg, dev, _ = _model_from_checkpoint(args.checkpoint, args.device)
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device)
     if os.path.isdir(args.input):
         paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
     else:
         paths = [args.input]
     if not paths:
         raise SystemExit(f"--input {args.input}: no .nii/.nii.gz files")
-    size = (cfg.size, cfg.size)
-    evaluate(lambda case: predict_slices(model, case.image, size, device=dev), nifti_cases([(p, None) for p in paths]),
+    evaluate(predict, nifti_cases([(p, None) for p in paths]),
              args.out, cfg.num_classes, save_predictions=True, overlays=args.overlays, total=len(paths))
     print(f"wrote {len(paths)} prediction(s) to {os.path.join(args.out, 'predictions')} (source affines kept)")
     return 0

@@ -26,6 +26,9 @@ class TrainConfig:
     max_train_slices: int | None = None  # use only the first n slices of each set (smoke tests)
     size: int = 256
     num_classes: int = 4
+    dims: int = 2  # 3: volumes assembled from the slices, UNet3D on random patches, sliding-window evaluation
+    patch: list = field(default_factory=lambda: [16, 96, 96])  # 3D training patch (Z, H, W), multiples of 16
+    base_channels: int = 16  # UNet3D width: base x (1, 2, 4, 8, 16)
     # optimisation (method.md section 6: the reference schedule)
     iterations: int = 30000
     labelled_batch: int = 12
@@ -38,6 +41,7 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU; on; off
     device: str = "auto"
     threads: int | None = None
+    accumulate: int = 1  # shards per process and step (gradient accumulation; see action.engine.distributed)
     seed: int = 1337
     augmentation: dict = field(default_factory=dict)  # AugmentConfig fields to override
     # bookkeeping
@@ -102,6 +106,11 @@ class TrainConfig:
             ("val_every", self.val_every >= 0, ">= 0 (0: no validation)"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
+            ("accumulate", self.accumulate >= 1, ">= 1"),
+            ("dims", self.dims in (2, 3), "2 or 3"),
+            ("patch", len(self.patch) == 3 and all(int(p) >= 16 and int(p) % 16 == 0 for p in self.patch)
+             and max(self.patch[1:]) <= self.size, "three multiples of 16 (Z, H, W), in-plane at most size"),
+            ("base_channels", self.base_channels >= 1, ">= 1"),
             ("stage", self.stage in STAGES, f"one of {STAGES}"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("tau_student", self.tau_student > 0, "> 0"),
@@ -157,6 +166,9 @@ PRESETS: dict[str, dict] = {
     "actionpp-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 250,
                      "checkpoint_every": 250, "plusplus": True, "ats": True,
                      "stage_iterations": {"pretrain-global": 200, "pretrain-local": 400, "finetune": 2000}},
+    # the 3D path: volumes assembled from the ACDC slices, UNet3D on 16 x 96 x 96 patches, sliding-window evaluation
+    "acdc-3d-cpu": {"dims": 3, "size": 128, "patch": [16, 96, 96], "base_channels": 8, "iterations": 1000,
+                    "labelled_batch": 2, "val_every": 250, "checkpoint_every": 250},
     # a seconds-long run for checking an installation
     "smoke": {"size": 64, "iterations": 20, "labelled_batch": 2, "max_train_slices": 8, "val_every": 10,
               "val_volumes": 2, "checkpoint_every": 5, "log_every": 5},

@@ -2,9 +2,9 @@
 
     python benchmarks/bench_train_step.py                  # 128x128, batch 4 + 4, real ACDC slices when present
 
-Both providers run the same step on the same batch and weights (teacher pseudo-labels, joint augmentation,
-cutmix, student forward, L_sup + L_unsup + 0.01 L_anco, backward, SGD step) and differ only where the reference
-code differs:
+Both providers run the same steps on the same batches and weights (Trainer.step: batch, teacher pseudo-labels,
+joint augmentation, cutmix, student forward, L_sup + L_unsup + 0.01 L_anco, backward, SGD step, EMA update) and
+differ only in compute_losses, where the reference code differs:
   reference  the reference code's loss code: the pseudo-label weights computed per image with host syncs, the
              hard queries and every negative drawn on the host (NumPy: per-query Python loop choosing each
              negative's class from the prototype graph and a pixel of that class), a [256, 513, D] key tensor per
@@ -44,23 +44,14 @@ ACDC = os.environ.get("ACTION_ACDC", os.path.join(os.path.dirname(os.path.abspat
 class ReferenceStyleFinetuner(Finetuner):
     """The same step with the reference code's loss implementations (see the module docstring)."""
 
-    def training_step(self, batch, generator):
-        cfg, aug = self.cfg, self.augment
-        ignore = aug.config.ignore_index
-        with torch.no_grad():
-            p_u = self.teacher.module["net"](batch["image_u"]).float().softmax(1)
-            conf_u, y_u = p_u.max(1)
-        x_l, y_l, _ = aug(batch["image_l"], batch["label_l"], generator=generator)
-        x_u, y_u, conf_u = aug(batch["image_u"], y_u, conf_u, generator=generator)
-        if cfg.cutmix_p > 0:
-            from action.data.augment import cutmix
+    def compute_losses(self, views, generator):
+        from action.engine.losses import dice_loss
 
-            x_u, y_u, conf_u, _, _ = cutmix(x_u, y_u, conf_u, generator=generator, p=cfg.cutmix_p)
+        cfg, ignore = self.cfg, self.augment.config.ignore_index
+        x_l, y_l, x_u, y_u, conf_u = (views[k] for k in ("image_l", "label_l", "image_u", "pseudo_u", "conf_u"))
         B = x_l.shape[0]
         logits, feats, _ = self.model["net"](torch.cat([x_l, x_u]), return_features=True)
         ce_l = F.cross_entropy(logits[:B].float(), y_l, ignore_index=ignore)
-        from action.engine.losses import dice_loss
-
         sup = 0.5 * (ce_l + dice_loss(logits[:B].float().softmax(1), y_l, ignore))
         # pseudo-label loss, per image with host syncs
         unsup_terms, positive = [], 0
@@ -75,10 +66,10 @@ class ReferenceStyleFinetuner(Finetuner):
         # anatomical contrast: host-side sampling, materialised keys
         s = cfg.rep_stride
         rep = self.model["rep"](feats, size=(cfg.size // s, cfg.size // s))
-        y_all = torch.cat([y_l, torch.where(conf_u >= cfg.weak_threshold, y_u, torch.full_like(y_u, ignore))])
-        y_small = y_all[:, s // 2::s, s // 2::s].reshape(-1)
-        probs = logits.detach().float().softmax(1)[:, :, s // 2::s, s // 2::s].permute(0, 2, 3, 1)
-        probs = probs.reshape(-1, cfg.num_classes)
+        y_small, probs = self.grid_targets(views, logits)  # the same grid labels (-1: not valid) and probabilities
+        y_small = y_small.reshape(-1)
+        probs = probs.permute(0, 2, 3, 1).reshape(-1, cfg.num_classes)
+        ignore = -1
         rows = rep.permute(0, 2, 3, 1).reshape(-1, rep.shape[1])
         y_np, p_np = y_small.cpu().numpy(), probs.cpu().numpy()  # the reference's CPU round trip
         rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)))
@@ -124,15 +115,12 @@ def make_trainer(name: str, args, out: str):
     return trainer
 
 
-def step(trainer, batch, t: int) -> float:
+def step(trainer, t: int) -> float:
+    """One whole training step (Trainer.step: batch, preparation, losses, backward, SGD, EMA) in ms."""
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    losses = trainer.training_step(batch, torch.Generator(trainer.device).manual_seed(t))
-    trainer.optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    trainer.optimizer.step()
-    trainer.after_step(t)
+    trainer.step(t)
     sync()
     return (time.perf_counter() - t0) * 1e3
 
@@ -140,18 +128,17 @@ def step(trainer, batch, t: int) -> float:
 def child_memory(name: str, args) -> None:
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(name, args, out)
-        batch = trainer.batch(0)
-        step(trainer, batch, 0)  # warm-up: libraries, allocator, caches
+        step(trainer, 0)  # warm-up: libraries, allocator, caches
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            step(trainer, batch, 1)
+            step(trainer, 1)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
             base = _rss_field("VmRSS")
-            step(trainer, batch, 1)
+            step(trainer, 1)
             peak = (_rss_field("VmHWM") - base) / 2**20
     print(json.dumps({"peak_extra_mib": peak}))
 
@@ -179,13 +166,12 @@ def main(argv=None) -> int:
     times = {name: [] for name in PROVIDERS}
     with tempfile.TemporaryDirectory() as out:
         trainers = {name: make_trainer(name, args, os.path.join(out, name)) for name in PROVIDERS}
-        batch = trainers["ours"].batch(0)
         for name, tr in trainers.items():
-            step(tr, batch, 0)  # warm-up
+            step(tr, 0)  # warm-up
         names = list(PROVIDERS)
         for r in range(args.repeats):
             for name in names[r % 2:] + names[:r % 2]:
-                times[name].append(step(trainers[name], batch, 1 + r))
+                times[name].append(step(trainers[name], 1 + r))
     rows = {}
     for name in PROVIDERS:
         med = statistics.median(times[name])

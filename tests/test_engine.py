@@ -128,15 +128,15 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path):
 @needs_acdc
 def test_non_finite_loss_stops_with_the_term_and_a_checkpoint(tmp_path):
     trainer = Trainer(smoke_config(tmp_path), progress=False)
-    step = trainer.training_step
+    compute = trainer.compute_losses
 
-    def poisoned(batch, g):
-        out = step(batch, g)
+    def poisoned(views, g):
+        out = compute(views, g)
         if trainer.iteration == 3:
             out["dice"] = out["dice"] * float("nan")
         return out
 
-    trainer.training_step = poisoned
+    trainer.compute_losses = poisoned
     with pytest.raises(FloatingPointError, match=r"iteration 3: loss term\(s\) \['dice'\]"):
         trainer.fit()
     assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3

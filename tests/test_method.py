@@ -107,6 +107,7 @@ def test_each_stage_lowers_its_loss_on_a_fixed_batch(tmp_path, stage):
     batch = trainer.batch(0)
     seen = []
     for it in range(12):
+        trainer._deferred = []  # bank updates are not applied: teacher and banks stay fixed
         losses = trainer.training_step(batch, torch.Generator().manual_seed(0))
         trainer.optimizer.zero_grad()
         losses["loss"].backward()

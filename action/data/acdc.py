@@ -139,3 +139,25 @@ class AcdcVolumes(Dataset):
         if image.ndim != 3:
             raise ValueError(f"ACDC volume {self.names[i]!r} must be 3D, got shape {image.shape}")
         return {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "name": self.names[i]}
+
+
+def assemble_volumes(root: str, slice_names: list[str], size: tuple[int, int] | None = None):
+    """Training slices (`<volume>_slice_<Z>`) grouped into volumes in slice order -> (images [(Z, H, W) float32],
+    labels [(Z, H, W) int64], volume names), every slice resized in-plane to `size` when given (bilinear image,
+    nearest label)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in slice_names:
+        volume, sep, z = name.rpartition("_slice_")
+        if not sep or not z.isdigit():
+            raise ValueError(f"slice name {name!r} does not end in _slice_<Z>; cannot assemble volumes")
+        groups.setdefault(volume, []).append((int(z), name))
+    images, labels, names = [], [], []
+    for volume, members in groups.items():
+        dataset = AcdcSlices(root, [n for _, n in sorted(members)], size)
+        items = [dataset[i] for i in range(len(dataset))]
+        if size is None and len({tuple(it["image"].shape) for it in items}) > 1:
+            raise ValueError(f"volume {volume}: slices differ in shape; pass a size")
+        images.append(torch.cat([it["image"] for it in items]))
+        labels.append(torch.stack([it["label"] for it in items]))
+        names.append(volume)
+    return images, labels, names

@@ -67,3 +67,38 @@ def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, i
             count[sl] += 1
     labels = (probs / count).argmax(0)
     return labels[:shape[0], :shape[1], :shape[2]]
+
+
+@torch.no_grad()
+def predict_volume_3d(model, volume: torch.Tensor, size: tuple[int, int], patch: tuple[int, int, int],
+                      num_classes: int, device=None) -> torch.Tensor:
+    """volume (Z, H, W) -> labels (Z, H, W): every slice resized in-plane to `size` (bilinear; the 3D training
+    resolution), sliding-window 3D segmentation, labels resized back with nearest neighbour."""
+    if volume.dim() != 3:
+        raise ValueError(f"predict_volume_3d needs a (Z, H, W) volume, got {tuple(volume.shape)}")
+    Z, H, W = volume.shape
+    vol = volume.float()
+    if (H, W) != tuple(size):
+        vol = F.interpolate(vol[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    labels = predict_sliding_window(model, vol, patch, num_classes, device=device).float()
+    if (H, W) != tuple(size):
+        labels = F.interpolate(labels[:, None], size=(H, W), mode="nearest")[:, 0]
+    return labels.long()
+
+
+def build_network(cfg):
+    """The segmentation network of a config: UNet2D (dims 2) or UNet3D (dims 3, base_channels x 1, 2, 4, 8, 16)."""
+    from action.models import UNet2D, UNet3D
+
+    if cfg.dims == 2:
+        return UNet2D(1, cfg.num_classes)
+    return UNet3D(1, cfg.num_classes, channels=tuple(cfg.base_channels * m for m in (1, 2, 4, 8, 16)))
+
+
+def volume_predictor(model, cfg, device=None):
+    """case image (Z, H, W) -> labels (Z, H, W) as the config's training evaluates: slice-wise 2D at the training
+    size, or sliding-window 3D over patches of cfg.patch at the training in-plane size."""
+    size = (cfg.size, cfg.size)
+    if cfg.dims == 2:
+        return lambda image: predict_slices(model, image, size, device=device)
+    return lambda image: predict_volume_3d(model, image, size, tuple(cfg.patch), cfg.num_classes, device=device)

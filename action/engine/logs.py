@@ -25,13 +25,14 @@ def _truncate(path: str, start: int) -> None:
 
 
 class RunLogger:
-    def __init__(self, out_dir: str, start: int = 0, tensorboard: bool = True):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, start: int = 0, tensorboard: bool = True, enabled: bool = True):
+        """enabled=False (ranks other than 0 of a distributed run): every call is a no-op."""
+        self.out_dir, self.enabled, self.tb = out_dir, enabled, None
+        if not enabled:
+            return
         os.makedirs(out_dir, exist_ok=True)
-        self.files = {}
         for name in ("train", "val"):
             _truncate(os.path.join(out_dir, f"{name}.csv"), start)
-        self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +44,8 @@ class RunLogger:
 
     def log(self, name: str, iteration: int, values: dict) -> None:
         """Appends one row {iteration, **values} to <out>/<name>.csv and scalars <name>/<key> to TensorBoard."""
+        if not self.enabled:
+            return
         path = os.path.join(self.out_dir, f"{name}.csv")
         fresh = not os.path.isfile(path) or os.path.getsize(path) == 0
         fields = ["iteration"] + list(values)

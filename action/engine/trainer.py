@@ -1,8 +1,11 @@
 """The training loop shared by every stage. A stage is a Trainer subclass overriding small methods:
 
     build_model()       the network (and heads) to train            -> nn.Module
-    training_step(b, g) the losses of one batch                     -> {"loss": total, term: value, ...}
-    after_step(it)      per-iteration bookkeeping (EMA update, memory banks)
+    prepare(b, g)       global preparation of batch b: augmentation, pseudo-labels, mixing -> views (dict)
+    compute_losses(v, g) the losses of (a shard of) the views       -> {"loss": total, term: value, ...}
+    defer(name, *t)     (called by compute_losses) tensors for banks/queues, applied after the optimizer step
+    apply_deferred(name, tensors)   push them (each shard's, in global shard order)
+    after_step(it)      per-iteration bookkeeping (EMA update)
     extra_state() / load_extra_state(d)   what a checkpoint must hold beyond model and optimizer (EMA, banks)
     eval_model()        the network validation and testing use
 
@@ -10,6 +13,11 @@ Determinism: batch t is a pure function of (seed, t) (TwoStreamSampler); the aug
 global RNG (dropout) are re-seeded from (seed, t) at every iteration. A run resumed from a checkpoint at iteration t
 therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic, weights_only) hold
 model, optimizer, scheduler, extra state, iteration and the best validation score.
+
+Sharding (action.engine.distributed): views whose key ends in "_l" are cut along the labelled batch, "_u" along the
+unlabelled one, into world x accumulate contiguous shards; each shard's losses use their own generator seeded
+from (seed, t, shard). Under torchrun every rank computes its shards and gradients are averaged across ranks;
+rank 0 alone validates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -25,9 +33,10 @@ from torch import nn
 from action.config import TrainConfig
 from action.data.augment import Augment, AugmentConfig
 from action.data.sampling import TwoStreamSampler, load_slices
+from action.engine import distributed as dist_utils
 from action.engine.checkpoint import load_checkpoint, save_checkpoint
 from action.engine.evaluate import acdc_cases, evaluate, fast_dice
-from action.engine.inference import predict_slices
+from action.engine.inference import build_network, volume_predictor
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
 
@@ -79,6 +88,42 @@ class SliceData:
         self.test_names = layout.test_volumes
 
 
+class VolumeData:
+    """The training slices assembled into volumes (Z, S, S) at the in-plane training size, in memory; batches are
+    random 3D patches (cfg.patch, half of them centred on foreground), drawn from generators seeded by (seed, t)."""
+
+    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
+        from action.data import AcdcLayout
+        from action.data.acdc import assemble_volumes
+
+        layout = AcdcLayout(cfg.data)
+        labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
+        size = (cfg.size, cfg.size)
+        self.cfg = cfg
+        self.images, self.labels, self.names = assemble_volumes(cfg.data, labelled, size)
+        self.unlabelled = assemble_volumes(cfg.data, unlabelled, size)[0] if need_unlabelled else None
+        self.val_names = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
+        self.test_names = layout.test_volumes
+
+    def patches(self, indices, t: int, device) -> dict:
+        from action.data.sampling import random_patches
+
+        lab, unl = indices
+        base = (self.cfg.seed * 1_000_003 + t) * 64
+        out_i, out_l = [], []
+        for k, i in enumerate(lab.tolist()):
+            g = torch.Generator().manual_seed(base + k)
+            img, lbl = random_patches(self.images[i], self.labels[i], tuple(self.cfg.patch), 1, g)
+            out_i.append(img)
+            out_l.append(lbl)
+        batch = {"image_l": torch.cat(out_i).to(device), "label_l": torch.cat(out_l).to(device)}
+        if len(unl):
+            batch["image_u"] = torch.cat([random_patches(self.unlabelled[i], None, tuple(self.cfg.patch), 1,
+                                                         torch.Generator().manual_seed(base + 32 + k))[0]
+                                          for k, i in enumerate(unl.tolist())]).to(device)
+        return batch
+
+
 class Trainer:
     stage = "supervised"
     uses_unlabelled = False
@@ -88,8 +133,16 @@ class Trainer:
         self.progress = progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.rank, self.world, local_rank = dist_utils.init_from_env(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device)
-        self.data = SliceData(cfg, self.uses_unlabelled or cfg.unlabelled_batch > 0, progress)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local_rank)
+        shards = self.world * cfg.accumulate
+        for name, n in (("labelled_batch", cfg.labelled_batch), ("unlabelled_batch", cfg.unlabelled_batch)):
+            if n % shards:
+                raise ValueError(f"{name}={n} must be divisible by world size x accumulate = {shards}")
+        self.progress = progress and self.rank == 0
+        self.data = self.build_data()
         self.sampler = TwoStreamSampler(len(self.data.images),
                                         0 if self.data.unlabelled is None else len(self.data.unlabelled),
                                         cfg.labelled_batch, cfg.unlabelled_batch if self.uses_unlabelled else 0,
@@ -107,12 +160,17 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration, self.best, self.best_iteration = 0, -math.inf, -1
+        self._deferred: list[tuple[str, tuple]] = []
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def build_model(self) -> nn.Module:
-        from action.models import UNet2D
+    def build_data(self):
+        need_unlabelled = self.uses_unlabelled or self.cfg.unlabelled_batch > 0
+        if self.cfg.dims == 3:
+            return VolumeData(self.cfg, need_unlabelled, self.progress)
+        return SliceData(self.cfg, need_unlabelled, self.progress)
 
-        return UNet2D(1, self.cfg.num_classes)
+    def build_model(self) -> nn.Module:
+        return build_network(self.cfg)
 
     def setup(self) -> None:
         """After the model exists and holds its initial weights (teachers, banks)."""
@@ -123,10 +181,23 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.model
 
-    def training_step(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
         image, label, _ = self.augment(batch["image_l"], batch["label_l"], generator=generator)
-        losses = supervised_loss(self.model(image), label, self.augment.config.ignore_index)
+        return {"image_l": image, "label_l": label}
+
+    def compute_losses(self, views: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        losses = supervised_loss(self.model(views["image_l"]), views["label_l"], self.augment.config.ignore_index)
         return {"loss": losses["sup"], "ce": losses["ce"], "dice": losses["dice"]}
+
+    def training_step(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """prepare + compute_losses on the whole batch (one shard); deferred bank updates stay pending."""
+        return self.compute_losses(self.prepare(batch, generator), generator)
+
+    def defer(self, name: str, *tensors: torch.Tensor) -> None:
+        self._deferred.append((name, tuple(t.detach() for t in tensors)))
+
+    def apply_deferred(self, name: str, tensors: tuple) -> None:
+        raise NotImplementedError(f"{type(self).__name__} deferred {name!r} but does not apply it")
 
     def after_step(self, iteration: int) -> None:
         pass
@@ -155,11 +226,81 @@ class Trainer:
         self.init_report = {"missing": missing, "unexpected": unexpected}
 
     def batch(self, t: int) -> dict:
+        if self.cfg.dims == 3:
+            return self.data.patches(self.sampler.batch(t), t, self.device)
         lab, unl = self.sampler.batch(t)
         out = {"image_l": self.data.images[lab].to(self.device), "label_l": self.data.labels[lab].to(self.device)}
         if len(unl):
             out["image_u"] = self.data.unlabelled[unl].to(self.device)
         return out
+
+    def shard(self, views: dict, index: int, count: int) -> dict:
+        """The index-th of count contiguous shards of the views ("_l" keys by the labelled batch, "_u" keys by the
+        unlabelled one, anything else whole)."""
+        if count == 1:
+            return views
+        out = {}
+        for key, value in views.items():
+            if isinstance(value, torch.Tensor) and key.endswith(("_l", "_u")):
+                n = value.shape[0] // count
+                out[key] = value[index * n:(index + 1) * n]
+            else:
+                out[key] = value
+        return out
+
+    def step(self, t: int) -> dict[str, float]:
+        """One optimisation step at iteration t: prepare the global batch, losses and backward per local shard,
+        gradients averaged over all shards, optimizer step, deferred bank updates in shard order, after_step."""
+        cfg = self.cfg
+        generator = self._generator(t)
+        autocast = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                        enabled=self.amp_dtype is not None)
+        with torch.autocast(**autocast):
+            views = self.prepare(self.batch(t), generator)
+        shards = self.world * cfg.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        self._deferred = []
+        totals: dict[str, float] = {}
+        everything = list(self.model.buffers())
+        buffers = [b for b in everything if b.is_floating_point()]
+        if cfg.accumulate > 1:  # every shard updates BatchNorm statistics from the same start; then the mean
+            start, summed = [b.clone() for b in everything], [torch.zeros_like(b) for b in buffers]
+        for j in range(cfg.accumulate):
+            index = self.rank * cfg.accumulate + j
+            if cfg.accumulate > 1 and j:
+                for b, b0 in zip(everything, start):
+                    b.copy_(b0)
+            shard_seed = (cfg.seed * 1_000_003 + t) * 1009 + index
+            torch.manual_seed(shard_seed)  # dropout of this shard: the same on whichever rank computes it
+            g = torch.Generator(self.device).manual_seed(shard_seed)
+            with torch.autocast(**autocast):
+                losses = self.compute_losses(self.shard(views, index, shards), g)
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                path = self.save()
+                raise FloatingPointError(
+                    f"iteration {t}: loss term(s) {bad} not finite ({ {k: values[k] for k in bad} }); training "
+                    f"stopped, the state before this iteration is saved in {path}")
+            self.scaler.scale(losses["loss"] / cfg.accumulate).backward()
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.accumulate
+            if cfg.accumulate > 1:
+                for acc, b in zip(summed, buffers):
+                    acc += b
+        if cfg.accumulate > 1:
+            for b, acc in zip(buffers, summed):
+                b.copy_(acc / cfg.accumulate)
+        dist_utils.average_buffers(buffers)
+        dist_utils.average_gradients(self.trainable_parameters())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        for name, tensors in dist_utils.gather_in_order(self._deferred):
+            self.apply_deferred(name, tuple(x.to(self.device) for x in tensors))
+        self._deferred = []
+        self.after_step(t)
+        return dist_utils.mean_values(totals)
 
     def _generator(self, t: int) -> torch.Generator:
         seed = self.cfg.seed * 1_000_003 + t
@@ -173,7 +314,11 @@ class Trainer:
                 "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state()}
 
     def save(self, name: str = "last.pt") -> str:
-        return save_checkpoint(self.checkpoint_state(), os.path.join(self.cfg.out, name))
+        path = os.path.join(self.cfg.out, name)
+        if self.rank == 0:
+            save_checkpoint(self.checkpoint_state(), path)
+        dist_utils.barrier()
+        return path
 
     def resume(self, path: str | None = None) -> bool:
         """Loads <out>/last.pt (or `path`); returns False when there is nothing to resume."""
@@ -195,10 +340,10 @@ class Trainer:
         model = self.eval_model()
         was_training = model.training
         model.eval()
-        size = (self.cfg.size, self.cfg.size)
+        predict = volume_predictor(model, self.cfg, self.device)
         scores = []
         for case in acdc_cases(self.cfg.data, self.data.val_names):
-            pred = predict_slices(model, case.image, size, device=self.device)
+            pred = predict(case.image)
             scores.append(fast_dice(pred, case.label, self.cfg.num_classes))
         model.train(was_training)
         per_class = torch.tensor(scores).mean(0).tolist()
@@ -211,10 +356,9 @@ class Trainer:
         path = checkpoint or os.path.join(self.cfg.out, "best.pt")
         if os.path.isfile(path):
             self.model.load_state_dict(load_checkpoint(path, self.device)["model"])
-        model = self.eval_model().eval()
-        size = (self.cfg.size, self.cfg.size)
+        predict = volume_predictor(self.eval_model().eval(), self.cfg, self.device)
         names = self.data.test_names
-        return evaluate(lambda case: predict_slices(model, case.image, size, device=self.device),
+        return evaluate(lambda case: predict(case.image),
                         acdc_cases(self.cfg.data, names), out_dir or os.path.join(self.cfg.out, "test"),
                         self.cfg.num_classes, CLASSES if self.cfg.num_classes == len(CLASSES) else None,
                         overlays=overlays, progress=self.progress, total=len(names))
@@ -225,10 +369,11 @@ class Trainer:
         cfg = self.cfg
         if resume and self.resume():
             print(f"resumed from {os.path.join(cfg.out, 'last.pt')} at iteration {self.iteration}", flush=True)
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            fh.write(cfg.to_json() + "\n")
-        logger = RunLogger(cfg.out, start=self.iteration, tensorboard=cfg.tensorboard)
+        if self.rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+                fh.write(cfg.to_json() + "\n")
+        logger = RunLogger(cfg.out, start=self.iteration, tensorboard=cfg.tensorboard, enabled=self.rank == 0)
         self.model.train()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"{self.stage}", disable=not self.progress,
                    dynamic_ncols=True)
@@ -244,24 +389,7 @@ class Trainer:
                     bar.write(f"interrupted after iteration {self.iteration}: saved {path}; continue with --resume")
                     raise KeyboardInterrupt
                 t = self.iteration
-                generator = self._generator(t)
-                batch = self.batch(t)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    losses = self.training_step(batch, generator)
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                if bad:
-                    path = self.save()
-                    raise FloatingPointError(
-                        f"iteration {t}: loss term(s) {bad} not finite ({ {k: values[k] for k in bad} }); training "
-                        f"stopped, the state before this iteration is saved in {path}")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(losses["loss"]).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.after_step(t)
+                values = self.step(t)
                 self.iteration = t + 1
                 bar.update(1)
                 if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
@@ -271,13 +399,14 @@ class Trainer:
                     t_last = now
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                 if cfg.val_every and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
-                    scores = self.validate()
+                    scores = self.validate()  # every rank (cheap, keeps them in step); rank 0 logs and saves
                     logger.log("val", self.iteration, scores)
                     if scores["mean_dice"] > self.best:
                         self.best, self.best_iteration = scores["mean_dice"], self.iteration
                         self.save("best.pt")
-                    bar.write(f"iteration {self.iteration}: validation mean Dice {scores['mean_dice']:.4f} "
-                              f"(best {self.best:.4f} at {self.best_iteration})")
+                    if self.rank == 0:
+                        bar.write(f"iteration {self.iteration}: validation mean Dice {scores['mean_dice']:.4f} "
+                                  f"(best {self.best:.4f} at {self.best_iteration})")
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
                     self.save()
         finally:
@@ -288,7 +417,7 @@ class Trainer:
         if not cfg.val_every:
             self.save("best.pt")
         result = {"iterations": self.iteration, "best_val_dice": self.best, "best_iteration": self.best_iteration}
-        if cfg.test_at_end:
+        if cfg.test_at_end and self.rank == 0:
             metrics = self.test()
             result["test"] = metrics.aggregate()
             print(metrics.summary_table(), flush=True)

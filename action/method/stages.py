@@ -34,12 +34,16 @@ DECODER = CHANNELS[3::-1]  # (128, 64, 32, 16): the decoder features, coarse to 
 
 
 class _TeacherStage(Trainer):
-    """Shared machinery: a ModuleDict student {"net": UNet2D, heads...}, an EMA teacher of `teacher_keys`."""
+    """Shared machinery: a ModuleDict student {"net": UNet2D, heads...}, an EMA teacher of `teacher_keys`, banks
+    fed through defer/apply_deferred (after the optimizer step, every shard's rows in global order)."""
 
     uses_unlabelled = True
     teacher_keys: tuple[str, ...] = ("net",)
 
     def build_model(self) -> nn.Module:
+        if self.cfg.dims != 2:
+            raise NotImplementedError(f"{self.stage}: the ACTION stages run on 2D slices in this release (dims=2); "
+                                      f"3D training is supervised only (stage supervised with dims=3)")
         return nn.ModuleDict({"net": UNet2D(1, self.cfg.num_classes), **self.build_heads()})
 
     def build_heads(self) -> dict:
@@ -48,7 +52,6 @@ class _TeacherStage(Trainer):
     def setup(self) -> None:
         self.teacher = EMATeacher(self._teacher_source(), self.cfg.ema_decay).to(self.device)
         self.banks = nn.ModuleDict(self.build_banks()).to(self.device)
-        self._pending = {}
 
     def build_banks(self) -> dict:
         return {}
@@ -66,11 +69,16 @@ class _TeacherStage(Trainer):
             return ats_temperature(self.iteration, cfg.ats_period or cfg.iterations, cfg.tau_min, cfg.tau_max)
         return default
 
+    def apply_deferred(self, name: str, tensors: tuple) -> None:
+        if name == "saacl_queue":
+            self.banks["saacl"].push(*tensors)
+        elif name == "saacl_means":
+            self.banks["saacl"].update_means(*tensors)
+        else:
+            self.banks[name].push(*tensors)
+
     def after_step(self, iteration: int) -> None:
         self.teacher.update(self._teacher_source(), iteration)
-        for name, rows in self._pending.items():
-            self.banks[name].push(rows)
-        self._pending = {}
 
     def extra_state(self) -> dict:
         return {"teacher": self.teacher.state_dict(), "banks": self.banks.state_dict()}
@@ -78,14 +86,6 @@ class _TeacherStage(Trainer):
     def load_extra_state(self, state: dict) -> None:
         self.teacher.load_state_dict(state["teacher"])
         self.banks.load_state_dict(state["banks"])
-
-    def views(self, batch: dict, generator: torch.Generator):
-        """-> (student view, teacher view, labels of the labelled part): geometry shared, photometry per view."""
-        aug = self.augment
-        x_l, y_l, _ = aug.geometric(batch["image_l"], batch["label_l"], generator=generator)
-        x_u = aug.geometric(batch["image_u"], generator=generator)[0] if "image_u" in batch else x_l[:0]
-        x = torch.cat([x_l, x_u])
-        return aug.photometric(x, generator=generator)[0], aug.photometric(x, generator=generator)[0], y_l
 
 
 class GlobalPretrainer(_TeacherStage):
@@ -102,20 +102,35 @@ class GlobalPretrainer(_TeacherStage):
     def build_banks(self) -> dict:
         return {"global": FifoBank(self.cfg.global_bank, self.cfg.global_dim)}
 
-    def global_terms(self, view_s, view_t):
-        _, feats_s, bott_s = self.model["net"](view_s, return_features=True)
+    def prepare(self, batch, generator):
+        """Two views per image: one geometric augmentation shared (maps stay pixel-aligned), photometric per view."""
+        aug = self.augment
+        x_l, y_l, _ = aug.geometric(batch["image_l"], batch["label_l"], generator=generator)
+        views = {"label_l": y_l}
+        parts = [("l", x_l)] + ([("u", aug.geometric(batch["image_u"], generator=generator)[0])]
+                                if "image_u" in batch else [])
+        for part, x in parts:
+            views[f"student_{part}"] = aug.photometric(x, generator=generator)[0]
+            views[f"teacher_{part}"] = aug.photometric(x, generator=generator)[0]
+        return views
+
+    @staticmethod
+    def _both(views, who):
+        return torch.cat([views[k] for k in (f"{who}_l", f"{who}_u") if k in views])
+
+    def distill_global(self, bott_s, bott_t):
         with torch.no_grad():
-            _, feats_t, bott_t = self.teacher.module["net"](view_t, return_features=True)
             z_t = self.teacher.module["proj"](bott_t)
         z_s = self.model["pred"](self.model["proj"](bott_s))
-        loss = distillation_loss(z_s, z_t, self.banks["global"], self.temperature("global", self.cfg.tau_student),
+        self.defer("global", z_t)
+        return distillation_loss(z_s, z_t, self.banks["global"], self.temperature("global", self.cfg.tau_student),
                                  self.cfg.tau_teacher)
-        self._pending["global"] = z_t
-        return loss, feats_s, feats_t
 
-    def training_step(self, batch, generator):
-        view_s, view_t, _ = self.views(batch, generator)
-        loss, _, _ = self.global_terms(view_s, view_t)
+    def compute_losses(self, views, generator):
+        _, _, bott_s = self.model["net"](self._both(views, "student"), return_features=True)
+        with torch.no_grad():
+            _, _, bott_t = self.teacher.module["net"](self._both(views, "teacher"), return_features=True)
+        loss = self.distill_global(bott_s, bott_t)
         return {"loss": self.cfg.global_weight * loss, "global": loss}
 
 
@@ -127,32 +142,28 @@ class LocalPretrainer(GlobalPretrainer):
     teacher_keys = ("net", "proj", "local")
 
     def build_heads(self) -> dict:
-        return {**super().build_heads(),
-                "local": RepresentationHead(DECODER, self.cfg.local_dim, dims=2)}
+        return {**super().build_heads(), "local": RepresentationHead(DECODER, self.cfg.local_dim, dims=2)}
 
     def build_banks(self) -> dict:
         return {**super().build_banks(), "local": FifoBank(self.cfg.local_bank, self.cfg.local_dim)}
 
-    def training_step(self, batch, generator):
+    def compute_losses(self, views, generator):
         cfg = self.cfg
-        view_s, view_t, y_l = self.views(batch, generator)
+        y_l = views["label_l"]
         # one student pass gives the logits (supervised part) and the features (both distillation terms)
-        logits, feats_s, bott_s = self.model["net"](view_s, return_features=True)
+        logits, feats_s, bott_s = self.model["net"](self._both(views, "student"), return_features=True)
+        grid = (cfg.local_grid, cfg.local_grid)
         with torch.no_grad():
-            _, feats_t, bott_t = self.teacher.module["net"](view_t, return_features=True)
-            z_t = self.teacher.module["proj"](bott_t)
-            grid = (cfg.local_grid, cfg.local_grid)
+            _, feats_t, bott_t = self.teacher.module["net"](self._both(views, "teacher"), return_features=True)
             local_t = self.teacher.module["local"](feats_t, size=grid)
-        z_s = self.model["pred"](self.model["proj"](bott_s))
-        glob = distillation_loss(z_s, z_t, self.banks["global"], self.temperature("global", cfg.tau_student),
-                                 cfg.tau_teacher)
+        glob = self.distill_global(bott_s, bott_t)
         local_s = self.model["local"](feats_s, size=grid)
         local = distillation_loss(local_s, local_t, self.banks["local"], self.temperature("local", cfg.tau_student),
                                   cfg.tau_teacher)
         sup = supervised_loss(logits[:len(y_l)], y_l, self.augment.config.ignore_index)
         rows = local_t.permute(0, 2, 3, 1).reshape(-1, cfg.local_dim)
         pick = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:cfg.local_push]
-        self._pending = {"global": z_t, "local": rows[pick.to(rows.device)]}
+        self.defer("local", rows[pick.to(rows.device)])
         loss = sup["sup"] + cfg.global_weight * glob + cfg.local_weight * local
         return {"loss": loss, "sup": sup["sup"], "global": glob, "local": local}
 
@@ -182,58 +193,41 @@ class Finetuner(_TeacherStage):
         centres = class_centres(cfg.num_classes, cfg.saacl_dim, cfg.tau_min)
         return {"saacl": SaaclState(cfg.num_classes, cfg.saacl_dim, cfg.saacl_queue, centres, cfg.saacl_eta)}
 
-    def saacl_term(self, feats, view_l, y_small_l, small, generator):
-        """L_saacl on the labelled images' grid pixels; queues the teacher's features of the same pixels."""
-        cfg = self.cfg
-        B = view_l.shape[0]
-        emb = self.model["saacl"]([f[:B] for f in feats], size=small)
-        rows = emb.permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
-        y = y_small_l.reshape(-1)
-        with torch.no_grad():
-            _, feats_t, _ = self.teacher.module["net"](view_l, return_features=True)
-            rows_t = self.teacher.module["saacl"](feats_t, size=small).permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
-        state = self.banks["saacl"]
-        valid = y >= 0
-        state.update_means(rows.detach()[valid], y[valid])
-        q = sample_hard_queries(y, torch.zeros(y.numel(), cfg.num_classes, device=y.device), cfg.num_classes,
-                                cfg.queries_per_class, 1.0, generator)  # every valid pixel is a candidate
-        loss = saacl_loss(rows[q], y[q], state.queue, state.queue_labels, state.centres, state.assignment(),
-                          self.temperature("saacl", cfg.saacl_tau), cfg.lambda_a)
-        keep = torch.nonzero(valid)[:, 0]
-        pick = keep[torch.randperm(keep.numel(), generator=generator, device=generator.device)[:cfg.saacl_push]
-                    .to(keep.device)]
-        self._pending_saacl = (rows_t[pick], y[pick])
-        return loss
-
-    def after_step(self, iteration: int) -> None:
-        super().after_step(iteration)
-        pending = getattr(self, "_pending_saacl", None)
-        if pending is not None:
-            self.banks["saacl"].push(*pending)
-            self._pending_saacl = None
-
-    def training_step(self, batch, generator):
+    def prepare(self, batch, generator):
+        """Teacher pseudo-labels and confidences of the un-augmented unlabelled images, then one augmentation
+        applied jointly to images, labels, pseudo-labels and confidences, then cutmix among unlabelled images."""
         cfg, aug = self.cfg, self.augment
-        ignore = aug.config.ignore_index
-        with torch.no_grad():  # pseudo-labels from the un-augmented unlabelled images
+        with torch.no_grad():
             p_u = self.teacher.module["net"](batch["image_u"]).float().softmax(1)
             conf_u, y_u = p_u.max(1)
         x_l, y_l, _ = aug(batch["image_l"], batch["label_l"], generator=generator)
         x_u, y_u, conf_u = aug(batch["image_u"], y_u, conf_u, generator=generator)
         if cfg.cutmix_p > 0:
             x_u, y_u, conf_u, _, _ = cutmix(x_u, y_u, conf_u, generator=generator, p=cfg.cutmix_p)
-        B = x_l.shape[0]
-        logits, feats, _ = self.model["net"](torch.cat([x_l, x_u]), return_features=True)
-        sup = supervised_loss(logits[:B], y_l, ignore)
-        unsup = pseudo_label_loss(logits[B:], y_u, conf_u, cfg.strong_threshold, ignore)
-        # anatomical contrast on a coarse grid: labels and probabilities sampled at the grid cells' centres
+        return {"image_l": x_l, "label_l": y_l, "image_u": x_u, "pseudo_u": y_u, "conf_u": conf_u}
+
+    def grid_targets(self, views, logits):
+        """Labels (-1: not valid) and detached probabilities at the centres of the size / rep_stride grid cells:
+        labelled pixels, and unlabelled ones whose teacher confidence >= weak_threshold."""
+        cfg, ignore = self.cfg, self.augment.config.ignore_index
         s = cfg.rep_stride
-        small = (cfg.size // s, cfg.size // s)
-        rep = self.model["rep"](feats, size=small)
-        y_all = torch.cat([y_l, torch.where(conf_u >= cfg.weak_threshold, y_u, torch.full_like(y_u, ignore))])
-        y_small = y_all[:, s // 2::s, s // 2::s]
+        y_u = torch.where(views["conf_u"] >= cfg.weak_threshold, views["pseudo_u"],
+                          torch.full_like(views["pseudo_u"], ignore))
+        y_small = torch.cat([views["label_l"], y_u])[:, s // 2::s, s // 2::s]
         y_small = torch.where(y_small == ignore, torch.full_like(y_small, -1), y_small)
         probs = logits.detach().float().softmax(1)[:, :, s // 2::s, s // 2::s]
+        return y_small, probs
+
+    def compute_losses(self, views, generator):
+        cfg, ignore = self.cfg, self.augment.config.ignore_index
+        x_l = views["image_l"]
+        B = x_l.shape[0]
+        logits, feats, _ = self.model["net"](torch.cat([x_l, views["image_u"]]), return_features=True)
+        sup = supervised_loss(logits[:B], views["label_l"], ignore)
+        unsup = pseudo_label_loss(logits[B:], views["pseudo_u"], views["conf_u"], cfg.strong_threshold, ignore)
+        small = (cfg.size // cfg.rep_stride, cfg.size // cfg.rep_stride)
+        rep = self.model["rep"](feats, size=small)
+        y_small, probs = self.grid_targets(views, logits)
         anco = anatomical_term(rep, y_small, probs, cfg.num_classes, per_class=cfg.queries_per_class,
                                strong_threshold=cfg.strong_threshold, tau=self.temperature("anco", cfg.anco_tau),
                                negatives=cfg.negatives, num_negatives=cfg.num_negatives, generator=generator)
@@ -244,6 +238,29 @@ class Finetuner(_TeacherStage):
             out["loss"] = loss + cfg.saacl_weight * saacl
             out["saacl"] = saacl
         return out
+
+    def saacl_term(self, feats, view_l, y_small_l, small, generator):
+        """L_saacl on the labelled images' grid pixels (queries sampled per class); defers the running-mean update
+        and the queue push of the teacher's features of the same pixels."""
+        cfg = self.cfg
+        B = view_l.shape[0]
+        emb = self.model["saacl"]([f[:B] for f in feats], size=small)
+        rows = emb.permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
+        y = y_small_l.reshape(-1)
+        with torch.no_grad():
+            _, feats_t, _ = self.teacher.module["net"](view_l, return_features=True)
+            rows_t = self.teacher.module["saacl"](feats_t, size=small).permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
+        state = self.banks["saacl"]
+        q = sample_hard_queries(y, torch.zeros(y.numel(), cfg.num_classes, device=y.device), cfg.num_classes,
+                                cfg.queries_per_class, 1.0, generator)  # every valid pixel is a candidate
+        loss = saacl_loss(rows[q], y[q], state.queue, state.queue_labels, state.centres, state.assignment(),
+                          self.temperature("saacl", cfg.saacl_tau), cfg.lambda_a)
+        keep = torch.nonzero(y >= 0)[:, 0]
+        self.defer("saacl_means", rows[keep], y[keep])
+        pick = keep[torch.randperm(keep.numel(), generator=generator, device=generator.device)[:cfg.saacl_push]
+                    .to(keep.device)]
+        self.defer("saacl_queue", rows_t[pick], y[pick])
+        return loss
 
 
 STAGE_TRAINERS = {"supervised": Trainer, "pretrain-global": GlobalPretrainer, "pretrain-local": LocalPretrainer,
