@@ -270,9 +270,9 @@ class Trainer:
             if cfg.accumulate > 1 and j:
                 for b, b0 in zip(everything, start):
                     b.copy_(b0)
-            shard_seed = (cfg.seed * 1_000_003 + t) * 1009 + index
-            torch.manual_seed(shard_seed)  # dropout of this shard: the same on whichever rank computes it
-            g = torch.Generator(self.device).manual_seed(shard_seed)
+            base = cfg.seed * 1_000_003 + t
+            torch.manual_seed(base + index * 2**40)  # dropout of this shard, the same on whichever rank runs it
+            g = torch.Generator(self.device).manual_seed(base * 1009 + index + 1)  # the shard's own sampling
             with torch.autocast(**autocast):
                 losses = self.compute_losses(self.shard(views, index, shards), g)
             values = {k: float(v.detach()) for k, v in losses.items()}
