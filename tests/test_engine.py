@@ -26,6 +26,22 @@ def smoke_config(out, **kw):
     return build_config("smoke", overrides=values)
 
 
+def kill_after_checkpoint(script: str, checkpoint, min_iteration: int, timeout: float = 180) -> int:
+    """Runs `python -c script`, SIGKILLs it once `checkpoint` holds >= min_iteration iterations; returns the
+    iteration the checkpoint holds after the kill."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if checkpoint.exists() and load_checkpoint(str(checkpoint))["iteration"] >= min_iteration:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return load_checkpoint(str(checkpoint))["iteration"]
+
+
 def losses(out):
     with open(os.path.join(out, "train.csv")) as fh:
         return {int(r["iteration"]): float(r["loss"]) for r in csv.DictReader(fh)}
@@ -106,18 +122,7 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path):
               f"cfg = build_config('smoke', overrides=dict(out={str(killed)!r}, data={ACDC!r}, test_at_end=False, "
               "log_every=1, val_every=0, tensorboard=False, threads=1, checkpoint_every=4)); "
               "Trainer(cfg, progress=False).fit(resume=True)")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        ckpt = killed / "last.pt"
-        if ckpt.exists() and load_checkpoint(str(ckpt))["iteration"] >= 8:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_checkpoint(str(killed / "last.pt"))["iteration"]
+    stopped_at = kill_after_checkpoint(script, killed / "last.pt", 8)
     assert 8 <= stopped_at < 20, stopped_at
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
     got, want = losses(killed), losses(ref)

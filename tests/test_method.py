@@ -1,11 +1,8 @@
 """The ACTION stages: loss pieces and their edge cases, each stage lowering its loss on a fixed batch of real ACDC
 slices, determinism, the pipeline's hand-over, and exact resume (banks and EMA included) after a SIGKILL."""
 import csv
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from action.engine import load_checkpoint
 from action.method import (STAGE_TRAINERS, FifoBank, anatomical_term, pseudo_label_loss, run_pipeline,
                            sample_hard_queries)
 
-from test_engine import ACDC, needs_acdc
+from test_engine import ACDC, kill_after_checkpoint, needs_acdc
 
 SMALL = {"data": ACDC, "test_at_end": False, "val_every": 0, "log_every": 1, "tensorboard": False, "threads": 1,
          "unlabelled_batch": 2, "global_dim": 32, "global_bank": 8, "local_dim": 16, "local_bank": 64,
@@ -157,19 +154,7 @@ def test_finetune_resume_after_sigkill_restores_banks_ema_and_losses(tmp_path):
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run([sys.executable, "-c", script(ref)], check=True, capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-c", script(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        ckpt = killed / "last.pt"
-        if ckpt.exists() and load_checkpoint(str(ckpt))["iteration"] >= 6:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped = load_checkpoint(str(killed / "last.pt"))["iteration"]
+    stopped = kill_after_checkpoint(script(killed), killed / "last.pt", 6)
     assert 6 <= stopped < 16
     subprocess.run([sys.executable, "-c", script(killed)], check=True, capture_output=True)
 

@@ -1,5 +1,6 @@
-"""Medical image data for the training package. Present so far: ACDC in the common HDF5 layout, and NIfTI I/O
-(action.data.nifti) with affines and spacing kept."""
-from action.data.acdc import LABELLED_SLICES, AcdcLayout, AcdcSlices, AcdcVolumes, read_case
+"""Medical image data for the training package: ACDC in the common HDF5 layout (slices, volumes, splits, volumes
+assembled from slices), NIfTI I/O with affines and spacing (action.data.nifti), batched tensor augmentation
+(action.data.augment) and batch sampling (action.data.sampling)."""
+from action.data.acdc import LABELLED_SLICES, AcdcLayout, AcdcSlices, AcdcVolumes, assemble_volumes, read_case
 
-__all__ = ["LABELLED_SLICES", "AcdcLayout", "AcdcSlices", "AcdcVolumes", "read_case"]
+__all__ = ["LABELLED_SLICES", "AcdcLayout", "AcdcSlices", "AcdcVolumes", "assemble_volumes", "read_case"]
