@@ -160,12 +160,12 @@ PRESETS: dict[str, dict] = {
                                                                 "finetune": 30000}},
     # the project's CPU ACTION result (README): same data and resolution as acdc-cpu, about an hour on 2 cores
     "action-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 250,
-                   "checkpoint_every": 250, "stage_iterations": {"pretrain-global": 200, "pretrain-local": 400,
-                                                                 "finetune": 2000}},
+                   "checkpoint_every": 250, "stage_iterations": {"pretrain-global": 150, "pretrain-local": 450,
+                                                                 "finetune": 1500}},
     # ACTION++ on the same budget: action-cpu with SAACL and the temperature scheduler in fine-tuning
     "actionpp-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 250,
                      "checkpoint_every": 250, "plusplus": True, "ats": True,
-                     "stage_iterations": {"pretrain-global": 200, "pretrain-local": 400, "finetune": 2000}},
+                     "stage_iterations": {"pretrain-global": 150, "pretrain-local": 450, "finetune": 1500}},
     # the 3D path: volumes assembled from the ACDC slices, UNet3D on 16 x 96 x 96 patches, sliding-window evaluation
     "acdc-3d-cpu": {"dims": 3, "size": 128, "patch": [16, 96, 96], "base_channels": 8, "iterations": 1000,
                     "labelled_batch": 2, "val_every": 250, "checkpoint_every": 250},
