@@ -56,6 +56,7 @@ HELP = {
     "local_bank": "FIFO bank of teacher local embeddings used as anchors",
     "local_push": "teacher local embeddings pushed into the bank per iteration (a random subset)",
     "unsup_weight": "weight of the pseudo-label loss (stage iii)",
+    "unsup_rampup": "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) (0: none)",
     "anco_weight": "weight of the anatomical contrast loss (stage iii; reference 0.01)",
     "weak_threshold": "teacher confidence at which an unlabelled pixel joins the anatomical contrast",
     "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",

@@ -66,6 +66,7 @@ class TrainConfig:
     local_push: int = 256
     # ACTION stage iii (sections 4, 5): pseudo-labels and anatomical contrast
     unsup_weight: float = 1.0
+    unsup_rampup: int = 0  # iterations of the sigmoid ramp-up exp(-5 (1 - t/R)^2) of the pseudo-label weight
     anco_weight: float = 0.01
     weak_threshold: float = 0.7
     strong_threshold: float = 0.97
@@ -107,6 +108,7 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("accumulate", self.accumulate >= 1, ">= 1"),
+            ("unsup_rampup", self.unsup_rampup >= 0, ">= 0 (0: no ramp-up)"),
             ("dims", self.dims in (2, 3), "2 or 3"),
             ("patch", len(self.patch) == 3 and all(int(p) >= 16 and int(p) % 16 == 0 for p in self.patch)
              and max(self.patch[1:]) <= self.size, "three multiples of 16 (Z, H, W), in-plane at most size"),
@@ -160,12 +162,12 @@ PRESETS: dict[str, dict] = {
                                                                 "finetune": 30000}},
     # the project's CPU ACTION result (README): same data and resolution as acdc-cpu, about an hour on 2 cores
     "action-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 250,
-                   "checkpoint_every": 250, "stage_iterations": {"pretrain-global": 150, "pretrain-local": 450,
-                                                                 "finetune": 1500}},
+                   "checkpoint_every": 250, "unsup_rampup": 400,
+                   "stage_iterations": {"pretrain-global": 100, "pretrain-local": 900, "finetune": 1000}},
     # ACTION++ on the same budget: action-cpu with SAACL and the temperature scheduler in fine-tuning
     "actionpp-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 250,
-                     "checkpoint_every": 250, "plusplus": True, "ats": True,
-                     "stage_iterations": {"pretrain-global": 150, "pretrain-local": 450, "finetune": 1500}},
+                     "checkpoint_every": 250, "plusplus": True, "ats": True, "unsup_rampup": 400,
+                     "stage_iterations": {"pretrain-global": 100, "pretrain-local": 900, "finetune": 1000}},
     # the 3D path: volumes assembled from the ACDC slices, UNet3D on 16 x 96 x 96 patches, sliding-window evaluation
     "acdc-3d-cpu": {"dims": 3, "size": 128, "patch": [16, 96, 96], "base_channels": 8, "iterations": 1000,
                     "labelled_batch": 2, "val_every": 250, "checkpoint_every": 250},

@@ -96,7 +96,7 @@ class ReferenceStyleFinetuner(Finetuner):
                 anco = loss_ref.naive(rows[q], torch.from_numpy(np.concatenate(yq)), protos, keys, yk)
             else:
                 anco = rows.sum() * 0.0
-        loss = sup + cfg.unsup_weight * unsup + cfg.anco_weight * anco
+        loss = sup + self.unsup_weight() * unsup + cfg.anco_weight * anco
         return {"loss": loss, "sup": sup, "unsup": unsup, "anco": anco}
 
 

@@ -13,6 +13,7 @@ fine-tuning initialises student and teacher from the pre-trained student.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -206,6 +207,14 @@ class Finetuner(_TeacherStage):
             x_u, y_u, conf_u, _, _ = cutmix(x_u, y_u, conf_u, generator=generator, p=cfg.cutmix_p)
         return {"image_l": x_l, "label_l": y_l, "image_u": x_u, "pseudo_u": y_u, "conf_u": conf_u}
 
+    def unsup_weight(self) -> float:
+        """unsup_weight, ramped up as exp(-5 (1 - t/R)^2) over the first R = unsup_rampup iterations (the
+        mean-teacher ramp: early pseudo-labels of an undertrained teacher count little)."""
+        cfg = self.cfg
+        if cfg.unsup_rampup <= 0 or self.iteration >= cfg.unsup_rampup:
+            return cfg.unsup_weight
+        return cfg.unsup_weight * math.exp(-5.0 * (1.0 - self.iteration / cfg.unsup_rampup) ** 2)
+
     def grid_targets(self, views, logits):
         """Labels (-1: not valid) and detached probabilities at the centres of the size / rep_stride grid cells:
         labelled pixels, and unlabelled ones whose teacher confidence >= weak_threshold."""
@@ -231,7 +240,7 @@ class Finetuner(_TeacherStage):
         anco = anatomical_term(rep, y_small, probs, cfg.num_classes, per_class=cfg.queries_per_class,
                                strong_threshold=cfg.strong_threshold, tau=self.temperature("anco", cfg.anco_tau),
                                negatives=cfg.negatives, num_negatives=cfg.num_negatives, generator=generator)
-        loss = sup["sup"] + cfg.unsup_weight * unsup + cfg.anco_weight * anco
+        loss = sup["sup"] + self.unsup_weight() * unsup + cfg.anco_weight * anco
         out = {"loss": loss, "sup": sup["sup"], "unsup": unsup, "anco": anco}
         if cfg.plusplus:
             saacl = self.saacl_term(feats, x_l, y_small[:B], small, generator)
