@@ -110,8 +110,10 @@ class TrainConfig:
             ("accumulate", self.accumulate >= 1, ">= 1"),
             ("unsup_rampup", self.unsup_rampup >= 0, ">= 0 (0: no ramp-up)"),
             ("dims", self.dims in (2, 3), "2 or 3"),
-            ("patch", len(self.patch) == 3 and all(int(p) >= 16 and int(p) % 16 == 0 for p in self.patch)
-             and max(self.patch[1:]) <= self.size, "three multiples of 16 (Z, H, W), in-plane at most size"),
+            ("patch", self.dims == 2 or (len(self.patch) == 3 and all(int(p) >= 16 and int(p) % 16 == 0
+                                                                       for p in self.patch)
+                                         and max(self.patch[1:]) <= self.size),
+             "three multiples of 16 (Z, H, W), in-plane at most size (dims 3)"),
             ("base_channels", self.base_channels >= 1, ">= 1"),
             ("stage", self.stage in STAGES, f"one of {STAGES}"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),

@@ -69,3 +69,9 @@ def test_action_stages_say_they_are_2d_only(tmp_path):
         pytest.skip(f"ACDC HDF5 data not found at {ACDC}")
     with pytest.raises(NotImplementedError, match="2D slices"):
         STAGE_TRAINERS["finetune"](small_3d(tmp_path, stage="finetune", unlabelled_batch=2), progress=False)
+
+
+def test_3d_patch_must_fit_the_training_size():
+    with pytest.raises(ValueError, match="config patch: expected three multiples of 16"):
+        build_config(overrides={"dims": 3, "size": 64, "patch": [16, 96, 96]})
+    assert build_config(overrides={"dims": 2, "size": 64, "patch": [16, 96, 96]}).size == 64  # 2D ignores it
