@@ -66,15 +66,25 @@ def align_keys(weights: dict, target: dict) -> dict:
     return out
 
 
+def acdc_names(cfg: TrainConfig):
+    """(labelled slice names, unlabelled slice names, validation volumes, test volumes) of a config's ACDC folder:
+    the labelled split by cfg.labelled_patients, validation cut to cfg.val_volumes when set."""
+    from action.data import AcdcLayout
+
+    layout = AcdcLayout(cfg.data)
+    labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
+    val = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
+    return labelled, unlabelled, val, layout.test_volumes
+
+
 class SliceData:
     """The training slices of an ACDC folder in memory at the training size: labelled images (N_l, 1, S, S) with
     labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them)."""
 
     def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        from action.data import AcdcLayout, AcdcSlices
+        from action.data import AcdcSlices
 
-        layout = AcdcLayout(cfg.data)
-        labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
+        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
         if cfg.max_train_slices:
             labelled, unlabelled = labelled[:cfg.max_train_slices], unlabelled[:cfg.max_train_slices]
         size = (cfg.size, cfg.size)
@@ -84,8 +94,6 @@ class SliceData:
         if need_unlabelled:
             self.unlabelled = load_slices(AcdcSlices(cfg.data, unlabelled, size, labels=False),
                                           "unlabelled slices", progress)[0]
-        self.val_names = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
-        self.test_names = layout.test_volumes
 
 
 class VolumeData:
@@ -93,17 +101,13 @@ class VolumeData:
     random 3D patches (cfg.patch, half of them centred on foreground), drawn from generators seeded by (seed, t)."""
 
     def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        from action.data import AcdcLayout
         from action.data.acdc import assemble_volumes
 
-        layout = AcdcLayout(cfg.data)
-        labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
+        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
         size = (cfg.size, cfg.size)
         self.cfg = cfg
         self.images, self.labels, self.names = assemble_volumes(cfg.data, labelled, size)
         self.unlabelled = assemble_volumes(cfg.data, unlabelled, size)[0] if need_unlabelled else None
-        self.val_names = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
-        self.test_names = layout.test_volumes
 
     def patches(self, indices, t: int, device) -> dict:
         from action.data.sampling import random_patches
