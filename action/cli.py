@@ -18,7 +18,7 @@ HELP = {
     "patch": "3D training patch as a JSON list [Z, H, W] of multiples of 16",
     "base_channels": "UNet3D width: channels base x (1, 2, 4, 8, 16)",
     "labelled_patients": "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training slices)",
-    "max_train_slices": "use only the first N labelled and N unlabelled slices (quick checks)",
+    "max_train_slices": "use only the first N labelled and N unlabelled slices (quick checks; 2D only)",
     "size": "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it and back",
     "num_classes": "number of classes including background (ACDC: 4)",
     "iterations": "training iterations (the poly learning-rate schedule runs over them)",
@@ -59,6 +59,9 @@ HELP = {
     "unsup_rampup": "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) (0: none)",
     "anco_weight": "weight of the anatomical contrast loss (stage iii; reference 0.01)",
     "weak_threshold": "teacher confidence at which an unlabelled pixel joins the anatomical contrast",
+    "unsup_mask": "pseudo-label loss: 'image' weights each image's pixels by its confident fraction (method.md "
+                  "section 5), 'pixel' counts only pixels with confidence >= strong_threshold",
+    "eval_teacher": "validate and test the EMA teacher's network instead of the student's (teacher stages)",
     "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",
     "queries_per_class": "hard queries sampled per class (with replacement)",
     "num_negatives": "negatives per query",
@@ -115,6 +118,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def _predictor_from_checkpoint(path: str, device: str):
     """(case -> labels, config) for a checkpoint of any stage, 2D or 3D."""
     from action.engine import load_checkpoint
+    from action.engine.checkpoint import eval_weights
     from action.engine.inference import build_network, volume_predictor
     from action.engine.trainer import align_keys, resolve_device
 
@@ -122,7 +126,7 @@ def _predictor_from_checkpoint(path: str, device: str):
     cfg = TrainConfig(**json.loads(state["config"]))
     dev = resolve_device(device)
     model = build_network(cfg)
-    model.load_state_dict(align_keys(state["model"], model.state_dict()))
+    model.load_state_dict(align_keys(eval_weights(state), model.state_dict()))
     predict = volume_predictor(model.to(dev).eval(), cfg, dev)
     return (lambda case: predict(case.image)), cfg
 

@@ -75,3 +75,5 @@ def test_3d_patch_must_fit_the_training_size():
     with pytest.raises(ValueError, match="config patch: expected three multiples of 16"):
         build_config(overrides={"dims": 3, "size": 64, "patch": [16, 96, 96]})
     assert build_config(overrides={"dims": 2, "size": 64, "patch": [16, 96, 96]}).size == 64  # 2D ignores it
+    with pytest.raises(ValueError, match="config max_train_slices: expected >= 1, and only with dims 2"):
+        build_config("acdc-3d-cpu", overrides={"max_train_slices": 8})

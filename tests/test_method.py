@@ -48,6 +48,27 @@ def test_pseudo_label_loss_weights_and_empty_cases():
     assert pseudo_label_loss(logits, torch.full_like(pseudo, 255), conf, 0.97).item() == 0.0
 
 
+def test_pseudo_label_loss_pixel_mask_counts_only_confident_pixels():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 5, 3, generator=g, requires_grad=True)  # ragged spatial size
+    pseudo = torch.randint(0, 3, (2, 5, 3), generator=g)
+    conf = torch.rand(2, 5, 3, generator=g)
+    pseudo[1, 0] = 255  # cutout: ignored even where confident
+    conf[1, 0] = 1.0
+    ce = torch.nn.functional.cross_entropy(logits, pseudo.clamp_max(2), reduction="none")
+    keep = (conf >= 0.5) & (pseudo != 255)
+    expected = ce[keep].mean()
+    got = pseudo_label_loss(logits, pseudo, conf, 0.5, mask="pixel")
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    grad = logits.grad.permute(0, 2, 3, 1)
+    assert torch.all(grad[~keep] == 0) and torch.all(grad[keep].abs().sum(-1) > 0)  # unconfident pixels push nothing
+    none = pseudo_label_loss(logits, pseudo, torch.zeros_like(conf), 0.5, mask="pixel")
+    assert none.item() == 0.0 and none.requires_grad
+    with pytest.raises(ValueError, match="mask must be 'image' or 'pixel', got 'pixels'"):
+        pseudo_label_loss(logits, pseudo, conf, 0.5, mask="pixels")
+
+
 def test_hard_queries_are_hard_balanced_and_seeded():
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 0, 1, 1, 1, 2, -1, 2])
@@ -165,3 +186,28 @@ def test_finetune_resume_after_sigkill_restores_banks_ema_and_losses(tmp_path):
     got, want = rows(killed), rows(ref)
     assert sorted(got) == list(range(1, 17))
     assert all(got[i] == want[i] for i in range(stopped + 1, 17)), (got, want)
+
+
+@needs_acdc
+def test_eval_teacher_validates_and_tests_the_ema_network(tmp_path):
+    from action.cli import _predictor_from_checkpoint
+    from action.engine.checkpoint import eval_weights
+
+    cfg = stage_config(tmp_path, "finetune", iterations=2, eval_teacher=True, val_every=2, val_volumes=1)
+    trainer = STAGE_TRAINERS["finetune"](cfg, progress=False)
+    assert trainer.eval_model() is trainer.teacher.module["net"]
+    trainer.fit()
+    with open(tmp_path / "val.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["mean_dice"] == row["teacher_mean_dice"] and "student_mean_dice" in row
+    state = load_checkpoint(str(tmp_path / "best.pt"))
+    weights = eval_weights(state)
+    teacher = trainer.teacher.module["net"].state_dict()
+    assert set(weights) >= {"net." + k for k in teacher}
+    assert any(not torch.equal(weights["net." + k], state["model"]["net." + k]) for k in teacher)  # EMA != student
+    _, loaded_cfg = _predictor_from_checkpoint(str(tmp_path / "best.pt"), "cpu")
+    assert loaded_cfg.eval_teacher
+    fresh = STAGE_TRAINERS["finetune"](cfg, progress=False)
+    fresh.load_for_eval(state)
+    for k, v in fresh.eval_model().state_dict().items():
+        assert torch.equal(v, weights["net." + k]), k

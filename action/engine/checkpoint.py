@@ -43,3 +43,15 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise ValueError(f"{path} is not an action checkpoint (format {FORMAT!r} expected, got "
                          f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
     return state
+
+
+def eval_weights(state: dict) -> dict:
+    """The weights a checkpoint's run validates and tests: the student's (state["model"]), or, for a run with
+    eval_teacher, the student's with every entry the EMA teacher tracks replaced by the teacher's (its keys
+    "module.<name>" as "<name>": the network "net.*" and the heads the teacher keeps)."""
+    import json
+
+    if not json.loads(state.get("config", "{}")).get("eval_teacher"):
+        return state["model"]
+    teacher = {k[len("module."):]: v for k, v in state["extra"]["teacher"].items() if k.startswith("module.")}
+    return {**state["model"], **teacher}

@@ -34,7 +34,7 @@ from action.config import TrainConfig
 from action.data.augment import Augment, AugmentConfig
 from action.data.sampling import TwoStreamSampler, load_slices
 from action.engine import distributed as dist_utils
-from action.engine.checkpoint import load_checkpoint, save_checkpoint
+from action.engine.checkpoint import eval_weights, load_checkpoint, save_checkpoint
 from action.engine.evaluate import acdc_cases, evaluate, fast_dice
 from action.engine.inference import build_network, volume_predictor
 from action.engine.logs import RunLogger
@@ -221,9 +221,10 @@ class Trainer:
         return torch.bfloat16
 
     def initialise_from(self, path: str) -> None:
-        """Model weights from another run's checkpoint (e.g. the previous pipeline stage); strict about shapes,
-        lenient about heads the other stage did not have."""
-        weights = align_keys(load_checkpoint(path)["model"], self.model.state_dict())
+        """Model weights from another run's checkpoint (e.g. the previous pipeline stage): the weights it validated
+        (eval_weights: the EMA teacher's for an eval_teacher run); strict about shapes, lenient about heads the other
+        stage did not have (a teacher brings only the heads it tracks)."""
+        weights = align_keys(eval_weights(load_checkpoint(path)), self.model.state_dict())
         if not weights:
             raise ValueError(f"--init {path}: no parameter of this model is in the checkpoint")
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
@@ -341,7 +342,10 @@ class Trainer:
         return True
 
     def validate(self) -> dict:
-        model = self.eval_model()
+        return self.score_val(self.eval_model())
+
+    def score_val(self, model: nn.Module) -> dict:
+        """Per-class and mean Dice of `model` over the validation volumes (model left in its train/eval mode)."""
         was_training = model.training
         model.eval()
         predict = volume_predictor(model, self.cfg, self.device)
@@ -353,13 +357,17 @@ class Trainer:
         per_class = torch.tensor(scores).mean(0).tolist()
         return {**{f"dice_c{c + 1}": v for c, v in enumerate(per_class)}, "mean_dice": sum(per_class) / len(per_class)}
 
+    def load_for_eval(self, state: dict) -> None:
+        """Loads what eval_model() reads from a checkpoint's state (the model; teacher stages add the teacher)."""
+        self.model.load_state_dict(state["model"])
+
     def test(self, checkpoint: str | None = None, out_dir: str | None = None, overlays: int = 3):
         """Scores `checkpoint` (default: best.pt, else the current model) on the test volumes."""
         from action.data.acdc import CLASSES
 
         path = checkpoint or os.path.join(self.cfg.out, "best.pt")
         if os.path.isfile(path):
-            self.model.load_state_dict(load_checkpoint(path, self.device)["model"])
+            self.load_for_eval(load_checkpoint(path, self.device))
         predict = volume_predictor(self.eval_model().eval(), self.cfg, self.device)
         names = self.data.test_names
         return evaluate(lambda case: predict(case.image),

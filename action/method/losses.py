@@ -45,14 +45,21 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, bank: FifoBa
 
 
 def pseudo_label_loss(logits: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor, threshold: float,
-                      ignore_index: int = 255) -> torch.Tensor:
-    """method.md section 5: w_b = fraction of image b's pixels with confidence >= threshold; L = sum_i w_b CE_i
-    over the pixels with positive loss, divided by their number. logits (B, C, *S), pseudo (B, *S) int64,
-    confidence (B, *S). Pixels marked ignore_index (cutout) count nowhere; no such pixel -> a graph-keeping 0."""
+                      ignore_index: int = 255, mask: str = "image") -> torch.Tensor:
+    """logits (B, C, *S), pseudo (B, *S) int64, confidence (B, *S). Pixels marked ignore_index (cutout, padding)
+    count nowhere; none left -> a graph-keeping 0.
+    mask "image" (method.md section 5): w_b = fraction of image b's pixels with confidence >= threshold;
+        L = sum_i w_b CE_i over the pixels with positive loss, divided by their number.
+    mask "pixel": L = mean of CE_i over the pixels with confidence >= threshold (unconfident pixels, mostly the
+        borders of small structures a weak teacher calls background, push nothing)."""
     valid = pseudo != ignore_index
     ce = F.cross_entropy(logits.float(), pseudo.masked_fill(~valid, 0), reduction="none") * valid
-    confident = ((confidence >= threshold) & valid).flatten(1).float().sum(1)
-    w = confident / valid.flatten(1).float().sum(1).clamp_min(1)
+    confident = (confidence >= threshold) & valid
+    if mask == "pixel":
+        return (ce * confident).sum() / confident.sum().clamp_min(1)
+    if mask != "image":
+        raise ValueError(f"pseudo_label_loss: mask must be 'image' or 'pixel', got {mask!r}")
+    w = confident.flatten(1).float().sum(1) / valid.flatten(1).float().sum(1).clamp_min(1)
     weighted = ce * w.view(-1, *[1] * (ce.dim() - 1))
     positive = (ce > 0).sum()
     return weighted.sum() / positive.clamp_min(1)

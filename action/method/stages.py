@@ -61,7 +61,18 @@ class _TeacherStage(Trainer):
         return nn.ModuleDict({k: self.model[k] for k in self.teacher_keys})
 
     def eval_model(self) -> nn.Module:
-        return self.model["net"]
+        return self.teacher.module["net"] if self.cfg.eval_teacher else self.model["net"]
+
+    def validate(self) -> dict:
+        """The eval model's scores (best.pt follows its mean_dice) and both networks' mean Dice, for the curves."""
+        student = self.score_val(self.model["net"])
+        teacher = self.score_val(self.teacher.module["net"])
+        return {**(teacher if self.cfg.eval_teacher else student), "student_mean_dice": student["mean_dice"],
+                "teacher_mean_dice": teacher["mean_dice"]}
+
+    def load_for_eval(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.teacher.load_state_dict(state["extra"]["teacher"])
 
     def temperature(self, target: str, default: float) -> float:
         """A contrastive temperature at the current iteration: ATS (cosine) when on for `target`, else fixed."""
@@ -233,7 +244,8 @@ class Finetuner(_TeacherStage):
         B = x_l.shape[0]
         logits, feats, _ = self.model["net"](torch.cat([x_l, views["image_u"]]), return_features=True)
         sup = supervised_loss(logits[:B], views["label_l"], ignore)
-        unsup = pseudo_label_loss(logits[B:], views["pseudo_u"], views["conf_u"], cfg.strong_threshold, ignore)
+        unsup = pseudo_label_loss(logits[B:], views["pseudo_u"], views["conf_u"], cfg.strong_threshold, ignore,
+                                   cfg.unsup_mask)
         small = (cfg.size // cfg.rep_stride, cfg.size // cfg.rep_stride)
         rep = self.model["rep"](feats, size=small)
         y_small, probs = self.grid_targets(views, logits)
@@ -277,8 +289,9 @@ STAGE_TRAINERS = {"supervised": Trainer, "pretrain-global": GlobalPretrainer, "p
 
 
 def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Stages i, ii, iii in order into <out>/<stage>/, each initialised from the previous stage's last.pt (the
-    first from cfg.init when given). With resume, a finished stage (last.pt at its final iteration) is skipped
+    """Stages i, ii, iii in order into <out>/<stage>/, each initialised from the previous stage's best.pt (its best
+    validated eval weights: the EMA teacher's with eval_teacher; the last model when it did not validate; the first
+    stage from cfg.init when given). With resume, a finished stage (last.pt at its final iteration) is skipped
     and an interrupted one continues. Returns {stage: fit result}."""
     results, init = {}, cfg.init
     for stage in PIPELINE:
@@ -294,5 +307,6 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         else:
             print(f"pipeline: stage {stage}, {iterations} iterations -> {sub.out}", flush=True)
             results[stage] = STAGE_TRAINERS[stage](sub, progress=progress).fit(resume=resume)
-        init = last
+        best = os.path.join(sub.out, "best.pt")  # the last model when the stage did not validate
+        init = best if os.path.isfile(best) else last
     return results
