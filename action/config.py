@@ -168,14 +168,14 @@ PRESETS: dict[str, dict] = {
                   "checkpoint_every": 500, "stage_iterations": {"pretrain-global": 30000, "pretrain-local": 30000,
                                                                 "finetune": 30000}},
     # the project's CPU ACTION result (README): same data and resolution as acdc-cpu, about an hour on 2 cores; stage
-    # iii masks unconfident pixels, validates the EMA teacher every 150 iterations and is short, because on this
-    # budget self-training drifts after a few hundred iterations (README: the diagnostic runs)
+    # iii masks unconfident pixels, validates every 150 iterations and is short, because on this budget
+    # self-training drifts after a few hundred iterations (README: the diagnostic runs)
     "action-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 150,
-                   "checkpoint_every": 150, "unsup_rampup": 200, "unsup_mask": "pixel", "eval_teacher": True,
+                   "checkpoint_every": 150, "unsup_rampup": 200, "unsup_mask": "pixel",
                    "stage_iterations": {"pretrain-global": 100, "pretrain-local": 1500, "finetune": 600}},
     # ACTION++ on the same budget: action-cpu with SAACL and the temperature scheduler in fine-tuning
     "actionpp-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 150,
-                     "checkpoint_every": 150, "unsup_rampup": 200, "unsup_mask": "pixel", "eval_teacher": True,
+                     "checkpoint_every": 150, "unsup_rampup": 200, "unsup_mask": "pixel",
                      "plusplus": True, "ats": True,
                      "stage_iterations": {"pretrain-global": 100, "pretrain-local": 1500, "finetune": 600}},
     # the 3D path: volumes assembled from the ACDC slices, UNet3D on 16 x 96 x 96 patches, sliding-window evaluation
