@@ -3,6 +3,6 @@
 `action.data` (ACDC HDF5 and NIfTI layouts, augmentation, sampling), `action.models` (UNet2D/3D, ACTION heads,
 EMA teacher), `action.metrics` (Dice, Jaccard, HD95, ASD), `action.engine` (trainer, checkpoints, logs,
 inference, evaluation, torch.distributed), `action.method` (the three ACTION stages, the pipeline, ACTION++),
-`action.config` (options and presets) and `action.cli` (the `action` command). The ACTION stages run in 2D;
-3D training is supervised only (README, Known limits).
+`action.config` (options and presets) and `action.cli` (the `action` command). Every stage runs on 2D slices
+or 3D patches (`dims`).
 """

@@ -61,6 +61,9 @@ HELP = {
     "weak_threshold": "teacher confidence at which an unlabelled pixel joins the anatomical contrast",
     "unsup_mask": "pseudo-label loss: 'image' weights each image's pixels by its confident fraction (method.md "
                   "section 5), 'pixel' counts only pixels with confidence >= strong_threshold",
+    "bn_recalibrate": "before each validation and test, re-estimate the evaluated network's BatchNorm statistics "
+                      "on this many batches of un-augmented training images (the unlabelled ones when the run "
+                      "loads them, else the labelled ones; a copy: training is unaffected; 0: off)",
     "eval_teacher": "validate and test the EMA teacher's network instead of the student's (teacher stages)",
     "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",
     "queries_per_class": "hard queries sampled per class (with replacement)",
@@ -115,19 +118,35 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            help=f"{HELP[f.name]} (default: {default})", **extra)
 
 
-def _predictor_from_checkpoint(path: str, device: str):
-    """(case -> labels, config) for a checkpoint of any stage, 2D or 3D."""
+def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None):
+    """(case -> labels, config) for a checkpoint of any stage, 2D or 3D: the network its run validated
+    (eval_weights); with bn_recalibrate > 0 its BatchNorm statistics re-estimated on that many batches of the
+    run's clean training images (read from `data`, default the checkpoint's ACDC folder)."""
+    import dataclasses
+
+    import torch
+
     from action.engine import load_checkpoint
     from action.engine.checkpoint import eval_weights
-    from action.engine.inference import build_network, volume_predictor
-    from action.engine.trainer import align_keys, resolve_device
+    from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
+    from action.engine.trainer import SliceData, VolumeData, align_keys, resolve_device
+    from action.method import STAGE_TRAINERS
 
+    if bn_recalibrate < 0:
+        raise SystemExit(f"--bn-recalibrate: expected >= 0 batches, got {bn_recalibrate}")
     state = load_checkpoint(path)
     cfg = TrainConfig(**json.loads(state["config"]))
     dev = resolve_device(device)
     model = build_network(cfg)
     model.load_state_dict(align_keys(eval_weights(state), model.state_dict()))
-    predict = volume_predictor(model.to(dev).eval(), cfg, dev)
+    model = model.to(dev).eval()
+    if bn_recalibrate:
+        train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
+        need_unlabelled = STAGE_TRAINERS[cfg.stage].uses_unlabelled or cfg.unlabelled_batch > 0
+        images = (VolumeData if cfg.dims == 3 else SliceData)(train_cfg, need_unlabelled)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        model = recalibrate_batchnorm(model, images.clean_batches(bn_recalibrate, generator, dev))
+    predict = volume_predictor(model, cfg, dev)
     return (lambda case: predict(case.image)), cfg
 
 
@@ -175,7 +194,7 @@ def cmd_evaluate(args) -> int:
     from action.data.acdc import CLASSES
     from action.engine import evaluate
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device)
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data)
     cases, total = _cases(args, cfg)
     metrics = evaluate(predict, cases, args.out,
                        cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
@@ -190,7 +209,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device)
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate)
     if os.path.isdir(args.input):
         paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
     else:
@@ -235,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         p.add_argument("--overlays", type=int, default=3, help="PNG overlays for the first N cases (0: none)")
+        p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                       help="re-estimate the network's BatchNorm statistics on N batches of the run's clean "
+                            "training images first (unlabelled ones when its stage used them; 0: off)")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on labelled volumes",
                        description="Per-case Dice, Jaccard, HD95, ASD per class (metrics.csv), a summary table "

@@ -51,7 +51,10 @@ def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys):
     [image] = [p for p in os.listdir(nii) if not p.endswith("_gt.nii.gz")]
     pred = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
-                 "--overlays", "0"]) == 0
+                 "--overlays", "0", "--bn-recalibrate", "2"]) == 0
+    with pytest.raises(SystemExit, match="--bn-recalibrate: expected >= 0 batches, got -1"):
+        main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
+              "--bn-recalibrate", "-1"])
     src, out = nib.load(nii / image), nib.load(pred / "predictions" / image)
     assert out.shape == src.shape and np.allclose(out.affine, src.affine)
     assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 2, 3}

@@ -9,8 +9,11 @@ import torch
 
 from action.config import build_config
 from action.engine import load_checkpoint
+from action.engine.evaluate import acdc_cases
+from action.engine.inference import predict_slices, recalibrate_batchnorm
 from action.method import (STAGE_TRAINERS, FifoBank, anatomical_term, pseudo_label_loss, run_pipeline,
                            sample_hard_queries)
+from action.models import UNet2D
 
 from test_engine import ACDC, kill_after_checkpoint, needs_acdc
 
@@ -205,9 +208,48 @@ def test_eval_teacher_validates_and_tests_the_ema_network(tmp_path):
     teacher = trainer.teacher.module["net"].state_dict()
     assert set(weights) >= {"net." + k for k in teacher}
     assert any(not torch.equal(weights["net." + k], state["model"]["net." + k]) for k in teacher)  # EMA != student
-    _, loaded_cfg = _predictor_from_checkpoint(str(tmp_path / "best.pt"), "cpu")
+    predict, loaded_cfg = _predictor_from_checkpoint(str(tmp_path / "best.pt"), "cpu")
     assert loaded_cfg.eval_teacher
-    fresh = STAGE_TRAINERS["finetune"](cfg, progress=False)
-    fresh.load_for_eval(state)
-    for k, v in fresh.eval_model().state_dict().items():
-        assert torch.equal(v, weights["net." + k]), k
+    case = next(iter(acdc_cases(ACDC, trainer.data.val_names[:1])))
+    ref = UNet2D(1, 4)
+    ref.load_state_dict({k[len("module.net."):]: v for k, v in state["extra"]["teacher"].items()
+                         if k.startswith("module.net.")})
+    assert torch.equal(predict(case), predict_slices(ref.eval(), case.image, (cfg.size, cfg.size)))
+
+
+def test_recalibrate_batchnorm_averages_batch_statistics_on_a_copy():
+    g = torch.Generator().manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                              torch.nn.Dropout(0.5))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = [torch.randn(4, 1, 7, 5, generator=g) * (i + 1) + i for i in range(3)]
+    out = recalibrate_batchnorm(net, batches)
+    feats = [net[0](x).detach() for x in batches]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    bn = out[1]
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    assert not out.training and not bn.training
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the original is untouched
+    with pytest.raises(ValueError, match="yielded no batch"):
+        recalibrate_batchnorm(net, [])
+
+
+@needs_acdc
+def test_bn_recalibrate_scores_and_keeps_the_reestimated_network(tmp_path):
+    from action.engine.checkpoint import eval_weights
+
+    cfg = stage_config(tmp_path, "finetune", iterations=2, bn_recalibrate=3, val_every=2, val_volumes=1)
+    trainer = STAGE_TRAINERS["finetune"](cfg, progress=False)
+    trainer.fit()
+    state = load_checkpoint(str(tmp_path / "best.pt"))
+    kept = state["eval_model"]
+    student = {k[len("net."):]: v for k, v in state["model"].items() if k.startswith("net.")}
+    assert set(kept) == set(student)
+    changed = {k for k in kept if not torch.equal(kept[k], student[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    assert all(torch.equal(eval_weights(state)["net." + k], v) for k, v in kept.items())
+    again = trainer.evaluated(trainer.model["net"])  # seeded batches: the same statistics every time
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in kept.items())
+    assert "eval_model" not in load_checkpoint(str(tmp_path / "last.pt"))

@@ -46,12 +46,17 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def eval_weights(state: dict) -> dict:
-    """The weights a checkpoint's run validates and tests: the student's (state["model"]), or, for a run with
+    """The weights a checkpoint's run validates and tests: the student's (state["model"]); for a run with
     eval_teacher, the student's with every entry the EMA teacher tracks replaced by the teacher's (its keys
-    "module.<name>" as "<name>": the network "net.*" and the heads the teacher keeps)."""
+    "module.<name>" as "<name>": the network "net.*" and the heads the teacher keeps); and where best.pt kept the
+    BatchNorm-re-estimated network its validation scored ("eval_model", bn_recalibrate), that network's."""
     import json
 
-    if not json.loads(state.get("config", "{}")).get("eval_teacher"):
-        return state["model"]
-    teacher = {k[len("module."):]: v for k, v in state["extra"]["teacher"].items() if k.startswith("module.")}
-    return {**state["model"], **teacher}
+    weights = state["model"]
+    if json.loads(state.get("config", "{}")).get("eval_teacher"):
+        teacher = {k[len("module."):]: v for k, v in state["extra"]["teacher"].items() if k.startswith("module.")}
+        weights = {**weights, **teacher}
+    if "eval_model" in state:
+        prefix = "net." if any(k.startswith("net.") for k in weights) else ""
+        weights = {**weights, **{prefix + k: v for k, v in state["eval_model"].items()}}
+    return weights

@@ -102,3 +102,33 @@ def volume_predictor(model, cfg, device=None):
     if cfg.dims == 2:
         return lambda image: predict_slices(model, image, size, device=device)
     return lambda image: predict_volume_3d(model, image, size, tuple(cfg.patch), cfg.num_classes, device=device)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, batches) -> torch.nn.Module:
+    """A copy of `model` whose BatchNorm running statistics are re-estimated as the plain average over `batches`
+    (an iterable of input tensors (B, C, *S)), every other weight unchanged; the copy is returned in eval mode.
+
+    Why: a network trained on augmented, mixed (labelled + cutmixed unlabelled) batches keeps running statistics
+    of those batches; evaluated on clean images they can be far off (README, the stage iii diagnostics)."""
+    import copy
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    net = copy.deepcopy(model).eval()
+    norms = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+    if not norms:
+        return net
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    seen = 0
+    for x in batches:
+        net(x)
+        seen += 1
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorm: `batches` yielded no batch")
+    for m in norms:
+        m.eval()
+    return net

@@ -21,6 +21,7 @@ rank 0 alone validates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -36,7 +37,7 @@ from action.data.sampling import TwoStreamSampler, load_slices
 from action.engine import distributed as dist_utils
 from action.engine.checkpoint import eval_weights, load_checkpoint, save_checkpoint
 from action.engine.evaluate import acdc_cases, evaluate, fast_dice
-from action.engine.inference import build_network, volume_predictor
+from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
 
@@ -95,6 +96,13 @@ class SliceData:
             self.unlabelled = load_slices(AcdcSlices(cfg.data, unlabelled, size, labels=False),
                                           "unlabelled slices", progress)[0]
 
+    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 16):
+        """`count` batches (batch, 1, S, S) of un-augmented training slices drawn with replacement: the unlabelled
+        ones when loaded, else the labelled ones (BatchNorm re-estimation)."""
+        source = self.unlabelled if self.unlabelled is not None else self.images
+        for _ in range(count):
+            yield source[torch.randint(len(source), (batch,), generator=generator)].to(device)
+
 
 class VolumeData:
     """The training slices assembled into volumes (Z, S, S) at the in-plane training size, in memory; batches are
@@ -108,6 +116,17 @@ class VolumeData:
         self.cfg = cfg
         self.images, self.labels, self.names = assemble_volumes(cfg.data, labelled, size)
         self.unlabelled = assemble_volumes(cfg.data, unlabelled, size)[0] if need_unlabelled else None
+
+    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 4):
+        """`count` batches (batch, 1, *patch) of un-augmented random patches of the training volumes (unlabelled
+        when loaded, else labelled): BatchNorm re-estimation."""
+        from action.data.sampling import random_patches
+
+        source = self.unlabelled if self.unlabelled is not None else self.images
+        for _ in range(count):
+            picks = torch.randint(len(source), (batch,), generator=generator).tolist()
+            yield torch.cat([random_patches(source[i], None, tuple(self.cfg.patch), 1, generator)[0]
+                             for i in picks]).to(device)
 
     def patches(self, indices, t: int, device) -> dict:
         from action.data.sampling import random_patches
@@ -319,9 +338,14 @@ class Trainer:
                 "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state()}
 
     def save(self, name: str = "last.pt") -> str:
+        """Writes <out>/<name>; best.pt also keeps the network its validation scored when that was a
+        BatchNorm-re-estimated copy ("eval_model", read by eval_weights)."""
         path = os.path.join(self.cfg.out, name)
         if self.rank == 0:
-            save_checkpoint(self.checkpoint_state(), path)
+            state = self.checkpoint_state()
+            if name == "best.pt" and getattr(self, "_eval_state", None) is not None:
+                state["eval_model"] = self._eval_state
+            save_checkpoint(state, path)
         dist_utils.barrier()
         return path
 
@@ -341,8 +365,19 @@ class Trainer:
         self.iteration, self.best, self.best_iteration = state["iteration"], state["best"], state["best_iteration"]
         return True
 
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        """The network validation and testing run: `model` itself, or with bn_recalibrate a copy whose BatchNorm
+        statistics are re-estimated on clean training images (the same batches every time: seeded by cfg.seed)."""
+        if not self.cfg.bn_recalibrate:
+            return model
+        batches = self.data.clean_batches(self.cfg.bn_recalibrate, torch.Generator().manual_seed(self.cfg.seed),
+                                          self.device)
+        return recalibrate_batchnorm(model, batches)
+
     def validate(self) -> dict:
-        return self.score_val(self.eval_model())
+        net = self.evaluated(self.eval_model())
+        self._eval_state = net.state_dict() if net is not self.eval_model() else None
+        return self.score_val(net)
 
     def score_val(self, model: nn.Module) -> dict:
         """Per-class and mean Dice of `model` over the validation volumes (model left in its train/eval mode)."""
@@ -357,18 +392,17 @@ class Trainer:
         per_class = torch.tensor(scores).mean(0).tolist()
         return {**{f"dice_c{c + 1}": v for c, v in enumerate(per_class)}, "mean_dice": sum(per_class) / len(per_class)}
 
-    def load_for_eval(self, state: dict) -> None:
-        """Loads what eval_model() reads from a checkpoint's state (the model; teacher stages add the teacher)."""
-        self.model.load_state_dict(state["model"])
-
     def test(self, checkpoint: str | None = None, out_dir: str | None = None, overlays: int = 3):
         """Scores `checkpoint` (default: best.pt, else the current model) on the test volumes."""
         from action.data.acdc import CLASSES
 
         path = checkpoint or os.path.join(self.cfg.out, "best.pt")
-        if os.path.isfile(path):
-            self.load_for_eval(load_checkpoint(path, self.device))
-        predict = volume_predictor(self.eval_model().eval(), self.cfg, self.device)
+        if os.path.isfile(path):  # the network that checkpoint validated (eval_weights)
+            net = copy.deepcopy(self.eval_model())
+            net.load_state_dict(align_keys(eval_weights(load_checkpoint(path, self.device)), net.state_dict()))
+        else:
+            net = self.evaluated(self.eval_model())
+        predict = volume_predictor(net.eval(), self.cfg, self.device)
         names = self.data.test_names
         return evaluate(lambda case: predict(case.image),
                         acdc_cases(self.cfg.data, names), out_dir or os.path.join(self.cfg.out, "test"),

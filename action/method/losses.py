@@ -86,14 +86,14 @@ def sample_hard_queries(labels: torch.Tensor, probs: torch.Tensor, num_classes: 
 def anatomical_term(rep: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, num_classes: int, *,
                     per_class: int, strong_threshold: float, tau: float, negatives: str, num_negatives: int,
                     generator: torch.Generator) -> torch.Tensor:
-    """method.md section 4 on a representation map: rep (B, D, h, w) with grad, labels (B, h, w) (-1: not valid),
-    probs (B, C, h, w) the student's (detached) class probabilities. Prototypes and keys are the detached
+    """method.md section 4 on a representation map: rep (B, D, *S) with grad (S: h, w or d, h, w), labels (B, *S)
+    (-1: not valid), probs (B, C, *S) the student's (detached) class probabilities. Prototypes and keys are the detached
     embeddings of valid pixels; queries are hard pixels; negatives "topk" (fused) or "class_graph". Fewer than two
     classes present or no hard query -> a graph-keeping zero."""
     D = rep.shape[1]
-    rows = rep.permute(0, 2, 3, 1).reshape(-1, D)
+    rows = rep.movedim(1, -1).reshape(-1, D)
     y = labels.reshape(-1)
-    p = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)
+    p = probs.movedim(1, -1).reshape(-1, num_classes)
     q_idx = sample_hard_queries(y, p, num_classes, per_class, strong_threshold, generator)
     valid = y >= 0
     if q_idx.numel() == 0 or torch.unique(y[valid]).numel() < 2:

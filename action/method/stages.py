@@ -27,25 +27,33 @@ from action.engine.trainer import Trainer
 from action.method.losses import (FifoBank, anatomical_term, distillation_loss, pseudo_label_loss,
                                   sample_hard_queries)
 from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
-from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead, UNet2D
+from action.engine.inference import build_network
+from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead
 from action.models.unet import CHANNELS
 
-BOTTLENECK = CHANNELS[-1]  # 256 channels into the projection head
-DECODER = CHANNELS[3::-1]  # (128, 64, 32, 16): the decoder features, coarse to fine
+
+def network_channels(cfg: TrainConfig) -> tuple[int, tuple[int, ...]]:
+    """(bottleneck channels, decoder channels coarse to fine) of the config's network: (256, (128, 64, 32, 16))
+    for UNet2D, base_channels x (16, (8, 4, 2, 1)) for UNet3D."""
+    channels = CHANNELS if cfg.dims == 2 else tuple(cfg.base_channels * m for m in (1, 2, 4, 8, 16))
+    return channels[-1], channels[3::-1]
+
+
+def rows_of(maps: torch.Tensor) -> torch.Tensor:
+    """(B, D, *S) channel-first maps -> (B * prod(S), D) rows, one per location, in (b, *s) order."""
+    return maps.movedim(1, -1).reshape(-1, maps.shape[1])
 
 
 class _TeacherStage(Trainer):
-    """Shared machinery: a ModuleDict student {"net": UNet2D, heads...}, an EMA teacher of `teacher_keys`, banks
-    fed through defer/apply_deferred (after the optimizer step, every shard's rows in global order)."""
+    """Shared machinery: a ModuleDict student {"net": UNet2D or UNet3D, heads...}, an EMA teacher of
+    `teacher_keys`, banks fed through defer/apply_deferred (after the optimizer step, every shard's rows in global
+    order)."""
 
     uses_unlabelled = True
     teacher_keys: tuple[str, ...] = ("net",)
 
     def build_model(self) -> nn.Module:
-        if self.cfg.dims != 2:
-            raise NotImplementedError(f"{self.stage}: the ACTION stages run on 2D slices in this release (dims=2); "
-                                      f"3D training is supervised only (stage supervised with dims=3)")
-        return nn.ModuleDict({"net": UNet2D(1, self.cfg.num_classes), **self.build_heads()})
+        return nn.ModuleDict({"net": build_network(self.cfg), **self.build_heads()})
 
     def build_heads(self) -> dict:
         return {}
@@ -65,14 +73,12 @@ class _TeacherStage(Trainer):
 
     def validate(self) -> dict:
         """The eval model's scores (best.pt follows its mean_dice) and both networks' mean Dice, for the curves."""
-        student = self.score_val(self.model["net"])
-        teacher = self.score_val(self.teacher.module["net"])
-        return {**(teacher if self.cfg.eval_teacher else student), "student_mean_dice": student["mean_dice"],
-                "teacher_mean_dice": teacher["mean_dice"]}
-
-    def load_for_eval(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.teacher.load_state_dict(state["extra"]["teacher"])
+        nets = {"student": self.evaluated(self.model["net"]), "teacher": self.evaluated(self.teacher.module["net"])}
+        scores = {k: self.score_val(v) for k, v in nets.items()}
+        chosen = "teacher" if self.cfg.eval_teacher else "student"
+        self._eval_state = nets[chosen].state_dict() if self.cfg.bn_recalibrate else None
+        return {**scores[chosen], "student_mean_dice": scores["student"]["mean_dice"],
+                "teacher_mean_dice": scores["teacher"]["mean_dice"]}
 
     def temperature(self, target: str, default: float) -> float:
         """A contrastive temperature at the current iteration: ATS (cosine) when on for `target`, else fixed."""
@@ -109,7 +115,7 @@ class GlobalPretrainer(_TeacherStage):
 
     def build_heads(self) -> dict:
         d = self.cfg.global_dim
-        return {"proj": ProjectionHead(BOTTLENECK, d, d), "pred": PredictorHead(d, d)}
+        return {"proj": ProjectionHead(network_channels(self.cfg)[0], d, d), "pred": PredictorHead(d, d)}
 
     def build_banks(self) -> dict:
         return {"global": FifoBank(self.cfg.global_bank, self.cfg.global_dim)}
@@ -154,17 +160,24 @@ class LocalPretrainer(GlobalPretrainer):
     teacher_keys = ("net", "proj", "local")
 
     def build_heads(self) -> dict:
-        return {**super().build_heads(), "local": RepresentationHead(DECODER, self.cfg.local_dim, dims=2)}
+        return {**super().build_heads(), "local": RepresentationHead(network_channels(self.cfg)[1],
+                                                                     self.cfg.local_dim, dims=self.cfg.dims)}
 
     def build_banks(self) -> dict:
         return {**super().build_banks(), "local": FifoBank(self.cfg.local_bank, self.cfg.local_dim)}
+
+    def local_grid_shape(self, spatial) -> tuple[int, ...]:
+        """The local embedding map's size: local_grid x local_grid in-plane; in 3D the depth scaled alike (at
+        least 1): a 16 x 96 x 96 patch with local_grid 16 -> 2 x 16 x 16."""
+        n = self.cfg.local_grid
+        return (n, n) if len(spatial) == 2 else (max(1, spatial[0] * n // spatial[-1]), n, n)
 
     def compute_losses(self, views, generator):
         cfg = self.cfg
         y_l = views["label_l"]
         # one student pass gives the logits (supervised part) and the features (both distillation terms)
         logits, feats_s, bott_s = self.model["net"](self._both(views, "student"), return_features=True)
-        grid = (cfg.local_grid, cfg.local_grid)
+        grid = self.local_grid_shape(views["label_l"].shape[1:])
         with torch.no_grad():
             _, feats_t, bott_t = self.teacher.module["net"](self._both(views, "teacher"), return_features=True)
             local_t = self.teacher.module["local"](feats_t, size=grid)
@@ -173,7 +186,7 @@ class LocalPretrainer(GlobalPretrainer):
         local = distillation_loss(local_s, local_t, self.banks["local"], self.temperature("local", cfg.tau_student),
                                   cfg.tau_teacher)
         sup = supervised_loss(logits[:len(y_l)], y_l, self.augment.config.ignore_index)
-        rows = local_t.permute(0, 2, 3, 1).reshape(-1, cfg.local_dim)
+        rows = rows_of(local_t)
         pick = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:cfg.local_push]
         self.defer("local", rows[pick.to(rows.device)])
         loss = sup["sup"] + cfg.global_weight * glob + cfg.local_weight * local
@@ -193,9 +206,10 @@ class Finetuner(_TeacherStage):
         return ("net", "saacl") if self.cfg.plusplus else ("net",)
 
     def build_heads(self) -> dict:
-        heads = {"rep": RepresentationHead(DECODER, self.cfg.rep_dim, dims=2)}
+        decoder, dims = network_channels(self.cfg)[1], self.cfg.dims
+        heads = {"rep": RepresentationHead(decoder, self.cfg.rep_dim, dims=dims)}
         if self.cfg.plusplus:
-            heads["saacl"] = RepresentationHead(DECODER, self.cfg.saacl_dim, dims=2)
+            heads["saacl"] = RepresentationHead(decoder, self.cfg.saacl_dim, dims=dims)
         return heads
 
     def build_banks(self) -> dict:
@@ -227,15 +241,16 @@ class Finetuner(_TeacherStage):
         return cfg.unsup_weight * math.exp(-5.0 * (1.0 - self.iteration / cfg.unsup_rampup) ** 2)
 
     def grid_targets(self, views, logits):
-        """Labels (-1: not valid) and detached probabilities at the centres of the size / rep_stride grid cells:
-        labelled pixels, and unlabelled ones whose teacher confidence >= weak_threshold."""
+        """Labels (-1: not valid) and detached probabilities at the centres of the grid cells of rep_stride pixels
+        along every spatial axis: labelled pixels, and unlabelled ones whose teacher confidence >= weak_threshold."""
         cfg, ignore = self.cfg, self.augment.config.ignore_index
         s = cfg.rep_stride
+        centres = (slice(s // 2, None, s),) * (logits.dim() - 2)
         y_u = torch.where(views["conf_u"] >= cfg.weak_threshold, views["pseudo_u"],
                           torch.full_like(views["pseudo_u"], ignore))
-        y_small = torch.cat([views["label_l"], y_u])[:, s // 2::s, s // 2::s]
+        y_small = torch.cat([views["label_l"], y_u])[(slice(None), *centres)]
         y_small = torch.where(y_small == ignore, torch.full_like(y_small, -1), y_small)
-        probs = logits.detach().float().softmax(1)[:, :, s // 2::s, s // 2::s]
+        probs = logits.detach().float().softmax(1)[(slice(None), slice(None), *centres)]
         return y_small, probs
 
     def compute_losses(self, views, generator):
@@ -246,7 +261,7 @@ class Finetuner(_TeacherStage):
         sup = supervised_loss(logits[:B], views["label_l"], ignore)
         unsup = pseudo_label_loss(logits[B:], views["pseudo_u"], views["conf_u"], cfg.strong_threshold, ignore,
                                    cfg.unsup_mask)
-        small = (cfg.size // cfg.rep_stride, cfg.size // cfg.rep_stride)
+        small = tuple(n // cfg.rep_stride for n in x_l.shape[2:])
         rep = self.model["rep"](feats, size=small)
         y_small, probs = self.grid_targets(views, logits)
         anco = anatomical_term(rep, y_small, probs, cfg.num_classes, per_class=cfg.queries_per_class,
@@ -266,11 +281,11 @@ class Finetuner(_TeacherStage):
         cfg = self.cfg
         B = view_l.shape[0]
         emb = self.model["saacl"]([f[:B] for f in feats], size=small)
-        rows = emb.permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
+        rows = rows_of(emb)
         y = y_small_l.reshape(-1)
         with torch.no_grad():
             _, feats_t, _ = self.teacher.module["net"](view_l, return_features=True)
-            rows_t = self.teacher.module["saacl"](feats_t, size=small).permute(0, 2, 3, 1).reshape(-1, cfg.saacl_dim)
+            rows_t = rows_of(self.teacher.module["saacl"](feats_t, size=small))
         state = self.banks["saacl"]
         q = sample_hard_queries(y, torch.zeros(y.numel(), cfg.num_classes, device=y.device), cfg.num_classes,
                                 cfg.queries_per_class, 1.0, generator)  # every valid pixel is a candidate
