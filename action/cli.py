@@ -64,6 +64,10 @@ HELP = {
     "bn_recalibrate": "before each validation and test, re-estimate the evaluated network's BatchNorm statistics "
                       "on this many batches of un-augmented training images (the unlabelled ones when the run "
                       "loads them, else the labelled ones; a copy: training is unaffected; 0: off)",
+    "teacher_bn": "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: 'batch' uses that "
+                  "batch's statistics (the ReCo code's EMA model runs in train mode), 'running' its running statistics",
+    "split_bn": "stage iii: the student sees labelled and unlabelled images in separate forwards, so BatchNorm "
+                "normalises each kind with its own statistics (as the ReCo code does); false: one mixed forward",
     "eval_teacher": "validate and test the EMA teacher's network instead of the student's (teacher stages)",
     "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",
     "queries_per_class": "hard queries sampled per class (with replacement)",

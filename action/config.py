@@ -68,6 +68,8 @@ class TrainConfig:
     unsup_weight: float = 1.0
     unsup_rampup: int = 0  # iterations of the sigmoid ramp-up exp(-5 (1 - t/R)^2) of the pseudo-label weight
     unsup_mask: str = "image"  # "image": method.md section 5 (per-image weight); "pixel": only confident pixels
+    teacher_bn: str = "batch"  # stage iii pseudo-labels: BN on the clean unlabelled batch's statistics, or "running"
+    split_bn: bool = True  # stage iii student: labelled and unlabelled images in separate forwards (separate BN)
     eval_teacher: bool = False  # validate/test the EMA teacher's network instead of the student's (stages i-iii)
     bn_recalibrate: int = 0  # batches of clean training images re-estimating BN statistics before evaluation
     anco_weight: float = 0.01
@@ -114,6 +116,7 @@ class TrainConfig:
             ("unsup_rampup", self.unsup_rampup >= 0, ">= 0 (0: no ramp-up)"),
             ("unsup_mask", self.unsup_mask in ("image", "pixel"), "'image' or 'pixel'"),
             ("bn_recalibrate", self.bn_recalibrate >= 0, ">= 0 (0: off)"),
+            ("teacher_bn", self.teacher_bn in ("batch", "running"), "'batch' or 'running'"),
             ("dims", self.dims in (2, 3), "2 or 3"),
             ("patch", self.dims == 2 or (len(self.patch) == 3 and all(int(p) >= 16 and int(p) % 16 == 0
                                                                        for p in self.patch)

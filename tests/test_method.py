@@ -253,3 +253,24 @@ def test_bn_recalibrate_scores_and_keeps_the_reestimated_network(tmp_path):
     again = trainer.evaluated(trainer.model["net"])  # seeded batches: the same statistics every time
     assert all(torch.equal(again.state_dict()[k], v) for k, v in kept.items())
     assert "eval_model" not in load_checkpoint(str(tmp_path / "last.pt"))
+
+
+def test_batch_statistics_normalises_with_the_batch_and_restores_the_module():
+    import copy
+
+    from action.models.ema import batch_statistics
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5)).eval()
+    net[1].running_mean.fill_(3.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(5, 1, 9, 7)
+    reference = copy.deepcopy(net)
+    reference[1].train()  # batch statistics, dropout still off
+    with batch_statistics(net):
+        inside = net(x)
+        assert net[1].training and not net[2].training
+    torch.testing.assert_close(inside, reference(x))
+    assert not torch.allclose(inside, net(x))  # outside: the running statistics again
+    assert not net[1].training
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

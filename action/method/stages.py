@@ -12,6 +12,7 @@ fine-tuning initialises student and teacher from the pre-trained student.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -29,6 +30,7 @@ from action.method.losses import (FifoBank, anatomical_term, distillation_loss, 
 from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
 from action.engine.inference import build_network
 from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead
+from action.models.ema import batch_statistics
 from action.models.unet import CHANNELS
 
 
@@ -197,7 +199,11 @@ class Finetuner(_TeacherStage):
     """Stage iii: L_sup + unsup_weight L_unsup (teacher pseudo-labels, augmented jointly with their confidences,
     cutmix) + anco_weight L_anco (anatomical contrast on a representation map at size / rep_stride).
     ACTION++ (plusplus): + saacl_weight L_saacl on labelled grid pixels (student "saacl" head against a queue of
-    teacher "saacl" features, class centres assigned by the Hungarian algorithm), temperatures from ATS."""
+    teacher "saacl" features, class centres assigned by the Hungarian algorithm), temperatures from ATS.
+    BatchNorm as in the ReCo code this stage follows: the teacher labels the clean unlabelled batch with that
+    batch's statistics (teacher_bn "batch"), the student sees labelled and unlabelled images in separate forwards
+    (split_bn); with running statistics and one mixed forward the loop collapsed on this project's CPU runs
+    (README, the stage iii diagnostics)."""
 
     stage = "finetune"
 
@@ -223,8 +229,9 @@ class Finetuner(_TeacherStage):
         """Teacher pseudo-labels and confidences of the un-augmented unlabelled images, then one augmentation
         applied jointly to images, labels, pseudo-labels and confidences, then cutmix among unlabelled images."""
         cfg, aug = self.cfg, self.augment
-        with torch.no_grad():
-            p_u = self.teacher.module["net"](batch["image_u"]).float().softmax(1)
+        net_t = self.teacher.module["net"]
+        with torch.no_grad(), batch_statistics(net_t) if cfg.teacher_bn == "batch" else contextlib.nullcontext():
+            p_u = net_t(batch["image_u"]).float().softmax(1)
             conf_u, y_u = p_u.max(1)
         x_l, y_l, _ = aug(batch["image_l"], batch["label_l"], generator=generator)
         x_u, y_u, conf_u = aug(batch["image_u"], y_u, conf_u, generator=generator)
@@ -257,7 +264,13 @@ class Finetuner(_TeacherStage):
         cfg, ignore = self.cfg, self.augment.config.ignore_index
         x_l = views["image_l"]
         B = x_l.shape[0]
-        logits, feats, _ = self.model["net"](torch.cat([x_l, views["image_u"]]), return_features=True)
+        net = self.model["net"]
+        if cfg.split_bn:  # each BatchNorm normalises labelled and unlabelled images with their own statistics
+            (logits_l, feats_l, _), (logits_u, feats_u, _) = (net(x, return_features=True)
+                                                              for x in (x_l, views["image_u"]))
+            logits, feats = torch.cat([logits_l, logits_u]), [torch.cat(f) for f in zip(feats_l, feats_u)]
+        else:
+            logits, feats, _ = net(torch.cat([x_l, views["image_u"]]), return_features=True)
         sup = supervised_loss(logits[:B], views["label_l"], ignore)
         unsup = pseudo_label_loss(logits[B:], views["pseudo_u"], views["conf_u"], cfg.strong_threshold, ignore,
                                    cfg.unsup_mask)

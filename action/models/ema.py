@@ -40,3 +40,30 @@ class EMATeacher(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+
+class batch_statistics:
+    """Context manager: inside it, every BatchNorm of `module` normalises with the statistics of the batch it sees
+    (as in train mode) while its running statistics and counters stay exactly as they were; dropout and every
+    other layer keep their mode. For teacher predictions on a clean unlabelled batch (the ReCo code that ACTION's
+    stage iii follows runs its EMA model in train mode for pseudo-labels)."""
+
+    def __init__(self, module: nn.Module):
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m.training, m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
+                      for m in self.norms]
+        for m in self.norms:
+            m.train()
+        return self
+
+    def __exit__(self, *exc):
+        for m, (training, momentum, buffers) in zip(self.norms, self.saved):
+            m.train(training)
+            m.momentum = momentum
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+        return False
