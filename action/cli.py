@@ -122,10 +122,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            help=f"{HELP[f.name]} (default: {default})", **extra)
 
 
-def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None):
+def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None,
+                               teacher: bool = False):
     """(case -> labels, config) for a checkpoint of any stage, 2D or 3D: the network its run validated
     (eval_weights); with bn_recalibrate > 0 its BatchNorm statistics re-estimated on that many batches of the
-    run's clean training images (read from `data`, default the checkpoint's ACDC folder)."""
+    run's clean training images (read from `data`, default the checkpoint's ACDC folder); with teacher, the EMA
+    teacher's network the checkpoint holds."""
     import dataclasses
 
     import torch
@@ -142,7 +144,14 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     cfg = TrainConfig(**json.loads(state["config"]))
     dev = resolve_device(device)
     model = build_network(cfg)
-    model.load_state_dict(align_keys(eval_weights(state), model.state_dict()))
+    weights = eval_weights(state)
+    if teacher:
+        ema = state.get("extra", {}).get("teacher")
+        if ema is None:
+            raise SystemExit(f"--teacher: {path} holds no EMA teacher (a {state.get('stage')!r} checkpoint); the "
+                             f"stages pretrain-global, pretrain-local and finetune keep one")
+        weights = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.net.")}
+    model.load_state_dict(align_keys(weights, model.state_dict()))
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
@@ -198,7 +207,8 @@ def cmd_evaluate(args) -> int:
     from action.data.acdc import CLASSES
     from action.engine import evaluate
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data)
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data,
+                                              args.teacher)
     cases, total = _cases(args, cfg)
     metrics = evaluate(predict, cases, args.out,
                        cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
@@ -213,7 +223,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate)
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher)
     if os.path.isdir(args.input):
         paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
     else:
@@ -261,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
                        help="re-estimate the network's BatchNorm statistics on N batches of the run's clean "
                             "training images first (unlabelled ones when its stage used them; 0: off)")
+        p.add_argument("--teacher", action="store_true",
+                       help="use the EMA teacher's network the checkpoint holds (ACTION stages) instead of the one "
+                            "its run validated")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on labelled volumes",
                        description="Per-case Dice, Jaccard, HD95, ASD per class (metrics.csv), a summary table "

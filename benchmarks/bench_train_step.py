@@ -50,7 +50,7 @@ class ReferenceStyleFinetuner(Finetuner):
         cfg, ignore = self.cfg, self.augment.config.ignore_index
         x_l, y_l, x_u, y_u, conf_u = (views[k] for k in ("image_l", "label_l", "image_u", "pseudo_u", "conf_u"))
         B = x_l.shape[0]
-        logits, feats, _ = self.model["net"](torch.cat([x_l, x_u]), return_features=True)
+        logits, feats = self.student_forward(x_l, x_u)  # the same forward(s) as ours
         ce_l = F.cross_entropy(logits[:B].float(), y_l, ignore_index=ignore)
         sup = 0.5 * (ce_l + dice_loss(logits[:B].float().softmax(1), y_l, ignore))
         # pseudo-label loss, per image with host syncs

@@ -52,6 +52,9 @@ def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys):
     pred = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
                  "--overlays", "0", "--bn-recalibrate", "2"]) == 0
+    with pytest.raises(SystemExit, match="--teacher: .* holds no EMA teacher"):
+        main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
+              "--teacher"])
     with pytest.raises(SystemExit, match="--bn-recalibrate: expected >= 0 batches, got -1"):
         main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
               "--bn-recalibrate", "-1"])

@@ -253,6 +253,16 @@ def test_bn_recalibrate_scores_and_keeps_the_reestimated_network(tmp_path):
     again = trainer.evaluated(trainer.model["net"])  # seeded batches: the same statistics every time
     assert all(torch.equal(again.state_dict()[k], v) for k, v in kept.items())
     assert "eval_model" not in load_checkpoint(str(tmp_path / "last.pt"))
+    # `action evaluate|predict --teacher`: the EMA teacher's network of any stage checkpoint
+    from action.cli import _predictor_from_checkpoint
+
+    last = load_checkpoint(str(tmp_path / "last.pt"))
+    predict_t, _ = _predictor_from_checkpoint(str(tmp_path / "last.pt"), "cpu", teacher=True)
+    ref = UNet2D(1, 4)
+    ref.load_state_dict({k[len("module.net."):]: v for k, v in last["extra"]["teacher"].items()
+                         if k.startswith("module.net.")})
+    case = next(iter(acdc_cases(ACDC, trainer.data.val_names[:1])))
+    assert torch.equal(predict_t(case), predict_slices(ref.eval(), case.image, (cfg.size, cfg.size)))
 
 
 def test_batch_statistics_normalises_with_the_batch_and_restores_the_module():

@@ -260,17 +260,21 @@ class Finetuner(_TeacherStage):
         probs = logits.detach().float().softmax(1)[(slice(None), slice(None), *centres)]
         return y_small, probs
 
+    def student_forward(self, x_l, x_u):
+        """Logits and decoder features of [x_l; x_u]: two forwards with split_bn (each BatchNorm normalises
+        labelled and unlabelled images with their own statistics), else one mixed forward."""
+        net = self.model["net"]
+        if not self.cfg.split_bn:
+            logits, feats, _ = net(torch.cat([x_l, x_u]), return_features=True)
+            return logits, feats
+        (logits_l, feats_l, _), (logits_u, feats_u, _) = (net(x, return_features=True) for x in (x_l, x_u))
+        return torch.cat([logits_l, logits_u]), [torch.cat(f) for f in zip(feats_l, feats_u)]
+
     def compute_losses(self, views, generator):
         cfg, ignore = self.cfg, self.augment.config.ignore_index
         x_l = views["image_l"]
         B = x_l.shape[0]
-        net = self.model["net"]
-        if cfg.split_bn:  # each BatchNorm normalises labelled and unlabelled images with their own statistics
-            (logits_l, feats_l, _), (logits_u, feats_u, _) = (net(x, return_features=True)
-                                                              for x in (x_l, views["image_u"]))
-            logits, feats = torch.cat([logits_l, logits_u]), [torch.cat(f) for f in zip(feats_l, feats_u)]
-        else:
-            logits, feats, _ = net(torch.cat([x_l, views["image_u"]]), return_features=True)
+        logits, feats = self.student_forward(x_l, views["image_u"])
         sup = supervised_loss(logits[:B], views["label_l"], ignore)
         unsup = pseudo_label_loss(logits[B:], views["pseudo_u"], views["conf_u"], cfg.strong_threshold, ignore,
                                    cfg.unsup_mask)
