@@ -183,6 +183,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration, self.best, self.best_iteration = 0, -math.inf, -1
+        self._eval_state = None  # the re-estimated network the last validation scored (bn_recalibrate)
         self._deferred: list[tuple[str, tuple]] = []
 
     # -- hooks ---------------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ class Trainer:
         path = os.path.join(self.cfg.out, name)
         if self.rank == 0:
             state = self.checkpoint_state()
-            if name == "best.pt" and getattr(self, "_eval_state", None) is not None:
+            if name == "best.pt" and self._eval_state is not None:
                 state["eval_model"] = self._eval_state
             save_checkpoint(state, path)
         dist_utils.barrier()

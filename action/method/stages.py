@@ -31,14 +31,6 @@ from action.method.plusplus import SaaclState, ats_temperature, class_centres, s
 from action.engine.inference import build_network
 from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead
 from action.models.ema import batch_statistics
-from action.models.unet import CHANNELS
-
-
-def network_channels(cfg: TrainConfig) -> tuple[int, tuple[int, ...]]:
-    """(bottleneck channels, decoder channels coarse to fine) of the config's network: (256, (128, 64, 32, 16))
-    for UNet2D, base_channels x (16, (8, 4, 2, 1)) for UNet3D."""
-    channels = CHANNELS if cfg.dims == 2 else tuple(cfg.base_channels * m for m in (1, 2, 4, 8, 16))
-    return channels[-1], channels[3::-1]
 
 
 def rows_of(maps: torch.Tensor) -> torch.Tensor:
@@ -55,7 +47,10 @@ class _TeacherStage(Trainer):
     teacher_keys: tuple[str, ...] = ("net",)
 
     def build_model(self) -> nn.Module:
-        return nn.ModuleDict({"net": build_network(self.cfg), **self.build_heads()})
+        net = build_network(self.cfg)
+        # the heads' input widths, read off the network: bottleneck channels, decoder channels coarse to fine
+        self.bottleneck, self.decoder = net.channels[-1], net.channels[3::-1]
+        return nn.ModuleDict({"net": net, **self.build_heads()})
 
     def build_heads(self) -> dict:
         return {}
@@ -117,7 +112,7 @@ class GlobalPretrainer(_TeacherStage):
 
     def build_heads(self) -> dict:
         d = self.cfg.global_dim
-        return {"proj": ProjectionHead(network_channels(self.cfg)[0], d, d), "pred": PredictorHead(d, d)}
+        return {"proj": ProjectionHead(self.bottleneck, d, d), "pred": PredictorHead(d, d)}
 
     def build_banks(self) -> dict:
         return {"global": FifoBank(self.cfg.global_bank, self.cfg.global_dim)}
@@ -162,8 +157,8 @@ class LocalPretrainer(GlobalPretrainer):
     teacher_keys = ("net", "proj", "local")
 
     def build_heads(self) -> dict:
-        return {**super().build_heads(), "local": RepresentationHead(network_channels(self.cfg)[1],
-                                                                     self.cfg.local_dim, dims=self.cfg.dims)}
+        return {**super().build_heads(), "local": RepresentationHead(self.decoder, self.cfg.local_dim,
+                                                                     dims=self.cfg.dims)}
 
     def build_banks(self) -> dict:
         return {**super().build_banks(), "local": FifoBank(self.cfg.local_bank, self.cfg.local_dim)}
@@ -212,7 +207,7 @@ class Finetuner(_TeacherStage):
         return ("net", "saacl") if self.cfg.plusplus else ("net",)
 
     def build_heads(self) -> dict:
-        decoder, dims = network_channels(self.cfg)[1], self.cfg.dims
+        decoder, dims = self.decoder, self.cfg.dims
         heads = {"rep": RepresentationHead(decoder, self.cfg.rep_dim, dims=dims)}
         if self.cfg.plusplus:
             heads["saacl"] = RepresentationHead(decoder, self.cfg.saacl_dim, dims=dims)
