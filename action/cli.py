@@ -133,7 +133,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     import torch
 
     from action.engine import load_checkpoint
-    from action.engine.checkpoint import eval_weights
+    from action.engine.checkpoint import eval_weights, teacher_weights
     from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
     from action.engine.trainer import SliceData, VolumeData, align_keys, resolve_device
     from action.method import STAGE_TRAINERS
@@ -146,11 +146,10 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     model = build_network(cfg)
     weights = eval_weights(state)
     if teacher:
-        ema = state.get("extra", {}).get("teacher")
-        if ema is None:
+        weights = teacher_weights(state)  # align_keys keeps its "net.*" entries
+        if not weights:
             raise SystemExit(f"--teacher: {path} holds no EMA teacher (a {state.get('stage')!r} checkpoint); the "
                              f"stages pretrain-global, pretrain-local and finetune keep one")
-        weights = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.net.")}
     model.load_state_dict(align_keys(weights, model.state_dict()))
     model = model.to(dev).eval()
     if bn_recalibrate:

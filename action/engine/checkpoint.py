@@ -45,6 +45,13 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return state
 
 
+def teacher_weights(state: dict) -> dict:
+    """The EMA teacher a checkpoint of an ACTION stage holds, under the student's names (its keys "module.<name>"
+    as "<name>": the network "net.*" and the heads the teacher keeps); {} when the checkpoint has no teacher."""
+    teacher = state.get("extra", {}).get("teacher") or {}
+    return {k[len("module."):]: v for k, v in teacher.items() if k.startswith("module.")}
+
+
 def eval_weights(state: dict) -> dict:
     """The weights a checkpoint's run validates and tests: the student's (state["model"]); for a run with
     eval_teacher, the student's with every entry the EMA teacher tracks replaced by the teacher's (its keys
@@ -54,8 +61,7 @@ def eval_weights(state: dict) -> dict:
 
     weights = state["model"]
     if json.loads(state.get("config", "{}")).get("eval_teacher"):
-        teacher = {k[len("module."):]: v for k, v in state["extra"]["teacher"].items() if k.startswith("module.")}
-        weights = {**weights, **teacher}
+        weights = {**weights, **teacher_weights(state)}
     if "eval_model" in state:
         prefix = "net." if any(k.startswith("net.") for k in weights) else ""
         weights = {**weights, **{prefix + k: v for k, v in state["eval_model"].items()}}
