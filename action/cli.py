@@ -135,7 +135,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     from action.engine import load_checkpoint
     from action.engine.checkpoint import eval_weights, teacher_weights
     from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
-    from action.engine.trainer import SliceData, VolumeData, align_keys, resolve_device
+    from action.engine.trainer import align_keys, resolve_device, training_data
     from action.method import STAGE_TRAINERS
 
     if bn_recalibrate < 0:
@@ -154,8 +154,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
-        need_unlabelled = STAGE_TRAINERS[cfg.stage].uses_unlabelled or cfg.unlabelled_batch > 0
-        images = (VolumeData if cfg.dims == 3 else SliceData)(train_cfg, need_unlabelled)
+        images = training_data(train_cfg, STAGE_TRAINERS[cfg.stage].uses_unlabelled)
         generator = torch.Generator().manual_seed(cfg.seed)
         model = recalibrate_batchnorm(model, images.clean_batches(bn_recalibrate, generator, dev))
     predict = volume_predictor(model, cfg, dev)

@@ -147,6 +147,13 @@ class VolumeData:
         return batch
 
 
+def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True):
+    """A run's training images in memory: SliceData (2D) or VolumeData (3D), the unlabelled ones loaded when the
+    stage uses them (uses_unlabelled) or the config asks for an unlabelled batch."""
+    need_unlabelled = uses_unlabelled or cfg.unlabelled_batch > 0
+    return (VolumeData if cfg.dims == 3 else SliceData)(cfg, need_unlabelled, progress)
+
+
 class Trainer:
     stage = "supervised"
     uses_unlabelled = False
@@ -188,10 +195,7 @@ class Trainer:
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def build_data(self):
-        need_unlabelled = self.uses_unlabelled or self.cfg.unlabelled_batch > 0
-        if self.cfg.dims == 3:
-            return VolumeData(self.cfg, need_unlabelled, self.progress)
-        return SliceData(self.cfg, need_unlabelled, self.progress)
+        return training_data(self.cfg, self.uses_unlabelled, self.progress)
 
     def build_model(self) -> nn.Module:
         return build_network(self.cfg)
