@@ -123,11 +123,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None,
-                               teacher: bool = False):
+                               teacher: bool = False, bn_source: str = "run"):
     """(case -> labels, config) for a checkpoint of any stage, 2D or 3D: the network its run validated
     (eval_weights); with bn_recalibrate > 0 its BatchNorm statistics re-estimated on that many batches of the
-    run's clean training images (read from `data`, default the checkpoint's ACDC folder); with teacher, the EMA
-    teacher's network the checkpoint holds."""
+    run's clean training images (read from `data`, default the checkpoint's ACDC folder): the ones its run loaded
+    (bn_source "run": unlabelled when it used them, else labelled) or the unlabelled ones ("unlabelled", to compare
+    runs of different stages on the same slices); with teacher, the EMA teacher's network the checkpoint holds."""
     import dataclasses
 
     import torch
@@ -154,7 +155,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
-        images = training_data(train_cfg, STAGE_TRAINERS[cfg.stage].uses_unlabelled)
+        images = training_data(train_cfg, STAGE_TRAINERS[cfg.stage].uses_unlabelled or bn_source == "unlabelled")
         generator = torch.Generator().manual_seed(cfg.seed)
         model = recalibrate_batchnorm(model, images.clean_batches(bn_recalibrate, generator, dev))
     predict = volume_predictor(model, cfg, dev)
@@ -206,7 +207,7 @@ def cmd_evaluate(args) -> int:
     from action.engine import evaluate
 
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data,
-                                              args.teacher)
+                                              args.teacher, args.bn_source)
     cases, total = _cases(args, cfg)
     metrics = evaluate(predict, cases, args.out,
                        cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
@@ -221,7 +222,8 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher)
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
+                                              bn_source=args.bn_source)
     if os.path.isdir(args.input):
         paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
     else:
@@ -269,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
                        help="re-estimate the network's BatchNorm statistics on N batches of the run's clean "
                             "training images first (unlabelled ones when its stage used them; 0: off)")
+        p.add_argument("--bn-source", choices=("run", "unlabelled"), default="run",
+                       help="which slices --bn-recalibrate uses: the run's own (default) or the unlabelled ones "
+                            "whatever the stage (the same slices for a supervised and an ACTION checkpoint)")
         p.add_argument("--teacher", action="store_true",
                        help="use the EMA teacher's network the checkpoint holds (ACTION stages) instead of the one "
                             "its run validated")

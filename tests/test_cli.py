@@ -32,7 +32,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 
 
 @needs_acdc
-def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys):
+def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys, monkeypatch):
     nib = pytest.importorskip("nibabel")
     run = tmp_path / "run"
     assert main(["train", "--preset", "smoke", "--data", ACDC, "--out", str(run), "--iterations", "6",
@@ -52,6 +52,16 @@ def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys):
     pred = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
                  "--overlays", "0", "--bn-recalibrate", "2"]) == 0
+    import action.engine.trainer as trainer_module
+
+    loads, real = [], trainer_module.training_data
+    monkeypatch.setattr(trainer_module, "training_data",
+                        lambda cfg, uses_unlabelled, *a: loads.append(uses_unlabelled) or real(cfg, uses_unlabelled, *a))
+    for source in ("run", "unlabelled"):  # a supervised run: its labelled slices, or the unlabelled ones on request
+        assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", ACDC, "--split", "val", "--out",
+                     str(tmp_path / f"ev-{source}"), "--overlays", "0", "--bn-recalibrate", "2",
+                     "--bn-source", source]) == 0
+    assert loads == [False, True]
     with pytest.raises(SystemExit, match="--teacher: .* holds no EMA teacher"):
         main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
               "--teacher"])
