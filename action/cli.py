@@ -145,12 +145,10 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     cfg = TrainConfig(**json.loads(state["config"]))
     dev = resolve_device(device)
     model = build_network(cfg)
-    weights = eval_weights(state)
-    if teacher:
-        weights = teacher_weights(state)  # align_keys keeps its "net.*" entries
-        if not weights:
-            raise SystemExit(f"--teacher: {path} holds no EMA teacher (a {state.get('stage')!r} checkpoint); the "
-                             f"stages pretrain-global, pretrain-local and finetune keep one")
+    weights = teacher_weights(state) if teacher else eval_weights(state)  # align_keys keeps the teacher's "net.*"
+    if teacher and not weights:
+        raise SystemExit(f"--teacher: {path} holds no EMA teacher (a {state.get('stage')!r} checkpoint); the "
+                         f"stages pretrain-global, pretrain-local and finetune keep one")
     model.load_state_dict(align_keys(weights, model.state_dict()))
     model = model.to(dev).eval()
     if bn_recalibrate:

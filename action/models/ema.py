@@ -54,16 +54,14 @@ class batch_statistics:
         self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
 
     def __enter__(self):
-        self.saved = [(m.training, m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
-                      for m in self.norms]
+        self.saved = [(m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in self.norms]
         for m in self.norms:
             m.train()
         return self
 
     def __exit__(self, *exc):
-        for m, (training, momentum, buffers) in zip(self.norms, self.saved):
+        for m, (training, buffers) in zip(self.norms, self.saved):
             m.train(training)
-            m.momentum = momentum
             for k, b in buffers.items():
                 getattr(m, k).copy_(b)
         return False
