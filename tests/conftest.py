@@ -1,10 +1,13 @@
-"""Test setup: Triton's interpreter for CPU tensors (must be set before triton is imported), backend discovery."""
+"""Test setup: Triton's interpreter for CPU tensors when torch sees no CUDA device (it must be set before triton is
+imported; on a GPU the kernels run compiled), backend discovery, and small Triton tiles for the interpreter."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from action_kernels import dispatch  # noqa: E402
 
@@ -23,14 +26,17 @@ def require(backend: str, device: str = "cpu", dtype=torch.float32) -> None:
 
 @pytest.fixture(autouse=True)
 def _small_triton_tiles():
-    """The interpreter's cost grows with block iterations: 32-wide tiles keep ragged tests fast."""
+    """The interpreter's cost grows with block iterations: 32-wide tiles keep ragged tests fast (and cover the
+    masked tail tiles). Only the interpreter reads these; compiled runs use the launchers' tables."""
     try:
+        from action_kernels.triton import hard_negative_topk as ttk
         from action_kernels.triton import soft_contrastive as tsc
     except Exception:  # triton absent: those tests skip themselves
         yield
         return
-    saved = dict(tsc.BLOCKS)
-    tsc.BLOCKS.update(BLOCK_M=32, BLOCK_N=32)
+    saved = [(d, dict(d)) for d in (tsc.INTERPRETER_BLOCKS, ttk.INTERPRETER_BLOCKS)]
+    tsc.INTERPRETER_BLOCKS.update(BLOCK_M=32, BLOCK_N=32)
     yield
-    tsc.BLOCKS.clear()
-    tsc.BLOCKS.update(saved)
+    for d, old in saved:
+        d.clear()
+        d.update(old)
