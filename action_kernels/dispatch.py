@@ -1,7 +1,8 @@
 """The one place that chooses a backend, and says why the others were rejected.
 
 Order: the explicit `backend=` argument, then the ACTION_KERNELS_BACKEND environment variable, then automatic by
-device: on CUDA tensors the CUDA extension, then Triton, then the chunked torch path; on CPU the chunked torch path.
+device: on CUDA tensors Triton, then the CUDA extension, then the chunked torch path (AUTO_ORDER_REASON says why
+Triton comes first); on CPU the chunked torch path.
 A forced backend that cannot run raises with every reason; an automatic choice that skips the device's first
 preference warns once per (op, device type, reason).
 """
@@ -18,7 +19,11 @@ from action_kernels import cuda as _cuda
 BACKENDS = ("torch", "chunked", "triton", "cuda")
 ENV_VAR = "ACTION_KERNELS_BACKEND"
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("chunked",)}
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "chunked"), "cpu": ("chunked",)}
+AUTO_ORDER_REASON = {
+    "cuda": ("triton before cuda: the CUDA extension's kernels are fp32 SIMT, with no tensor-core instructions "
+             "(python -m action_kernels.kernel_report shows them), while the Triton kernels run on tensor cores"),
+}
 _warned: set = set()
 
 
