@@ -105,6 +105,7 @@ class Launch:
     num_stages: int
     trips: list                  # trip counts of the kernel's loops per program, outermost first
     notes: dict = dataclasses.field(default_factory=dict)
+    dot: bool = True             # the kernel computes dot products (so it must issue tensor-core instructions)
 
 
 _captured: list | None = None

@@ -48,8 +48,8 @@ CONFIGS = {
 # KP (a power of two >= k, the final selection's width) -> (W slots per row, rows per prune/final step: W x rows
 # packed keys are 64 registers a thread at 4 warps)
 BUFFERS = {64: (256, 8), 512: (1024, 4)}
-BISECT_ROUNDS = tl.constexpr(8)
-INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+SELECT_ROWS = {64: 16, 512: 2}   # rows per program of the selection kernel: 64 registers of packed keys a thread
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "RELOAD": False}
 # see the module docstring; a test sets this False to run the tl.topk selection under the interpreter
 INTERPRETER_SELECT_BY_MAX = True
 
@@ -66,12 +66,12 @@ def config_key(kernel: str, arch: int, dtype: torch.dtype, BLOCK_D: int, k: int 
 def config(arch: int, dtype: torch.dtype, BLOCK_D: int, k: int) -> dict:
     if C.interpreting():
         return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
-    key = config_key("topk", arch, dtype, BLOCK_D, k)
+    key = config_key("topk_scan", arch, dtype, BLOCK_D, k)
     if key not in CONFIGS:
         raise NotImplementedError(f"hard_negative_topk triton kernel supports feature sizes up to 512, got a feature "
                                   f"tile of {BLOCK_D}; use backend='chunked' or 'cuda'")
-    bm, bn, warps, stages = CONFIGS[key]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages, *reload = CONFIGS[key]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, RELOAD=bool(reload and reload[0]))
 
 
 # Append, one element: a candidate (another class, value above the row's threshold) takes a slot from its row's
@@ -106,9 +106,11 @@ def _unsorted(key):
 
 
 @triton.jit
-def _scan_tile(a, ya, k_ptrs, RK, YK, j0, K, thr, buf_row, cnt_row, Buf, Cnt, rows, eight, one,
+def _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs, RK, YK, j0, K, thr, buf_row, cnt_row, Buf, Cnt, rows, eight, one,
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr,
-               APPEND_ASM: tl.constexpr):
+               APPEND_ASM: tl.constexpr, RELOAD: tl.constexpr):
+    if RELOAD:  # the anchor tile from L2 every tile instead of registers (mma.sync, tf32x3: see soft_contrastive)
+        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
     cols = j0 + tl.arange(0, BLOCK_N)
     if MASKED:  # keys past K: NaN scale, never a candidate
         kt = tl.load(k_ptrs, mask=(cols < K)[:, None], other=0.0)
@@ -153,7 +155,7 @@ def _best(key, KP: tl.constexpr, BY_MAX: tl.constexpr):
 
 @triton.jit
 def _prune(Buf, Cnt, Thr, row0, N, k_out, W: tl.constexpr, LIMIT: tl.constexpr, MERGE_ROWS: tl.constexpr,
-           BLOCK_M: tl.constexpr):
+           BLOCK_M: tl.constexpr, ROUNDS: tl.constexpr):
     # per row: thr = t with at least k_out used slots >= t, found by bisection on the values (t is within
     # range / 2^BISECT_ROUNDS below the k-th best; no sort: Triton's tl.topk costs about 400 instructions a slot
     # here), and the slots >= t compacted at the front; their exact order is the final selection's business
@@ -168,7 +170,7 @@ def _prune(Buf, Cnt, Thr, row0, N, k_out, W: tl.constexpr, LIMIT: tl.constexpr, 
         value = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         lo = tl.where(used > 0, tl.min(tl.where(live, value, float("inf")), axis=1), 0.0)
         hi = tl.where(used > 0, tl.max(tl.where(live, value, float("-inf")), axis=1), 0.0)
-        for _ in tl.static_range(BISECT_ROUNDS):  # invariant: at least k_out used slots >= lo
+        for _ in range(ROUNDS):  # invariant: at least k_out used slots >= lo
             mid = lo + (hi - lo) * 0.5
             enough = tl.sum((live & (value >= mid[:, None])).to(tl.int32), axis=1) >= k_out
             lo = tl.where(enough, mid, lo)
@@ -195,44 +197,44 @@ def _prune(Buf, Cnt, Thr, row0, N, k_out, W: tl.constexpr, LIMIT: tl.constexpr, 
     tl.debug_barrier()
 
 
-@triton.jit
-def _final(Buf, Cnt, RA, Values, Indices, row0, N, k_out, KP: tl.constexpr, W: tl.constexpr,
-           MERGE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BY_MAX: tl.constexpr):
-    tl.debug_barrier()
+# The exact selection: per row, the KP best of its used slots by (value, lower index), written out as values (times
+# the anchor's inverse norm) and indices, padded with -inf / -1. A kernel of its own: it depends only on KP and W,
+# so its sort network compiles once per architecture instead of once per scan configuration.
+@triton.jit(do_not_specialize=["N", "k_out"])
+def _select_kernel(Buf, Cnt, RA, Values, Indices, N, k_out, KP: tl.constexpr, W: tl.constexpr,
+                   ROWS: tl.constexpr, BY_MAX: tl.constexpr):
+    rr = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     slots = tl.arange(0, W)
     col = tl.arange(0, KP)
-    for r0 in range(0, BLOCK_M, MERGE_ROWS):
-        rr = row0 + r0 + tl.arange(0, MERGE_ROWS)
-        used = tl.minimum(tl.load(Cnt + rr, cache_modifier=".cg"), W)
-        live = slots[None, :] < used[:, None]
-        raw = tl.load(Buf + rr.to(tl.int64)[:, None] * W + slots[None, :], mask=live, other=0,
-                      cache_modifier=".cg")
-        best = _best(tl.where(live, _sortable(raw), -(2**63)), KP, BY_MAX)
-        valid = best != -(2**63)
-        value, index = _unsorted(best)
-        ra = tl.load(RA + rr, mask=rr < N, other=0.0)
-        out = rr.to(tl.int64)[:, None] * k_out + col[None, :]
-        mask = (rr < N)[:, None] & (col[None, :] < k_out)
-        tl.store(Values + out, tl.where(valid, value * ra[:, None], float("-inf")), mask=mask)
-        tl.store(Indices + out, tl.where(valid, index, -1), mask=mask)
+    used = tl.minimum(tl.load(Cnt + rr), W)
+    live = slots[None, :] < used[:, None]
+    raw = tl.load(Buf + rr.to(tl.int64)[:, None] * W + slots[None, :], mask=live, other=0)
+    best = _best(tl.where(live, _sortable(raw), -(2**63)), KP, BY_MAX)
+    valid = best != -(2**63)
+    value, index = _unsorted(best)
+    ra = tl.load(RA + rr, mask=rr < N, other=0.0)
+    out = rr.to(tl.int64)[:, None] * k_out + col[None, :]
+    mask = (rr < N)[:, None] & (col[None, :] < k_out)
+    tl.store(Values + out, tl.where(valid, value * ra[:, None], float("-inf")), mask=mask)
+    tl.store(Indices + out, tl.where(valid, index, -1), mask=mask)
 
 
 # sim_ij = (a_i·k_j) ra_i rk_j; candidates: key_label_j != anchor_label_i and key_label_j != ignore_label;
-# values_i = the k largest sim_ij (ties to the lower j), indices_i = their j, padded with -inf / -1.
-# (No gradient here: ops/ differentiates the selected values by a gather.)
+# values_i = the k largest sim_ij (ties to the lower j), indices_i = their j, padded with -inf / -1. The scan
+# leaves a superset of them (at most W per row) in the slots; _select_kernel picks them. (No gradient here: ops/
+# differentiates the selected values by a gather.)
 @triton.jit(do_not_specialize=["N", "K", "k_out"])
-def _topk_kernel(A, Kp, RA, RK, YA, YK, Buf, Cnt, Thr, Values, Indices, N, K, k_out,
+def _scan_kernel(A, Kp, RK, YA, YK, Buf, Cnt, Thr, N, K, k_out,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 KP: tl.constexpr, W: tl.constexpr, MERGE_ROWS: tl.constexpr, APPEND_ASM: tl.constexpr,
-                 SELECT_BY_MAX: tl.constexpr):
+                 W: tl.constexpr, MERGE_ROWS: tl.constexpr, APPEND_ASM: tl.constexpr, RELOAD: tl.constexpr):
     pid = tl.program_id(0)
     r = tl.arange(0, BLOCK_M)
     row0 = pid * BLOCK_M
     rows = row0 + r
     row_mask = rows < N
     d = tl.arange(0, BLOCK_D)
-    a = tl.load(A + pid.to(tl.int64) * (BLOCK_M * BLOCK_D) + r[:, None] * BLOCK_D + d[None, :],
-                mask=row_mask[:, None], other=0.0)
+    a_ptrs = A + pid.to(tl.int64) * (BLOCK_M * BLOCK_D) + r[:, None] * BLOCK_D + d[None, :]
+    a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
     ya = tl.load(YA + rows, mask=row_mask, other=0)
     buf_row = (Buf + rows.to(tl.int64) * W).to(tl.int64, bitcast=True)
     cnt_row = (Cnt + rows).to(tl.int64, bitcast=True)
@@ -245,18 +247,18 @@ def _topk_kernel(A, Kp, RA, RK, YA, YK, Buf, Cnt, Thr, Values, Indices, N, K, k_
     while jt < n_full:
         used = 0
         while (jt < n_full) & (used <= W - BLOCK_N):
-            _scan_tile(a, ya, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, YK, jt * BLOCK_N, K, thr, buf_row, cnt_row,
-                       Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, False, APPEND_ASM)
+            _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, YK, jt * BLOCK_N, K, thr,
+                       buf_row, cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, False, APPEND_ASM, RELOAD)
             jt += 1
             tl.debug_barrier()
             used = tl.max(tl.load(Cnt + rows, cache_modifier=".cg"), axis=0)
         if used > W - BLOCK_N:
-            _prune(Buf, Cnt, Thr, row0, N, k_out, W, W - BLOCK_N, MERGE_ROWS, BLOCK_M)
+            _prune(Buf, Cnt, Thr, row0, N, k_out, W, W - BLOCK_N, MERGE_ROWS, BLOCK_M, 8)
             thr = tl.load(Thr + rows, cache_modifier=".cg")
     if n_full * BLOCK_N < K:
-        _scan_tile(a, ya, k_ptrs + n_full * (BLOCK_N * BLOCK_D), RK, YK, n_full * BLOCK_N, K, thr, buf_row,
-                   cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, True, APPEND_ASM)
-    _final(Buf, Cnt, RA, Values, Indices, row0, N, k_out, KP, W, MERGE_ROWS, BLOCK_M, SELECT_BY_MAX)
+        _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs + n_full * (BLOCK_N * BLOCK_D), RK, YK, n_full * BLOCK_N, K, thr,
+                   buf_row, cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, True, APPEND_ASM, RELOAD)
+    tl.debug_barrier()
 
 
 def expected_merges(K: int, k: int, BLOCK_N: int) -> int:
@@ -300,21 +302,25 @@ def topk_launches(anchors, anchor_labels, keys, key_labels, ra, rk, k, ignore_la
     ya, yk = dense_labels(anchor_labels, key_labels)
     # an ignored key gets a NaN scale: NaN similarities are never above a threshold
     rk_eff = torch.where(key_labels.reshape(-1) == ignore_label, float("nan"), rk.float())
-    args = dict(A=a2, Kp=k2, RA=C.aligned(ra.float().contiguous()), RK=C.aligned(rk_eff.contiguous()),
-                YA=C.aligned(ya), YK=C.aligned(yk), Buf=buf, Cnt=cnt, Thr=thr, Values=values, Indices=indices,
-                N=N, K=K, k_out=k)
+    scan_args = dict(A=a2, Kp=k2, RK=C.aligned(rk_eff.contiguous()), YA=C.aligned(ya), YK=C.aligned(yk), Buf=buf,
+                     Cnt=cnt, Thr=thr, N=N, K=K, k_out=k)
     merges = expected_merges(K, k, bn) if C.capturing() else 0
     chunks = bm // merge_rows
-    # loops, outermost first: prune loop (merges + 1 runs), scan (every full tile), the prune's row steps, the
-    # exact select's 64 bit steps (a fallback, not run on data without massive ties), the final row steps
-    trips = [merges + 1, K // bn, merges * chunks, 0, chunks]
-    notes = dict(merges=merges, dram_bytes=float(sum(v.numel() * v.element_size() for v in
-                                                     (a2, k2, values, indices))))
-    return [C.Launch(OP, "topk", _topk_kernel, (grid,), args,
-                     dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, KP=KP, W=W,
-                          MERGE_ROWS=merge_rows, APPEND_ASM=not C.interpreting(),
-                          SELECT_BY_MAX=C.interpreting() and INTERPRETER_SELECT_BY_MAX),
-                     cfg["num_warps"], cfg["num_stages"], trips=trips, notes=notes)]
+    # loops, outermost first: prune loop (merges + 1 runs), scan (every full tile), the prune's row steps, its 8
+    # bisection rounds, the exact select's 64 bit steps (a fallback, not run on data without massive ties)
+    scan = C.Launch(OP, "topk_scan", _scan_kernel, (grid,), scan_args,
+                    dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, W=W,
+                         MERGE_ROWS=merge_rows, APPEND_ASM=not C.interpreting(), RELOAD=cfg["RELOAD"]),
+                    cfg["num_warps"], cfg["num_stages"], trips=[merges + 1, K // bn, merges * chunks, merges * chunks * 8, 0],
+                    notes=dict(merges=merges, dram_bytes=float(a2.numel() * a2.element_size()
+                                                               + k2.numel() * k2.element_size())))
+    rows = SELECT_ROWS[KP]
+    select = C.Launch(OP, "topk_select", _select_kernel, (triton.cdiv(grid * bm, rows),),
+                      dict(Buf=buf, Cnt=cnt, RA=C.aligned(ra.float().contiguous()), Values=values, Indices=indices,
+                           N=N, k_out=k),
+                      dict(KP=KP, W=W, ROWS=rows, BY_MAX=C.interpreting() and INTERPRETER_SELECT_BY_MAX),
+                      4, 1, trips=[], notes=dict(dram_bytes=float(values.numel() * 12 + N * W * 8)), dot=False)
+    return [scan, select]
 
 
 def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int, ignore_label: int):

@@ -20,11 +20,14 @@ import triton.language as tl
 from action_kernels.triton import _common as C
 
 OP = "soft_contrastive"
-# (kernel, arch, "16" | "32" input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen among the
-# configurations that compile with no local memory by the static estimate of the kernel report
-# (python -m action_kernels.kernel_report --tune); arch 80 is used for sm_8x, 90 for sm_90 and newer.
+# (kernel, arch, "16" | "32" input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, RELOAD]). Chosen
+# among the configurations that compile with no local memory by the static estimate of the kernel report
+# (python -m action_kernels.kernel_report.tune); arch 80 is used for sm_8x, 90 for sm_90 and newer. RELOAD
+# re-reads the loop-invariant operand tile (rows; keys in the key gradient) every iteration instead of holding it:
+# mma.sync (sm_80) takes its A operand from registers, D/4 of them per operand at 16 bits, and tf32x3 splits fp32
+# operands in registers, so wide rows cannot stay resident there.
 CONFIGS = {
-    ("forward", 90, "16", 64): (64, 64, 4, 2), ("forward", 90, "16", 128): (64, 64, 4, 2),
+    ("forward", 90, "16", 64): (128, 128, 8, 2), ("forward", 90, "16", 128): (128, 128, 8, 2),
     ("forward", 90, "16", 256): (64, 64, 8, 2), ("forward", 90, "16", 512): (64, 32, 8, 2),
     ("forward", 80, "16", 64): (64, 64, 4, 2), ("forward", 80, "16", 128): (64, 64, 4, 2),
     ("forward", 80, "16", 256): (64, 32, 4, 2), ("forward", 80, "16", 512): (32, 32, 4, 2),
@@ -51,7 +54,7 @@ CONFIGS = {
 }
 # Under TRITON_INTERPRET=1 one fixed configuration (the interpreter's cost grows with block iterations, and the
 # tests set smaller tiles through this dict).
-INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "RELOAD": False}
 
 
 def config_key(kernel: str, arch: int, dtype: torch.dtype, BLOCK_D: int, k: int = 0) -> tuple:
@@ -67,8 +70,8 @@ def config(kernel: str, arch: int, dtype: torch.dtype, BLOCK_D: int) -> dict:
         raise NotImplementedError(f"soft_contrastive triton kernels support feature sizes up to 512 (their tiles and "
                                   f"accumulators must fit registers and shared memory), got a feature tile of "
                                   f"{BLOCK_D}; use backend='chunked' or 'cuda'")
-    bm, bn, warps, stages = CONFIGS[key]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages, *reload = CONFIGS[key]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, RELOAD=bool(reload and reload[0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,8 +82,11 @@ def config(kernel: str, arch: int, dtype: torch.dtype, BLOCK_D: int) -> dict:
 #   loss_i = KL(p_i || q_i) = (rt/τ_t acc_b - rs/τ_s acc_a)/l_t - lse_t + lse_s,  lse = ln2 (m + log2 l).
 # Gradient: the row gradient kernel below; the key gradient kernel after it.
 @triton.jit
-def _forward_tile(s, t, k_ptrs, RK, j0, K, cs, ct, m_s, l_s, m_t, l_t, acc_b, acc_a,
-                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _forward_tile(s, t, s_ptrs, t_ptrs, row_mask, k_ptrs, RK, j0, K, cs, ct, m_s, l_s, m_t, l_t, acc_b, acc_a,
+                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, RELOAD: tl.constexpr):
+    if RELOAD:  # the row tiles from L2 every tile, so that they need no registers across the loop (mma.sync, tf32x3)
+        s = tl.load(s_ptrs, mask=row_mask[:, None], other=0.0)
+        t = tl.load(t_ptrs, mask=row_mask[:, None], other=0.0)
     cols = j0 + tl.arange(0, BLOCK_N)
     if MASKED:
         kt = tl.load(k_ptrs, mask=(cols < K)[:, None], other=0.0)
@@ -109,7 +115,8 @@ def _forward_tile(s, t, k_ptrs, RK, j0, K, cs, ct, m_s, l_s, m_t, l_t, acc_b, ac
 
 @triton.jit(do_not_specialize=["N", "K"])
 def _forward_kernel(S, T, Kp, RS, RT, RK, Loss, LseS, LseT, N, K, inv_tau_s, inv_tau_t,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    RELOAD: tl.constexpr):
     pid = tl.program_id(0)
     r = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + r
@@ -133,12 +140,12 @@ def _forward_kernel(S, T, Kp, RS, RT, RK, Loss, LseS, LseT, N, K, inv_tau_s, inv
     n_full = K // BLOCK_N
     for jt in range(0, n_full):
         m_s, l_s, m_t, l_t, acc_b, acc_a = _forward_tile(
-            s, t, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, jt * BLOCK_N, K, cs, ct, m_s, l_s, m_t, l_t, acc_b, acc_a,
-            PRECISION, BLOCK_N, False)
+            s, t, S + base + tile, T + base + tile, row_mask, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, jt * BLOCK_N, K,
+            cs, ct, m_s, l_s, m_t, l_t, acc_b, acc_a, PRECISION, BLOCK_N, False, RELOAD)
     if n_full * BLOCK_N < K:
         m_s, l_s, m_t, l_t, acc_b, acc_a = _forward_tile(
-            s, t, k_ptrs + n_full * (BLOCK_N * BLOCK_D), RK, n_full * BLOCK_N, K, cs, ct, m_s, l_s, m_t, l_t, acc_b,
-            acc_a, PRECISION, BLOCK_N, True)
+            s, t, S + base + tile, T + base + tile, row_mask, k_ptrs + n_full * (BLOCK_N * BLOCK_D), RK,
+            n_full * BLOCK_N, K, cs, ct, m_s, l_s, m_t, l_t, acc_b, acc_a, PRECISION, BLOCK_N, True, RELOAD)
     lse_s = (m_s + tl.log2(l_s)) * 0.6931471805599453
     lse_t = (m_t + tl.log2(l_t)) * 0.6931471805599453
     loss = (rt * inv_tau_t * acc_b - rs * inv_tau_s * acc_a) / l_t - lse_t + lse_s
@@ -153,8 +160,11 @@ def _forward_kernel(S, T, Kp, RS, RT, RK, Loss, LseS, LseT, N, K, inv_tau_s, inv
 # k̂_j = rk_j k_j folded into the weights: acc += ((q - p) rk) · k. q - p is formed in fp32 before the cast to the
 # input dtype (late in training q ≈ p: casting q and p separately would lose the difference).
 @triton.jit
-def _row_grad_tile(s, t, k_ptrs, RK, j0, K, cs, ct, ls2, lt2, acc,
-                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _row_grad_tile(s, t, s_ptrs, t_ptrs, row_mask, k_ptrs, RK, j0, K, cs, ct, ls2, lt2, acc,
+                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, RELOAD: tl.constexpr):
+    if RELOAD:
+        s = tl.load(s_ptrs, mask=row_mask[:, None], other=0.0)
+        t = tl.load(t_ptrs, mask=row_mask[:, None], other=0.0)
     cols = j0 + tl.arange(0, BLOCK_N)
     if MASKED:  # rk = 0 past K zeroes those keys' weights
         kt = tl.load(k_ptrs, mask=(cols < K)[:, None], other=0.0)
@@ -172,7 +182,8 @@ def _row_grad_tile(s, t, k_ptrs, RK, j0, K, cs, ct, ls2, lt2, acc,
 
 @triton.jit(do_not_specialize=["N", "K"])
 def _row_grad_kernel(S, T, Kp, RS, RT, RK, LseS, LseT, DS, N, K, inv_tau_s, inv_tau_t,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     RELOAD: tl.constexpr):
     pid = tl.program_id(0)
     r = tl.arange(0, BLOCK_M)
     rows = pid * BLOCK_M + r
@@ -190,11 +201,11 @@ def _row_grad_kernel(S, T, Kp, RS, RT, RK, LseS, LseT, DS, N, K, inv_tau_s, inv_
     k_ptrs = Kp + tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + d[None, :]
     n_full = K // BLOCK_N
     for jt in range(0, n_full):
-        acc = _row_grad_tile(s, t, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, jt * BLOCK_N, K, cs, ct, ls2, lt2, acc,
-                             PRECISION, BLOCK_N, False)
+        acc = _row_grad_tile(s, t, S + base + tile, T + base + tile, row_mask, k_ptrs + jt * (BLOCK_N * BLOCK_D),
+                             RK, jt * BLOCK_N, K, cs, ct, ls2, lt2, acc, PRECISION, BLOCK_N, False, RELOAD)
     if n_full * BLOCK_N < K:
-        acc = _row_grad_tile(s, t, k_ptrs + n_full * (BLOCK_N * BLOCK_D), RK, n_full * BLOCK_N, K, cs, ct, ls2,
-                             lt2, acc, PRECISION, BLOCK_N, True)
+        acc = _row_grad_tile(s, t, S + base + tile, T + base + tile, row_mask, k_ptrs + n_full * (BLOCK_N * BLOCK_D),
+                             RK, n_full * BLOCK_N, K, cs, ct, ls2, lt2, acc, PRECISION, BLOCK_N, True, RELOAD)
     tl.store(DS + base + tile, acc * inv_tau_s, mask=row_mask[:, None])
 
 
@@ -204,8 +215,11 @@ def _row_grad_kernel(S, T, Kp, RS, RT, RK, LseS, LseT, DS, N, K, inv_tau_s, inv_
 # with ŝ_i = rs_i s_i folded into the row weights of the two (BLOCK_N x BLOCK_M) · (BLOCK_M x D) products; the
 # logits are computed transposed (keys x rows), so both products take the row tiles as they were loaded.
 @triton.jit
-def _key_grad_tile(kb, s_ptrs, t_ptrs, RS, RT, Loss, LseS, LseT, G, i0, N, ck_s, ck_t, inv_tau_s, inv_tau_t, dk,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+def _key_grad_tile(kb, kb_ptrs, k_mask, s_ptrs, t_ptrs, RS, RT, Loss, LseS, LseT, G, i0, N, ck_s, ck_t, inv_tau_s,
+                   inv_tau_t, dk, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                   RELOAD: tl.constexpr):
+    if RELOAD:
+        kb = tl.load(kb_ptrs, mask=k_mask[:, None], other=0.0)
     rows = i0 + tl.arange(0, BLOCK_M)
     if MASKED:  # g = 0 past N zeroes those rows' weights
         m = rows < N
@@ -238,7 +252,8 @@ def _key_grad_tile(kb, s_ptrs, t_ptrs, RS, RT, Loss, LseS, LseT, G, i0, N, ck_s,
 
 @triton.jit(do_not_specialize=["N", "K"])
 def _key_grad_kernel(S, T, Kp, RS, RT, RK, Loss, LseS, LseT, G, DK, N, K, inv_tau_s, inv_tau_t,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     RELOAD: tl.constexpr):
     pid = tl.program_id(0)
     c = tl.arange(0, BLOCK_N)
     keys = pid * BLOCK_N + c
@@ -255,12 +270,14 @@ def _key_grad_kernel(S, T, Kp, RS, RT, RK, Loss, LseS, LseT, G, DK, N, K, inv_ta
     n_full = N // BLOCK_M
     for it in range(0, n_full):
         off = it * (BLOCK_M * BLOCK_D)
-        dk = _key_grad_tile(kb, S + off + row_tile, T + off + row_tile, RS, RT, Loss, LseS, LseT, G, it * BLOCK_M, N,
-                            ck_s, ck_t, inv_tau_s, inv_tau_t, dk, PRECISION, BLOCK_M, False)
+        dk = _key_grad_tile(kb, Kp + base + tile, k_mask, S + off + row_tile, T + off + row_tile, RS, RT, Loss, LseS,
+                            LseT, G, it * BLOCK_M, N, ck_s, ck_t, inv_tau_s, inv_tau_t, dk, PRECISION, BLOCK_M, False,
+                            RELOAD)
     if n_full * BLOCK_M < N:
         off = n_full * (BLOCK_M * BLOCK_D)
-        dk = _key_grad_tile(kb, S + off + row_tile, T + off + row_tile, RS, RT, Loss, LseS, LseT, G,
-                            n_full * BLOCK_M, N, ck_s, ck_t, inv_tau_s, inv_tau_t, dk, PRECISION, BLOCK_M, True)
+        dk = _key_grad_tile(kb, Kp + base + tile, k_mask, S + off + row_tile, T + off + row_tile, RS, RT, Loss, LseS,
+                            LseT, G, n_full * BLOCK_M, N, ck_s, ck_t, inv_tau_s, inv_tau_t, dk, PRECISION, BLOCK_M, True,
+                            RELOAD)
     tl.store(DK + base + tile, dk, mask=k_mask[:, None])
 
 
@@ -291,8 +308,8 @@ def forward_launches(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad, out):
         OP, "forward", _forward_kernel, (triton.cdiv(N, bm),),
         dict(S=s2, T=t2, Kp=k2, RS=rs2, RT=rt2, RK=rk2, Loss=out["loss"], LseS=out["lse_s"], LseT=out["lse_t"],
              N=N, K=K, inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t),
-        dict(PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD), cfg["num_warps"], cfg["num_stages"],
-        trips=[K // bn]))
+        dict(PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, RELOAD=cfg["RELOAD"]), cfg["num_warps"],
+        cfg["num_stages"], trips=[K // bn]))
     if with_grad:
         cfg = config("row_grad", arch, dtype, BD)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -300,8 +317,8 @@ def forward_launches(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad, out):
             OP, "row_grad", _row_grad_kernel, (triton.cdiv(N, bm),),
             dict(S=s2, T=t2, Kp=k2, RS=rs2, RT=rt2, RK=rk2, LseS=out["lse_s"], LseT=out["lse_t"], DS=out["ds0p"],
                  N=N, K=K, inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t),
-            dict(PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD), cfg["num_warps"], cfg["num_stages"],
-            trips=[K // bn]))
+            dict(PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, RELOAD=cfg["RELOAD"]), cfg["num_warps"],
+            cfg["num_stages"], trips=[K // bn]))
     return plans
 
 
@@ -335,8 +352,8 @@ def key_grad_launches(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, loss, lse_s, ls
         dict(S=s2, T=t2, Kp=k2, RS=rs2, RT=rt2, RK=rk2, Loss=C.aligned(loss), LseS=C.aligned(lse_s),
              LseT=C.aligned(lse_t), G=C.aligned(g.float().contiguous()), DK=dkp, N=N, K=K, inv_tau_s=inv_tau_s,
              inv_tau_t=inv_tau_t),
-        dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD), cfg["num_warps"],
-        cfg["num_stages"], trips=[N // bm])]
+        dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, RELOAD=cfg["RELOAD"]),
+        cfg["num_warps"], cfg["num_stages"], trips=[N // bm])]
 
 
 def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, g):
