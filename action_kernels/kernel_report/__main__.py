@@ -35,6 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--arch", default="sm_80,sm_90", help="target architectures (default sm_80,sm_90)")
     ap.add_argument("--json", help="write the whole report as JSON to this file")
     ap.add_argument("--dump-cubins", help="keep every compiled cubin and a manifest.json in this folder")
+    ap.add_argument("--markdown", help="also write the printed tables to this file")
     ap.add_argument("--ops", default="soft_contrastive,hard_negative_topk,anatomical")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--dims", default="64,128,256,512")
@@ -163,8 +164,12 @@ def main(argv=None) -> int:
         if args.dump_cubins:
             with open(os.path.join(out_dir, "manifest.json"), "w") as f:
                 json.dump(manifest(result), f, indent=1)
-    print("\n".join(triton_tables(result["triton"]) + [""] + cuda_tables(result["cuda"])))
-    print(f"\n({result['seconds']} s; all times are static estimates, see docs/kernel_report.md)")
+    text = "\n".join(triton_tables(result["triton"]) + [""] + cuda_tables(result["cuda"]))
+    text += f"\n\n({result['seconds']} s; all times are static estimates, see docs/kernel_report.md)"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -27,8 +27,8 @@ def cubin_numbers(cuobjdump: str, cubin: str, symbol: str | None = None) -> dict
 
 
 def _launch_summary(launch) -> dict:
-    cfg = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in ("KP", "W", "MERGE_ROWS")}
-    return dict(kernel=launch.name, grid=int(launch.grid[0]), num_warps=launch.num_warps,
+    cfg = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in ("KP", "W", "MERGE_ROWS", "RELOAD")}
+    return dict(kernel=launch.name, dot=launch.dot, grid=int(launch.grid[0]), num_warps=launch.num_warps,
                 num_stages=launch.num_stages, tiles=cfg, trips=list(launch.trips), notes=dict(launch.notes))
 
 
@@ -68,7 +68,7 @@ def triton_section(entries, archs, out_dir, workers) -> dict:
             continue
         nums = cubin_numbers(cuobjdump, res["cubin"], res["symbol"])[res["symbol"]]
         cubins[key] = dict(nums, cubin=res["cubin"], symbol=res["symbol"], dynamic_shared=res["dynamic_shared"],
-                           arch=jobs[key][1])
+                           arch=jobs[key][1], compile_s=res.get("compile_s"))
     rows = []
     for arch, e, items in planned:
         dev = device(arch)

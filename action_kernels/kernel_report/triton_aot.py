@@ -14,12 +14,9 @@ import importlib
 import json
 import multiprocessing
 import os
+import time
 
 from action_kernels.triton import _common
-
-
-def _jit_function(kernel):
-    return kernel.fn if hasattr(kernel, "fn") and not callable(getattr(kernel, "run", None)) else kernel
 
 
 def specialise(launch: _common.Launch, arch: int) -> dict:
@@ -59,10 +56,12 @@ def _compile_worker(req: dict, arch: int, path: str) -> dict:
     src = ASTSource(fn=fn, signature=req["signature"], constexprs={tuple(k): v for k, v in req["constexprs"]},
                     attrs={tuple(k): v for k, v in req["attrs"]})
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in req["options"].items()}
+    t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with open(path, "wb") as f:
         f.write(compiled.asm["cubin"])
-    return dict(symbol=compiled.metadata.name, dynamic_shared=int(compiled.metadata.shared))
+    return dict(symbol=compiled.metadata.name, dynamic_shared=int(compiled.metadata.shared),
+                compile_s=round(time.time() - t0, 1))
 
 
 def compile_all(jobs: dict[str, tuple[dict, int]], out_dir: str, workers: int) -> dict[str, dict]:

@@ -16,7 +16,7 @@ import tempfile
 from action_kernels.kernel_report import estimate, matrix, report, tools, triton_aot
 from action_kernels.kernel_report.devices import device
 
-MODE_OF = {"forward": "forward", "row_grad": "forward_grad", "key_grad": "key_grad", "topk": "topk"}
+MODE_OF = {"forward": "forward", "row_grad": "forward_grad", "key_grad": "key_grad", "topk_scan": "topk"}
 
 
 def _table(op: str):
@@ -27,13 +27,17 @@ def _table(op: str):
     return mod
 
 
-def candidates(op: str, kernel: str):
-    if op == "soft_contrastive":
-        for bm, bn, w, s in itertools.product((16, 32, 64, 128), (16, 32, 64, 128), (4, 8), (1, 2, 3)):
-            yield (bm, bn, w, s)
+def candidates(op: str, kernel: str, fp32: bool, arch: int, quick: bool):
+    """The search space: tiles the tensor cores take (>= 16), warps 4 or 8, 1-2 stages, and on sm_80 or for fp32
+    also re-reading the loop-invariant operand (RELOAD); --quick keeps 64-row tiles and 2 stages."""
+    reload = (False, True) if (arch < 90 or fp32) else (False,)
+    tiles = (16, 32, 64) if fp32 else (32, 64, 128)
+    if quick:
+        yield from itertools.product((32, 64), (16, 32, 64) if fp32 else (32, 64), (4, 8), (2,), reload)
+    elif op == "soft_contrastive":
+        yield from itertools.product(tiles, tiles, (4, 8), (1, 2), reload)
     else:
-        for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2,)):
-            yield (bm, bn, w, s)
+        yield from itertools.product((32, 64, 128), (32, 64) if fp32 else (64, 128), (4, 8), (2,), reload)
 
 
 def main(argv=None) -> int:
@@ -46,7 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="a smaller search space")
     args = ap.parse_args(argv)
+    return tune(args)
+
+
+def tune(args) -> int:
     from action_kernels.triton import _common
 
     mod = _table(args.op)
@@ -57,7 +66,7 @@ def main(argv=None) -> int:
     saved = mod.CONFIGS.get(key)
     jobs, plans = {}, []
     try:
-        for cand in candidates(args.op, args.kernel):
+        for cand in candidates(args.op, args.kernel, args.dtype == "fp32", args.arch, args.quick):
             mod.CONFIGS[key] = cand
             with _common.capture(args.arch) as launches:
                 matrix.call_launcher(e)
@@ -94,7 +103,9 @@ def main(argv=None) -> int:
               f"LDL/STL {n['ldl']}/{n['stl']} smem {shared_kib(n, res_dyn(done, plans, cand)):.0f} KiB "
               f"CTAs/SM {occ['ctas_per_sm']}  [{pipes}]")
     if rows and not rows[0][0]:
-        print(f"table entry: {key!r}: {rows[0][2]!r},")
+        print(f"table entry: {key!r}: {rows[0][2]!r},", flush=True)
+    else:
+        print(f"table entry: {key!r}: NONE without local memory", flush=True)
     return 0
 
 
