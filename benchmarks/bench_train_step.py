@@ -9,7 +9,7 @@ differ only in compute_losses, where the reference code differs:
              hard queries and every negative drawn on the host (NumPy: per-query Python loop choosing each
              negative's class from the prototype graph and a pixel of that class), a [256, 513, D] key tensor per
              class, cosine similarity, cross-entropy (the `naive` anatomical provider of bench_loss.py)
-  ours       action.method.Finetuner.training_step: vectorised sampling on the device from one generator, the fused
+  ours       action.method.Finetuner.compute_losses: vectorised sampling on the device from one generator, the fused
              top-k hard negatives and anatomical_contrast_loss (negatives "topk"), or "class_graph" (the reference
              sampling, vectorised) with --negatives class_graph
 Time: median and range of whole steps over repeats, providers interleaved. Memory: peak extra RSS of one step in

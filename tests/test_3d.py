@@ -11,8 +11,7 @@ from action.data.acdc import assemble_volumes, read_case
 from action.engine import Trainer, load_checkpoint
 from action.engine.inference import predict_volume_3d
 
-from test_engine import ACDC, needs_acdc
-from test_inference import sign_model
+from helpers import ACDC, needs_acdc, sign_model
 
 
 def small_3d(out, **kw):

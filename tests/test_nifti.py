@@ -10,10 +10,7 @@ from action.data.nifti import (folder_pairs, hdf5_to_nifti, load_nifti, load_pai
                                write_like)
 from action.metrics import binary_metrics  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-NIFTI = os.path.join(SHARED, "nifti")
-ACDC = os.path.join(SHARED, "acdc")
-needs_nifti = pytest.mark.skipif(not os.path.isdir(NIFTI), reason=f"real NIfTI fixtures not found at {NIFTI}")
+from helpers import ACDC, NIFTI, needs_nifti  # noqa: E402
 
 
 @needs_nifti
