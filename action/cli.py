@@ -9,6 +9,7 @@ from dataclasses import MISSING, fields
 
 from action.config import PRESETS, STAGES, TrainConfig, build_config
 
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

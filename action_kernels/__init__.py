@@ -11,13 +11,25 @@ Public API:
     *_ref                                                    materialising plain-torch references
 """
 from action_kernels.nn import AnatomicalContrastLoss, HardNegativeMiner, SoftContrastiveLoss
-from action_kernels.ops.anatomical import (AnatomicalContrastLossFunction, anatomical_contrast_loss,
-                                           class_graph_negatives, class_prototypes)
-from action_kernels.ops.hard_negative_topk import (HardNegativeTopkFunction, IndexedCosineFunction, hard_negative_topk,
-                                                   indexed_cosine)
+from action_kernels.ops.anatomical import (
+    AnatomicalContrastLossFunction,
+    anatomical_contrast_loss,
+    class_graph_negatives,
+    class_prototypes,
+)
+from action_kernels.ops.hard_negative_topk import (
+    HardNegativeTopkFunction,
+    IndexedCosineFunction,
+    hard_negative_topk,
+    indexed_cosine,
+)
 from action_kernels.ops.soft_contrastive import SoftContrastiveLossFunction, soft_contrastive_loss
-from action_kernels.reference import (anatomical_contrast_loss_ref, class_prototypes_ref, hard_negative_topk_ref,
-                                      soft_contrastive_loss_ref)
+from action_kernels.reference import (
+    anatomical_contrast_loss_ref,
+    class_prototypes_ref,
+    hard_negative_topk_ref,
+    soft_contrastive_loss_ref,
+)
 
 __version__ = "0.2.0"
 __all__ = ["AnatomicalContrastLoss", "AnatomicalContrastLossFunction", "HardNegativeMiner", "HardNegativeTopkFunction",

@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import _rss_field, environment  # noqa: E402
-from workloads import AnatomicalContrast  # noqa: E402
-
 from action.config import build_config  # noqa: E402
 from action.method import Finetuner  # noqa: E402
+from bench_loss import _rss_field, environment  # noqa: E402
+from workloads import AnatomicalContrast  # noqa: E402
 
 ACDC = os.environ.get("ACTION_ACDC", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                                                   "data", "acdc"))

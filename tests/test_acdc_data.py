@@ -1,5 +1,4 @@
 """ACDC HDF5 loading on the real data in ../shared/data/acdc (skipped with the reason when it is absent)."""
-import os
 
 import numpy as np
 import pytest

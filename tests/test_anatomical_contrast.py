@@ -90,7 +90,8 @@ def test_topk_loss_equals_reference_formula_on_the_same_negatives(backend):
     ref = anatomical_contrast_loss_ref(q2, yq, p2, k2, yk, tau=0.5, negatives=idx)
     ref.backward()
     assert_allowed("loss", loss.detach(), ref.detach(), "anatomical_fp32")
-    for name, got, want in (("queries", q1.grad, q2.grad), ("prototypes", p1.grad, p2.grad), ("keys", k1.grad, k2.grad)):
+    for name, got, want in (("queries", q1.grad, q2.grad), ("prototypes", p1.grad, p2.grad),
+                            ("keys", k1.grad, k2.grad)):
         assert_allowed(f"{name} grad", got, want, "anatomical_fp32")
 
 

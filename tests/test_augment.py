@@ -3,8 +3,18 @@ generator state reproduces a batch, intensity transforms leave labels alone, cut
 import pytest
 import torch
 
-from action.data.augment import (Augment, AugmentConfig, classmix, cutmix, cutout, flip_rot90, gaussian_blur,
-                                 gaussian_noise, intensity, random_affine)
+from action.data.augment import (
+    Augment,
+    AugmentConfig,
+    classmix,
+    cutmix,
+    cutout,
+    flip_rot90,
+    gaussian_blur,
+    gaussian_noise,
+    intensity,
+    random_affine,
+)
 from action_kernels.testing import assert_allowed
 
 

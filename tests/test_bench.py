@@ -43,6 +43,7 @@ def test_bench_rejects_bad_arguments():
 
 def test_presets_quick_sweeps_keys_and_targets_match_the_kernel_issues():
     import torch
+
     from workloads import PRESETS, WORKLOADS
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

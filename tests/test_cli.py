@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from action.cli import main
-
 from helpers import ACDC, needs_acdc
 
 
@@ -55,8 +54,8 @@ def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys, monkeypatch
     import action.data.training as training_module
 
     loads, real = [], training_module.training_data
-    monkeypatch.setattr(training_module, "training_data",
-                        lambda cfg, uses_unlabelled, *a: loads.append(uses_unlabelled) or real(cfg, uses_unlabelled, *a))
+    monkeypatch.setattr(training_module, "training_data", lambda cfg, uses_unlabelled, *a: loads.append(
+        uses_unlabelled) or real(cfg, uses_unlabelled, *a))
     for source in ("run", "unlabelled"):  # a supervised run: its labelled slices, or the unlabelled ones on request
         assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", ACDC, "--split", "val", "--out",
                      str(tmp_path / f"ev-{source}"), "--overlays", "0", "--bn-recalibrate", "2",

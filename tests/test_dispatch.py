@@ -22,7 +22,8 @@ def test_auto_on_cpu_picks_the_chunked_path():
 def test_environment_variable_selects_the_backend(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     assert dispatch.select("soft_contrastive_loss", None, torch.device("cpu"), torch.float32) == "torch"
-    assert dispatch.select("soft_contrastive_loss", "chunked", torch.device("cpu"), torch.float32) == "chunked"  # argument wins
+    argument_wins = dispatch.select("soft_contrastive_loss", "chunked", torch.device("cpu"), torch.float32)
+    assert argument_wins == "chunked"
 
 
 def test_unknown_backend_in_environment_names_the_variable(monkeypatch):

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from action.engine import load_checkpoint
 from action_kernels.testing import assert_allowed
-
 from helpers import ACDC, SMALL, needs_acdc
 
 SCRIPT = """

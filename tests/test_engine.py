@@ -1,11 +1,8 @@
 """The training engine on real ACDC slices at 64x64: a 20-iteration supervised run that saves, resumes (also after
 a SIGKILL of a subprocess) with identical subsequent losses, and evaluates; checkpoint safety; the supervised loss."""
-import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,6 +10,7 @@ import torch
 from action.config import build_config
 from action.engine import Trainer, dice_loss, load_checkpoint, save_checkpoint, supervised_loss
 from helpers import ACDC, kill_after_checkpoint, losses, needs_acdc, smoke_config
+
 
 def test_dice_loss_matches_the_formula_and_ignores_pixels():
     g = torch.Generator().manual_seed(0)

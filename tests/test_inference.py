@@ -1,7 +1,7 @@
 """Volume inference: slice-wise 2D with resizing, sliding-window 3D with padding and overlap."""
 import torch
 
-from action.engine import predict_sliding_window, predict_slices
+from action.engine import predict_slices, predict_sliding_window
 from helpers import sign_model
 
 

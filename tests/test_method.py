@@ -7,14 +7,18 @@ import sys
 import pytest
 import torch
 
-from action.config import build_config
 from action.engine import load_checkpoint
 from action.engine.evaluate import acdc_cases
 from action.engine.inference import predict_slices, recalibrate_batchnorm
-from action.method import (STAGE_TRAINERS, FifoBank, anatomical_term, pseudo_label_loss, run_pipeline,
-                           sample_hard_queries)
+from action.method import (
+    STAGE_TRAINERS,
+    FifoBank,
+    anatomical_term,
+    pseudo_label_loss,
+    run_pipeline,
+    sample_hard_queries,
+)
 from action.models import UNet2D
-
 from helpers import ACDC, SMALL, kill_after_checkpoint, needs_acdc, stage_config
 
 

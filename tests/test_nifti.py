@@ -6,10 +6,8 @@ import pytest
 
 pytest.importorskip("nibabel", reason="NIfTI I/O needs nibabel (pip install nibabel)")
 
-from action.data.nifti import (folder_pairs, hdf5_to_nifti, load_nifti, load_pair, save_nifti,  # noqa: E402
-                               write_like)
+from action.data.nifti import folder_pairs, hdf5_to_nifti, load_nifti, load_pair, save_nifti, write_like  # noqa: E402
 from action.metrics import binary_metrics  # noqa: E402
-
 from helpers import ACDC, NIFTI, needs_nifti  # noqa: E402
 
 

@@ -7,9 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from action.method.plusplus import (SaaclState, assign_centres, ats_temperature, class_centres, compute_centres,
-                                    saacl_loss)
-
+from action.method.plusplus import (
+    SaaclState,
+    assign_centres,
+    ats_temperature,
+    class_centres,
+    compute_centres,
+    saacl_loss,
+)
 from action_kernels.testing import assert_allowed
 from helpers import needs_acdc, stage_config
 
@@ -17,7 +22,8 @@ from helpers import needs_acdc, stage_config
 def test_ats_matches_its_formula():
     T, lo, hi = 40, 0.1, 1.0
     for t in range(0, 81, 7):
-        assert ats_temperature(t, T, lo, hi) == pytest.approx(lo + 0.5 * (hi - lo) * (1 + math.cos(2 * math.pi * t / T)))
+        want = lo + 0.5 * (hi - lo) * (1 + math.cos(2 * math.pi * t / T))
+        assert ats_temperature(t, T, lo, hi) == pytest.approx(want)
     assert ats_temperature(0, T) == pytest.approx(1.0) and ats_temperature(20, T) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="period"):
         ats_temperature(1, 0)

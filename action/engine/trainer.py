@@ -14,9 +14,9 @@ by the loop; tests/test_engine.py overrides every one and checks that it is):
     eval_model()        the network validation and testing use
 
 Determinism: batch t is a pure function of (seed, t) (TwoStreamSampler); the augmentation generator and torch's
-global RNG (dropout) are re-seeded from run_seed(seed, t) at every iteration. A run resumed from a checkpoint at iteration t
-therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic, weights_only) hold
-model, optimizer, scheduler, extra state, iteration and the best validation score.
+global RNG (dropout) are re-seeded from run_seed(seed, t) at every iteration. A run resumed from a checkpoint at
+iteration t therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic,
+weights_only) hold model, optimizer, scheduler, extra state, iteration and the best validation score.
 
 Sharding (action.engine.distributed): views whose key ends in "_l" are cut along the labelled batch, "_u" along the
 unlabelled one, into world x accumulate contiguous shards; each shard's losses use their own generator seeded

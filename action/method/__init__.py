@@ -2,8 +2,16 @@
 fine-tuning) and ACTION++'s fine-tuning as Trainer variants on the fused ops of action_kernels, their registry
 (STAGE_TRAINERS, trainer_class), and the pipeline that chains the stages."""
 from action.method.losses import FifoBank, anatomical_term, distillation_loss, pseudo_label_loss, sample_hard_queries
-from action.method.stages import (STAGE_TRAINERS, Finetuner, GlobalPretrainer, LocalPretrainer, PlusPlusFinetuner,
-                                   StudentPass, run_pipeline, trainer_class)
+from action.method.stages import (
+    STAGE_TRAINERS,
+    Finetuner,
+    GlobalPretrainer,
+    LocalPretrainer,
+    PlusPlusFinetuner,
+    StudentPass,
+    run_pipeline,
+    trainer_class,
+)
 
 __all__ = ["STAGE_TRAINERS", "FifoBank", "Finetuner", "GlobalPretrainer", "LocalPretrainer", "PlusPlusFinetuner",
            "StudentPass", "anatomical_term", "distillation_loss", "pseudo_label_loss", "run_pipeline",

@@ -28,8 +28,7 @@ from action.data.augment import cutmix
 from action.engine.checkpoint import load_checkpoint
 from action.engine.losses import supervised_loss
 from action.engine.trainer import Trainer
-from action.method.losses import (FifoBank, anatomical_term, distillation_loss, pseudo_label_loss,
-                                  sample_hard_queries)
+from action.method.losses import FifoBank, anatomical_term, distillation_loss, pseudo_label_loss, sample_hard_queries
 from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
 from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead, build_network
 from action.models.ema import batch_statistics
@@ -201,10 +200,10 @@ class StudentPass(NamedTuple):
 class Finetuner(_TeacherStage):
     """Stage iii: L_sup + unsup_weight L_unsup (teacher pseudo-labels, augmented jointly with their confidences,
     cutmix) + anco_weight L_anco (anatomical contrast on a representation map at size / rep_stride). Variants add
-    terms through more_losses (ACTION++: PlusPlusFinetuner). BatchNorm as in the ReCo code this stage follows: the teacher labels the clean unlabelled batch with that
-    batch's statistics (teacher_bn "batch"), the student sees labelled and unlabelled images in separate forwards
-    (split_bn); with running statistics and one mixed forward the loop collapsed on this project's CPU runs
-    (README, the stage iii diagnostics)."""
+    terms through more_losses (ACTION++: PlusPlusFinetuner). BatchNorm as in the ReCo code this stage follows: the
+    teacher labels the clean unlabelled batch with that batch's statistics (teacher_bn "batch"), the student sees
+    labelled and unlabelled images in separate forwards (split_bn); with running statistics and one mixed forward
+    the loop collapsed on this project's CPU runs (README, the stage iii diagnostics)."""
 
     stage = "finetune"
 
@@ -346,7 +345,8 @@ def trainer_class(cfg: TrainConfig) -> type[Trainer]:
     """The Trainer class of cfg.stage, or of its registered variant when the variant's switch is on (cfg.plusplus:
     "finetune+plusplus"; a stage without that variant ignores the switch)."""
     if cfg.stage not in STAGE_TRAINERS:
-        raise ValueError(f"stage {cfg.stage!r} has no trainer; choose from {sorted(s for s in STAGE_TRAINERS if '+' not in s)}")
+        stages = sorted(s for s in STAGE_TRAINERS if "+" not in s)
+        raise ValueError(f"stage {cfg.stage!r} has no trainer; choose from {stages}")
     for variant in VARIANTS:
         key = f"{cfg.stage}+{variant}"
         if getattr(cfg, variant) and key in STAGE_TRAINERS:

@@ -6,8 +6,9 @@ logits are small (256 KiB at K = 65,536), so the key axis needs no online statis
 (three sweeps instead of ~14 torch passes) when the host build is present, else in plain torch
 (`USE_NATIVE = False` forces that).
 
-Implements dispatch.SoftContrastiveKernels (the backend contract), fp64 included: rows s, t arrive raw with inverse norms rs, rt (N,) and keys k with
-rk (K,), so that ŝ = rs ⊙ s, t̂ = rt ⊙ t, k̂ = rk ⊙ k are the normalised vectors (all ones without normalisation).
+Implements dispatch.SoftContrastiveKernels (the backend contract), fp64 included: rows s, t arrive raw with inverse
+norms rs, rt (N,) and keys k with rk (K,), so that ŝ = rs ⊙ s, t̂ = rt ⊙ t, k̂ = rk ⊙ k are the normalised vectors
+(all ones without normalisation).
 Forward (per chunk):  a = ŝ k̂ᵀ/τ_s, b = t̂ k̂ᵀ/τ_t, lse_s, lse_t, loss = Σ_j p (log p - log q), p = softmax(b),
 q = softmax(a). Gradient to the normalised rows, formed in the forward pass when asked (no recompute; exact because
 row i's gradient is linear in its own upstream gradient g_i):  ds0_i = (q_i - p_i) k̂ / τ_s, dL/dŝ_i = g_i ds0_i.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from action_kernels._extension import host_module
+
 # fp32 math for 16-bit inputs (bf16 GEMMs are also ~100x slower on CPUs); fp64 stays fp64
 from action_kernels._rows import work_dtype as _work_dtype
 from action_kernels.chunked._chunking import row_chunks

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from action_kernels._rows import to_rows
-from action_kernels._validation import (check_anatomical_contrast, check_class_graph_negatives,
-                                        check_class_prototypes)
+from action_kernels._validation import check_anatomical_contrast, check_class_graph_negatives, check_class_prototypes
 from action_kernels.ops.hard_negative_topk import hard_negative_topk, indexed_cosine
 
 
