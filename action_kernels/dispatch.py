@@ -107,7 +107,8 @@ class Backend:
     torch backend, which runs the op's materialising reference (reference.<op>_ref) with the functional's
     arguments. dtypes: None for any. device: '' or why it cannot run on tensors of a device. cpu: how it runs on
     CPU tensors: "native", "emulated" (the CUDA kernels' logic on host threads) or "interpreted" (Triton's
-    interpreter), the last two for tests only. limits: {op: {argument: largest value taken}}, e.g. {"k": 1024}."""
+    interpreter), the last two for tests only. limits: {op: {argument: largest value taken}}, e.g. {"k": 1024}.
+    ops: the ops it has kernels for (None: every op of OPS)."""
 
     name: str
     package: str | None
@@ -115,12 +116,15 @@ class Backend:
     device: Callable[[torch.device], str]
     cpu: str
     limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    ops: tuple[str, ...] | None = None
 
     def supports(self, op: str | None, device: torch.device, dtype: torch.dtype, **limits: int) -> str:
         """'' when this backend can run `op` (None: any op) on tensors of this device and dtype with these
         arguments (limits such as k=64, D=128), else why not."""
         if op is not None and op not in OPS:
             raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
+        if op is not None and self.ops is not None and op not in self.ops:
+            return f"{self.name} has no kernels for {op} (it implements {', '.join(self.ops)})"
         if self.dtypes is not None and dtype not in self.dtypes:
             others = [b.name for b in REGISTRY.values() if b.dtypes is None or dtype in b.dtypes]
             hint = f"; use backend={' or '.join(repr(o) for o in others)}" if others else ""

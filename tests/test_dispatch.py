@@ -64,6 +64,8 @@ def test_report_lists_every_backend():
 def test_every_backend_module_implements_the_contract(op, backend):
     if dispatch.unavailable_reason(backend, torch.device("cpu"), torch.float32) and backend == "triton":
         pytest.skip("triton is not importable here")
+    if dispatch.REGISTRY[backend].ops is not None and op not in dispatch.REGISTRY[backend].ops:
+        pytest.skip(f"{backend} declares no kernels for {op}")
     module = dispatch.kernels(op, backend)
     contract = dispatch.CONTRACTS[op]
     for name, spec in inspect.getmembers(contract, inspect.isfunction):
@@ -98,6 +100,27 @@ def test_a_per_op_limit_rejects_the_backend_for_that_op_only(monkeypatch):
     assert ak.hard_negative_topk(a, ya, keys, yk, 9)[1].shape == (5, 9)
 
 
+def test_a_backend_without_kernels_for_an_op_is_declined_for_it():
+    partial = dataclasses.replace(dispatch.REGISTRY["chunked"], ops=("soft_contrastive_loss",))
+    cpu = torch.device("cpu")
+    assert partial.supports("soft_contrastive_loss", cpu, torch.float32) == ""
+    assert partial.supports("hard_negative_topk", cpu, torch.float32) == (
+        "chunked has no kernels for hard_negative_topk (it implements soft_contrastive_loss)")
+
+
 def test_unknown_op_is_an_error_that_lists_the_ops():
     with pytest.raises(ValueError, match="op must be one of"):
         dispatch.unavailable_reason("chunked", torch.device("cpu"), torch.float32, op="softmax")
+
+
+def test_a_backend_added_to_the_registry_alone_is_dispatched_to(monkeypatch):
+    """Adding a backend is one registry entry plus its package: here a copy of the chunked entry under a new name."""
+    mirror = dataclasses.replace(dispatch.REGISTRY["chunked"], name="mirror")
+    monkeypatch.setattr(dispatch, "REGISTRY", {**dispatch.REGISTRY, "mirror": mirror})
+    g = torch.Generator().manual_seed(0)
+    s, t, k = torch.randn(2, 6, 3, 4, generator=g), torch.randn(2, 6, 3, 4, generator=g), torch.randn(9, 6, generator=g)
+    assert torch.equal(ak.soft_contrastive_loss(s, t, k, backend="mirror"),
+                       ak.soft_contrastive_loss(s, t, k, backend="chunked"))
+    ya, yk = torch.randint(0, 3, (2, 3, 4), generator=g), torch.randint(-1, 3, (9,), generator=g)
+    assert torch.equal(ak.hard_negative_topk(s, ya, k, yk, 4, backend="mirror")[1],
+                       ak.hard_negative_topk(s, ya, k, yk, 4, backend="chunked")[1])
