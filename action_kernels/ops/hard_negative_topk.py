@@ -11,6 +11,9 @@ embedding_bag. The forward gather and the key gradient choose per call between s
 selected keys of a row chunk; index_add) and, when n is a sizeable fraction of K (K <= DENSE_RATIO n), dense (a
 c x K chunk of all similarities by GEMM; the scattered c x K gradient, transposed, times Â by GEMM). Measured on
 2 CPU cores at Q = 1024, n = 512, K = 16384, D = 512: key gradient 1.78 s sparse, 0.26 s dense.
+
+Both library ops register their autograd route (setup_context, backward) once; HardNegativeTopkFunction and
+IndexedCosineFunction are the same forward and backward as drop-in autograd Functions.
 """
 from __future__ import annotations
 
