@@ -9,91 +9,6 @@ from dataclasses import MISSING, fields
 
 from action.config import PRESETS, STAGES, TrainConfig, build_config
 
-HELP = {
-    "stage": "training stage to run",
-    "data": "ACDC folder in the HDF5 layout (data/*.h5, train_slices.list, val.list, test.list); default "
-            "$ACTION_ACDC, else ../shared/data/acdc",
-    "out": "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, test/",
-    "dims": "2: slice-wise 2D UNet; 3: UNet3D on patches of volumes assembled from the slices",
-    "patch": "3D training patch as a JSON list [Z, H, W] of multiples of 16",
-    "base_channels": "UNet3D width: channels base x (1, 2, 4, 8, 16)",
-    "labelled_patients": "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training slices)",
-    "max_train_slices": "use only the first N labelled and N unlabelled slices (quick checks; 2D only)",
-    "size": "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it and back",
-    "num_classes": "number of classes including background (ACDC: 4)",
-    "iterations": "training iterations (the poly learning-rate schedule runs over them)",
-    "labelled_batch": "labelled images per batch",
-    "unlabelled_batch": "unlabelled images per batch (semi-supervised stages)",
-    "lr": "initial learning rate of SGD",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
-    "nesterov": "Nesterov momentum",
-    "poly_power": "poly schedule: lr * (1 - it / iterations) ** power",
-    "amp": "mixed precision: auto (bf16/fp16 on CUDA, off on CPU), on, off",
-    "device": "auto, cpu, cuda, cuda:N",
-    "threads": "CPU threads for torch (default: torch's choice)",
-    "accumulate": "split each step's batch into this many shards per process (gradient accumulation; under "
-                  "torchrun the global batch is split over world size x accumulate shards)",
-    "seed": "seed of initialisation, batches, augmentation and dropout (a run is reproducible from it)",
-    "augmentation": "JSON object overriding augmentation settings, e.g. '{\"affine_p\": 0.3}' "
-                    "(fields of action.data.augment.AugmentConfig)",
-    "val_every": "validate every N iterations on val.list (0: never; best.pt is then the last model)",
-    "val_volumes": "validate on the first N volumes of val.list only",
-    "checkpoint_every": "write last.pt every N iterations (a kill loses at most this much work)",
-    "log_every": "log losses every N iterations",
-    "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
-    "test_at_end": "evaluate best.pt on test.list when training ends (writes <out>/test/)",
-    "init": "initialise the model from this checkpoint (e.g. the previous stage's best.pt)",
-    "ema_decay": "EMA teacher decay (ramped up as 1 - 1/(it+1) at the start)",
-    "tau_student": "student temperature of the global and local distillation",
-    "tau_teacher": "teacher temperature of the global and local distillation",
-    "global_weight": "weight of the global distillation loss (stages i, ii)",
-    "global_dim": "global embedding size (projection head output)",
-    "global_bank": "FIFO bank of teacher image embeddings used as anchors (reference: 36)",
-    "local_weight": "weight of the local (pixel-wise) distillation loss (stage ii)",
-    "local_dim": "local embedding size",
-    "local_grid": "local embeddings on a grid of local_grid x local_grid cells per image",
-    "local_bank": "FIFO bank of teacher local embeddings used as anchors",
-    "local_push": "teacher local embeddings pushed into the bank per iteration (a random subset)",
-    "unsup_weight": "weight of the pseudo-label loss (stage iii)",
-    "unsup_rampup": "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) (0: none)",
-    "anco_weight": "weight of the anatomical contrast loss (stage iii; reference 0.01)",
-    "weak_threshold": "teacher confidence at which an unlabelled pixel joins the anatomical contrast",
-    "unsup_mask": "pseudo-label loss: 'image' weights each image's pixels by its confident fraction (method.md "
-                  "section 5), 'pixel' counts only pixels with confidence >= strong_threshold",
-    "bn_recalibrate": "before each validation and test, re-estimate the evaluated network's BatchNorm statistics "
-                      "on this many batches of un-augmented training images (the unlabelled ones when the run "
-                      "loads them, else the labelled ones; a copy: training is unaffected; 0: off)",
-    "teacher_bn": "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: 'batch' uses that "
-                  "batch's statistics (the ReCo code's EMA model runs in train mode), 'running' its running statistics",
-    "split_bn": "stage iii: the student sees labelled and unlabelled images in separate forwards, so BatchNorm "
-                "normalises each kind with its own statistics (as the ReCo code does); false: one mixed forward",
-    "eval_teacher": "validate and test the EMA teacher's network instead of the student's (teacher stages)",
-    "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",
-    "queries_per_class": "hard queries sampled per class (with replacement)",
-    "num_negatives": "negatives per query",
-    "anco_tau": "temperature of the anatomical contrast",
-    "negatives": "negative selection: topk (fused hard negatives) or class_graph (the reference sampling)",
-    "rep_dim": "representation head output size (anatomical contrast embeddings)",
-    "rep_stride": "anatomical contrast on a grid of size / rep_stride pixels per side",
-    "cutmix_p": "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)",
-    "plusplus": "ACTION++: add the supervised adaptive anatomical contrast (SAACL) in fine-tuning",
-    "saacl_weight": "weight of the SAACL loss",
-    "saacl_dim": "SAACL embedding size (d)",
-    "saacl_queue": "queue of labelled teacher features for SAACL",
-    "saacl_push": "labelled teacher features pushed into the SAACL queue per iteration",
-    "saacl_eta": "momentum of the running class means (eta)",
-    "lambda_a": "weight of the assigned-centre term inside SAACL",
-    "saacl_tau": "SAACL temperature (when ATS does not set it)",
-    "ats": "anatomical-aware temperature scheduler: cosine between tau_min and tau_max",
-    "ats_targets": "temperatures ATS drives: comma list of anco, saacl, global, local",
-    "tau_min": "ATS minimum temperature",
-    "tau_max": "ATS maximum temperature",
-    "ats_period": "ATS period in iterations (default: the stage's iterations)",
-    "stage_iterations": "pipeline: JSON object of iterations per stage, e.g. "
-                        "'{\"pretrain-global\": 300, \"pretrain-local\": 600, \"finetune\": 2000}'",
-}
-
 
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -119,7 +34,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                 "list": json.loads, "float": float, "int": int, "str": str}[str(f.type)]
         extra = {"choices": list(STAGES)} if f.name == "stage" else {}
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                           help=f"{HELP[f.name]} (default: {default})", **extra)
+                           help=f"{f.metadata['help']} (default: {default})", **extra)
 
 
 def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None,
@@ -133,11 +48,13 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
 
     import torch
 
+    from action.data import training
     from action.engine import load_checkpoint
-    from action.engine.checkpoint import eval_weights, teacher_weights
-    from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
-    from action.engine.trainer import align_keys, resolve_device, training_data
-    from action.method import STAGE_TRAINERS
+    from action.engine.checkpoint import align_keys, eval_weights, teacher_weights
+    from action.engine.device import resolve_device
+    from action.engine.inference import recalibrate_batchnorm, volume_predictor
+    from action.method import trainer_class
+    from action.models import build_network
 
     if bn_recalibrate < 0:
         raise SystemExit(f"--bn-recalibrate: expected >= 0 batches, got {bn_recalibrate}")
@@ -153,7 +70,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
-        images = training_data(train_cfg, STAGE_TRAINERS[cfg.stage].uses_unlabelled or bn_source == "unlabelled")
+        images = training.training_data(train_cfg, trainer_class(cfg).uses_unlabelled or bn_source == "unlabelled")
         generator = torch.Generator().manual_seed(cfg.seed)
         model = recalibrate_batchnorm(model, images.clean_batches(bn_recalibrate, generator, dev))
     predict = volume_predictor(model, cfg, dev)
@@ -161,7 +78,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
 
 
 def cmd_train(args) -> int:
-    from action.method import STAGE_TRAINERS, run_pipeline
+    from action.method import run_pipeline, trainer_class
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = build_config(args.preset, args.config, overrides)
@@ -169,7 +86,7 @@ def cmd_train(args) -> int:
         results = run_pipeline(cfg, resume=args.resume)
         print(json.dumps({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
         return 0
-    result = STAGE_TRAINERS[cfg.stage](cfg).fit(resume=args.resume)
+    result = trainer_class(cfg)(cfg).fit(resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "test"}))
     return 0
 

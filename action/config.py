@@ -1,7 +1,9 @@
-"""Run configuration: one flat dataclass, presets, and JSON/YAML files. Precedence: defaults < preset < config
-file < command-line flags. Unknown keys are errors (a typo never silently falls back to a default)."""
+"""Run configuration: one flat dataclass whose fields carry their help text, presets, and JSON/YAML files.
+Precedence: defaults < preset < config file < command-line flags. Unknown keys are errors (a typo never silently
+falls back to a default)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -16,89 +18,122 @@ STAGES = ("supervised", "pretrain-global", "pretrain-local", "finetune", "pipeli
 PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
 
 
+def option(default, help: str):
+    """A config field with its --help text beside it (action.cli builds every train option from these)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what and where
-    stage: str = "supervised"
-    data: str = DEFAULT_ACDC
-    out: str = "runs/supervised"
-    labelled_patients: int | None = 3
-    max_train_slices: int | None = None  # use only the first n slices of each set (smoke tests)
-    size: int = 256
-    num_classes: int = 4
-    dims: int = 2  # 3: volumes assembled from the slices, UNet3D on random patches, sliding-window evaluation
-    patch: list = field(default_factory=lambda: [16, 96, 96])  # 3D training patch (Z, H, W), multiples of 16
-    base_channels: int = 16  # UNet3D width: base x (1, 2, 4, 8, 16)
-    # optimisation (method.md section 6: the reference schedule)
-    iterations: int = 30000
-    labelled_batch: int = 12
-    unlabelled_batch: int = 0
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    poly_power: float = 0.9
-    amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU; on; off
-    device: str = "auto"
-    threads: int | None = None
-    accumulate: int = 1  # shards per process and step (gradient accumulation; see action.engine.distributed)
-    seed: int = 1337
-    augmentation: dict = field(default_factory=dict)  # AugmentConfig fields to override
+    stage: str = option("supervised", "training stage to run")
+    data: str = option(DEFAULT_ACDC, "ACDC folder in the HDF5 layout (data/*.h5, train_slices.list, val.list, "
+                                     "test.list); default $ACTION_ACDC, else ../shared/data/acdc")
+    out: str = option("runs/supervised", "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, "
+                                         "test/")
+    labelled_patients: int | None = option(3, "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training "
+                                              "slices)")
+    max_train_slices: int | None = option(None, "use only the first N labelled and N unlabelled slices (quick checks, "
+                                                "smoke tests; 2D only)")
+    size: int = option(256, "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it "
+                            "and back")
+    num_classes: int = option(4, "number of classes including background (ACDC: 4)")
+    dims: int = option(2, "2: slice-wise 2D UNet; 3: UNet3D on random patches of volumes assembled from the slices, "
+                          "sliding-window evaluation")
+    patch: list = option([16, 96, 96], "3D training patch as a JSON list [Z, H, W] of multiples of 16")
+    base_channels: int = option(16, "UNet3D width: channels base x (1, 2, 4, 8, 16)")
+    # optimisation (docs/method.md section 6: the reference schedule)
+    iterations: int = option(30000, "training iterations (the poly learning-rate schedule runs over them)")
+    labelled_batch: int = option(12, "labelled images per batch")
+    unlabelled_batch: int = option(0, "unlabelled images per batch (semi-supervised stages)")
+    lr: float = option(0.01, "initial learning rate of SGD")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "SGD weight decay")
+    nesterov: bool = option(False, "Nesterov momentum")
+    poly_power: float = option(0.9, "poly schedule: lr * (1 - it / iterations) ** power")
+    amp: str = option("auto", "mixed precision: auto (bf16/fp16 autocast on CUDA, off on CPU), on, off")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    accumulate: int = option(1, "split each step's batch into this many shards per process (gradient accumulation; "
+                                "under torchrun the global batch is split over world size x accumulate shards: "
+                                "action.engine.distributed)")
+    seed: int = option(1337, "seed of initialisation, batches, augmentation and dropout (a run is reproducible from "
+                             "it)")
+    augmentation: dict = option({}, "JSON object overriding augmentation settings, e.g. '{\"affine_p\": 0.3}' (fields "
+                                    "of action.data.augment.AugmentConfig)")
     # bookkeeping
-    val_every: int = 500
-    val_volumes: int | None = None  # validate on the first n of val.list (None: all 20)
-    checkpoint_every: int = 500
-    log_every: int = 10
-    tensorboard: bool = True
-    test_at_end: bool = True
-    init: str | None = None  # initialise the model from this checkpoint (pipeline stages)
-    # ACTION stages i-ii (method.md sections 2, 3): distillation
-    ema_decay: float = 0.99
-    tau_student: float = 0.1
-    tau_teacher: float = 0.01
-    global_weight: float = 1.0
-    global_dim: int = 512
-    global_bank: int = 36
-    local_weight: float = 1.0
-    local_dim: int = 128
-    local_grid: int = 16
-    local_bank: int = 4096
-    local_push: int = 256
-    # ACTION stage iii (sections 4, 5): pseudo-labels and anatomical contrast
-    unsup_weight: float = 1.0
-    unsup_rampup: int = 0  # iterations of the sigmoid ramp-up exp(-5 (1 - t/R)^2) of the pseudo-label weight
-    unsup_mask: str = "image"  # "image": method.md section 5 (per-image weight); "pixel": only confident pixels
-    teacher_bn: str = "batch"  # stage iii pseudo-labels: BN on the clean unlabelled batch's statistics, or "running"
-    split_bn: bool = True  # stage iii student: labelled and unlabelled images in separate forwards (separate BN)
-    eval_teacher: bool = False  # validate/test the EMA teacher's network instead of the student's (stages i-iii)
-    bn_recalibrate: int = 0  # batches of clean training images re-estimating BN statistics before evaluation
-    anco_weight: float = 0.01
-    weak_threshold: float = 0.7
-    strong_threshold: float = 0.97
-    queries_per_class: int = 256
-    num_negatives: int = 512
-    anco_tau: float = 0.5
-    negatives: str = "topk"
-    rep_dim: int = 512
-    rep_stride: int = 4
-    cutmix_p: float = 0.5
-    # ACTION++ (section 7): SAACL and the anatomical-aware temperature scheduler (ATS)
-    plusplus: bool = False
-    saacl_weight: float = 0.01
-    saacl_dim: int = 128
-    saacl_queue: int = 4096
-    saacl_push: int = 512
-    saacl_eta: float = 0.1
-    lambda_a: float = 0.2
-    saacl_tau: float = 0.1
-    ats: bool = False
-    ats_targets: str = "anco,saacl"
-    tau_min: float = 0.1
-    tau_max: float = 1.0
-    ats_period: int | None = None
+    val_every: int = option(500, "validate every N iterations on val.list (0: never; best.pt is then the last model)")
+    val_volumes: int | None = option(None, "validate on the first N volumes of val.list only (default: all 20)")
+    checkpoint_every: int = option(500, "write last.pt every N iterations (a kill loses at most this much work)")
+    log_every: int = option(10, "log losses every N iterations")
+    tensorboard: bool = option(True, "also log to TensorBoard (needs the tensorboard package)")
+    test_at_end: bool = option(True, "evaluate best.pt on test.list when training ends (writes <out>/test/)")
+    init: str | None = option(None, "initialise the model from this checkpoint (e.g. the previous stage's best.pt)")
+    # ACTION stages i-ii (docs/method.md sections 2, 3): distillation
+    ema_decay: float = option(0.99, "EMA teacher decay (ramped up as 1 - 1/(it+1) at the start)")
+    tau_student: float = option(0.1, "student temperature of the global and local distillation")
+    tau_teacher: float = option(0.01, "teacher temperature of the global and local distillation")
+    global_weight: float = option(1.0, "weight of the global distillation loss (stages i, ii)")
+    global_dim: int = option(512, "global embedding size (projection head output)")
+    global_bank: int = option(36, "FIFO bank of teacher image embeddings used as anchors (reference: 36)")
+    local_weight: float = option(1.0, "weight of the local (pixel-wise) distillation loss (stage ii)")
+    local_dim: int = option(128, "local embedding size")
+    local_grid: int = option(16, "local embeddings on a grid of local_grid x local_grid cells per image")
+    local_bank: int = option(4096, "FIFO bank of teacher local embeddings used as anchors")
+    local_push: int = option(256, "teacher local embeddings pushed into the bank per iteration (a random subset)")
+    # ACTION stage iii (docs/method.md sections 4, 5): pseudo-labels and anatomical contrast
+    unsup_weight: float = option(1.0, "weight of the pseudo-label loss (stage iii)")
+    unsup_rampup: int = option(0, "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) "
+                                  "(0: none)")
+    unsup_mask: str = option("image", "pseudo-label loss: 'image' weights each image's pixels by its confident "
+                                      "fraction (docs/method.md section 5), 'pixel' counts only pixels with "
+                                      "confidence >= strong_threshold")
+    teacher_bn: str = option("batch", "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: "
+                                      "'batch' uses that batch's statistics (the ReCo code's EMA model runs in train "
+                                      "mode), 'running' its running statistics")
+    split_bn: bool = option(True, "stage iii: the student sees labelled and unlabelled images in separate forwards, "
+                                  "so BatchNorm normalises each kind with its own statistics (as the ReCo code "
+                                  "does); false: one mixed forward")
+    eval_teacher: bool = option(False, "validate and test the EMA teacher's network instead of the student's "
+                                       "(teacher stages)")
+    bn_recalibrate: int = option(0, "before each validation and test, re-estimate the evaluated network's BatchNorm "
+                                    "statistics on this many batches of un-augmented training images (the "
+                                    "unlabelled ones when the run loads them, else the labelled ones; a copy: "
+                                    "training is unaffected; 0: off)")
+    anco_weight: float = option(0.01, "weight of the anatomical contrast loss (stage iii; reference 0.01)")
+    weak_threshold: float = option(0.7, "teacher confidence at which an unlabelled pixel joins the anatomical "
+                                        "contrast")
+    strong_threshold: float = option(0.97, "confidence below which a pixel is a hard query; also the pseudo-label "
+                                           "weight threshold")
+    queries_per_class: int = option(256, "hard queries sampled per class (with replacement)")
+    num_negatives: int = option(512, "negatives per query")
+    anco_tau: float = option(0.5, "temperature of the anatomical contrast")
+    negatives: str = option("topk", "negative selection: topk (fused hard negatives) or class_graph (the reference "
+                                    "sampling)")
+    rep_dim: int = option(512, "representation head output size (anatomical contrast embeddings)")
+    rep_stride: int = option(4, "anatomical contrast on a grid of size / rep_stride pixels per side")
+    cutmix_p: float = option(0.5, "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)")
+    # ACTION++ (docs/method.md section 7): SAACL and the anatomical-aware temperature scheduler (ATS)
+    plusplus: bool = option(False, "ACTION++: add the supervised adaptive anatomical contrast (SAACL) in "
+                                   "fine-tuning")
+    saacl_weight: float = option(0.01, "weight of the SAACL loss")
+    saacl_dim: int = option(128, "SAACL embedding size (d)")
+    saacl_queue: int = option(4096, "queue of labelled teacher features for SAACL")
+    saacl_push: int = option(512, "labelled teacher features pushed into the SAACL queue per iteration")
+    saacl_eta: float = option(0.1, "momentum of the running class means (eta)")
+    lambda_a: float = option(0.2, "weight of the assigned-centre term inside SAACL")
+    saacl_tau: float = option(0.1, "SAACL temperature (when ATS does not set it)")
+    ats: bool = option(False, "anatomical-aware temperature scheduler: cosine between tau_min and tau_max")
+    ats_targets: str = option("anco,saacl", "temperatures ATS drives: comma list of anco, saacl, global, local")
+    tau_min: float = option(0.1, "ATS minimum temperature")
+    tau_max: float = option(1.0, "ATS maximum temperature")
+    ats_period: int | None = option(None, "ATS period in iterations (default: the stage's iterations)")
     # the pipeline (stage "pipeline"): iterations per stage, run in order into <out>/<stage>/
-    stage_iterations: dict = field(default_factory=lambda: {"pretrain-global": 30000, "pretrain-local": 30000,
-                                                            "finetune": 30000})
+    stage_iterations: dict = option({"pretrain-global": 30000, "pretrain-local": 30000, "finetune": 30000},
+                                    "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
+                                    "\"pretrain-local\": 600, \"finetune\": 2000}'")
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -162,12 +197,12 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # the reference setting of the supervised baseline (method.md section 6): 256x256, 30k iterations
+    # the reference setting of the supervised baseline (docs/method.md section 6): 256x256, 30k iterations
     "acdc-2d": {"size": 256, "iterations": 30000, "labelled_batch": 12, "val_every": 500, "checkpoint_every": 500},
     # the project's CPU baseline (README): 3 labelled patients at 128x128, ~40 minutes on 2 cores
     "acdc-cpu": {"size": 128, "iterations": 3000, "labelled_batch": 8, "val_every": 250, "checkpoint_every": 250,
                  "lr": 0.01},
-    # the reference ACTION pipeline (method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
+    # the reference ACTION pipeline (docs/method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
     # pre-training)
     "action-2d": {"stage": "pipeline", "size": 256, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 500,
                   "checkpoint_every": 500, "stage_iterations": {"pretrain-global": 30000, "pretrain-local": 30000,

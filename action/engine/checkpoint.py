@@ -5,6 +5,9 @@ target (os.replace is atomic on POSIX): a kill at any moment leaves either the p
 one, never a truncated file. load_checkpoint uses torch.load(weights_only=True): only tensors, numbers, strings
 and containers of them are accepted, so a checkpoint from an untrusted source cannot execute code. Everything the
 trainer stores is of those types (the config is stored as a JSON string).
+
+Reading weights back: teacher_weights (the EMA teacher a checkpoint holds), eval_weights (the network its run
+validated) and align_keys (a checkpoint's names onto a model's: with or without the ACTION stages' "net." prefix).
 """
 from __future__ import annotations
 
@@ -66,3 +69,19 @@ def eval_weights(state: dict) -> dict:
         prefix = "net." if any(k.startswith("net.") for k in weights) else ""
         weights = {**weights, **{prefix + k: v for k, v in state["eval_model"].items()}}
     return weights
+
+
+def align_keys(weights: dict, target: dict) -> dict:
+    """Maps a checkpoint's weights onto a model's names: a plain network's keys gain the "net." prefix of the
+    ACTION stages' ModuleDict and lose it the other way. Keys the model does not have are dropped; a shape
+    mismatch is an error."""
+    if any(k.startswith("net.") for k in target) and not any(k.startswith("net.") for k in weights):
+        weights = {"net." + k: v for k, v in weights.items()}
+    elif not any(k.startswith("net.") for k in target) and any(k.startswith("net.") for k in weights):
+        weights = {k[4:]: v for k, v in weights.items() if k.startswith("net.")}
+    out = {k: v for k, v in weights.items() if k in target}
+    bad = [k for k, v in out.items() if tuple(v.shape) != tuple(target[k].shape)]
+    if bad:
+        raise ValueError(f"checkpoint tensors {bad[:3]} have shapes {[tuple(out[k].shape) for k in bad[:3]]}, the "
+                         f"model expects {[tuple(target[k].shape) for k in bad[:3]]}")
+    return out

@@ -1,18 +1,22 @@
-"""The training loop shared by every stage. A stage is a Trainer subclass overriding small methods:
+"""The training loop shared by every stage. A stage is a Trainer subclass overriding these hooks (each is called
+by the loop; tests/test_engine.py overrides every one and checks that it is):
 
-    build_model()       the network (and heads) to train            -> nn.Module
+    build_data()        the training images in memory (action.data.training)           -> SliceData / VolumeData
+    build_model()       the network (and heads) to train                               -> nn.Module
+    setup()             after the model holds its initial weights: teachers, banks
+    trainable_parameters()  what the optimizer updates
     prepare(b, g)       global preparation of batch b: augmentation, pseudo-labels, mixing -> views (dict)
     compute_losses(v, g) the losses of (a shard of) the views       -> {"loss": total, term: value, ...}
-    defer(name, *t)     (called by compute_losses) tensors for banks/queues, applied after the optimizer step
-    apply_deferred(name, tensors)   push them (each shard's, in global shard order)
+    apply_deferred(name, tensors)   push what compute_losses deferred (defer(name, *t)) into banks/queues, after
+                        the optimizer step (each shard's, in global shard order)
     after_step(it)      per-iteration bookkeeping (EMA update)
     extra_state() / load_extra_state(d)   what a checkpoint must hold beyond model and optimizer (EMA, banks)
     eval_model()        the network validation and testing use
 
 Determinism: batch t is a pure function of (seed, t) (TwoStreamSampler); the augmentation generator and torch's
-global RNG (dropout) are re-seeded from (seed, t) at every iteration. A run resumed from a checkpoint at iteration t
-therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic, weights_only) hold
-model, optimizer, scheduler, extra state, iteration and the best validation score.
+global RNG (dropout) are re-seeded from run_seed(seed, t) at every iteration. A run resumed from a checkpoint at
+iteration t therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic,
+weights_only) hold model, optimizer, scheduler, extra state, iteration and the best validation score.
 
 Sharding (action.engine.distributed): views whose key ends in "_l" are cut along the labelled batch, "_u" along the
 unlabelled one, into world x accumulate contiguous shards; each shard's losses use their own generator seeded
@@ -33,125 +37,16 @@ from torch import nn
 
 from action.config import TrainConfig
 from action.data.augment import Augment, AugmentConfig
-from action.data.sampling import TwoStreamSampler, load_slices
+from action.data.sampling import TwoStreamSampler, run_seed
+from action.data.training import training_data
 from action.engine import distributed as dist_utils
-from action.engine.checkpoint import eval_weights, load_checkpoint, save_checkpoint
+from action.engine.checkpoint import align_keys, eval_weights, load_checkpoint, save_checkpoint
+from action.engine.device import resolve_device
 from action.engine.evaluate import acdc_cases, evaluate, fast_dice
-from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
+from action.engine.inference import recalibrate_batchnorm, volume_predictor
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: torch sees no CUDA device; use --device cpu")
-    return device
-
-
-def align_keys(weights: dict, target: dict) -> dict:
-    """Maps a checkpoint's weights onto a model's names: a plain network's keys gain the "net." prefix of the
-    ACTION stages' ModuleDict and lose it the other way. Keys the model does not have are dropped; a shape
-    mismatch is an error."""
-    if any(k.startswith("net.") for k in target) and not any(k.startswith("net.") for k in weights):
-        weights = {"net." + k: v for k, v in weights.items()}
-    elif not any(k.startswith("net.") for k in target) and any(k.startswith("net.") for k in weights):
-        weights = {k[4:]: v for k, v in weights.items() if k.startswith("net.")}
-    out = {k: v for k, v in weights.items() if k in target}
-    bad = [k for k, v in out.items() if tuple(v.shape) != tuple(target[k].shape)]
-    if bad:
-        raise ValueError(f"checkpoint tensors {bad[:3]} have shapes {[tuple(out[k].shape) for k in bad[:3]]}, the "
-                         f"model expects {[tuple(target[k].shape) for k in bad[:3]]}")
-    return out
-
-
-def acdc_names(cfg: TrainConfig):
-    """(labelled slice names, unlabelled slice names, validation volumes, test volumes) of a config's ACDC folder:
-    the labelled split by cfg.labelled_patients, validation cut to cfg.val_volumes when set."""
-    from action.data import AcdcLayout
-
-    layout = AcdcLayout(cfg.data)
-    labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
-    val = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
-    return labelled, unlabelled, val, layout.test_volumes
-
-
-class SliceData:
-    """The training slices of an ACDC folder in memory at the training size: labelled images (N_l, 1, S, S) with
-    labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them)."""
-
-    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        from action.data import AcdcSlices
-
-        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
-        if cfg.max_train_slices:
-            labelled, unlabelled = labelled[:cfg.max_train_slices], unlabelled[:cfg.max_train_slices]
-        size = (cfg.size, cfg.size)
-        self.images, self.labels, self.names = load_slices(AcdcSlices(cfg.data, labelled, size), "labelled slices",
-                                                           progress)
-        self.unlabelled = None
-        if need_unlabelled:
-            self.unlabelled = load_slices(AcdcSlices(cfg.data, unlabelled, size, labels=False),
-                                          "unlabelled slices", progress)[0]
-
-    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 16):
-        """`count` batches (batch, 1, S, S) of un-augmented training slices drawn with replacement: the unlabelled
-        ones when loaded, else the labelled ones (BatchNorm re-estimation)."""
-        source = self.unlabelled if self.unlabelled is not None else self.images
-        for _ in range(count):
-            yield source[torch.randint(len(source), (batch,), generator=generator)].to(device)
-
-
-class VolumeData:
-    """The training slices assembled into volumes (Z, S, S) at the in-plane training size, in memory; batches are
-    random 3D patches (cfg.patch, half of them centred on foreground), drawn from generators seeded by (seed, t)."""
-
-    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        from action.data.acdc import assemble_volumes
-
-        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
-        size = (cfg.size, cfg.size)
-        self.cfg = cfg
-        self.images, self.labels, self.names = assemble_volumes(cfg.data, labelled, size)
-        self.unlabelled = assemble_volumes(cfg.data, unlabelled, size)[0] if need_unlabelled else None
-
-    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 4):
-        """`count` batches (batch, 1, *patch) of un-augmented random patches of the training volumes (unlabelled
-        when loaded, else labelled): BatchNorm re-estimation."""
-        from action.data.sampling import random_patches
-
-        source = self.unlabelled if self.unlabelled is not None else self.images
-        for _ in range(count):
-            picks = torch.randint(len(source), (batch,), generator=generator).tolist()
-            yield torch.cat([random_patches(source[i], None, tuple(self.cfg.patch), 1, generator)[0]
-                             for i in picks]).to(device)
-
-    def patches(self, indices, t: int, device) -> dict:
-        from action.data.sampling import random_patches
-
-        lab, unl = indices
-        base = (self.cfg.seed * 1_000_003 + t) * 64
-        out_i, out_l = [], []
-        for k, i in enumerate(lab.tolist()):
-            g = torch.Generator().manual_seed(base + k)
-            img, lbl = random_patches(self.images[i], self.labels[i], tuple(self.cfg.patch), 1, g)
-            out_i.append(img)
-            out_l.append(lbl)
-        batch = {"image_l": torch.cat(out_i).to(device), "label_l": torch.cat(out_l).to(device)}
-        if len(unl):
-            batch["image_u"] = torch.cat([random_patches(self.unlabelled[i], None, tuple(self.cfg.patch), 1,
-                                                         torch.Generator().manual_seed(base + 32 + k))[0]
-                                          for k, i in enumerate(unl.tolist())]).to(device)
-        return batch
-
-
-def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True):
-    """A run's training images in memory: SliceData (2D) or VolumeData (3D), the unlabelled ones loaded when the
-    stage uses them (uses_unlabelled) or the config asks for an unlabelled batch."""
-    need_unlabelled = uses_unlabelled or cfg.unlabelled_batch > 0
-    return (VolumeData if cfg.dims == 3 else SliceData)(cfg, need_unlabelled, progress)
+from action.models import build_network
 
 
 class Trainer:
@@ -217,13 +112,6 @@ class Trainer:
         losses = supervised_loss(self.model(views["image_l"]), views["label_l"], self.augment.config.ignore_index)
         return {"loss": losses["sup"], "ce": losses["ce"], "dice": losses["dice"]}
 
-    def training_step(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """prepare + compute_losses on the whole batch (one shard); deferred bank updates stay pending."""
-        return self.compute_losses(self.prepare(batch, generator), generator)
-
-    def defer(self, name: str, *tensors: torch.Tensor) -> None:
-        self._deferred.append((name, tuple(t.detach() for t in tensors)))
-
     def apply_deferred(self, name: str, tensors: tuple) -> None:
         raise NotImplementedError(f"{type(self).__name__} deferred {name!r} but does not apply it")
 
@@ -237,6 +125,15 @@ class Trainer:
         pass
 
     # -- machinery -----------------------------------------------------------------------------------------------
+    def defer(self, name: str, *tensors: torch.Tensor) -> None:
+        """Called by compute_losses: detached tensors for apply_deferred, after the optimizer step."""
+        self._deferred.append((name, tuple(t.detach() for t in tensors)))
+
+    def batch_losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """prepare + compute_losses on a whole batch as one shard, without backward or optimizer step (tests and
+        the train-step benchmark); deferred bank updates stay pending."""
+        return self.compute_losses(self.prepare(batch, generator), generator)
+
     def _amp_dtype(self):
         if self.cfg.amp == "off" or (self.cfg.amp == "auto" and self.device.type != "cuda"):
             return None
@@ -299,7 +196,7 @@ class Trainer:
             if cfg.accumulate > 1 and j:
                 for b, b0 in zip(everything, start):
                     b.copy_(b0)
-            base = cfg.seed * 1_000_003 + t
+            base = run_seed(cfg.seed, t)
             torch.manual_seed(base + index * 2**40)  # dropout of this shard, the same on whichever rank runs it
             g = torch.Generator(self.device).manual_seed(base * 1009 + index + 1)  # the shard's own sampling
             with torch.autocast(**autocast):
@@ -332,7 +229,7 @@ class Trainer:
         return dist_utils.mean_values(totals)
 
     def _generator(self, t: int) -> torch.Generator:
-        seed = self.cfg.seed * 1_000_003 + t
+        seed = run_seed(self.cfg.seed, t)
         torch.manual_seed(seed)  # dropout and anything else on the global RNG
         return torch.Generator(self.device).manual_seed(seed)
 
