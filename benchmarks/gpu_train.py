@@ -81,15 +81,18 @@ DRY_DATA = {"unlabelled": 8, "val": 1, "test": 2}  # the dry run's tiny copy
 
 
 class Log:
-    """print() to stdout and to <out>/gpu_train.log, flushed at once (a killed call still returns the file)."""
+    """print() to stdout and to <out>/gpu_train.log, flushed at once (a killed call still returns the file); the
+    file's lines carry the seconds since the script started."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, start: float):
         self.fh = open(path, "a", buffering=1)
+        self.start = start
 
     def __call__(self, *parts):
         text = " ".join(str(p) for p in parts)
         print(text, flush=True)
-        self.fh.write(text + "\n")
+        stamp = f"[{time.perf_counter() - self.start:6.1f} s] "
+        self.fh.write("".join(stamp + line + "\n" for line in text.splitlines() or [""]))
 
 
 def write_json(path: str, value) -> None:
@@ -115,11 +118,11 @@ def supervised_argv(s: Settings, data: str, out: str, iterations: int) -> list[s
             "--test-at-end", "false"]
 
 
-def evaluate_argv(s: Settings, checkpoint: str, out: str) -> list[str]:
+def evaluate_argv(s: Settings, checkpoint: str, out: str, overlays: int = 3) -> list[str]:
     """The README's test of a checkpoint on the fair BatchNorm protocol (statistics re-estimated on the unlabelled
-    slices whatever the stage)."""
+    slices whatever the stage); 3 overlays as the in-training test writes."""
     return ["evaluate", "--checkpoint", checkpoint, "--bn-recalibrate", str(s.bn_batches), "--bn-source",
-            "unlabelled", "--device", s.device, "--out", out]
+            "unlabelled", "--device", s.device, "--out", out, "--overlays", str(overlays)]
 
 
 def action_argv(s: Settings, data: str, out: str, stage_iterations: dict) -> list[str]:
@@ -181,11 +184,15 @@ def probe(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def chosen(op):  # which backend the runs' fused ops get (a forced one that cannot run says why)
+        try:
+            return dispatch.select(op, None, device, torch.bfloat16 if spec["amp"] == "on" else torch.float32)
+        except (RuntimeError, ValueError) as exc:
+            return f"cannot run: {exc}"
+
     out = {"import_s": time.perf_counter() - t0, "torch": torch.__version__, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "kernel_backend": {op: dispatch.select(op, None, device, torch.bfloat16 if spec["amp"] == "on"
-                                                  else torch.float32)
-                              for op in ("soft_contrastive", "hard_negative_topk")},
+           "kernel_backend": {op: chosen(op) for op in ("soft_contrastive", "hard_negative_topk")},
            "backend_env": os.environ.get(dispatch.ENV_VAR, ""), "kinds": {}}
     sup_cfg = config_from_argv(spec["supervised"])
     act_cfg = config_from_argv(spec["action"])
@@ -224,8 +231,8 @@ def probe(spec: dict) -> dict:
                 names = data.test_names[:spec["test_probe_volumes"]]
                 predict = volume_predictor(net.eval(), cfg, device)
                 t = time.perf_counter()
-                evaluate(lambda case, predict=predict: predict(case.image), acdc_cases(cfg.data, names), None, cfg.num_classes,
-                         progress=False)
+                evaluate(lambda case, predict=predict: predict(case.image), acdc_cases(cfg.data, names), None,
+                         cfg.num_classes, progress=False)
                 out["test_volume_s"] = (time.perf_counter() - t) / len(names)
                 case = next(acdc_cases(cfg.data, names[:1]))
                 t = time.perf_counter()
@@ -256,7 +263,8 @@ def plan_runs(s: Settings, pr: dict, budget_left: float) -> dict:
     supervised run and in stage iii, stage ii at stage iii's interval), and a test (BatchNorm re-estimation, every
     test volume, three overlays). The supervised test runs beside ACTION's training, so the predicted end is the
     later of the two. Supervised and ACTION then get the same training time, ACTION's split over its stages in the
-    action-cpu preset's proportions. Raises ValueError when min_iterations do not fit."""
+    action-cpu preset's proportions; a stage below min_iterations is raised to it (out of the margin). Raises
+    ValueError when even that does not fit the budget."""
     from action.config import PRESETS
 
     k = pr["kinds"]
@@ -273,24 +281,22 @@ def plan_runs(s: Settings, pr: dict, budget_left: float) -> dict:
     # ACTION's run outlasts the supervised test beside it whenever it trains for at least sup_test - act_fixed
     train_s = (budget_left - margin - sup_fixed - act_fixed) / 2
     per_unit = sum(share[st] * k[st]["step_s"] for st in stages)  # seconds of one unit of the proportions
-    fits = train_s > 0 and train_s / k["supervised"]["step_s"] >= s.min_iterations and \
-        min(train_s / per_unit * share[st] for st in stages) >= s.min_iterations
-    if not fits and not s.max_iterations:
-        raise ValueError(f"budget: {budget_left:.0f} s left cannot fit {s.min_iterations} iterations per stage: "
-                         f"fixed costs {sup_fixed:.0f} s (supervised) + {act_fixed:.0f} s (ACTION) + margin "
-                         f"{margin:.0f} s leave {max(train_s, 0):.0f} s of training per method; give a larger "
-                         f"--budget or fewer --validations")
 
-    def clamp(n):
+    def clamp(n):  # at least min_iterations per stage, even where that costs part of the margin
         n = max(int(n), s.min_iterations)
         return min(n, s.max_iterations) if s.max_iterations else n
 
-    sup_iters = clamp(train_s / k["supervised"]["step_s"] if train_s > 0 else 0)
-    stage_iters = {st: clamp(train_s / per_unit * share[st] if train_s > 0 else 0) for st in stages}
+    sup_iters = clamp(max(train_s, 0) / k["supervised"]["step_s"])
+    stage_iters = {st: clamp(max(train_s, 0) / per_unit * share[st]) for st in stages}
     predicted = {"supervised": sup_fixed + sup_iters * k["supervised"]["step_s"],
                  "action": act_fixed + sum(stage_iters[st] * k[st]["step_s"] for st in stages),
                  "supervised_test": sup_test}
     predicted["total"] = predicted["supervised"] + max(predicted["action"], sup_test)
+    if predicted["total"] > budget_left and not s.max_iterations:
+        raise ValueError(f"budget: {budget_left:.0f} s left cannot fit {s.min_iterations} iterations per stage: "
+                         f"fixed costs {sup_fixed:.0f} s (supervised) + {act_fixed:.0f} s (ACTION) and the "
+                         f"shortest runs predict {predicted['total']:.0f} s; give a larger --budget or fewer "
+                         f"--validations")
     return {"budget_left_s": budget_left, "margin_s": margin, "train_s_per_method": train_s,
             "supervised_iterations": sup_iters, "stage_iterations": stage_iters,
             "fixed_s": {"supervised": sup_fixed, "action": act_fixed}, "test_s": test_s, "predicted_s": predicted,
@@ -453,7 +459,7 @@ def main(argv=None) -> int:
         if value is not None:
             setattr(s, name, value)
     os.makedirs(args.out, exist_ok=True)
-    log = Log(os.path.join(args.out, "gpu_train.log"))
+    log = Log(os.path.join(args.out, "gpu_train.log"), start)
     runs_dir = args.runs or tempfile.mkdtemp(prefix="gpu_train_runs_")
     os.makedirs(runs_dir, exist_ok=True)
     deadline = start + s.budget_s
@@ -480,7 +486,10 @@ def main(argv=None) -> int:
         size["note"] = "dry run: the tiny copy lives outside the repository" if not carry else ""
     else:
         data = args.data
+        gpu_data.load_manifest(data)  # a missing or unfinished copy fails here, saying how to prepare it
         rel = os.path.relpath(os.path.abspath(data), REPO)
+        if rel.startswith(os.pardir):
+            raise SystemExit(f"--data {data} is outside the checkout {REPO}: a device call would not carry it")
         size = gpu_data.carried_size(REPO, [rel.split(os.sep)[0]])
     manifest = gpu_data.load_manifest(data)
     state["data"] = {"path": data, "manifest": manifest}
@@ -510,7 +519,8 @@ def main(argv=None) -> int:
                 "result": os.path.join(runs_dir, f"probe-{backend_name}.json")}
         spec_path = os.path.join(runs_dir, f"probe-{backend_name}-spec.json")
         write_json(spec_path, spec)
-        res = Child([os.path.abspath(__file__), "--probe", spec_path], os.path.join(runs_dir, f"probe-{backend_name}.log"),
+        res = Child([os.path.abspath(__file__), "--probe", spec_path],
+                    os.path.join(runs_dir, f"probe-{backend_name}.log"),
                     child_env(s, extra_path, backend_name)).wait(deadline - time.perf_counter())
         if res["rc"] != 0 or not os.path.isfile(spec["result"]):
             with open(os.path.join(runs_dir, f"probe-{backend_name}.log")) as fh:
@@ -622,7 +632,7 @@ def main(argv=None) -> int:
 
     if s.dry_run and "test" in act:  # ACTION's in-training test is the README's `action evaluate` protocol
         ev_dir = os.path.join(runs_dir, "action-evaluate")
-        ev_argv = evaluate_argv(s, os.path.join(act_dir, "finetune", "best.pt"), ev_dir)
+        ev_argv = evaluate_argv(s, os.path.join(act_dir, "finetune", "best.pt"), ev_dir, overlays=0)
         ev = Child(["-m", "action.cli", *ev_argv], os.path.join(runs_dir, "action-evaluate.log"), env).wait(
             deadline - time.perf_counter())
         with contextlib.suppress(FileNotFoundError):
@@ -639,9 +649,11 @@ def main(argv=None) -> int:
     state["total_s"] = time.perf_counter() - start
     write_json(plan_path, state)
     m = manifest["counts"]
+    fallback = (f" (after {state['backend_failure']['backend']} failed: {state['backend_failure']['errors']})"
+                if "backend_failure" in state else "")
     header = (f"GPU training check{' (DRY RUN: CPU, tiny sizes, not a result)' if s.dry_run else ''}, "
               f"{state['date']}, commit {state['commit']}, {pr['device_name']}, torch {pr['torch']}, kernels "
-              f"{pr['kernel_backend']}{' (fallback: ' + str(state['backend_failure']['errors']) + ')' if 'backend_failure' in state else ''}. "
+              f"{pr['kernel_backend']}{fallback}. "
               f"ACDC, {m['labelled']} labelled slices (3 patients), {m['unlabelled']} of "
               f"{manifest['source_counts']['unlabelled']} unlabelled slices (compact copy, float16 images), "
               f"{s.size}x{s.size}, amp {s.amp}; best.pt selected on {m['val']} val volumes and tested on {m['test']} "
