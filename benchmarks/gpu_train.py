@@ -66,6 +66,7 @@ class Settings:
     max_iterations: int | None = None  # a cap per stage (dry run)
     margin_fraction: float = 0.08  # of the budget left, against the probe's variance
     margin_s: float = 15.0
+    probe_limit_fraction: float = 0.35  # of the budget, for the first probe on a fused backend: then chunked
     backend: str = "triton"  # ACTION_KERNELS_BACKEND for the runs: the GPU's fused path
     threads: int | None = None  # torch CPU threads of the runs (None: torch's choice)
     dry_run: bool = False
@@ -250,6 +251,8 @@ def probe(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         out["kinds"][kind] = rec
+        if spec.get("result"):  # what finished so far survives a timeout of this process
+            write_json(spec["result"], out)
     out["total_s"] = time.perf_counter() - t0
     return out
 
@@ -446,6 +449,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, help="ACTION_KERNELS_BACKEND of the runs (default: triton on the "
                     "GPU, the automatic choice in the dry run); chunked is the fallback when a stage fails")
     ap.add_argument("--validations", type=int, default=None)
+    ap.add_argument("--probe-limit", type=float, default=None, help="seconds for the first probe on a fused "
+                    "backend before falling back to chunked (default: 35%% of the budget)")
     ap.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run the probe of this spec file
     args = ap.parse_args(argv)
     if args.probe:
@@ -519,16 +524,26 @@ def main(argv=None) -> int:
                 "result": os.path.join(runs_dir, f"probe-{backend_name}.json")}
         spec_path = os.path.join(runs_dir, f"probe-{backend_name}-spec.json")
         write_json(spec_path, spec)
+        # a fused backend gets a share of the budget: a kernel that compiles for minutes (a wide tl.topk can) must
+        # leave time for the chunked fallback; the chunked probe, the last resort, gets what is left
+        limit = deadline - time.perf_counter()
+        if backend_name != "chunked":
+            limit = min(limit, (args.probe_limit or s.probe_limit_fraction * s.budget_s))
         res = Child([os.path.abspath(__file__), "--probe", spec_path],
                     os.path.join(runs_dir, f"probe-{backend_name}.log"),
-                    child_env(s, extra_path, backend_name)).wait(deadline - time.perf_counter())
-        if res["rc"] != 0 or not os.path.isfile(spec["result"]):
-            with open(os.path.join(runs_dir, f"probe-{backend_name}.log")) as fh:
-                tail = fh.read()[-3000:]
+                    child_env(s, extra_path, backend_name)).wait(limit)
+        with open(os.path.join(runs_dir, f"probe-{backend_name}.log")) as fh:
+            tail = fh.read()[-3000:]
+        if not os.path.isfile(spec["result"]) or (res["rc"] != 0 and not res["timed_out"]):
             raise SystemExit(f"probe failed (rc {res['rc']}, timed out {res['timed_out']}):\n{tail}")
         with open(spec["result"]) as fh:
             out = json.load(fh)
         out["process_wall_s"] = res["wall_s"]
+        if res["timed_out"]:  # the first stage without a result is the one that ran out of time
+            for kind in KINDS:
+                if kind not in out["kinds"]:
+                    out["kinds"][kind] = {"error": f"probe timed out after {res['wall_s']:.0f} s (limit "
+                                          f"{limit:.0f} s) in or before this stage", "traceback": tail}
         return out
 
     log(f"== probe (backend {backend})")
