@@ -18,7 +18,7 @@ from action.config import build_config
 from action.method import STAGE_TRAINERS
 overrides = dict({small!r}, out=sys.argv[1], stage="pretrain-local", iterations=4, checkpoint_every=4,
                  labelled_batch=2, unlabelled_batch=2, accumulate=int(sys.argv[2]))
-STAGE_TRAINERS["pretrain-local"](build_config("smoke", overrides=overrides), progress=False).fit(resume=True)
+STAGE_TRAINERS["pretrain-local"](build_config("smoke", overrides=overrides), progress=False).fit(resume="auto")
 """
 
 
