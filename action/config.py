@@ -295,10 +295,11 @@ def _did_you_mean(unknown, known) -> str:
 
 
 # options a resumed run may change: where files are, the hardware, logging and bookkeeping (validation, checkpoints,
-# the final test, --init, which a resumed run overwrites with its checkpoint). Every other one changes what the run
-# computes, so resuming with it changed needs force (--force).
+# the final test, --init, which a resumed run overwrites with its checkpoint), and accumulate, which the trainer
+# checks as world size x accumulate (the shard count; fewer ranks with more accumulation compute the same). Every
+# other one changes what the run computes, so resuming with it changed needs force (--force).
 RESUME_NEUTRAL = frozenset({"out", "device", "threads", "tensorboard", "log_every", "checkpoint_every", "val_every",
-                            "val_volumes", "test_at_end", "init"})
+                            "val_volumes", "test_at_end", "init", "accumulate"})
 
 
 def resume_differences(saved_json: str, cfg: "TrainConfig") -> dict:

@@ -207,6 +207,10 @@ def test_resume_says_when_there_is_nothing_to_resume(tmp_path):
         Trainer(tiny(tmp_path), progress=False).fit(resume=True)
     assert not os.path.exists(tmp_path / "train.csv")
     assert main(["train", "--preset", "smoke", "--data", ACDC, "--out", str(tmp_path / "x"), "--resume"]) == 2
+    from action.method import run_pipeline
+
+    with pytest.raises(FileNotFoundError, match="no stage of the pipeline in .* has a last.pt"):
+        run_pipeline(build_config("smoke", overrides={"stage": "pipeline", "out": str(tmp_path / "p")}), resume=True)
 
 
 @needs_acdc
@@ -215,6 +219,8 @@ def test_resume_refuses_changed_options_unless_forced(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"options differ from those .*last\.pt was trained with \(iterations: 1 -> "
                                          r"2; lr: 0\.01 -> 0\.02\); .*add --force"):
         Trainer(tiny(tmp_path, lr=0.02), progress=False).fit(resume=True)
+    with pytest.raises(ValueError, match=r"world size x accumulate: 1 -> 2"):  # the shard count changes the batches
+        Trainer(tiny(tmp_path, accumulate=2), progress=False).fit(resume=True)
     Trainer(tiny(tmp_path, log_every=2, threads=1), progress=False).fit(resume=True, force=True)
     assert "continuing" in capsys.readouterr().out
     assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2

@@ -341,6 +341,7 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         return {"iteration": self.iteration, "stage": self.stage, "config": self.cfg.to_json(),
+                "shards": self.world * self.cfg.accumulate,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state()}
@@ -360,7 +361,8 @@ class Trainer:
     def resume(self, path: str | None = None, force: bool = False) -> bool:
         """Loads <out>/last.pt (or `path`); returns False when there is nothing to resume. The checkpoint's run
         must have the same options as this one, apart from those that change no computed value (RESUME_NEUTRAL in
-        action.config: location, device, logging, bookkeeping); otherwise a ValueError lists the differences
+        action.config: location, device, logging, bookkeeping; accumulate may change with the number of ranks as
+        long as world size x accumulate, the shard count, stays); otherwise a ValueError lists the differences
         (force=True: resume with them, printed). A checkpoint of another model is a ValueError naming the entries
         that differ."""
         path = path or os.path.join(self.cfg.out, "last.pt")
@@ -370,6 +372,9 @@ class Trainer:
         if state.get("stage") != self.stage:
             raise ValueError(f"--resume: {path} is a {state.get('stage')!r} checkpoint, this run is {self.stage!r}")
         changed = resume_differences(state.get("config", "{}"), self.cfg)
+        shards = self.world * self.cfg.accumulate  # the computation depends on the shard count, not how it splits
+        if state.get("shards", shards) != shards:
+            changed["world size x accumulate"] = (state["shards"], shards)
         if changed:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             if not force:
