@@ -32,7 +32,7 @@ class Parser(argparse.ArgumentParser):
         words = []
         if message.startswith("unrecognized arguments:"):
             words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
-        elif "invalid choice:" in message:
+        elif "invalid choice:" in message and message.split("invalid choice:", 1)[1].count("'") >= 2:
             words = [message.split("invalid choice:", 1)[1].split("'")[1]]
         hints = []
         for word in words:

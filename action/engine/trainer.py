@@ -223,6 +223,7 @@ class Trainer:
         """One optimisation step at iteration t: prepare the global batch, losses and backward per local shard,
         gradients averaged over all shards, optimizer step, deferred bank updates in shard order, after_step."""
         cfg = self.cfg
+        saved_buffers = self._snapshot_buffers()  # before any forward of this step (prepare's included)
         generator = self._generator(t)
         autocast = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                         enabled=self.amp_dtype is not None)
@@ -232,7 +233,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._deferred = []
         totals: dict[str, float] = {}
-        saved_buffers = self._snapshot_buffers()
         everything = list(self.model.buffers())
         buffers = [b for b in everything if b.is_floating_point()]
         if cfg.accumulate > 1:  # every shard updates BatchNorm statistics from the same start; then the mean
