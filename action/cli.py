@@ -2,12 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import signal
 import sys
 from dataclasses import MISSING, fields
 
 from action.config import PRESETS, STAGES, TrainConfig, build_config
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (--lr never silently means --lr-something) and with "did you mean"
+    for a mistyped option or choice."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def _all_options(self) -> list[str]:
+        options = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    options += parser._all_options()
+        return options
+
+    def error(self, message: str):
+        words = []
+        if message.startswith("unrecognized arguments:"):
+            words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+        elif "invalid choice:" in message and message.split("invalid choice:", 1)[1].count("'") >= 2:
+            words = [message.split("invalid choice:", 1)[1].split("'")[1]]
+        hints = []
+        for word in words:
+            pool = self._all_options() if word.startswith("-") else \
+                message.split("choose from", 1)[-1].replace("'", " ").replace(",", " ").replace(")", " ").split()
+            close = difflib.get_close_matches(word, pool, n=1)
+            if close:
+                hints.append(f"{word} -> {close[0]}")
+        super().error(message + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
 
 
 def _bool(text: str) -> bool:
@@ -22,19 +56,53 @@ def _optional_int(text: str):
     return None if text.lower() == "none" else int(text)
 
 
+def _json_of(kind: type, what: str):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"expected {what} in JSON, got {text!r} ({exc.msg})") from exc
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected {what} in JSON, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_optional_int.__name__, _bool.__name__ = "integer (or none)", "true/false"
+# per declared field type: the flag's parser and its metavar in --help
+_FLAG_TYPES = {"int | None": (_optional_int, "N"), "str | None": (str, None), "bool": (_bool, "{true,false}"),
+               "dict": (_json_of(dict, "a JSON object"), "JSON"), "list": (_json_of(list, "a JSON list"), "JSON"),
+               "float": (float, "X"), "int": (int, "N"), "str": (str, None)}
+
+
+def _shown(default) -> str:
+    if isinstance(default, bool) or default is None or isinstance(default, (dict, list)):
+        return json.dumps(default).replace("null", "none")
+    return str(default)
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="named settings: " + "; ".join(
         f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
     p.add_argument("--config", help="JSON or YAML file of options (keys as below, with underscores)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt where it stopped")
+    p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=False,
+                   help="continue from <out>/last.pt where it stopped (an error when there is none, or when "
+                        "options changed: see --force); '--resume auto': continue when last.pt exists, else start "
+                        "(one command line for a job a scheduler may restart)")
+    p.add_argument("--force", action="store_true", help="with --resume: continue although options that change "
+                   "the computation differ from the checkpoint's (they are printed)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting "
+                   "its checkpoints, logs and test results (without it, that is an error)")
     group = p.add_argument_group("options (defaults: the reference settings; preset < --config < flags)")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        kind = {"int | None": _optional_int, "str | None": str, "bool": _bool, "dict": json.loads,
-                "list": json.loads, "float": float, "int": int, "str": str}[str(f.type)]
-        extra = {"choices": list(STAGES)} if f.name == "stage" else {}
+        kind, metavar = _FLAG_TYPES[str(f.type)]
+        extra = {"choices": list(STAGES)} if f.name == "stage" else {"metavar": metavar} if metavar else {}
+        text = f.metadata["help"]  # a help line that explains its default already gets no second one
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                           help=f"{f.metadata['help']} (default: {default})", **extra)
+                           help=text if "default" in text else f"{text} (default: {_shown(default)})", **extra)
 
 
 def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None,
@@ -78,16 +146,23 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
 
 
 def cmd_train(args) -> int:
+    from action.engine.logs import dump_json
     from action.method import run_pipeline, trainer_class
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = build_config(args.preset, args.config, overrides)
+    if args.force and not args.resume:
+        raise ValueError("--force only applies with --resume (to --out a run that exists, add --overwrite)")
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues the run in --out, "
+                         "--overwrite deletes it")
+    run = dict(resume=args.resume, overwrite=args.overwrite, force=args.force)
     if cfg.stage == "pipeline":
-        results = run_pipeline(cfg, resume=args.resume)
-        print(json.dumps({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
+        results = run_pipeline(cfg, **run)
+        print(dump_json({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
         return 0
-    result = trainer_class(cfg)(cfg).fit(resume=args.resume)
-    print(json.dumps({k: v for k, v in result.items() if k != "test"}))
+    result = trainer_class(cfg)(cfg).fit(**run)
+    print(dump_json({k: v for k, v in result.items() if k != "test"}))  # standard JSON: no validation is null
     return 0
 
 
@@ -104,17 +179,17 @@ def _cases(args, cfg):
                      if n.endswith((".nii", ".nii.gz"))]
             if not pairs:
                 raise SystemExit(f"--images {args.images}: no .nii/.nii.gz files")
-        return nifti_cases(pairs), len(pairs)
+        return nifti_cases(pairs, cfg.num_classes), len(pairs)
     if args.acdc_raw:
         from action.data.nifti import acdc_raw_pairs
 
         pairs = acdc_raw_pairs(args.acdc_raw)
-        return nifti_cases(pairs), len(pairs)
+        return nifti_cases(pairs, cfg.num_classes), len(pairs)
     from action.data import AcdcLayout
 
     layout = AcdcLayout(args.data or cfg.data)
     names = layout.test_volumes if args.split == "test" else layout.val_volumes
-    return acdc_cases(layout.root, names), len(names)
+    return acdc_cases(layout.root, names, cfg.num_classes), len(names)
 
 
 def cmd_evaluate(args) -> int:
@@ -123,7 +198,7 @@ def cmd_evaluate(args) -> int:
 
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data,
                                               args.teacher, args.bn_source)
-    cases, total = _cases(args, cfg)
+    cases, total = _cases(args, cfg)  # output names checked distinct before the first case is read
     metrics = evaluate(predict, cases, args.out,
                        cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
                        save_predictions=args.save_predictions, overlays=args.overlays, total=total)
@@ -136,18 +211,24 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
+    from action.engine.evaluate import unique_case_names
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
-                                              bn_source=args.bn_source)
     if os.path.isdir(args.input):
         paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
-    else:
+    elif os.path.isfile(args.input):
         paths = [args.input]
+    else:
+        raise FileNotFoundError(f"--input {args.input}: no such file or folder")
     if not paths:
         raise SystemExit(f"--input {args.input}: no .nii/.nii.gz files")
-    evaluate(predict, nifti_cases([(p, None) for p in paths]),
-             args.out, cfg.num_classes, save_predictions=True, overlays=args.overlays, total=len(paths))
-    print(f"wrote {len(paths)} prediction(s) to {os.path.join(args.out, 'predictions')} (source affines kept)")
+    unique_case_names(paths)  # c.nii and c.nii.gz would write one prediction: an error before anything runs
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
+                                              bn_source=args.bn_source)
+    written: list[str] = []
+    evaluate(predict, nifti_cases([(p, None) for p in paths]), args.out, cfg.num_classes, save_predictions=True,
+             overlays=args.overlays, total=len(paths), written=written)
+    print(f"wrote {len(written)} prediction(s) for {len(paths)} input(s) to {os.path.join(args.out, 'predictions')} "
+          f"(source affines kept)")
     return 0
 
 
@@ -169,7 +250,7 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
+    ap = Parser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
                                  "train, evaluate, predict, convert data.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -227,12 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done; 2 bad input (the message names the option or file); 3 training stopped on a
+    non-finite value (its state before that iteration saved); 128 + signal number when interrupted (130 for
+    Ctrl-C, 143 for SIGTERM), after the trainer saved last.pt. No traceback for any of them."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"action {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"action {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as exc:  # the trainer printed what it saved (Interrupted); nothing else to show
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if not hasattr(exc, "signum"):
+            print(f"action {args.command}: interrupted" + (f" ({exc})" if str(exc) else ""), file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from action.config import build_config
 from action.method import STAGE_TRAINERS
 overrides = dict({small!r}, out=sys.argv[1], stage="pretrain-local", iterations=4, checkpoint_every=4,
                  labelled_batch=2, unlabelled_batch=2, accumulate=int(sys.argv[2]))
-STAGE_TRAINERS["pretrain-local"](build_config("smoke", overrides=overrides), progress=False).fit(resume=True)
+STAGE_TRAINERS["pretrain-local"](build_config("smoke", overrides=overrides), progress=False).fit(resume="auto")
 """
 
 
@@ -57,8 +57,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_shards(tmp_path):
     assert_allowed("local bank", banks_b["local.bank"], banks_a["local.bank"], "ranks_weights")
     assert sorted(os.listdir(multi)) == sorted(os.listdir(single))  # rank 1 wrote nothing extra
     # the 2-rank checkpoint resumes in one process (a different world size, the same global batches)
-    more = subprocess.run([sys.executable, "-c", SCRIPT.format(small=SMALL).replace("iterations=4", "iterations=6"),
-                           str(multi), "2"], capture_output=True, text=True, env=env)
+    longer = SCRIPT.format(small=SMALL).replace("iterations=4", "iterations=6").replace(  # a changed option: force
+        'resume="auto"', 'resume="auto", force=True')
+    more = subprocess.run([sys.executable, "-c", longer, str(multi), "2"], capture_output=True, text=True, env=env)
     assert more.returncode == 0, more.stderr[-2000:]
     assert len(rows(multi / "train.csv")) == 6
 
