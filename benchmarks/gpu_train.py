@@ -172,8 +172,9 @@ def probe(spec: dict) -> dict:
     from action.engine import evaluate
     from action.engine.evaluate import acdc_cases, save_overlays
     from action.engine.inference import volume_predictor
-    from action.engine.trainer import SliceData, resolve_device
-    from action.method import STAGE_TRAINERS
+    from action.data.training import SliceData
+    from action.engine.device import resolve_device
+    from action.method import trainer_class
     from action_kernels import dispatch
 
     device = resolve_device(spec["device"])
@@ -193,7 +194,7 @@ def probe(spec: dict) -> dict:
 
     out = {"import_s": time.perf_counter() - t0, "torch": torch.__version__, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "kernel_backend": {op: chosen(op) for op in ("soft_contrastive", "hard_negative_topk")},
+           "kernel_backend": {op: chosen(op) for op in ("soft_contrastive_loss", "hard_negative_topk")},
            "backend_env": os.environ.get(dispatch.ENV_VAR, ""), "kinds": {}}
     sup_cfg = config_from_argv(spec["supervised"])
     act_cfg = config_from_argv(spec["action"])
@@ -203,7 +204,7 @@ def probe(spec: dict) -> dict:
     out["slices"] = {"labelled": len(data.images), "unlabelled": len(data.unlabelled)}
     for kind in KINDS:
         cfg = sup_cfg if kind == "supervised" else stage_config(act_cfg, kind)
-        cls = STAGE_TRAINERS[kind]
+        cls = trainer_class(cfg)
         shared = type(f"Probe{cls.__name__}", (cls,), {"build_data": lambda self: data})
         rec: dict = {}
         try:
