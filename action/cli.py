@@ -2,97 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import signal
 import sys
 from dataclasses import MISSING, fields
 
 from action.config import PRESETS, STAGES, TrainConfig, build_config
 
-HELP = {
-    "stage": "training stage to run",
-    "data": "ACDC folder in the HDF5 layout (data/*.h5, train_slices.list, val.list, test.list); default "
-            "$ACTION_ACDC, else ../shared/data/acdc",
-    "out": "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, test/",
-    "dims": "2: slice-wise 2D UNet; 3: UNet3D on patches of volumes assembled from the slices",
-    "patch": "3D training patch as a JSON list [Z, H, W] of multiples of 16",
-    "base_channels": "UNet3D width: channels base x (1, 2, 4, 8, 16)",
-    "labelled_patients": "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training slices)",
-    "max_train_slices": "use only the first N labelled and N unlabelled slices (quick checks; 2D only)",
-    "size": "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it and back",
-    "num_classes": "number of classes including background (ACDC: 4)",
-    "iterations": "training iterations (the poly learning-rate schedule runs over them)",
-    "labelled_batch": "labelled images per batch",
-    "unlabelled_batch": "unlabelled images per batch (semi-supervised stages)",
-    "lr": "initial learning rate of SGD",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
-    "nesterov": "Nesterov momentum",
-    "poly_power": "poly schedule: lr * (1 - it / iterations) ** power",
-    "amp": "mixed precision: auto (bf16/fp16 on CUDA, off on CPU), on, off",
-    "device": "auto, cpu, cuda, cuda:N",
-    "threads": "CPU threads for torch (default: torch's choice)",
-    "accumulate": "split each step's batch into this many shards per process (gradient accumulation; under "
-                  "torchrun the global batch is split over world size x accumulate shards)",
-    "seed": "seed of initialisation, batches, augmentation and dropout (a run is reproducible from it)",
-    "augmentation": "JSON object overriding augmentation settings, e.g. '{\"affine_p\": 0.3}' "
-                    "(fields of action.data.augment.AugmentConfig)",
-    "val_every": "validate every N iterations on val.list (0: never; best.pt is then the last model)",
-    "val_volumes": "validate on the first N volumes of val.list only",
-    "checkpoint_every": "write last.pt every N iterations (a kill loses at most this much work)",
-    "log_every": "log losses every N iterations",
-    "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
-    "test_at_end": "evaluate best.pt on test.list when training ends (writes <out>/test/)",
-    "init": "initialise the model from this checkpoint (e.g. the previous stage's best.pt)",
-    "ema_decay": "EMA teacher decay (ramped up as 1 - 1/(it+1) at the start)",
-    "tau_student": "student temperature of the global and local distillation",
-    "tau_teacher": "teacher temperature of the global and local distillation",
-    "global_weight": "weight of the global distillation loss (stages i, ii)",
-    "global_dim": "global embedding size (projection head output)",
-    "global_bank": "FIFO bank of teacher image embeddings used as anchors (reference: 36)",
-    "local_weight": "weight of the local (pixel-wise) distillation loss (stage ii)",
-    "local_dim": "local embedding size",
-    "local_grid": "local embeddings on a grid of local_grid x local_grid cells per image",
-    "local_bank": "FIFO bank of teacher local embeddings used as anchors",
-    "local_push": "teacher local embeddings pushed into the bank per iteration (a random subset)",
-    "unsup_weight": "weight of the pseudo-label loss (stage iii)",
-    "unsup_rampup": "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) (0: none)",
-    "anco_weight": "weight of the anatomical contrast loss (stage iii; reference 0.01)",
-    "weak_threshold": "teacher confidence at which an unlabelled pixel joins the anatomical contrast",
-    "unsup_mask": "pseudo-label loss: 'image' weights each image's pixels by its confident fraction (method.md "
-                  "section 5), 'pixel' counts only pixels with confidence >= strong_threshold",
-    "bn_recalibrate": "before each validation and test, re-estimate the evaluated network's BatchNorm statistics "
-                      "on this many batches of un-augmented training images (the unlabelled ones when the run "
-                      "loads them, else the labelled ones; a copy: training is unaffected; 0: off)",
-    "teacher_bn": "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: 'batch' uses that "
-                  "batch's statistics (the ReCo code's EMA model runs in train mode), 'running' its running statistics",
-    "split_bn": "stage iii: the student sees labelled and unlabelled images in separate forwards, so BatchNorm "
-                "normalises each kind with its own statistics (as the ReCo code does); false: one mixed forward",
-    "eval_teacher": "validate and test the EMA teacher's network instead of the student's (teacher stages)",
-    "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",
-    "queries_per_class": "hard queries sampled per class (with replacement)",
-    "num_negatives": "negatives per query",
-    "anco_tau": "temperature of the anatomical contrast",
-    "negatives": "negative selection: topk (fused hard negatives) or class_graph (the reference sampling)",
-    "rep_dim": "representation head output size (anatomical contrast embeddings)",
-    "rep_stride": "anatomical contrast on a grid of size / rep_stride pixels per side",
-    "cutmix_p": "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)",
-    "plusplus": "ACTION++: add the supervised adaptive anatomical contrast (SAACL) in fine-tuning",
-    "saacl_weight": "weight of the SAACL loss",
-    "saacl_dim": "SAACL embedding size (d)",
-    "saacl_queue": "queue of labelled teacher features for SAACL",
-    "saacl_push": "labelled teacher features pushed into the SAACL queue per iteration",
-    "saacl_eta": "momentum of the running class means (eta)",
-    "lambda_a": "weight of the assigned-centre term inside SAACL",
-    "saacl_tau": "SAACL temperature (when ATS does not set it)",
-    "ats": "anatomical-aware temperature scheduler: cosine between tau_min and tau_max",
-    "ats_targets": "temperatures ATS drives: comma list of anco, saacl, global, local",
-    "tau_min": "ATS minimum temperature",
-    "tau_max": "ATS maximum temperature",
-    "ats_period": "ATS period in iterations (default: the stage's iterations)",
-    "stage_iterations": "pipeline: JSON object of iterations per stage, e.g. "
-                        "'{\"pretrain-global\": 300, \"pretrain-local\": 600, \"finetune\": 2000}'",
-}
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (--lr never silently means --lr-something) and with "did you mean"
+    for a mistyped option or choice."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def _all_options(self) -> list[str]:
+        options = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    options += parser._all_options()
+        return options
+
+    def error(self, message: str):
+        words = []
+        if message.startswith("unrecognized arguments:"):
+            words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+        elif "invalid choice:" in message and message.split("invalid choice:", 1)[1].count("'") >= 2:
+            words = [message.split("invalid choice:", 1)[1].split("'")[1]]
+        hints = []
+        for word in words:
+            pool = self._all_options() if word.startswith("-") else \
+                message.split("choose from", 1)[-1].replace("'", " ").replace(",", " ").replace(")", " ").split()
+            close = difflib.get_close_matches(word, pool, n=1)
+            if close:
+                hints.append(f"{word} -> {close[0]}")
+        super().error(message + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
 
 
 def _bool(text: str) -> bool:
@@ -107,19 +56,53 @@ def _optional_int(text: str):
     return None if text.lower() == "none" else int(text)
 
 
+def _json_of(kind: type, what: str):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"expected {what} in JSON, got {text!r} ({exc.msg})") from exc
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected {what} in JSON, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_optional_int.__name__, _bool.__name__ = "integer (or none)", "true/false"
+# per declared field type: the flag's parser and its metavar in --help
+_FLAG_TYPES = {"int | None": (_optional_int, "N"), "str | None": (str, None), "bool": (_bool, "{true,false}"),
+               "dict": (_json_of(dict, "a JSON object"), "JSON"), "list": (_json_of(list, "a JSON list"), "JSON"),
+               "float": (float, "X"), "int": (int, "N"), "str": (str, None)}
+
+
+def _shown(default) -> str:
+    if isinstance(default, bool) or default is None or isinstance(default, (dict, list)):
+        return json.dumps(default).replace("null", "none")
+    return str(default)
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="named settings: " + "; ".join(
         f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
     p.add_argument("--config", help="JSON or YAML file of options (keys as below, with underscores)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt where it stopped")
+    p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=False,
+                   help="continue from <out>/last.pt where it stopped (an error when there is none, or when "
+                        "options changed: see --force); '--resume auto': continue when last.pt exists, else start "
+                        "(one command line for a job a scheduler may restart)")
+    p.add_argument("--force", action="store_true", help="with --resume: continue although options that change "
+                   "the computation differ from the checkpoint's (they are printed)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting "
+                   "its checkpoints, logs and test results (without it, that is an error)")
     group = p.add_argument_group("options (defaults: the reference settings; preset < --config < flags)")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        kind = {"int | None": _optional_int, "str | None": str, "bool": _bool, "dict": json.loads,
-                "list": json.loads, "float": float, "int": int, "str": str}[str(f.type)]
-        extra = {"choices": list(STAGES)} if f.name == "stage" else {}
+        kind, metavar = _FLAG_TYPES[str(f.type)]
+        extra = {"choices": list(STAGES)} if f.name == "stage" else {"metavar": metavar} if metavar else {}
+        text = f.metadata["help"]  # a help line that explains its default already gets no second one
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                           help=f"{HELP[f.name]} (default: {default})", **extra)
+                           help=text if "default" in text else f"{text} (default: {_shown(default)})", **extra)
 
 
 def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None,
@@ -133,11 +116,13 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
 
     import torch
 
+    from action.data import training
     from action.engine import load_checkpoint
-    from action.engine.checkpoint import eval_weights, teacher_weights
-    from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
-    from action.engine.trainer import align_keys, resolve_device, training_data
-    from action.method import STAGE_TRAINERS
+    from action.engine.checkpoint import align_keys, eval_weights, teacher_weights
+    from action.engine.device import resolve_device
+    from action.engine.inference import recalibrate_batchnorm, volume_predictor
+    from action.method import trainer_class
+    from action.models import build_network
 
     if bn_recalibrate < 0:
         raise SystemExit(f"--bn-recalibrate: expected >= 0 batches, got {bn_recalibrate}")
@@ -153,7 +138,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
-        images = training_data(train_cfg, STAGE_TRAINERS[cfg.stage].uses_unlabelled or bn_source == "unlabelled")
+        images = training.training_data(train_cfg, trainer_class(cfg).uses_unlabelled or bn_source == "unlabelled")
         generator = torch.Generator().manual_seed(cfg.seed)
         model = recalibrate_batchnorm(model, images.clean_batches(bn_recalibrate, generator, dev))
     predict = volume_predictor(model, cfg, dev)
@@ -161,16 +146,23 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
 
 
 def cmd_train(args) -> int:
-    from action.method import STAGE_TRAINERS, run_pipeline
+    from action.engine.logs import dump_json
+    from action.method import run_pipeline, trainer_class
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = build_config(args.preset, args.config, overrides)
+    if args.force and not args.resume:
+        raise ValueError("--force only applies with --resume (to --out a run that exists, add --overwrite)")
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues the run in --out, "
+                         "--overwrite deletes it")
+    run = dict(resume=args.resume, overwrite=args.overwrite, force=args.force)
     if cfg.stage == "pipeline":
-        results = run_pipeline(cfg, resume=args.resume)
-        print(json.dumps({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
+        results = run_pipeline(cfg, **run)
+        print(dump_json({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
         return 0
-    result = STAGE_TRAINERS[cfg.stage](cfg).fit(resume=args.resume)
-    print(json.dumps({k: v for k, v in result.items() if k != "test"}))
+    result = trainer_class(cfg)(cfg).fit(**run)
+    print(dump_json({k: v for k, v in result.items() if k != "test"}))  # standard JSON: no validation is null
     return 0
 
 
@@ -187,17 +179,17 @@ def _cases(args, cfg):
                      if n.endswith((".nii", ".nii.gz"))]
             if not pairs:
                 raise SystemExit(f"--images {args.images}: no .nii/.nii.gz files")
-        return nifti_cases(pairs), len(pairs)
+        return nifti_cases(pairs, cfg.num_classes), len(pairs)
     if args.acdc_raw:
         from action.data.nifti import acdc_raw_pairs
 
         pairs = acdc_raw_pairs(args.acdc_raw)
-        return nifti_cases(pairs), len(pairs)
+        return nifti_cases(pairs, cfg.num_classes), len(pairs)
     from action.data import AcdcLayout
 
     layout = AcdcLayout(args.data or cfg.data)
     names = layout.test_volumes if args.split == "test" else layout.val_volumes
-    return acdc_cases(layout.root, names), len(names)
+    return acdc_cases(layout.root, names, cfg.num_classes), len(names)
 
 
 def cmd_evaluate(args) -> int:
@@ -206,7 +198,7 @@ def cmd_evaluate(args) -> int:
 
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data,
                                               args.teacher, args.bn_source)
-    cases, total = _cases(args, cfg)
+    cases, total = _cases(args, cfg)  # output names checked distinct before the first case is read
     metrics = evaluate(predict, cases, args.out,
                        cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
                        save_predictions=args.save_predictions, overlays=args.overlays, total=total)
@@ -219,18 +211,24 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
+    from action.engine.evaluate import unique_case_names
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
-                                              bn_source=args.bn_source)
     if os.path.isdir(args.input):
         paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
-    else:
+    elif os.path.isfile(args.input):
         paths = [args.input]
+    else:
+        raise FileNotFoundError(f"--input {args.input}: no such file or folder")
     if not paths:
         raise SystemExit(f"--input {args.input}: no .nii/.nii.gz files")
-    evaluate(predict, nifti_cases([(p, None) for p in paths]),
-             args.out, cfg.num_classes, save_predictions=True, overlays=args.overlays, total=len(paths))
-    print(f"wrote {len(paths)} prediction(s) to {os.path.join(args.out, 'predictions')} (source affines kept)")
+    unique_case_names(paths)  # c.nii and c.nii.gz would write one prediction: an error before anything runs
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
+                                              bn_source=args.bn_source)
+    written: list[str] = []
+    evaluate(predict, nifti_cases([(p, None) for p in paths]), args.out, cfg.num_classes, save_predictions=True,
+             overlays=args.overlays, total=len(paths), written=written)
+    print(f"wrote {len(written)} prediction(s) for {len(paths)} input(s) to {os.path.join(args.out, 'predictions')} "
+          f"(source affines kept)")
     return 0
 
 
@@ -252,7 +250,7 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
+    ap = Parser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
                                  "train, evaluate, predict, convert data.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -310,12 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done; 2 bad input (the message names the option or file); 3 training stopped on a
+    non-finite value (its state before that iteration saved); 128 + signal number when interrupted (130 for
+    Ctrl-C, 143 for SIGTERM), after the trainer saved last.pt. No traceback for any of them."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"action {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"action {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as exc:  # the trainer printed what it saved (Interrupted); nothing else to show
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if not hasattr(exc, "signum"):
+            print(f"action {args.command}: interrupted" + (f" ({exc})" if str(exc) else ""), file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

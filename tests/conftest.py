@@ -1,5 +1,6 @@
 """Test setup: Triton's interpreter for CPU tensors when torch sees no CUDA device (it must be set before triton is
-imported; on a GPU the kernels run compiled), backend discovery, and small Triton tiles for the interpreter."""
+imported; on a GPU the kernels run compiled), and small Triton tiles for the interpreter. Shared helpers of the
+test files (backend lists from the registry, input makers, data locations) are in helpers.py."""
 import os
 
 import torch
@@ -8,20 +9,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
-from action_kernels import dispatch  # noqa: E402
-
-FUSED = ("chunked", "triton", "cuda")
-
-
-def available(backend: str, device: str = "cpu", dtype=torch.float32) -> bool:
-    return dispatch.unavailable_reason(backend, torch.device(device), dtype) == ""
-
-
-def require(backend: str, device: str = "cpu", dtype=torch.float32) -> None:
-    why = dispatch.unavailable_reason(backend, torch.device(device), dtype)
-    if why:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from action.cli import main
-
-from test_engine import ACDC, needs_acdc
+from helpers import ACDC, needs_acdc
 
 
 def test_every_command_explains_itself():
@@ -52,11 +51,11 @@ def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys, monkeypatch
     pred = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
                  "--overlays", "0", "--bn-recalibrate", "2"]) == 0
-    import action.engine.trainer as trainer_module
+    import action.data.training as training_module
 
-    loads, real = [], trainer_module.training_data
-    monkeypatch.setattr(trainer_module, "training_data",
-                        lambda cfg, uses_unlabelled, *a: loads.append(uses_unlabelled) or real(cfg, uses_unlabelled, *a))
+    loads, real = [], training_module.training_data
+    monkeypatch.setattr(training_module, "training_data", lambda cfg, uses_unlabelled, *a: loads.append(
+        uses_unlabelled) or real(cfg, uses_unlabelled, *a))
     for source in ("run", "unlabelled"):  # a supervised run: its labelled slices, or the unlabelled ones on request
         assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", ACDC, "--split", "val", "--out",
                      str(tmp_path / f"ev-{source}"), "--overlays", "0", "--bn-recalibrate", "2",

@@ -1,17 +1,8 @@
 """Volume inference: slice-wise 2D with resizing, sliding-window 3D with padding and overlap."""
 import torch
-from torch import nn
 
-from action.engine import predict_sliding_window, predict_slices
-
-
-def sign_model(dims):
-    """logits (x, -x): class 1 exactly where the input is negative."""
-    conv = (nn.Conv2d, nn.Conv3d)[dims - 2](1, 2, 1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, *[1] * dims))
-        conv.bias.zero_()
-    return conv.eval()
+from action.engine import predict_slices, predict_sliding_window
+from helpers import sign_model
 
 
 def test_sliding_window_equals_the_voxelwise_answer_with_overlap_and_padding():

@@ -71,13 +71,18 @@ def write_like(data: np.ndarray, reference: Volume, path: str) -> str:
 
 
 def load_pair(image_path: str, label_path: str) -> tuple[Volume, Volume]:
-    """An image and its label map, checked to share shape and affine (the error names both files)."""
+    """An image and its label map, checked to share shape and affine (the error names both files), the image to
+    be finite and the label map integral (action.data.checks: a float map with fractions is an error, never
+    truncated)."""
+    from action.data.checks import finite_image, label_map
+
     image, label = load_nifti(image_path, np.float32), load_nifti(label_path)
+    finite_image(image.data, image_path)
     if image.data.shape != label.data.shape:
         raise ValueError(f"{image_path} shape {image.data.shape} != {label_path} shape {label.data.shape}")
     if not np.allclose(image.affine, label.affine, atol=1e-3):
         raise ValueError(f"{image_path} and {label_path} have different affines:\n{image.affine}\n{label.affine}")
-    return image, Volume(label.data.astype(np.int64), label.affine, label.spacing, label.path)
+    return image, Volume(label_map(label.data, label_path), label.affine, label.spacing, label.path)
 
 
 def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:

@@ -86,15 +86,6 @@ def predict_volume_3d(model, volume: torch.Tensor, size: tuple[int, int], patch:
     return labels.long()
 
 
-def build_network(cfg):
-    """The segmentation network of a config: UNet2D (dims 2) or UNet3D (dims 3, base_channels x 1, 2, 4, 8, 16)."""
-    from action.models import UNet2D, UNet3D
-
-    if cfg.dims == 2:
-        return UNet2D(1, cfg.num_classes)
-    return UNet3D(1, cfg.num_classes, channels=tuple(cfg.base_channels * m for m in (1, 2, 4, 8, 16)))
-
-
 def volume_predictor(model, cfg, device=None):
     """case image (Z, H, W) -> labels (Z, H, W) as the config's training evaluates: slice-wise 2D at the training
     size, or sliding-window 3D over patches of cfg.patch at the training in-plane size."""
