@@ -6,11 +6,13 @@ test_hard_negative_topk.py and test_anatomical_contrast.py. About 40 s in all.
 """
 import pytest
 import torch
+from test_hard_negative_topk import _assert_topk_equal
 
 import action_kernels as ak
 from action_kernels.reference import hard_negative_topk_ref
-from conftest import require
-from test_hard_negative_topk import _assert_topk_equal, _make, _seed
+from helpers import fresh_seed as _seed
+from helpers import make_topk as _make
+from helpers import require
 
 
 @pytest.fixture
