@@ -8,6 +8,8 @@ import torch
 
 from action.config import TrainConfig
 from action.data.acdc import AcdcLayout, AcdcSlices, assemble_volumes
+from action.data.cases import acdc_cases
+from action.data.layouts import detect_layout
 from action.data.sampling import load_slices, random_patches, run_seed
 
 
@@ -26,6 +28,7 @@ class SliceData:
 
     def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
         labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
+        self.root = cfg.data
         if cfg.max_train_slices:
             labelled, unlabelled = labelled[:cfg.max_train_slices], unlabelled[:cfg.max_train_slices]
         size = (cfg.size, cfg.size)
@@ -35,6 +38,10 @@ class SliceData:
         if need_unlabelled:
             self.unlabelled = load_slices(AcdcSlices(cfg.data, unlabelled, size, labels=False),
                                           "unlabelled slices", progress)[0]
+
+    def cases(self, names):
+        """The validation or test volumes `names` as action.data.cases.Case records."""
+        return acdc_cases(self.root, names)
 
     def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 16):
         """`count` batches (batch, 1, S, S) of un-augmented training slices drawn with replacement: the unlabelled
@@ -54,6 +61,10 @@ class VolumeData:
         self.cfg = cfg
         self.images, self.labels, self.names = assemble_volumes(cfg.data, labelled, size)
         self.unlabelled = assemble_volumes(cfg.data, unlabelled, size)[0] if need_unlabelled else None
+
+    def cases(self, names):
+        """The validation or test volumes `names` as action.data.cases.Case records."""
+        return acdc_cases(self.cfg.data, names)
 
     def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 4):
         """`count` batches (batch, 1, *patch) of un-augmented random patches of the training volumes (unlabelled
@@ -82,7 +93,12 @@ class VolumeData:
 
 
 def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True):
-    """A run's training images in memory: SliceData (2D) or VolumeData (3D), the unlabelled ones loaded when the
-    stage uses them (uses_unlabelled) or the config asks for an unlabelled batch."""
+    """A run's training images in memory: SliceData (2D) or VolumeData (3D) from the HDF5 layout, their NIfTI forms
+    from a NIfTI dataset folder (action.data.nifti_training), the unlabelled ones loaded when the stage uses them
+    (uses_unlabelled) or the config asks for an unlabelled batch."""
     need_unlabelled = uses_unlabelled or cfg.unlabelled_batch > 0
+    if detect_layout(cfg.data) != "hdf5":  # a NIfTI dataset folder (action.data.layouts)
+        from action.data.nifti_training import nifti_training_data
+
+        return nifti_training_data(cfg, need_unlabelled, progress)
     return (VolumeData if cfg.dims == 3 else SliceData)(cfg, need_unlabelled, progress)

@@ -36,13 +36,14 @@ import torch
 from torch import nn
 
 from action.config import TrainConfig
+from action.data import preprocessing as preprocessing_of
 from action.data.augment import Augment, AugmentConfig
 from action.data.sampling import TwoStreamSampler, run_seed
 from action.data.training import training_data
 from action.engine import distributed as dist_utils
 from action.engine.checkpoint import align_keys, eval_weights, load_checkpoint, save_checkpoint
 from action.engine.device import resolve_device
-from action.engine.evaluate import acdc_cases, evaluate, fast_dice
+from action.engine.evaluate import evaluate, fast_dice
 from action.engine.inference import recalibrate_batchnorm, volume_predictor
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
@@ -237,7 +238,15 @@ class Trainer:
         return {"iteration": self.iteration, "stage": self.stage, "config": self.cfg.to_json(),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state()}
+                "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state(),
+                "preprocessing": self.preprocessing.to_json()}
+
+    @property
+    def preprocessing(self):
+        """What the training images went through (action.data.preprocessing), for inference to repeat."""
+        if getattr(self, "_preprocessing", None) is None:
+            self._preprocessing = preprocessing_of.of_training_data(self.cfg, self.data)
+        return self._preprocessing
 
     def save(self, name: str = "last.pt") -> str:
         """Writes <out>/<name>; best.pt also keeps the network its validation scored when that was a
@@ -285,10 +294,10 @@ class Trainer:
         """Per-class and mean Dice of `model` over the validation volumes (model left in its train/eval mode)."""
         was_training = model.training
         model.eval()
-        predict = volume_predictor(model, self.cfg, self.device)
+        predict = volume_predictor(model, self.cfg, self.device, self.preprocessing)
         scores = []
-        for case in acdc_cases(self.cfg.data, self.data.val_names):
-            pred = predict(case.image)
+        for case in self.data.cases(self.data.val_names):
+            pred = predict(case)
             scores.append(fast_dice(pred, case.label, self.cfg.num_classes))
         model.train(was_training)
         per_class = torch.tensor(scores).mean(0).tolist()
@@ -304,11 +313,11 @@ class Trainer:
             net.load_state_dict(align_keys(eval_weights(load_checkpoint(path, self.device)), net.state_dict()))
         else:
             net = self.evaluated(self.eval_model())
-        predict = volume_predictor(net.eval(), self.cfg, self.device)
+        predict = volume_predictor(net.eval(), self.cfg, self.device, self.preprocessing)
         names = self.data.test_names
-        return evaluate(lambda case: predict(case.image),
-                        acdc_cases(self.cfg.data, names), out_dir or os.path.join(self.cfg.out, "test"),
-                        self.cfg.num_classes, CLASSES if self.cfg.num_classes == len(CLASSES) else None,
+        classes = getattr(self.data, "class_names", None) or (CLASSES if self.cfg.num_classes == len(CLASSES) else None)
+        return evaluate(predict, self.data.cases(names), out_dir or os.path.join(self.cfg.out, "test"),
+                        self.cfg.num_classes, classes,
                         overlays=overlays, progress=self.progress, total=len(names))
 
     def fit(self, resume: bool = False) -> dict:
