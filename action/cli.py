@@ -177,7 +177,9 @@ def cmd_predict(args) -> int:
     if os.path.isdir(args.input):
         items = _image_items(args.input, None)
     else:
-        items = [(os.path.basename(args.input).split(".nii")[0], args.input, None)]
+        from action.data.nifti import case_name, channel_files
+
+        items = [(case_name(args.input, channel_files([args.input])), args.input, None)]
     evaluate(predict, nifti_cases(items, predict.preprocessing.orientation),
              args.out, cfg.num_classes, save_predictions=True, overlays=args.overlays, total=len(items))
     print(f"wrote {len(items)} prediction(s) to {os.path.join(args.out, 'predictions')} (source headers kept)")
@@ -194,7 +196,7 @@ def cmd_convert(args) -> int:
     spacing = tuple(float(v) for v in args.spacing.split(","))
     if len(spacing) != 3:
         raise SystemExit(f"--spacing takes three numbers x,y,z in mm, got {args.spacing!r}")
-    done = hdf5_to_nnunet(args.data, args.out, names, spacing)
+    done = hdf5_to_nnunet(args.data, args.out, names, spacing, args.max_volumes)
     print(f"wrote {done['training']} training and {done['test']} test volumes ({len(done['files'])} files) to "
           f"{args.out} in nnU-Net's raw layout")
     return 0
@@ -270,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a file listing volume names (into imagesTs only)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--spacing", default="1,1,1", help="voxel size x,y,z in mm to write (the HDF5 files have none)")
+    c.add_argument("--max-volumes", type=int, help="only the first N volumes of each list (quick checks)")
     c.set_defaults(func=cmd_convert)
     return ap
 

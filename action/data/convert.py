@@ -31,10 +31,11 @@ def _write_case(out_dir: str, images: str, labels: str, name: str, image: np.nda
 
 
 def hdf5_to_nnunet(root: str, out_dir: str, names: str | list[str] = "all", spacing=(1.0, 1.0, 1.0),
-                   progress: bool = True) -> dict:
+                   max_volumes: int | None = None, progress: bool = True) -> dict:
     """Writes the nnU-Net raw layout (module docstring) for `names`: "all" (training + validation into imagesTr
     with the split in splits_final.json, test into imagesTs), "test" or "val" (those volumes into imagesTs), or a
-    list of volume names (into imagesTs). Returns {"training": n, "test": n, "files": [...]}."""
+    list of volume names (into imagesTs); max_volumes: only the first N volumes of each list (quick checks).
+    Returns {"training": n, "test": n, "files": [...]}."""
     from tqdm.auto import tqdm
 
     layout = AcdcLayout(root)
@@ -43,11 +44,15 @@ def hdf5_to_nnunet(root: str, out_dir: str, names: str | list[str] = "all", spac
     train_names: list[str] = []
     val_names: list[str] = []
     if names == "all":
-        images, labels, train_names = assemble_volumes(root, layout.train_slices)
+        slices = layout.train_slices
+        if max_volumes is not None:  # the slices of the first N volumes, in the list's order
+            first = list(dict.fromkeys(n.rpartition("_slice_")[0] for n in slices))[:max_volumes]
+            slices = [n for n in slices if n.rpartition("_slice_")[0] in set(first)]
+        images, labels, train_names = assemble_volumes(root, slices)
         for name, image, label in tqdm(list(zip(train_names, images, labels)), desc="training volumes",
                                        disable=not progress, leave=False):
             files += _write_case(out_dir, "imagesTr", "labelsTr", name, image.numpy(), label.numpy(), affine)
-        val_names = layout.val_volumes
+        val_names = layout.val_volumes[:max_volumes]
         for name in tqdm(val_names, desc="validation volumes", disable=not progress, leave=False):
             files += _write_case(out_dir, "imagesTr", "labelsTr", name, *read_case(root, name), affine)
         test = layout.test_volumes
@@ -56,6 +61,7 @@ def hdf5_to_nnunet(root: str, out_dir: str, names: str | list[str] = "all", spac
             if isinstance(names, str) else names
         if isinstance(test, str):
             raise ValueError(f"--names: expected all, test, val or a file of volume names, got {names!r}")
+    test = test[:max_volumes]
     for name in tqdm(test, desc="test volumes", disable=not progress, leave=False):
         image, label = read_case(root, name)
         if image.ndim != 3:

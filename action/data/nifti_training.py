@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from action.data.layouts import NiftiLayout
-from action.data.preprocessing import Preprocessing, intensity_quantiles, normalise_intensity, resampled_size
+from action.data.preprocessing import (
+    Preprocessing,
+    intensity_quantiles,
+    normalise_intensity,
+    resampled_size,
+    sample_values,
+)
 from action.data.training import SliceData, VolumeData
 
 
@@ -92,6 +98,7 @@ class _NiftiData:
         spacings = [reoriented_geometry(h.affine, h.shape, orientation)[3][:2] for h in headers]
         self.spacing = training_spacing(cfg.spacing, spacings)
         self._prep = Preprocessing(cfg.intensity, self.spacing, orientation)
+        self._samples = []
 
     def _load(self, case, with_label: bool):
         """One training volume -> (image (Z, H, W) normalised, label (Z, H, W) or None, resampled in-plane)."""
@@ -99,6 +106,8 @@ class _NiftiData:
 
         [item] = nifti_cases([(case.name, case.image, case.label if with_label else None)], self._prep.orientation)
         image = normalise_intensity(item.image, self._prep.intensity)
+        if with_label:  # the training intensity distribution, of whole volumes as inference sees them
+            self._samples.append(sample_values(image, 1 << 16))
         label = item.label
         if label is not None and (label.min() < 0 or label.max() >= self.cfg.num_classes):
             raise ValueError(f"{case.label}: labels must be in [0, {self.cfg.num_classes}), got [{int(label.min())}, "
@@ -138,7 +147,7 @@ class NiftiSliceData(_NiftiData, SliceData):
         images, labels, names = parts["labelled"]
         self.images, self.labels, self.names = torch.cat(images)[:limit], torch.cat(labels)[:limit], names[:limit]
         self.unlabelled = torch.cat(parts["unlabelled"][0])[:limit] if self.unlabelled_cases else None
-        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self.images))
+        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples))
 
 
 class NiftiVolumeData(_NiftiData, VolumeData):
@@ -151,7 +160,7 @@ class NiftiVolumeData(_NiftiData, VolumeData):
         self.images, self.labels = [i for i, _ in loaded], [lab for _, lab in loaded]
         self.names = [c.name for c in self.labelled_cases]
         self.unlabelled = [self._load(c, False)[0] for c in self.unlabelled_cases] if self.unlabelled_cases else None
-        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self.images))
+        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples))
 
 
 def nifti_training_data(cfg, need_unlabelled: bool, progress: bool = True):

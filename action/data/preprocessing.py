@@ -55,7 +55,7 @@ def normalise_intensity(volume: torch.Tensor, mode: str) -> torch.Tensor:
     return ((x - mean) / std if std > 0 else torch.zeros_like(x)).float()
 
 
-def _sample(values, limit: int = 1 << 20) -> np.ndarray:
+def sample_values(values, limit: int = 1 << 20) -> np.ndarray:
     """At most `limit` values of a tensor, array or list of them, by a fixed stride (deterministic)."""
     if isinstance(values, (list, tuple)):
         flat = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in values])
@@ -67,7 +67,7 @@ def _sample(values, limit: int = 1 << 20) -> np.ndarray:
 
 def intensity_quantiles(images) -> list[float]:
     """The values of normalised training images (a tensor or a list of tensors) at QUANTILE_LEVELS."""
-    return [float(v) for v in np.quantile(_sample(images), QUANTILE_LEVELS)]
+    return [float(v) for v in np.quantile(sample_values(images), QUANTILE_LEVELS)]
 
 
 def distribution_distance(normalised, quantiles) -> float:
@@ -76,7 +76,7 @@ def distribution_distance(normalised, quantiles) -> float:
     training distribution's standard deviation (estimated from the same quantiles): 0 for the same distribution,
     scale-free, so one threshold serves every intensity mode."""
     q = np.asarray(quantiles, dtype=np.float64)
-    mine = np.quantile(_sample(normalised).astype(np.float64), QUANTILE_LEVELS)
+    mine = np.quantile(sample_values(normalised).astype(np.float64), QUANTILE_LEVELS)
     spread = max(float(q.std()), 1e-12)
     return float(np.abs(mine - q).mean() / spread)
 
@@ -118,7 +118,7 @@ class Preprocessing:
         distance = distribution_distance(normalised, self.quantiles)
         if distance > RANGE_WARNING:
             q = self.quantiles
-            p = np.quantile(_sample(normalised), [0.05, 0.5, 0.95])
+            p = np.quantile(sample_values(normalised), [0.05, 0.5, 0.95])
             warnings.warn(f"{name}: intensities far outside the training range after {self.intensity} normalisation "
                           f"(distribution distance {distance:.2f} > {RANGE_WARNING}; 5/50/95th percentiles "
                           f"{p[0]:.3g}/{p[1]:.3g}/{p[2]:.3g}, training {q[5]:.3g}/{q[50]:.3g}/{q[95]:.3g}): a "
