@@ -100,6 +100,8 @@ def test_converted_acdc_trains_evaluates_and_predicts_through_every_command(tmp_
     three_d = [c for c in common if c not in ("--preset", "smoke")]  # smoke's max_train_slices is 2D only
     assert main(["train", *three_d, "--dims", "3", "--patch", "[16, 32, 32]", "--base-channels", "2",
                  "--labelled-batch", "1", "--size", "64", "--val-every", "0", "--out", str(tmp_path / "3d")]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "3d" / "best.pt"), "--data", str(out), "--max-volumes",
+                 "1", "--sliding-window", "gaussian", "--out", str(tmp_path / "ev3d"), "--overlays", "0"]) == 0
     capsys.readouterr()
     ev = tmp_path / "ev"
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(out), "--split", "test",
@@ -109,7 +111,7 @@ def test_converted_acdc_trains_evaluates_and_predicts_through_every_command(tmp_
     test_names = sorted(n.removesuffix("_0000.nii.gz") for n in os.listdir(out / "imagesTs"))
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--images", str(out / "imagesTs"), "--labels",
                  str(out / "labelsTs"), "--cases", test_names[1], "--out", str(tmp_path / "ev2"),
-                 "--overlays", "0"]) == 0
+                 "--overlays", "0", "--tta"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "ev2" / "metrics.csv")))
     assert [r["case"] for r in rows] == [test_names[1]]
     capsys.readouterr()

@@ -82,13 +82,15 @@ def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> t
 
 
 @torch.no_grad()
-def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, int], num_classes: int,
-                           stride: tuple[int, int, int] | None = None, batch: int = 2, device=None,
-                           mode: str = "constant", sigma_scale: float = 0.125, tta: bool = False) -> torch.Tensor:
-    """volume (Z, H, W) or (C, Z, H, W) -> labels (Z, H, W) int64: softmax of overlapping patches (stride default
-    half the patch) averaged per voxel, with equal weights (mode "constant") or Gaussian ones (mode "gaussian":
-    gaussian_importance, so a voxel counts most from the patches it is central in); with tta each patch's softmax is
-    the mean over its 8 mirrorings. A volume smaller than the patch is zero-padded and cropped back."""
+def sliding_window_probabilities(model, volume: torch.Tensor, patch: tuple[int, int, int], num_classes: int,
+                                 stride: tuple[int, int, int] | None = None, batch: int = 2, device=None,
+                                 mode: str = "constant", sigma_scale: float = 0.125,
+                                 tta: bool = False) -> torch.Tensor:
+    """volume (Z, H, W) or (C, Z, H, W) -> probabilities (K, Z, H, W): softmax of overlapping patches (stride
+    default half the patch) averaged per voxel, with equal weights (mode "constant") or Gaussian ones (mode
+    "gaussian": sum_i w_i(v) p_i(v) / sum_i w_i(v) with gaussian_importance as w, so a voxel counts most from the
+    patches it is central in); with tta each patch's softmax is the mean over its 8 mirrorings. A volume smaller
+    than the patch is zero-padded and cropped back."""
     if mode not in ("constant", "gaussian"):
         raise ValueError(f"sliding window mode: expected 'constant' or 'gaussian', got {mode!r}")
     device = device or next(model.parameters()).device
@@ -119,8 +121,15 @@ def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, i
             else:
                 probs[(slice(None),) + sl] += p_one * weight
                 count[sl] += weight
-    labels = (probs / count).argmax(0)
-    return labels[:shape[0], :shape[1], :shape[2]]
+    return (probs / count)[:, :shape[0], :shape[1], :shape[2]]
+
+
+def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, int], num_classes: int,
+                           stride: tuple[int, int, int] | None = None, batch: int = 2, device=None,
+                           mode: str = "constant", sigma_scale: float = 0.125, tta: bool = False) -> torch.Tensor:
+    """volume (Z, H, W) or (C, Z, H, W) -> labels (Z, H, W) int64: the argmax of sliding_window_probabilities."""
+    return sliding_window_probabilities(model, volume, patch, num_classes, stride, batch, device, mode, sigma_scale,
+                                        tta).argmax(0)
 
 
 @torch.no_grad()
