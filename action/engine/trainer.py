@@ -20,11 +20,12 @@ weights_only) hold model, optimizer, scheduler, extra state, iteration and the b
 
 Sharding (action.engine.distributed): views whose key ends in "_l" are cut along the labelled batch, "_u" along the
 unlabelled one, into world x accumulate contiguous shards; each shard's losses use their own generator seeded
-from (seed, t, shard). Under torchrun every rank computes its shards and gradients are averaged across ranks;
-rank 0 alone validates, logs and writes checkpoints.
+from (seed, t, shard). Under torchrun every rank computes its shards inside DistributedDataParallel
+(shard_losses), which averages the gradients across ranks; rank 0 alone validates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -61,8 +62,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world, local_rank = dist_utils.init_from_env(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", local_rank)
+        if self.device.type == "cuda" and self.world > 1:  # ranks beyond the GPUs share them (gloo only)
+            self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
         shards = self.world * cfg.accumulate
         for name, n in (("labelled_batch", cfg.labelled_batch), ("unlabelled_batch", cfg.unlabelled_batch)):
             if n % shards:
@@ -88,6 +89,7 @@ class Trainer:
         self.iteration, self.best, self.best_iteration = 0, -math.inf, -1
         self._eval_state = None  # the re-estimated network the last validation scored (bn_recalibrate)
         self._deferred: list[tuple[str, tuple]] = []
+        self._ddp = None  # DistributedDataParallel over the trained networks, under torchrun (shard_losses)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def build_data(self):
@@ -201,7 +203,7 @@ class Trainer:
             torch.manual_seed(base + index * 2**40)  # dropout of this shard, the same on whichever rank runs it
             g = torch.Generator(self.device).manual_seed(base * 1009 + index + 1)  # the shard's own sampling
             with torch.autocast(**autocast):
-                losses = self.compute_losses(self.shard(views, index, shards), g)
+                losses = self.shard_losses(self.shard(views, index, shards), g, sync=j == cfg.accumulate - 1)
             values = {k: float(v.detach()) for k, v in losses.items()}
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             if bad:
@@ -219,7 +221,6 @@ class Trainer:
             for b, acc in zip(buffers, summed):
                 b.copy_(acc / cfg.accumulate)
         dist_utils.average_buffers(buffers)
-        dist_utils.average_gradients(self.trainable_parameters())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -228,6 +229,17 @@ class Trainer:
         self._deferred = []
         self.after_step(t)
         return dist_utils.mean_values(totals)
+
+    def shard_losses(self, views: dict, generator: torch.Generator, sync: bool = True) -> dict[str, torch.Tensor]:
+        """compute_losses of one shard; under torchrun inside DistributedDataParallel (built at the first call:
+        action.engine.distributed.wrap), whose backward all-reduces the gradients unless sync is False (the
+        accumulated shards before a process's last)."""
+        if not dist_utils.initialized():
+            return self.compute_losses(views, generator)
+        if self._ddp is None:
+            self._ddp = dist_utils.wrap(self.model, self.compute_losses, self.device, self.cfg.sync_bn)
+        with contextlib.nullcontext() if sync else self._ddp.no_sync():
+            return self._ddp(views, generator)
 
     def _generator(self, t: int) -> torch.Generator:
         seed = run_seed(self.cfg.seed, t)
