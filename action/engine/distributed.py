@@ -30,11 +30,15 @@ def init_from_env(device_kind: str) -> tuple[int, int, int]:
     CUDA runs, gloo on CPU, or $ACTION_DIST_BACKEND (e.g. gloo for ranks sharing one GPU, which NCCL refuses). A
     group the caller initialised itself (any world size) is used as it is."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(os.environ.get("ACTION_DIST_BACKEND") or ("nccl" if device_kind == "cuda" else "gloo"))
+        backend = os.environ.get("ACTION_DIST_BACKEND") or ("nccl" if device_kind == "cuda" else "gloo")
+        if backend == "nccl":  # NCCL's collectives (all_gather_object too) run on the current device
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend)
     if not initialized():
         return 0, 1, 0
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 def initialized() -> bool:
@@ -101,7 +105,8 @@ def mean_values(values: dict[str, float]) -> dict[str, float]:
     n = world()
     if n == 1:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / n).tolist()))
 
