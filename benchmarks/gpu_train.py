@@ -169,11 +169,11 @@ def probe(spec: dict) -> dict:
     t0 = time.perf_counter()
     import torch
 
+    from action.data.training import SliceData
     from action.engine import evaluate
+    from action.engine.device import resolve_device
     from action.engine.evaluate import acdc_cases, save_overlays
     from action.engine.inference import volume_predictor
-    from action.data.training import SliceData
-    from action.engine.device import resolve_device
     from action.method import trainer_class
     from action_kernels import dispatch
 
@@ -233,13 +233,13 @@ def probe(spec: dict) -> dict:
                 names = data.test_names[:spec["test_probe_volumes"]]
                 predict = volume_predictor(net.eval(), cfg, device)
                 t = time.perf_counter()
-                evaluate(lambda case, predict=predict: predict(case.image), acdc_cases(cfg.data, names), None,
+                evaluate(predict, acdc_cases(cfg.data, names), None,
                          cfg.num_classes, progress=False)
                 out["test_volume_s"] = (time.perf_counter() - t) / len(names)
                 case = next(acdc_cases(cfg.data, names[:1]))
                 t = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
-                    save_overlays(case, predict(case.image), os.path.join(tmp, "o.png"))
+                    save_overlays(case, predict(case), os.path.join(tmp, "o.png"))
                 out["overlay_s"] = time.perf_counter() - t
                 out["test_volumes"] = len(data.test_names)
             if device.type == "cuda":
