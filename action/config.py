@@ -144,6 +144,15 @@ class TrainConfig:
     stage_iterations: dict = option({"pretrain-global": 30000, "pretrain-local": 30000, "finetune": 30000},
                                     "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
                                     "\"pretrain-local\": 600, \"finetune\": 2000}'")
+    # NIfTI data and multi-process training (issue 17; README, Coming from MONAI / nnU-Net)
+    intensity: str = option("minmax", "per-volume intensity normalisation of NIfTI training images and of every "
+                                      "inference input: minmax (to [0, 1]: how the HDF5 layout stores its images), "
+                                      "zscore (nnU-Net's default for non-CT), none; stored in each checkpoint")
+    spacing: str | None = option(None, "NIfTI training: in-plane voxel size to resample slices to, 'x,y' in mm or "
+                                       "'median' (of the training volumes), then centre-cropped/padded to size; None: "
+                                       "resize every slice to size x size (the HDF5 layout: it stores no spacing)")
+    sync_bn: bool = option(False, "under torchrun, SyncBatchNorm: BatchNorm statistics over the whole global batch "
+                                  "instead of each rank's shard (CUDA only)")
 
     def validate(self) -> "TrainConfig":
         """Checks every option's type (check_type) and range; the error names the option, expected and got."""
@@ -192,6 +201,9 @@ class TrainConfig:
             ("saacl_queue", self.saacl_queue >= 1, ">= 1"),
             ("max_train_slices", self.max_train_slices is None or (self.max_train_slices >= 1 and self.dims == 2),
              ">= 1, and only with dims 2 (3D trains on whole volumes: choose fewer with labelled_patients)"),
+            ("intensity", self.intensity in ("minmax", "zscore", "none"), "one of minmax, zscore, none"),
+            ("spacing", self.spacing is None or self.spacing == "median" or _spacing_ok(self.spacing),
+             "None, 'median', or 'x,y' (or one number) in mm > 0"),
             ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
              and all(_whole(v) and v >= 1 for v in self.stage_iterations.values()),
              f"a mapping of {PIPELINE} to iteration counts >= 1"),
@@ -313,6 +325,12 @@ def resume_differences(saved_json: str, cfg: "TrainConfig") -> dict:
         if key not in RESUME_NEUTRAL and before != value:
             out[key] = (before, value)
     return out
+def _spacing_ok(text: str) -> bool:
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        return False
+    return len(values) in (1, 2) and min(values) > 0
 
 
 PRESETS: dict[str, dict] = {

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 from action.config import TrainConfig
-from action.data.acdc import AcdcLayout, AcdcSlices, assemble_volumes, read_case
+from action.data.acdc import AcdcLayout, AcdcSlices, assemble_volumes
+from action.data.cases import acdc_cases
+from action.data.layouts import detect_layout
 from action.data.sampling import load_slices, random_patches, run_seed
 
 
@@ -28,6 +30,7 @@ class SliceData:
 
     def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
         labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
+        self.root, self.num_classes = cfg.data, cfg.num_classes
         if cfg.max_train_slices:
             labelled, unlabelled = labelled[:cfg.max_train_slices], unlabelled[:cfg.max_train_slices]
         size = (cfg.size, cfg.size)
@@ -37,6 +40,10 @@ class SliceData:
         if need_unlabelled:
             self.unlabelled, _, self.unlabelled_names = load_slices(
                 AcdcSlices(cfg.data, unlabelled, size, labels=False), "unlabelled slices", progress)
+
+    def cases(self, names):
+        """The validation or test volumes `names` as action.data.cases.Case records."""
+        return acdc_cases(self.root, names, self.num_classes)
 
     def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 16):
         """`count` batches (batch, 1, S, S) of un-augmented training slices drawn with replacement: the unlabelled
@@ -59,6 +66,10 @@ class VolumeData:
         self.unlabelled, self.unlabelled_names = None, []
         if need_unlabelled:
             self.unlabelled, _, self.unlabelled_names = assemble_volumes(cfg.data, unlabelled, size, None)
+
+    def cases(self, names):
+        """The validation or test volumes `names` as action.data.cases.Case records."""
+        return acdc_cases(self.cfg.data, names, self.cfg.num_classes)
 
     def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 4):
         """`count` batches (batch, 1, *patch) of un-augmented random patches of the training volumes (unlabelled
@@ -87,24 +98,29 @@ class VolumeData:
 
 
 def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True):
-    """A run's training images in memory: SliceData (2D) or VolumeData (3D), the unlabelled ones loaded when the
-    stage uses them (uses_unlabelled) or the config asks for an unlabelled batch."""
+    """A run's training images in memory: SliceData (2D) or VolumeData (3D) from the HDF5 layout, their NIfTI forms
+    from a NIfTI dataset folder (action.data.nifti_training), the unlabelled ones loaded when the stage uses them
+    (uses_unlabelled) or the config asks for an unlabelled batch."""
     need_unlabelled = uses_unlabelled or cfg.unlabelled_batch > 0
+    if detect_layout(cfg.data) != "hdf5":  # a NIfTI dataset folder (action.data.layouts)
+        from action.data.nifti_training import nifti_training_data
+
+        return nifti_training_data(cfg, need_unlabelled, progress)
     return (VolumeData if cfg.dims == 3 else SliceData)(cfg, need_unlabelled, progress)
 
 
-def check_volumes(root: str, names: list[str], num_classes: int, what: str) -> None:
-    """Reads every volume of `names` and applies read_case's checks (file present and readable, finite image,
-    integral labels in [0, num_classes), equal shapes, 3D); raises one ValueError listing every failing file, so a
-    bad validation or test volume stops a run before its first iteration instead of at its first validation or
-    after its last iteration."""
+def check_volumes(cases_of, names: list[str], what: str) -> None:
+    """Reads every volume of `names` through cases_of (names -> Case records, the data class's `cases`, with their
+    readers' checks: file present and readable, finite image, integral labels in [0, num_classes), equal shapes,
+    3D); raises one ValueError listing every failing file, so a bad validation or test volume stops a run before its
+    first iteration instead of at its first validation or after its last iteration."""
     problems = []
     for name in names:
         try:
-            image, _ = read_case(root, name, num_classes)
-            if image.ndim != 3:
-                raise ValueError(f"ACDC volume {name!r} must be 3D, got shape {image.shape}")
-        except (ValueError, FileNotFoundError) as exc:
+            for case in cases_of([name]):
+                if case.image.dim() != 3:
+                    raise ValueError(f"volume {name!r} must be 3D, got shape {tuple(case.image.shape)}")
+        except (ValueError, FileNotFoundError, OSError) as exc:
             problems.append(str(exc))
     if problems:
         raise ValueError(f"{len(problems)} of the {len(names)} {what} volumes cannot be used:\n  "

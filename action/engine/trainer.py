@@ -28,11 +28,12 @@ Interrupted. A run folder holding a run is refused unless resumed (same options,
 
 Sharding (action.engine.distributed): views whose key ends in "_l" are cut along the labelled batch, "_u" along the
 unlabelled one, into world x accumulate contiguous shards; each shard's losses use their own generator seeded
-from (seed, t, shard). Under torchrun every rank computes its shards and gradients are averaged across ranks;
-rank 0 alone validates, logs and writes checkpoints.
+from (seed, t, shard). Under torchrun every rank computes its shards inside DistributedDataParallel
+(shard_losses), which averages the gradients across ranks; rank 0 alone validates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from action.config import TrainConfig, resume_differences
+from action.data import preprocessing as preprocessing_of
 from action.data.augment import Augment, AugmentConfig
 from action.data.sampling import TwoStreamSampler, run_seed
 from action.data.training import check_volumes, training_data
@@ -57,7 +59,7 @@ from action.engine.checkpoint import (
     save_checkpoint,
 )
 from action.engine.device import resolve_device
-from action.engine.evaluate import acdc_cases, evaluate, fast_dice
+from action.engine.evaluate import evaluate, fast_dice
 from action.engine.inference import recalibrate_batchnorm, volume_predictor
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
@@ -93,8 +95,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world, local_rank = dist_utils.init_from_env(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", local_rank)
+        if self.device.type == "cuda" and self.world > 1:  # ranks beyond the GPUs share them (gloo only)
+            self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
         shards = self.world * cfg.accumulate
         for name, n in (("labelled_batch", cfg.labelled_batch), ("unlabelled_batch", cfg.unlabelled_batch)):
             if n % shards:
@@ -121,6 +123,7 @@ class Trainer:
         self.iteration, self.best, self.best_iteration = 0, -math.inf, -1
         self._eval_state = None  # the re-estimated network the last validation scored (bn_recalibrate)
         self._deferred: list[tuple[str, tuple]] = []
+        self._ddp = None  # DistributedDataParallel over the trained networks, under torchrun (shard_losses)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def build_data(self):
@@ -131,9 +134,9 @@ class Trainer:
         use, so a bad file stops the run now, not at its first validation or after its last iteration."""
         cfg = self.cfg
         if cfg.val_every:
-            check_volumes(cfg.data, self.data.val_names, cfg.num_classes, "validation")
+            check_volumes(self.data.cases, self.data.val_names, "validation")
         if cfg.test_at_end and self.rank == 0:
-            check_volumes(cfg.data, self.data.test_names, cfg.num_classes, "test")
+            check_volumes(self.data.cases, self.data.test_names, "test")
 
     def build_model(self) -> nn.Module:
         return build_network(self.cfg)
@@ -246,7 +249,7 @@ class Trainer:
             torch.manual_seed(base + index * 2**40)  # dropout of this shard, the same on whichever rank runs it
             g = torch.Generator(self.device).manual_seed(base * 1009 + index + 1)  # the shard's own sampling
             with torch.autocast(**autocast):
-                losses = self.compute_losses(self.shard(views, index, shards), g)
+                losses = self.shard_losses(self.shard(views, index, shards), g, sync=j == cfg.accumulate - 1)
             values = {k: float(v.detach()) for k, v in losses.items()}
             self._check_losses(t, values, views, saved_buffers)
             self.scaler.scale(losses["loss"] / cfg.accumulate).backward()
@@ -259,7 +262,6 @@ class Trainer:
             for b, acc in zip(buffers, summed):
                 b.copy_(acc / cfg.accumulate)
         dist_utils.average_buffers(buffers)
-        dist_utils.average_gradients(self.trainable_parameters())
         self._check_gradients(t, views, saved_buffers)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -333,6 +335,16 @@ class Trainer:
         if views_bad:
             text += f"; non-finite prepared views: {views_bad}"
         return text
+    def shard_losses(self, views: dict, generator: torch.Generator, sync: bool = True) -> dict[str, torch.Tensor]:
+        """compute_losses of one shard; under torchrun inside DistributedDataParallel (built at the first call:
+        action.engine.distributed.wrap), whose backward all-reduces the gradients unless sync is False (the
+        accumulated shards before a process's last)."""
+        if not dist_utils.initialized():
+            return self.compute_losses(views, generator)
+        if self._ddp is None:
+            self._ddp = dist_utils.wrap(self.model, self.compute_losses, self.device, self.cfg.sync_bn)
+        with contextlib.nullcontext() if sync else self._ddp.no_sync():
+            return self._ddp(views, generator)
 
     def _generator(self, t: int) -> torch.Generator:
         seed = run_seed(self.cfg.seed, t)
@@ -344,7 +356,15 @@ class Trainer:
                 "shards": self.world * self.cfg.accumulate,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state()}
+                "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state(),
+                "preprocessing": self.preprocessing.to_json()}
+
+    @property
+    def preprocessing(self):
+        """What the training images went through (action.data.preprocessing), for inference to repeat."""
+        if getattr(self, "_preprocessing", None) is None:
+            self._preprocessing = preprocessing_of.of_training_data(self.cfg, self.data)
+        return self._preprocessing
 
     def save(self, name: str = "last.pt") -> str:
         """Writes <out>/<name>; best.pt also keeps the network its validation scored when that was a
@@ -448,10 +468,10 @@ class Trainer:
         """Per-class and mean Dice of `model` over the validation volumes (model left in its train/eval mode)."""
         was_training = model.training
         model.eval()
-        predict = volume_predictor(model, self.cfg, self.device)
+        predict = volume_predictor(model, self.cfg, self.device, self.preprocessing)
         scores = []
-        for case in acdc_cases(self.cfg.data, self.data.val_names, self.cfg.num_classes):
-            pred = predict(case.image)
+        for case in self.data.cases(self.data.val_names):
+            pred = predict(case)
             scores.append(fast_dice(pred, case.label, self.cfg.num_classes))
         model.train(was_training)
         per_class = torch.tensor(scores).mean(0).tolist()
@@ -467,11 +487,11 @@ class Trainer:
             net.load_state_dict(align_keys(eval_weights(load_checkpoint(path, self.device)), net.state_dict()))
         else:
             net = self.evaluated(self.eval_model())
-        predict = volume_predictor(net.eval(), self.cfg, self.device)
-        names, classes = self.data.test_names, self.cfg.num_classes
-        return evaluate(lambda case: predict(case.image),
-                        acdc_cases(self.cfg.data, names, classes), out_dir or os.path.join(self.cfg.out, "test"),
-                        self.cfg.num_classes, CLASSES if self.cfg.num_classes == len(CLASSES) else None,
+        predict = volume_predictor(net.eval(), self.cfg, self.device, self.preprocessing)
+        names = self.data.test_names
+        classes = getattr(self.data, "class_names", None) or (CLASSES if self.cfg.num_classes == len(CLASSES) else None)
+        return evaluate(predict, self.data.cases(names), out_dir or os.path.join(self.cfg.out, "test"),
+                        self.cfg.num_classes, classes,
                         overlays=overlays, progress=self.progress, total=len(names))
 
     def fit(self, resume: bool | str = False, overwrite: bool = False, force: bool = False) -> dict:
