@@ -27,7 +27,8 @@ def cubin_numbers(cuobjdump: str, cubin: str, symbol: str | None = None) -> dict
 
 
 def _launch_summary(launch) -> dict:
-    cfg = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in ("KP", "W", "MERGE_ROWS", "RELOAD")}
+    tiles = ("KP", "W", "MERGE_ROWS", "RELOAD")
+    cfg = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in tiles}
     return dict(kernel=launch.name, dot=launch.dot, grid=int(launch.grid[0]), num_warps=launch.num_warps,
                 num_stages=launch.num_stages, tiles=cfg, trips=list(launch.trips), notes=dict(launch.notes))
 

@@ -1,7 +1,8 @@
 """How many prunes the Triton top-k kernel makes per program: a simulation of its rule, for the static estimate.
 
 The kernel appends every key above a row's threshold and prunes a program's rows when any row might overflow its
-W slots, keeping about the k best (the simulation keeps exactly k: the kernel's bisection keeps a few more). The count depends on the data; for keys in random order it depends only on the
+W slots, keeping about the k best (the simulation keeps exactly k: the kernel's bisection keeps a few more).
+The count depends on the data; for keys in random order it depends only on the
 ranks, so the simulation draws i.i.d. normal similarities (the same ranks as random unit vectors) with the
 labels of the benchmark (4 classes, 80% of the keys in one), for two programs of 64 rows, and returns the larger
 count. Keys sorted by increasing similarity would make a merge every few tiles: the estimate states the model.

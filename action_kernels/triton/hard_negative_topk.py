@@ -127,7 +127,8 @@ def _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs, RK, YK, j0, K, thr, buf_row, cnt
             _APPEND, _APPEND_CONSTRAINTS,
             [sim, tl.broadcast_to(thr[:, None], sim.shape), tl.broadcast_to(ya[:, None], sim.shape),
              tl.broadcast_to(yk[None, :], sim.shape), tl.broadcast_to(cnt_row[:, None], sim.shape),
-             tl.broadcast_to(buf_row[:, None], sim.shape), tl.full(sim.shape, 0, tl.int32) + eight,  # a register multiplier: one IMAD.WIDE
+             # eight: a register multiplier (one IMAD.WIDE)
+             tl.broadcast_to(buf_row[:, None], sim.shape), tl.full(sim.shape, 0, tl.int32) + eight,
              tl.broadcast_to(cols[None, :], sim.shape), tl.full(sim.shape, 0, tl.int32) + one],
             dtype=tl.int8, is_pure=False, pack=1)
     else:
@@ -311,7 +312,8 @@ def topk_launches(anchors, anchor_labels, keys, key_labels, ra, rk, k, ignore_la
     scan = C.Launch(OP, "topk_scan", _scan_kernel, (grid,), scan_args,
                     dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, W=W,
                          MERGE_ROWS=merge_rows, APPEND_ASM=not C.interpreting(), RELOAD=cfg["RELOAD"]),
-                    cfg["num_warps"], cfg["num_stages"], trips=[merges + 1, K // bn, merges * chunks, merges * chunks * 8, 0],
+                    cfg["num_warps"], cfg["num_stages"],
+                    trips=[merges + 1, K // bn, merges * chunks, merges * chunks * 8, 0],
                     notes=dict(merges=merges, dram_bytes=float(a2.numel() * a2.element_size()
                                                                + k2.numel() * k2.element_size())))
     rows = SELECT_ROWS[KP]

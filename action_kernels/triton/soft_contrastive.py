@@ -276,8 +276,8 @@ def _key_grad_kernel(S, T, Kp, RS, RT, RK, Loss, LseS, LseT, G, DK, N, K, inv_ta
     if n_full * BLOCK_M < N:
         off = n_full * (BLOCK_M * BLOCK_D)
         dk = _key_grad_tile(kb, Kp + base + tile, k_mask, S + off + row_tile, T + off + row_tile, RS, RT, Loss, LseS,
-                            LseT, G, n_full * BLOCK_M, N, ck_s, ck_t, inv_tau_s, inv_tau_t, dk, PRECISION, BLOCK_M, True,
-                            RELOAD)
+                            LseT, G, n_full * BLOCK_M, N, ck_s, ck_t, inv_tau_s, inv_tau_t, dk, PRECISION, BLOCK_M,
+                            True, RELOAD)
     tl.store(DK + base + tile, dk, mask=k_mask[:, None])
 
 
