@@ -1,12 +1,17 @@
 """Run configuration: one flat dataclass whose fields carry their help text, presets, and JSON/YAML files.
 Precedence: defaults < preset < config file < command-line flags. Unknown keys are errors (a typo never silently
-falls back to a default)."""
+falls back to a default; a close name is suggested). Every value is checked by type (check_type: integers are not
+booleans, numbers are finite, JSON/YAML strings are not numbers) and by range (TrainConfig.validate), and the error
+names the option, where the value came from, what was expected and what came. resume_differences lists the options
+a resumed run changes (RESUME_NEUTRAL: those that change no computed value)."""
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from action.data.augment import AugmentConfig
 
@@ -23,6 +28,11 @@ def option(default, help: str):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+def _whole(value) -> bool:
+    """An integer, and not a bool (True is an int to Python, never an iteration count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -134,8 +144,20 @@ class TrainConfig:
     stage_iterations: dict = option({"pretrain-global": 30000, "pretrain-local": 30000, "finetune": 30000},
                                     "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
                                     "\"pretrain-local\": 600, \"finetune\": 2000}'")
+    # NIfTI data and multi-process training (issue 17; README, Coming from MONAI / nnU-Net)
+    intensity: str = option("minmax", "per-volume intensity normalisation of NIfTI training images and of every "
+                                      "inference input: minmax (to [0, 1]: how the HDF5 layout stores its images), "
+                                      "zscore (nnU-Net's default for non-CT), none; stored in each checkpoint")
+    spacing: str | None = option(None, "NIfTI training: in-plane voxel size to resample slices to, 'x,y' in mm or "
+                                       "'median' (of the training volumes), then centre-cropped/padded to size; None: "
+                                       "resize every slice to size x size (the HDF5 layout: it stores no spacing)")
+    sync_bn: bool = option(False, "under torchrun, SyncBatchNorm: BatchNorm statistics over the whole global batch "
+                                  "instead of each rank's shard (CUDA only)")
 
     def validate(self) -> "TrainConfig":
+        """Checks every option's type (check_type) and range; the error names the option, expected and got."""
+        for f in fields(self):
+            setattr(self, f.name, check_type(f.name, getattr(self, f.name), str(f.type)))
         checks = [
             ("size", self.size >= 16 and self.size % 16 == 0, "a multiple of 16, >= 16"),
             ("iterations", self.iterations >= 1, ">= 1"),
@@ -153,7 +175,7 @@ class TrainConfig:
             ("bn_recalibrate", self.bn_recalibrate >= 0, ">= 0 (0: off)"),
             ("teacher_bn", self.teacher_bn in ("batch", "running"), "'batch' or 'running'"),
             ("dims", self.dims in (2, 3), "2 or 3"),
-            ("patch", self.dims == 2 or (len(self.patch) == 3 and all(int(p) >= 16 and int(p) % 16 == 0
+            ("patch", self.dims == 2 or (len(self.patch) == 3 and all(_whole(p) and p >= 16 and p % 16 == 0
                                                                        for p in self.patch)
                                          and max(self.patch[1:]) <= self.size),
              "three multiples of 16 (Z, H, W), in-plane at most size (dims 3)"),
@@ -179,21 +201,136 @@ class TrainConfig:
             ("saacl_queue", self.saacl_queue >= 1, ">= 1"),
             ("max_train_slices", self.max_train_slices is None or (self.max_train_slices >= 1 and self.dims == 2),
              ">= 1, and only with dims 2 (3D trains on whole volumes: choose fewer with labelled_patients)"),
+            ("intensity", self.intensity in ("minmax", "zscore", "none"), "one of minmax, zscore, none"),
+            ("spacing", self.spacing is None or self.spacing == "median" or _spacing_ok(self.spacing),
+             "None, 'median', or 'x,y' (or one number) in mm > 0"),
             ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
-             and all(isinstance(v, int) and v >= 1 for v in self.stage_iterations.values()),
+             and all(_whole(v) and v >= 1 for v in self.stage_iterations.values()),
              f"a mapping of {PIPELINE} to iteration counts >= 1"),
+            ("labelled_patients", self.labelled_patients in (1, 3, 7), "1, 3 or 7 (the reference splits)"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("poly_power", self.poly_power >= 0, ">= 0"),
+            ("threads", self.threads is None or self.threads >= 1, "None or >= 1"),
+            ("seed", self.seed >= 0, ">= 0"),
+            ("val_volumes", self.val_volumes is None or self.val_volumes >= 1, "None (all) or >= 1"),
+            ("global_dim", self.global_dim >= 1, ">= 1"),
+            ("local_dim", self.local_dim >= 1, ">= 1"),
+            ("local_push", self.local_push >= 1, ">= 1"),
+            ("rep_dim", self.rep_dim >= 1, ">= 1"),
+            ("saacl_dim", self.saacl_dim >= 1, ">= 1"),
+            ("saacl_push", self.saacl_push >= 1, ">= 1"),
+            ("saacl_eta", 0 <= self.saacl_eta <= 1, "in [0, 1]"),
+            ("saacl_tau", self.saacl_tau > 0, "> 0"),
+            ("cutmix_p", 0 <= self.cutmix_p <= 1, "in [0, 1]"),
+            *((name, getattr(self, name) >= 0, ">= 0 (a loss weight)") for name in
+              ("global_weight", "local_weight", "unsup_weight", "anco_weight", "saacl_weight", "lambda_a")),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"config {name}: expected {expected}, got {getattr(self, name)!r}")
-        unknown = set(self.augmentation) - {f.name for f in fields(AugmentConfig)}
-        if unknown:
-            raise ValueError(f"config augmentation: unknown keys {sorted(unknown)}; valid keys are "
-                             f"{[f.name for f in fields(AugmentConfig)]}")
+        self.augmentation = check_augmentation(self.augmentation)
         return self
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+def _kind(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_type(name: str, value, kind: str, source: str = ""):
+    """value of option `name` checked against its declared type `kind` ("int", "float", "bool", "str", "list",
+    "dict", "int | None", ...) -> the value (an integral number for a float option becomes a float). source: where
+    it came from, for the message ("config file c.yaml", "preset smoke", "--flag")."""
+    where = f" (from {source})" if source else ""
+    base, optional = kind.replace(" | None", ""), kind.endswith("| None")
+    if value is None and optional:
+        return None
+    expected = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+                "list": "a list", "dict": "a mapping"}[base] + (" or null" if optional else "")
+    ok = {"int": _whole(value),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(float(value)),
+          "bool": isinstance(value, bool), "str": isinstance(value, str), "list": isinstance(value, list),
+          "dict": isinstance(value, dict)}[base]
+    if not ok:
+        hint = ""
+        if isinstance(value, str) and base in ("int", "float") and _is_number(value):
+            hint = "; that is text: write the number without quotes"
+            if "e" in value.lower() and "." not in value:
+                hint += " (PyYAML reads 1e-4 as text; write 1.0e-4)"
+        raise ValueError(f"config {name}{where}: expected {expected}, got {_kind(value)}{hint}")
+    return float(value) if base == "float" else value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_augmentation(values: dict) -> dict:
+    """The augmentation overrides checked against AugmentConfig: known keys, each of its field's type (pairs as
+    two numbers low <= high), probabilities (keys ending in _p) in [0, 1], magnitudes >= 0."""
+    known = {f.name: str(f.type) for f in fields(AugmentConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"config augmentation: unknown keys {unknown}{_did_you_mean(unknown, known)}; valid keys "
+                         f"are {list(known)}")
+    out = {}
+    for key, value in values.items():
+        name = f"augmentation.{key}"
+        if known[key].startswith("tuple"):
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise ValueError(f"config {name}: expected a pair [low, high], got {_kind(value)}")
+            low, high = (check_type(name, v, "float") for v in value)
+            if low > high or low < 0:
+                raise ValueError(f"config {name}: expected 0 <= low <= high, got {list(value)}")
+            out[key] = (low, high)
+            continue
+        out[key] = check_type(name, value, known[key])
+        if key.endswith("_p") and not 0 <= out[key] <= 1:
+            raise ValueError(f"config {name}: expected a probability in [0, 1], got {value!r}")
+        if known[key] == "float" and out[key] < 0:
+            raise ValueError(f"config {name}: expected >= 0, got {value!r}")
+    return out
+
+
+def _did_you_mean(unknown, known) -> str:
+    close = {u: difflib.get_close_matches(u, list(known), n=1) for u in unknown}
+    hints = [f"{u!r} -> {c[0]!r}" for u, c in close.items() if c]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+# options a resumed run may change: where files are, the hardware, logging and bookkeeping (validation, checkpoints,
+# the final test, --init, which a resumed run overwrites with its checkpoint), and accumulate, which the trainer
+# checks as world size x accumulate (the shard count; fewer ranks with more accumulation compute the same). Every
+# other one changes what the run computes, so resuming with it changed needs force (--force).
+RESUME_NEUTRAL = frozenset({"out", "device", "threads", "tensorboard", "log_every", "checkpoint_every", "val_every",
+                            "val_volumes", "test_at_end", "init", "accumulate"})
+
+
+def resume_differences(saved_json: str, cfg: "TrainConfig") -> dict:
+    """{option: (checkpoint's value, this run's)} for every option outside RESUME_NEUTRAL that differs between a
+    checkpoint's stored config (JSON) and cfg; an option the checkpoint predates counts as its default."""
+    saved, now = json.loads(saved_json or "{}"), json.loads(cfg.to_json())
+    defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cfg)}
+    out = {}
+    for key, value in now.items():
+        before = saved.get(key, json.loads(json.dumps(defaults[key])))
+        if key not in RESUME_NEUTRAL and before != value:
+            out[key] = (before, value)
+    return out
+def _spacing_ok(text: str) -> bool:
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        return False
+    return len(values) in (1, 2) and min(values) > 0
 
 
 PRESETS: dict[str, dict] = {
@@ -235,6 +372,7 @@ PRESETS: dict[str, dict] = {
 
 
 def load_file(path: str) -> dict:
+    """A JSON or YAML (.yaml, .yml) config file -> its mapping; a syntax error names the file and the line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as fh:
@@ -242,9 +380,19 @@ def load_file(path: str) -> dict:
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"config file {path}: YAML syntax error{at}: {problem}") from exc
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: "
+                             f"{exc.msg} (a .yaml / .yml name is read as YAML)") from exc
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values, got "
                          f"{type(data).__name__}")
@@ -252,16 +400,28 @@ def load_file(path: str) -> dict:
 
 
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """defaults < PRESETS[preset] < the config file < overrides (None values skipped), each value type-checked
+    with its source named, then the whole config range-checked (validate)."""
     values: dict = {}
+    sources: dict = {}
+    layers = []
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
+            raise ValueError(f"unknown preset {preset!r}{_did_you_mean([preset], PRESETS)}; choose from "
+                             f"{sorted(PRESETS)}")
+        layers.append((PRESETS[preset], f"preset {preset}"))
     if file is not None:
-        values.update(load_file(file))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+        layers.append((load_file(file), f"config file {file}"))
+    layers.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    for layer, source in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        where = sorted({sources[k] for k in unknown})
+        raise ValueError(f"unknown config keys {unknown} (from {', '.join(where)}){_did_you_mean(unknown, types)}; "
+                         f"valid keys are {sorted(types)}")
+    for key, value in values.items():
+        values[key] = check_type(key, value, types[key], sources[key])
     return TrainConfig(**values).validate()

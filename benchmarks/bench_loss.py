@@ -314,8 +314,16 @@ def write_outputs(rows: list[Result], out_dir: str, env: dict) -> tuple[str, str
     return csv_path, json_path
 
 
+def provider_colours(rows: list[Result]) -> dict[str, str]:
+    """One colour per provider for every panel of the plot (tab10, providers in order of first appearance over all
+    ops), so a provider keeps its colour from one op's panel to the next."""
+    palette = [f"C{i}" for i in range(10)]
+    return {p: palette[i % len(palette)] for i, p in enumerate(dict.fromkeys(r.provider for r in rows))}
+
+
 def write_plot(rows: list[Result], path: str) -> str | None:
-    """PNG: per op, total time and peak extra memory of each provider against the number of keys K."""
+    """PNG: per op, total time and peak extra memory of each provider against the number of keys K (each
+    provider in its provider_colours colour on every panel)."""
     try:
         import matplotlib
 
@@ -326,6 +334,7 @@ def write_plot(rows: list[Result], path: str) -> str | None:
     ops = [op for op in dict.fromkeys(r.op for r in rows) if any(r.op == op and r.total_ms for r in rows)]
     if not ops:
         return None
+    colours = provider_colours(rows)
     fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 6.5), squeeze=False)
     for col, op in enumerate(ops):
         for provider in dict.fromkeys(r.provider for r in rows if r.op == op):
@@ -334,9 +343,9 @@ def write_plot(rows: list[Result], path: str) -> str | None:
             if not pts:
                 continue
             ks = [p[0] for p in pts]
-            axes[0][col].plot(ks, [p[1] for p in pts], "o-", label=provider)
+            axes[0][col].plot(ks, [p[1] for p in pts], "o-", label=provider, color=colours[provider])
             if all(p[2] is not None for p in pts):
-                axes[1][col].plot(ks, [p[2] for p in pts], "o-", label=provider)
+                axes[1][col].plot(ks, [p[2] for p in pts], "o-", label=provider, color=colours[provider])
         first = next(r for r in rows if r.op == op)
         axes[0][col].set_title(f"{op} ({first.dtype}, {first.device})")
         axes[0][col].set_ylabel("forward + backward ms" if WORKLOADS[op].backward else "forward ms")

@@ -54,7 +54,7 @@ def test_3d_training_resumes_evaluates_and_serves_the_cli(tmp_path, capsys):
     metrics = trainer.test(out_dir=str(tmp_path / "test"), overlays=1)
     assert metrics.aggregate()["cases"] == 40
     resumed = Trainer(small_3d(tmp_path / "run", iterations=6), progress=False)
-    resumed.fit(resume=True)
+    resumed.fit(resume=True, force=True)  # iterations 4 -> 6: a changed option, resumed on purpose
     assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["iteration"] == 6
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", ACDC, "--split", "val",
                  "--out", str(tmp_path / "ev"), "--overlays", "0"]) == 0

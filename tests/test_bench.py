@@ -56,3 +56,26 @@ def test_presets_quick_sweeps_keys_and_targets_match_the_kernel_issues():
     assert PRESETS == ("quick", "targets")
     with pytest.raises(SystemExit):
         bench_loss.main(["--preset", "huge"])
+
+
+def test_plot_keeps_each_providers_colour_across_panels(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    from workloads import WORKLOADS
+
+    op_a, op_b = list(WORKLOADS)[:2]
+    rows = [bench_loss.Result(**{**{f: None for f in bench_loss.Result.__dataclass_fields__}, "op": op, "provider": p,
+                                 "K": k, "total_ms": 1.0 + k, "peak_extra_mib": 2.0, "dtype": "fp32", "device": "cpu"})
+            for op, providers in ((op_a, ("naive", "chunked")), (op_b, ("chunked", "triton", "naive")))
+            for p in providers for k in (64, 128)]
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    assert bench_loss.write_plot(rows, str(tmp_path / "p.png"))
+    seen = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            seen.setdefault(line.get_label(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert set(seen) == {"naive", "chunked", "triton"}
+    assert all(len(c) == 1 for c in seen.values()) and len({c.pop() for c in seen.values()}) == 3

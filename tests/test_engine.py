@@ -86,7 +86,7 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path):
     script = ("import sys; from action.config import build_config; from action.engine import Trainer; "
               f"cfg = build_config('smoke', overrides=dict(out={str(killed)!r}, data={ACDC!r}, test_at_end=False, "
               "log_every=1, val_every=0, tensorboard=False, threads=1, checkpoint_every=4)); "
-              "Trainer(cfg, progress=False).fit(resume=True)")
+              "Trainer(cfg, progress=False).fit(resume='auto')")
     stopped_at = kill_after_checkpoint(script, killed / "last.pt", 8)
     assert 8 <= stopped_at < 20, stopped_at
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
@@ -103,11 +103,11 @@ def test_non_finite_loss_stops_with_the_term_and_a_checkpoint(tmp_path):
     def poisoned(views, g):
         out = compute(views, g)
         if trainer.iteration == 3:
-            out["dice"] = out["dice"] * float("nan")
+            out["dice_loss"] = out["dice_loss"] * float("nan")
         return out
 
     trainer.compute_losses = poisoned
-    with pytest.raises(FloatingPointError, match=r"iteration 3: loss term\(s\) \['dice'\]"):
+    with pytest.raises(FloatingPointError, match=r"iteration 3: loss term\(s\) \[.dice_loss.\]"):
         trainer.fit()
     assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
 
@@ -185,5 +185,5 @@ def test_every_documented_hook_is_called_by_the_loop(tmp_path):
         assert hook in calls, hook
     assert calls.index("compute_losses") < calls.index("apply_deferred:seen") < calls.index("after_step:0")
     resumed = Recording(smoke_config(tmp_path, iterations=3, val_every=0, checkpoint_every=1), progress=False)
-    resumed.fit(resume=True)
+    resumed.fit(resume=True, force=True)  # iterations 2 -> 3: a changed option, resumed on purpose
     assert "load_extra_state" in calls and resumed.pushed == 3  # 2 before the checkpoint, 1 after

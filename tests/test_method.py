@@ -170,7 +170,7 @@ def test_finetune_resume_after_sigkill_restores_banks_ema_and_losses(tmp_path):
         return ("from action.config import build_config; from action.method import STAGE_TRAINERS; "
                 f"cfg = build_config('smoke', overrides={{**{SMALL!r}, 'out': {str(out)!r}, "
                 "'stage': 'pretrain-local', 'iterations': 16, 'checkpoint_every': 3}); "
-                "STAGE_TRAINERS['pretrain-local'](cfg, progress=False).fit(resume=True)")
+                "STAGE_TRAINERS['pretrain-local'](cfg, progress=False).fit(resume='auto')")
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run([sys.executable, "-c", script(ref)], check=True, capture_output=True)

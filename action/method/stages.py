@@ -354,11 +354,17 @@ def trainer_class(cfg: TrainConfig) -> type[Trainer]:
     return STAGE_TRAINERS[cfg.stage]
 
 
-def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def run_pipeline(cfg: TrainConfig, resume: bool | str = False, progress: bool = True, overwrite: bool = False,
+                 force: bool = False) -> dict:
     """Stages i, ii, iii in order into <out>/<stage>/, each initialised from the previous stage's best.pt (its best
     validated eval weights: the EMA teacher's with eval_teacher; the last model when it did not validate; the first
-    stage from cfg.init when given). With resume, a finished stage (last.pt at its final iteration) is skipped
-    and an interrupted one continues. Returns {stage: fit result}."""
+    stage from cfg.init when given). With resume, a finished stage (last.pt at its final iteration) is skipped,
+    an interrupted one continues and a later one starts (resume=True with no stage's last.pt at all is an error:
+    nothing to resume). overwrite and force go to every stage's fit. Returns {stage: fit result}."""
+    lasts = [os.path.join(cfg.out, stage, "last.pt") for stage in PIPELINE]
+    if resume is True and not any(os.path.isfile(p) for p in lasts):
+        raise FileNotFoundError(f"--resume: nothing to resume: no stage of the pipeline in {cfg.out} has a last.pt "
+                                f"({', '.join(lasts)}); check --out, or start a new run without --resume")
     results, init = {}, cfg.init
     for stage in PIPELINE:
         iterations = cfg.stage_iterations[stage]
@@ -372,7 +378,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
             results[stage] = {"skipped": True}
         else:
             print(f"pipeline: stage {stage}, {iterations} iterations -> {sub.out}", flush=True)
-            results[stage] = trainer_class(sub)(sub, progress=progress).fit(resume=resume)
+            results[stage] = trainer_class(sub)(sub, progress=progress).fit(
+                resume="auto" if resume else False, overwrite=overwrite, force=force)
         best = os.path.join(sub.out, "best.pt")  # the last model when the stage did not validate
         init = best if os.path.isfile(best) else last
     return results

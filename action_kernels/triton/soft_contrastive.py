@@ -34,7 +34,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _load_rows(ptr, rows, P, sb, sp, sd, d, row_mask, d_mask):
     r = rows.to(tl.int64)
     offs = (r // P) * sb + (r % P) * sp
-    return tl.load(ptr + offs[:, None] + d[None, :].to(tl.int64) * sd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    mask = row_mask[:, None] & d_mask[None, :]
+    return tl.load(ptr + offs[:, None] + d[None, :].to(tl.int64) * sd, mask=mask, other=0.0)
 
 
 # Forward, one program per BLOCK_M rows, streaming key tiles in order (normalisation fused as scales: ŝ = rs s,
