@@ -12,7 +12,7 @@ import torch
 import action_kernels as ak
 import helpers
 from action_kernels import _extension, dispatch
-from action_kernels.testing import assert_allowed, tolerance
+from action_kernels.testing import assert_allowed, assert_close, tolerance
 
 BACKENDS = dispatch.BACKENDS  # torch, chunked, triton (interpreter), cuda (emulation build): all run on CPU here
 NAN, INF = float("nan"), float("inf")
@@ -50,8 +50,9 @@ def test_soft_loss_nan_policy_is_the_same_on_every_backend(where, value, normali
         assert bool(torch.isnan(dk).all()), backend
         good = ~nan_rows
         if good.any():
-            assert torch.allclose(rows[good].double(), clean[0][good], rtol=1e-4, atol=1e-5), backend
-            assert torch.allclose(ds[good].double(), clean[1][good], rtol=1e-4, atol=1e-5), backend
+            # the fp32 kernels' own error on these rows, relative to the largest (the tolerance table's rule)
+            assert_close(f"finite loss rows [{backend}]", rows[good], clean[0][good], torch.float32, 0.1)
+            assert_close(f"finite student gradient rows [{backend}]", ds[good], clean[1][good], torch.float32, 0.1)
 
 
 def _topk_inputs():
