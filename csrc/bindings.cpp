@@ -2,7 +2,11 @@
 // the kernel launchers, with no torch headers (survives torch upgrades).
 // Pointers arrive as integers (tensor.data_ptr()), the stream as an integer handle (0 = default stream).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <stdexcept>
+
+#include "launch_plans.h"
 #include "launchers.h"
 
 namespace py = pybind11;
@@ -10,6 +14,27 @@ namespace py = pybind11;
 namespace {
 ak::RowsArg rows(uintptr_t ptr, int64_t P, int64_t sb, int64_t sp, int64_t sd) { return ak::RowsArg{ptr, P, sb, sp, sd}; }
 ak::ScalesArg scales(uintptr_t rs, uintptr_t rt, uintptr_t rk) { return ak::ScalesArg{rs, rt, rk}; }
+
+py::list plans(const std::string& op, const std::string& mode, const std::string& dtype, int64_t N, int64_t K,
+               int64_t D, int64_t k) {
+  std::vector<ak::LaunchPlan> out;
+  try {
+    out = ak::launch_plans(op, mode, dtype, N, K, D, k);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  py::list result;
+  for (const auto& p : out) {
+    py::dict d;
+    d["kernel"] = p.kernel;
+    d["grid"] = int64_t(p.grid_x) * p.grid_y;
+    d["block"] = p.block;
+    d["dynamic_smem"] = p.dynamic_smem;
+    d["trips"] = p.trips;
+    result.append(d);
+  }
+  return result;
+}
 }  // namespace
 
 #ifndef AK_MODULE
@@ -19,6 +44,12 @@ ak::ScalesArg scales(uintptr_t rs, uintptr_t rt, uintptr_t rk) { return ak::Scal
 PYBIND11_MODULE(AK_MODULE, m) {
   m.doc() = "action_kernels CUDA kernels (raw-pointer launchers)";
   m.def("flavour", &ak::flavour, "'cuda' or 'cpu-emulation'");
+  m.def("launch_plans", &plans, py::arg("op"), py::arg("mode"), py::arg("dtype"), py::arg("N"), py::arg("K"),
+        py::arg("D"), py::arg("k") = 0,
+        "The kernel launches (in order) the CUDA launchers make for this op, mode ('forward', 'forward_grad', "
+        "'key_grad'; 'topk'), dtype ('bf16', 'fp16', 'fp32') and shape: a list of {kernel (demangled cubin "
+        "symbol), grid (CTAs), block (threads), dynamic_smem (bytes), trips (loop trip counts per CTA, "
+        "outermost first)}");
   py::class_<ak::RowsArg>(m, "Rows", py::module_local()).def(py::init(&rows), py::arg("ptr"), py::arg("P"), py::arg("sb"), py::arg("sp"),
                                          py::arg("sd"));
   py::class_<ak::ScalesArg>(m, "Scales", py::module_local())

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "cuda_compat.h"
+#include "launch_plans.h"
 #include "launchers.h"
 #include "tiles.cuh"
 #include "topk_pack.h"
@@ -60,13 +61,27 @@ __global__ void topk_kernel(Rows A, Keys Kb, const float* ra, const float* rk, c
   }
 }
 
+// One CTA per BM rows; loops per CTA: the key tiles, then the BK-wide feature chunks of tile_dots inside each.
+// The demangled name is checked against the nvcc cubin's symbols in tests/test_cuda_kernels.py.
+LaunchPlan topk_plan(int64_t N, int64_t K, int64_t D) {
+  return LaunchPlan{"ak::(anonymous namespace)::topk_kernel(ak::Rows, ak::(anonymous namespace)::Keys, float const*, "
+                    "float const*, long const*, long const*, long, long, long, long, long, long*, float*, long*)",
+                    blocks(N, BM), 1, THREADS, 0, {(K + BN - 1) / BN, (D + BK - 1) / BK}};
+}
+
 }  // namespace
+
+std::vector<LaunchPlan> hard_negative_topk_plans(const std::string&, int64_t N, int64_t K, int64_t D, int64_t) {
+  if (N == 0) return {};
+  return {topk_plan(N, K, D)};
+}
 
 void hard_negative_topk(RowsArg a, uintptr_t k_ptr, int64_t k_sk, int64_t k_sd, uintptr_t ra, uintptr_t rk,
                         uintptr_t ya, uintptr_t yk, int64_t ignore_label, int64_t N, int64_t K, int64_t D, int64_t k,
                         uintptr_t work, uintptr_t values, uintptr_t indices, uintptr_t stream) {
   if (N == 0 || k <= 0) return;
-  AK_LAUNCH(topk_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(a),
+  const LaunchPlan p = topk_plan(N, K, D);
+  AK_LAUNCH(topk_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(a),
             keys_of(k_ptr, k_sk, k_sd), out<const float>(ra), out<const float>(rk), out<const int64_t>(ya),
             out<const int64_t>(yk), ignore_label, N, K, D, k, out<int64_t>(work), out<float>(values),
             out<int64_t>(indices));

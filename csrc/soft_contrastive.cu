@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "cuda_compat.h"
+#include "launch_plans.h"
 #include "launchers.h"
 #include "tiles.cuh"
 
@@ -144,13 +145,45 @@ Scales scales_of(const ScalesArg& a) {
                 reinterpret_cast<const float*>(a.rk)};
 }
 
+// Demangled names of the kernels above (checked against the nvcc cubin's symbols in tests/test_cuda_kernels.py).
+constexpr const char* kTail = "(ak::Rows, ak::Rows, ak::(anonymous namespace)::Keys, ak::(anonymous namespace)::Scales, long, long, long, float, float, ";
+std::string name(const char* kernel, const char* rest) {
+  return std::string("ak::(anonymous namespace)::") + kernel + kTail + rest;
+}
+
+// Tiles of BM rows (forward, row gradient) or BN keys (key gradient); loops per CTA: the key (or row) tiles, then
+// the BK-wide feature chunks of tile_dots inside each.
+LaunchPlan forward_plan(int64_t N, int64_t K, int64_t D) {
+  return LaunchPlan{name("forward_kernel", "float*, float*, float*)"), blocks(N, BM), 1, THREADS, 0,
+                    {(K + BN - 1) / BN, (D + BK - 1) / BK}};
+}
+LaunchPlan row_grad_plan(int64_t N, int64_t K, int64_t D) {
+  return LaunchPlan{name("row_grad_kernel", "float const*, float const*, float*)"), blocks(N, BM), 1, THREADS, 0,
+                    {(K + BN - 1) / BN, (D + BK - 1) / BK}};
+}
+LaunchPlan key_grad_plan(int64_t N, int64_t K, int64_t D) {
+  return LaunchPlan{name("key_grad_kernel", "float const*, float const*, float const*, float const*, float*)"),
+                    blocks(K, BN), 1, THREADS, 0, {(N + BM - 1) / BM, (D + BK - 1) / BK}};
+}
+
 }  // namespace
+
+std::vector<LaunchPlan> soft_contrastive_plans(const std::string& mode, const std::string&, int64_t N, int64_t K,
+                                               int64_t D) {
+  // fp32 SIMT kernels: 16-bit inputs are upcast by the Python launcher, so the dtype does not change the plan.
+  if (mode == "key_grad") return N == 0 || K == 0 ? std::vector<LaunchPlan>{} : std::vector<LaunchPlan>{key_grad_plan(N, K, D)};
+  if (N == 0) return {};
+  std::vector<LaunchPlan> plans{forward_plan(N, K, D)};
+  if (mode == "forward_grad") plans.push_back(row_grad_plan(N, K, D));
+  return plans;
+}
 
 void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
                               int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                               uintptr_t lse_t, uintptr_t stream) {
   if (N == 0) return;
-  AK_LAUNCH(forward_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+  const LaunchPlan p = forward_plan(N, K, D);
+  AK_LAUNCH(forward_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
             rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<float>(loss), out<float>(lse_s),
             out<float>(lse_t));
   check_launch("soft_contrastive forward_kernel");
@@ -160,7 +193,8 @@ void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, 
                                int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t lse_s, uintptr_t lse_t,
                                uintptr_t ds0, uintptr_t stream) {
   if (N == 0) return;
-  AK_LAUNCH(row_grad_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+  const LaunchPlan p = row_grad_plan(N, K, D);
+  AK_LAUNCH(row_grad_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
             rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(lse_s),
             out<const float>(lse_t), out<float>(ds0));
   check_launch("soft_contrastive row_grad_kernel");
@@ -170,7 +204,8 @@ void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, 
                                int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                                uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream) {
   if (N == 0 || K == 0) return;
-  AK_LAUNCH(key_grad_kernel, dim3(blocks(K, BN)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+  const LaunchPlan p = key_grad_plan(N, K, D);
+  AK_LAUNCH(key_grad_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
             rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(loss),
             out<const float>(lse_s), out<const float>(lse_t), out<const float>(g), out<float>(dk));
   check_launch("soft_contrastive key_grad_kernel");
