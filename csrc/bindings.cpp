@@ -8,6 +8,9 @@
 
 #include "launch_plans.h"
 #include "launchers.h"
+#ifdef AK_EMULATION
+#include "emulation.h"
+#endif
 
 namespace py = pybind11;
 
@@ -70,7 +73,33 @@ PYBIND11_MODULE(AK_MODULE, m) {
         py::arg("ra"), py::arg("rk"), py::arg("ya"), py::arg("yk"), py::arg("ignore_label"), py::arg("N"),
         py::arg("K"), py::arg("D"), py::arg("k_out"), py::arg("work"), py::arg("values"), py::arg("indices"),
         py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  auto rel = py::call_guard<py::gil_scoped_release>();
+  m.def("selftest_mma", &ak::selftest_mma, py::arg("type"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"),
+        py::arg("stream"), rel);
+  m.def("selftest_ldmatrix", &ak::selftest_ldmatrix, py::arg("image"), py::arg("elems"), py::arg("offsets"),
+        py::arg("num"), py::arg("trans"), py::arg("out"), py::arg("stream"), rel);
+  m.def("selftest_shfl", &ak::selftest_shfl, py::arg("mode"), py::arg("width"), py::arg("values"), py::arg("args"),
+        py::arg("out32"), py::arg("out64"), py::arg("stream"), rel);
+  m.def("selftest_vote", &ak::selftest_vote, py::arg("pred"), py::arg("ballot"), py::arg("any"), py::arg("all"),
+        py::arg("stream"), rel);
+  m.def("selftest_cp_async", &ak::selftest_cp_async, py::arg("src"), py::arg("src_bytes"), py::arg("early"),
+        py::arg("landed"), py::arg("stream"), rel);
+  m.def("selftest_convert", &ak::selftest_convert, py::arg("x"), py::arg("n"), py::arg("bf16"), py::arg("f16"),
+        py::arg("tf32"), py::arg("exp2"), py::arg("stream"), rel);
+  m.def("selftest_broken", &ak::selftest_broken, py::arg("which"), py::arg("out"), py::arg("stream"), rel);
 #ifdef AK_EMULATION
+  m.def("emulated_launches", [] {
+    py::list out;
+    for (const auto& r : ak_emu::launch_log) {
+      py::dict d;
+      d["grid"] = int64_t(r.grid_x) * r.grid_y * r.grid_z;
+      d["block"] = r.block;
+      d["dynamic_smem"] = int64_t(r.dynamic_smem);
+      out.append(d);
+    }
+    ak_emu::launch_log.clear();
+    return out;
+  }, "the (grid, block, dynamic_smem) of every emulated launch since the last call (then forgotten)");
   m.def("soft_contrastive_rows_cpu", &ak::soft_contrastive_rows_cpu, py::arg("a"), py::arg("b"), py::arg("rows"),
         py::arg("K"), py::arg("loss"), py::arg("lse_a"), py::arg("lse_b"), py::arg("grad"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());

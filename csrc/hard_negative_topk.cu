@@ -81,7 +81,7 @@ void hard_negative_topk(RowsArg a, uintptr_t k_ptr, int64_t k_sk, int64_t k_sd, 
                         uintptr_t work, uintptr_t values, uintptr_t indices, uintptr_t stream) {
   if (N == 0 || k <= 0) return;
   const LaunchPlan p = topk_plan(N, K, D);
-  AK_LAUNCH(topk_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(a),
+  AK_LAUNCH(topk_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), size_t(p.dynamic_smem), reinterpret_cast<cudaStream_t>(stream), rows_of(a),
             keys_of(k_ptr, k_sk, k_sd), out<const float>(ra), out<const float>(rk), out<const int64_t>(ya),
             out<const int64_t>(yk), ignore_label, N, K, D, k, out<int64_t>(work), out<float>(values),
             out<int64_t>(indices));

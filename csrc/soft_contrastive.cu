@@ -183,7 +183,7 @@ void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, i
                               uintptr_t lse_t, uintptr_t stream) {
   if (N == 0) return;
   const LaunchPlan p = forward_plan(N, K, D);
-  AK_LAUNCH(forward_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+  AK_LAUNCH(forward_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), size_t(p.dynamic_smem), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
             rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<float>(loss), out<float>(lse_s),
             out<float>(lse_t));
   check_launch("soft_contrastive forward_kernel");
@@ -194,7 +194,7 @@ void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, 
                                uintptr_t ds0, uintptr_t stream) {
   if (N == 0) return;
   const LaunchPlan p = row_grad_plan(N, K, D);
-  AK_LAUNCH(row_grad_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+  AK_LAUNCH(row_grad_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), size_t(p.dynamic_smem), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
             rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(lse_s),
             out<const float>(lse_t), out<float>(ds0));
   check_launch("soft_contrastive row_grad_kernel");
@@ -205,7 +205,7 @@ void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, 
                                uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream) {
   if (N == 0 || K == 0) return;
   const LaunchPlan p = key_grad_plan(N, K, D);
-  AK_LAUNCH(key_grad_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
+  AK_LAUNCH(key_grad_kernel, dim3(p.grid_x, p.grid_y), dim3(p.block), size_t(p.dynamic_smem), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
             rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(loss),
             out<const float>(lse_s), out<const float>(lse_t), out<const float>(g), out<float>(dk));
   check_launch("soft_contrastive key_grad_kernel");
