@@ -116,6 +116,16 @@ AK_DEV uint32_t to_tf32(float x) {
 #endif
 }
 
+AK_DEV uint32_t float_bits(float x) {
+#ifdef AK_EMULATION
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+#else
+  return __float_as_uint(x);
+#endif
+}
+
 AK_DEV float tf32_value(uint32_t bits) {
   float f;
 #ifdef AK_EMULATION

@@ -68,5 +68,30 @@ def launch_context(device: torch.device):
 
 
 def rows_arg(mod, x: torch.Tensor):
-    """A (B, P, D) fp32 view -> the extension's Rows(ptr, P, sb, sp, sd)."""
+    """A (B, P, D) view -> the extension's Rows(ptr, P, sb, sp, sd) (strides in elements)."""
     return mod.Rows(x.data_ptr(), x.shape[1], x.stride(0), x.stride(1), x.stride(2))
+
+
+def keys_arg(mod, k: torch.Tensor):
+    """(K, D) keys -> Rows of one batch (P = K rows at stride k.stride(0))."""
+    return mod.Rows(k.data_ptr(), max(k.shape[0], 1), 0, k.stride(0), k.stride(1))
+
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+MAX_FEATURES = 512  # the largest feature bucket the kernels are instantiated for (csrc/tc_tiles.cuh)
+
+
+def dtype_name(*xs: torch.Tensor) -> str:
+    """The kernels' name of the one dtype all of `xs` share ('bf16', 'fp16', 'fp32')."""
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+        raise TypeError(f"the CUDA kernels need rows and keys of one dtype among {tuple(_DTYPES)}, got "
+                        f"{sorted(str(d) for d in dtypes)}; cast them to one dtype first")
+    return _DTYPES[next(iter(dtypes))]
+
+
+def check_feature_size(op: str, d: int) -> None:
+    if d > MAX_FEATURES:
+        raise NotImplementedError(
+            f"{op}: the CUDA kernels hold whole rows in shared memory and are built for D <= {MAX_FEATURES} "
+            f"features, got D = {d}; use backend='triton' or backend='chunked'")
