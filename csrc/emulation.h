@@ -43,6 +43,12 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) longlong2 {
+  long long x, y;
+};
 
 namespace ak_emu {
 

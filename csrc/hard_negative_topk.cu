@@ -59,7 +59,7 @@ struct RowState {
 template <class T, int D>
 AK_HD_CONSTEXPR int64_t topk_smem() {
   constexpr TopkCfg c = topk_cfg<T, D>();
-  return tile_bytes<T, D>(c.bm) + 2 * tile_bytes<T, D>(c.bn) + 2 * 8 * c.bn +
+  return tile_bytes<T, D>(c.bm) + 2 * tile_bytes<T, D>(c.bn) + 2 * 12 * c.bn +
          int64_t(c.bm) * (c.queue * 8 + int64_t(sizeof(RowState))) + (c.bm / 16) * c.queue * 4 + kMaxTileRows * 8;
 }
 static_assert(topk_smem<Bf16, 128>() <= kSmemLimit && topk_smem<Bf16, 256>() <= kSmemLimit &&
@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
   E* sA = reinterpret_cast<E*>(smem);
   E* sK = sA + BM * LD;                                               // 2 stages
   int64_t* sY = reinterpret_cast<int64_t*>(sK + 2 * BN * LD);         // 2 stages of BN labels
-  int64_t* sQ = sY + 2 * BN;                                          // BM rows x Q
+  float* sRk = reinterpret_cast<float*>(sY + 2 * BN);                 // 2 stages of BN inverse norms
+  int64_t* sQ = reinterpret_cast<int64_t*>(sRk + 2 * BN);             // BM rows x Q (BN even: 8-aligned)
   RowState* sR = reinterpret_cast<RowState*>(sQ + BM * Q);            // BM
   int* sDest = reinterpret_cast<int*>(sR + BM);                       // BM / 16 warps x Q
   int64_t* bases = reinterpret_cast<int64_t*>(sDest + (BM / 16) * Q);   // load_tile scratch (8-aligned: Q even)
@@ -154,11 +155,15 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
   RowState* state = sR + 16 * warp;
   int* dest = sDest + warp * Q;
 
+  // Stage s <- key tile j: keys by cp.async, and per key its inverse norm and label (past K: rk 0 and the ignore
+  // label, never a candidate).
   auto stage_keys = [&](int s, int j) {
-    load_tile<T, BN, D, THREADS>(sK + s * BN * LD, p.k, int64_t(j) * BN, p.K, p.D, bases);
-    for (int c = threadIdx.x; c < BN; c += THREADS) {
+    stream_tile<T, BN, D, THREADS>(sK + s * BN * LD, p.k, int64_t(j) * BN, p.K, p.D);
+    static_assert(BN <= THREADS, "one thread per key");
+    if (const int c = threadIdx.x; c < BN) {
       const int64_t col = int64_t(j) * BN + c;
-      sY[s * BN + c] = col < p.K ? p.yk[col] : p.ignore;  // past K: never a candidate
+      sY[s * BN + c] = col < p.K ? p.yk[col] : p.ignore;
+      sRk[s * BN + c] = col < p.K ? p.rk[col] : 0.f;
     }
   };
   load_tile<T, BM, D, THREADS>(sA, p.a, row0, p.N, p.D, bases);
@@ -167,7 +172,7 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
 
   float ra[2];
   int64_t ya[2];
-  bool row_ok[2];
+  bool row_ok[2];  // rows past N have no candidates
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t n = warp_row0 + g + 8 * h;
@@ -177,40 +182,77 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
   }
   const E* const a[1] = {sA + 16 * warp * LD};
 
-  for (int j = -1; j < tiles; ++j) {  // j = -1 only stages key tile 0: one load site per tile shape
-    if (j >= 0) cp_async_wait<0>();
-    __syncthreads();
-    if (j + 1 < tiles) stage_keys((j + 1) % 2, j + 1);
-    cp_async_commit();
-    if (j < 0) continue;
-    const int s = j % 2;
-    float f[1][NB][4] = {};
-    warp_logits<T, D, NB, 1>(a, sK + s * BN * LD, f);
-
-    const int64_t key0 = int64_t(j) * BN;
-    int64_t thr[2];
+  // The hot loop only computes similarities and asks (one vote) whether any could beat its row's threshold; a
+  // tile with a possible candidate leaves it for the compaction below, then the loop resumes at the next tile.
+  // Each warp passes the loop-top barrier once per tile whichever way it goes (the compaction has no block
+  // barrier), so the CTA's barriers stay matched.
+  int j = -1;
+  float y[NB][4];  // the tile's s·k rk: rows g (i < 2) and g + 8, columns 2t + (i & 1) of each 8-block
+  while (j < tiles) {
+    bool any = false;
+    while (j < tiles) {
+      if (j >= 0) cp_async_wait<0>();
+      __syncthreads();
+      if (j + 1 < tiles) stage_keys((j + 1) % 2, j + 1);
+      cp_async_commit();
+      if (j < 0) {
+        ++j;
+        continue;
+      }
+      const int s = j % 2;
+      float f[1][NB][4] = {};
+      warp_logits<T, D, NB, 1>(a, sK + s * BN * LD, f);
+      float best[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int h = 0; h < 2; ++h) thr[h] = state[g + 8 * h].thr;
-    uint32_t bits[2] = {0u, 0u};  // candidate (nb, e) of row h at bit 2 nb + e
+      for (int nb = 0; nb < NB; ++nb) {
+        const int c = 8 * nb + 2 * t;  // this lane's columns c, c + 1: one vector load each
+        const longlong2 lab = *reinterpret_cast<const longlong2*>(sY + s * BN + c);
+        const float2 rk = *reinterpret_cast<const float2*>(sRk + s * BN + c);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t l = e ? lab.y : lab.x;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            y[nb][2 * h + e] = f[0][nb][2 * h + e] * (e ? rk.y : rk.x);
+            if (row_ok[h] && l != p.ignore && l != ya[h]) best[h] = fmaxf(best[h], y[nb][2 * h + e]);
+          }
+        }
+      }
+      // ra > 0, so ra max(y) is the best similarity (rounded as each one is); a key can only beat the packed
+      // threshold if its value is at least the threshold's
+      bool maybe = false;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t thr = state[g + 8 * h].thr;
+        maybe |= best[h] > -INFINITY && (thr == kPackedNone || ra[h] * best[h] >= packed_value(thr));
+      }
+      any = __any_sync(0xffffffffu, maybe);
+      if (any) break;
+      ++j;
+    }
+    if (!any) break;
+
+    // Compaction of tile j: exact packed comparisons, then each lane's slots in its rows' queues from a quad-wide
+    // exclusive prefix of the lane counts (both rows at once, 16 bits each).
+    const int64_t key0 = int64_t(j) * BN;
+    const int s = j % 2;
+    uint32_t bits[2] = {0u, 0u};
     int cnt[2] = {0, 0};
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t thr = state[g + 8 * h].thr;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = 8 * nb + 2 * t + e;
-        const int64_t lab = sY[s * BN + c];
-        const float rk = key0 + c < p.K ? p.rk[key0 + c] : 0.f;
+      for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool ok = row_ok[h] && lab != p.ignore && lab != ya[h] &&
-                          pack_candidate(f[0][nb][2 * h + e] * ra[h] * rk, key0 + c) > thr[h];
+        for (int e = 0; e < 2; ++e) {
+          const int c = 8 * nb + 2 * t + e;
+          const int64_t l = sY[s * BN + c];
+          const bool ok = row_ok[h] && l != p.ignore && l != ya[h] &&
+                          pack_candidate(ra[h] * y[nb][2 * h + e], key0 + c) > thr;
           bits[h] |= uint32_t(ok) << (2 * nb + e);
           cnt[h] += ok;
         }
-      }
-    if (!__any_sync(0xffffffffu, cnt[0] + cnt[1] > 0)) continue;
-
-    // slots: exclusive prefix of the lane counts within the quad (both rows at once, 16 bits each)
+    }
     const int mine = cnt[0] | (cnt[1] << 16);
     int incl = mine;
     int up = __shfl_up_sync(0xffffffffu, incl, 1, 4);
@@ -233,11 +275,8 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          if (bits[h] >> (2 * nb + e) & 1u) {
-            const int c = 8 * nb + 2 * t + e;
-            const float rk = p.rk[key0 + c];
-            queue[r * Q + pos++] = pack_candidate(f[0][nb][2 * h + e] * ra[h] * rk, key0 + c);
-          }
+          if (bits[h] >> (2 * nb + e) & 1u)
+            queue[r * Q + pos++] = pack_candidate(ra[h] * y[nb][2 * h + e], key0 + 8 * nb + 2 * t + e);
     }
     __syncwarp();
     if (t == 0) {
@@ -245,6 +284,7 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
       state[g + 8].pending += total >> 16;
     }
     __syncwarp();
+    ++j;
   }
   cp_async_wait<0>();
   __syncwarp();
@@ -322,6 +362,9 @@ void hard_negative_topk(const std::string& dtype, RowsArg a, RowsArg k, uintptr_
                         uintptr_t yk, int64_t ignore_label, int64_t N, int64_t K, int64_t D, int64_t topk,
                         uintptr_t values, uintptr_t indices, uintptr_t stream) {
   if (N == 0 || topk <= 0) return;
+  if (!src_of(k, K, dtype == "fp32" ? 4 : 2).uniform)
+    throw std::invalid_argument("keys k must be uniform rows (feature stride 1, 16-byte aligned rows) for the top-k "
+                                "kernel: pass a padded copy (see uniform_rows)");
   const int bytes = dtype == "fp32" ? 4 : 2;
   TopkParams p{};
   p.a = src_of(a, N, bytes);

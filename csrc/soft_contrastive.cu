@@ -44,7 +44,8 @@ struct SoftParams {
   float* dk;                    // (K, D) key gradient
 };
 
-// Row-owned kernels: BM rows resident (student and teacher tiles), BN keys per streamed tile, STAGES buffers.
+// Row-owned kernels: BM rows resident (student and teacher tiles), BN keys per streamed tile (with their inverse
+// norms), STAGES buffers.
 struct RowsCfg {
   int bm, bn, stages;
 };
@@ -56,10 +57,10 @@ AK_HD_CONSTEXPR RowsCfg rows_cfg() {
 template <class T, int D>
 AK_HD_CONSTEXPR int64_t rows_smem() {
   constexpr RowsCfg c = rows_cfg<T, D>();
-  return 2 * tile_bytes<T, D>(c.bm) + c.stages * tile_bytes<T, D>(c.bn) + kMaxTileRows * 8;
+  return 2 * tile_bytes<T, D>(c.bm) + c.stages * (tile_bytes<T, D>(c.bn) + 4 * c.bn) + kMaxTileRows * 8;
 }
 
-// Key-owned kernel: BK keys resident, BM rows per streamed tile (student + teacher + 7 per-row floats).
+// Key-owned kernel: BK keys resident, BM rows per streamed tile (student + teacher + kRowVecs per-row floats).
 struct KeysCfg {
   int bk, bm, stages;
 };
@@ -68,7 +69,9 @@ AK_HD_CONSTEXPR KeysCfg keys_cfg() {
   if constexpr (!is_f32<T>) return D <= 128 ? KeysCfg{64, 64, 2} : D == 256 ? KeysCfg{32, 32, 2} : KeysCfg{32, 16, 2};
   else return D == 64 ? KeysCfg{64, 64, 2} : D == 128 ? KeysCfg{32, 32, 2} : D == 256 ? KeysCfg{32, 16, 2} : KeysCfg{16, 8, 2};
 }
-constexpr int kRowVecs = 7;  // per streamed row: c_s, c_t, lse_s log2 e, lse_t log2 e, g rs / τ_s, g rt / τ_t, loss
+// per streamed row i: rs_i log2(e)/τ_s, rt_i log2(e)/τ_t, lse_s,i log2(e), lse_t,i log2(e), g_i rs_i/τ_s,
+// g_i rt_i ln(2)/τ_t, loss_i log2(e)
+constexpr int kRowVecs = 7;
 template <class T, int D>
 AK_HD_CONSTEXPR int64_t keys_smem() {
   constexpr KeysCfg c = keys_cfg<T, D>();
@@ -89,9 +92,26 @@ AK_HD_CONSTEXPR bool fits() {
 static_assert(fits<Bf16, 64>() && fits<Bf16, 128>() && fits<Bf16, 256>() && fits<Bf16, 512>(), "bf16 tiles");
 static_assert(fits<F32, 64>() && fits<F32, 128>() && fits<F32, 256>() && fits<F32, 512>(), "fp32 tiles");
 
+// A logit of a column past K: finite, so that 0 * (masked - masked) stays 0, and far below every real logit.
+constexpr float kMasked = -1e30f;
+
+// The streamed key tile j: keys and their inverse norms (0 past K) into stage s.
+template <class T, int D, int BN, int THREADS>
+AK_DEV void stage_keys(const SoftParams& p, typename T::Elem* sK, float* sRk, int s, int j) {
+  constexpr int LD = D + T::kPad;
+  const int64_t key0 = int64_t(j) * BN;
+  stream_tile<T, BN, D, THREADS>(sK + s * BN * LD, p.k, key0, p.K, p.D);
+  static_assert(BN <= THREADS, "one thread per key");
+  const int c = threadIdx.x;
+  if (c < BN) sRk[s * BN + c] = key0 + c < p.K ? p.rk[key0 + c] : 0.f;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Forward statistics. Per lane: rows h = 0, 1 (g and g + 8 of its warp's 16), columns 2t, 2t + 1 of each 8-key
-// block; the row max is quad-uniform after each tile (quad_max), the sums stay per lane until the end.
+// block. With y = s·k rk (the key factor only), the base-2 logit is x = c y, c = rs log2(e)/τ > 0, so the tile max
+// is c max(y), the softmax terms exp2(c y - m) are one FFMA and one MUFU each, and
+//   Σ p̃ (x_t - x_s) = Σ p̃ (u_t - u_s) + (m_t - m_s) Σ p̃,   u = x - m (the exp2 arguments, already computed).
+// The row max is quad-uniform after each tile (quad_max); the sums stay per lane until the end.
 template <class T, int D>
 __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(SoftParams p) {
   constexpr RowsCfg C = rows_cfg<T, D>();
@@ -102,7 +122,8 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
   E* sS = reinterpret_cast<E*>(smem);
   E* sT = sS + BM * LD;
   E* sK = sT + BM * LD;
-  int64_t* bases = reinterpret_cast<int64_t*>(sK + ST * BN * LD);
+  float* sRk = reinterpret_cast<float*>(sK + ST * BN * LD);
+  int64_t* bases = reinterpret_cast<int64_t*>(sRk + ST * BN);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
   const int64_t row0 = int64_t(blockIdx.x) * BM, myrow = row0 + 16 * warp + (lane >> 2);
   const int tiles = int(ceil_div(p.K, BN));
@@ -126,52 +147,51 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
   for (int j = -1; j < tiles; ++j) {
     if (j >= 0) cp_async_wait<0>();
     __syncthreads();
-    if (j + 1 < tiles) load_tile<T, BN, D, THREADS>(sK + ((j + 1) % ST) * BN * LD, p.k, int64_t(j + 1) * BN, p.K, p.D, bases);
+    if (j + 1 < tiles) stage_keys<T, D, BN, THREADS>(p, sK, sRk, (j + 1) % ST, j + 1);
     cp_async_commit();
     if (j < 0) continue;
 
     float f[2][NB][4] = {};
     warp_logits<T, D, NB, 2>(a, sK + (j % ST) * BN * LD, f);
-
-    const int64_t key0 = int64_t(j) * BN;
-    float rk[NB][2];
-    bool ok[NB][2];
+    const int valid = p.K - int64_t(j) * BN < BN ? int(p.K - int64_t(j) * BN) : BN;
+    float rk[NB][2], bias[NB][2];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int64_t col = key0 + 8 * nb + 2 * t + e;
-        ok[nb][e] = col < p.K;
-        rk[nb][e] = ok[nb][e] ? p.rk[col] : 0.f;
+        const int c = 8 * nb + 2 * t + e;
+        rk[nb][e] = sRk[(j % ST) * BN + c];
+        bias[nb][e] = c < valid ? 0.f : kMasked;
       }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float xs[NB][2], xt[NB][2], mx_s = -INFINITY, mx_t = -INFINITY;
+      float ys[NB][2], yt[NB][2], my_s = kMasked, my_t = kMasked;
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          xs[nb][e] = ok[nb][e] ? f[0][nb][2 * h + e] * cs[h] * rk[nb][e] : -INFINITY;
-          xt[nb][e] = ok[nb][e] ? f[1][nb][2 * h + e] * ct[h] * rk[nb][e] : -INFINITY;
-          mx_s = fmaxf(mx_s, xs[nb][e]);
-          mx_t = fmaxf(mx_t, xt[nb][e]);
+          ys[nb][e] = fmaf(f[0][nb][2 * h + e], rk[nb][e], bias[nb][e]);
+          yt[nb][e] = fmaf(f[1][nb][2 * h + e], rk[nb][e], bias[nb][e]);
+          my_s = fmaxf(my_s, ys[nb][e]);
+          my_t = fmaxf(my_t, yt[nb][e]);
         }
-      // the first tile holds a valid key for every row, so the running maxima are finite from then on
-      const float ms = fmaxf(m_s[h], quad_max(mx_s)), mt = fmaxf(m_t[h], quad_max(mx_t));
-      float sum_s = 0.f, sum_t = 0.f, sum_kl = 0.f;
+      // every tile holds a valid key for every row, so the running maxima are finite from the first tile on
+      const float ms = fmaxf(m_s[h], cs[h] * quad_max(my_s)), mt = fmaxf(m_t[h], ct[h] * quad_max(my_t));
+      float sum_s = 0.f, sum_t = 0.f, cross = 0.f;
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          sum_s += fast_exp2(xs[nb][e] - ms);
-          const float pt = fast_exp2(xt[nb][e] - mt);
+          const float us = fmaf(ys[nb][e], cs[h], -ms), ut = fmaf(yt[nb][e], ct[h], -mt);
+          const float pt = fast_exp2(ut);
+          sum_s += fast_exp2(us);
           sum_t += pt;
-          sum_kl += ok[nb][e] ? pt * (xt[nb][e] - xs[nb][e]) : 0.f;
+          cross = fmaf(pt, ut - us, cross);
         }
       const float alpha_s = fast_exp2(m_s[h] - ms), alpha_t = fast_exp2(m_t[h] - mt);
-      l_s[h] = l_s[h] * alpha_s + sum_s;
-      l_t[h] = l_t[h] * alpha_t + sum_t;
-      kl[h] = kl[h] * alpha_t + sum_kl;
+      l_s[h] = fmaf(l_s[h], alpha_s, sum_s);
+      l_t[h] = fmaf(l_t[h], alpha_t, sum_t);
+      kl[h] = fmaf(kl[h], alpha_t, fmaf(mt - ms, sum_t, cross));
       m_s[h] = ms;
       m_t[h] = mt;
     }
@@ -191,7 +211,7 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Row gradient: ds0[rows, c0 .. c0 + DO) where c0 = blockIdx.y DO.
+// Row gradient: ds0[rows, c0 .. c0 + DO) where c0 = blockIdx.y DO. q = exp2(c_s y_s - lse_s log2 e), likewise p.
 template <class T, int D>
 __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kernel(SoftParams p) {
   constexpr RowsCfg C = rows_cfg<T, D>();
@@ -203,7 +223,8 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
   E* sS = reinterpret_cast<E*>(smem);
   E* sT = sS + BM * LD;
   E* sK = sT + BM * LD;
-  int64_t* bases = reinterpret_cast<int64_t*>(sK + ST * BN * LD);
+  float* sRk = reinterpret_cast<float*>(sK + ST * BN * LD);
+  int64_t* bases = reinterpret_cast<int64_t*>(sRk + ST * BN);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
   const int64_t row0 = int64_t(blockIdx.x) * BM, myrow = row0 + 16 * warp + (lane >> 2);
   const int c0 = int(blockIdx.y) * DO;
@@ -228,21 +249,19 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
   for (int j = -1; j < tiles; ++j) {  // as in the forward
     if (j >= 0) cp_async_wait<0>();
     __syncthreads();
-    if (j + 1 < tiles) load_tile<T, BN, D, THREADS>(sK + ((j + 1) % ST) * BN * LD, p.k, int64_t(j + 1) * BN, p.K, p.D, bases);
+    if (j + 1 < tiles) stage_keys<T, D, BN, THREADS>(p, sK, sRk, (j + 1) % ST, j + 1);
     cp_async_commit();
     if (j < 0) continue;
     const E* kt = sK + (j % ST) * BN * LD;
 
     float f[2][NB][4] = {};
     warp_logits<T, D, NB, 2>(a, kt, f);
-    const int64_t key0 = int64_t(j) * BN;
     float rk[NB][2], bound = 0.f;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int64_t col = key0 + 8 * nb + 2 * t + e;
-        rk[nb][e] = col < p.K ? p.rk[col] : 0.f;  // 0 also masks the columns past K (z = 0 there)
+        rk[nb][e] = sRk[(j % ST) * BN + 8 * nb + 2 * t + e];  // 0 past K: z = 0 there
         bound = fmaxf(bound, rk[nb][e]);
       }
     // fp16: |z| <= rk / τ_s (|q - p| <= 1), so the range scale is known before z, and z is rounded as it is made
@@ -251,13 +270,15 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
+      for (int e = 0; e < 2; ++e) {
+        const float rz = rk[nb][e] * zf;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float q = fast_exp2(f[0][nb][2 * h + e] * cs[h] * rk[nb][e] - ls[h]);
-          const float pp = fast_exp2(f[1][nb][2 * h + e] * ct[h] * rk[nb][e] - lt[h]);
-          z[nb][2 * h + e] = (q - pp) * (rk[nb][e] * zf);  // the difference in fp32, before any rounding
+          const float q = fast_exp2(fmaf(f[0][nb][2 * h + e] * rk[nb][e], cs[h], -ls[h]));
+          const float pp = fast_exp2(fmaf(f[1][nb][2 * h + e] * rk[nb][e], ct[h], -lt[h]));
+          z[nb][2 * h + e] = (q - pp) * rz;  // the difference in fp32, before any rounding
         }
+      }
     warp_values<T, D, BN, NO>(z, 1.f, kt, c0, o);
   }
   cp_async_wait<0>();
@@ -278,9 +299,10 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
 
 // ---------------------------------------------------------------------------------------------------------------
 // Key gradient: dk[keys, c0 .. c0 + DO). The warp's 16 keys are the rows of its accumulators (h = 0, 1: keys g and
-// g + 8), the streamed rows its columns.
+// g + 8), the streamed rows its columns: x_q = y_s c_s - lse_s log2 e with y = s·k rk, likewise x_p, and
+// ln p - ln q - loss = ln 2 (x_p - x_q - loss log2 e).
 template <class T, int D>
-__global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2) soft_key_grad_kernel(SoftParams p) {
+__global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kernel(SoftParams p) {
   constexpr KeysCfg C = keys_cfg<T, D>();
   constexpr int BK = C.bk, BM = C.bm, ST = C.stages, THREADS = BK * 2, NB = BM / 8, LD = D + T::kPad;
   constexpr int DO = out_slice<D>(), NO = DO / 8;
@@ -296,16 +318,16 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2) soft_key_grad_kernel(
   const int c0 = int(blockIdx.y) * DO;
   const int tiles = int(ceil_div(p.N, BM));
 
-  // Stage s: student tile, teacher tile, then the per-row factors (written by plain stores).
+  // Stage s: student tile, teacher tile, then the per-row factors (plain stores).
   auto stage_rows = [&](int s, int it) {
     unsigned char* base = stages + s * STAGE;
     const int64_t r0 = int64_t(it) * BM;
 #pragma unroll 1
     for (int w = 0; w < 2; ++w)
-      load_tile<T, BM, D, THREADS>(reinterpret_cast<E*>(base + w * tile_bytes<T, D>(BM)), w ? p.t : p.s, r0, p.N,
-                                   p.D, bases);
+      stream_tile<T, BM, D, THREADS>(reinterpret_cast<E*>(base + w * tile_bytes<T, D>(BM)), w ? p.t : p.s, r0, p.N, p.D);
     float* v = reinterpret_cast<float*>(base + 2 * tile_bytes<T, D>(BM));
-    for (int r = threadIdx.x; r < BM; r += THREADS) {
+    static_assert(BM <= THREADS, "one thread per row");
+    if (const int r = threadIdx.x; r < BM) {
       const int64_t i = r0 + r;
       const bool ok = i < p.N;  // rows past N get zero weights, so they contribute nothing
       const float rs = ok ? p.rs[i] : 0.f, rt = ok ? p.rt[i] : 0.f, gi = ok ? p.g[i] : 0.f;
@@ -314,13 +336,12 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2) soft_key_grad_kernel(
       v[2 * BM + r] = ok ? p.lse_s[i] * kLog2e : 0.f;
       v[3 * BM + r] = ok ? p.lse_t[i] * kLog2e : 0.f;
       v[4 * BM + r] = gi * rs * p.inv_tau_s;
-      v[5 * BM + r] = gi * rt * p.inv_tau_t;
-      v[6 * BM + r] = ok ? p.loss[i] : 0.f;
+      v[5 * BM + r] = gi * rt * p.inv_tau_t * kLn2;
+      v[6 * BM + r] = ok ? p.loss[i] * kLog2e : 0.f;
     }
   };
 
   load_tile<T, BK, D, THREADS>(sK, p.k, key0, p.K, p.D, bases);
-
   float rk[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) rk[h] = mykey + 8 * h < p.K ? p.rk[mykey + 8 * h] : 0.f;
@@ -344,21 +365,28 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2) soft_key_grad_kernel(
     warp_logits<T, D, NB, 1>(a, sT, ft);
     float zs[NB][4], zt[NB][4], absmax = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
+    for (int nb = 0; nb < NB; ++nb) {
+      const int r = 8 * nb + 2 * t;  // this lane's two columns r, r + 1: one 8-byte load per factor
+      const float2 c_s = *reinterpret_cast<const float2*>(v + r), c_t = *reinterpret_cast<const float2*>(v + BM + r);
+      const float2 l_q = *reinterpret_cast<const float2*>(v + 2 * BM + r);
+      const float2 l_p = *reinterpret_cast<const float2*>(v + 3 * BM + r);
+      const float2 w_s = *reinterpret_cast<const float2*>(v + 4 * BM + r);
+      const float2 w_t = *reinterpret_cast<const float2*>(v + 5 * BM + r);
+      const float2 l_2 = *reinterpret_cast<const float2*>(v + 6 * BM + r);
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = 8 * nb + 2 * t + e;
-        const float c_s = v[r], c_t = v[BM + r], l_q = v[2 * BM + r], l_p = v[3 * BM + r];
-        const float w_s = v[4 * BM + r], w_t = v[5 * BM + r], loss = v[6 * BM + r];
+      for (int e = 0; e < 2; ++e)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float xq = fs[0][nb][2 * h + e] * c_s * rk[h] - l_q, xp = ft[0][nb][2 * h + e] * c_t * rk[h] - l_p;
+          const float xq = fmaf(fs[0][nb][2 * h + e] * rk[h], e ? c_s.y : c_s.x, -(e ? l_q.y : l_q.x));
+          const float xp = fmaf(ft[0][nb][2 * h + e] * rk[h], e ? c_t.y : c_t.x, -(e ? l_p.y : l_p.x));
           const float q = fast_exp2(xq), pp = fast_exp2(xp);
-          zs[nb][2 * h + e] = w_s * (q - pp);
-          zt[nb][2 * h + e] = w_t * pp * ((xp - xq) * kLn2 - loss);
-          absmax = fmaxf(absmax, fmaxf(fabsf(zs[nb][2 * h + e]), fabsf(zt[nb][2 * h + e])));
+          const float a_s = (e ? w_s.y : w_s.x) * (q - pp);
+          const float a_t = (e ? w_t.y : w_t.x) * pp * (xp - xq - (e ? l_2.y : l_2.x));
+          zs[nb][2 * h + e] = a_s;
+          zt[nb][2 * h + e] = a_t;
+          if constexpr (is_f16<T>) absmax = fmaxf(absmax, fmaxf(fabsf(a_s), fabsf(a_t)));
         }
-      }
+    }
     float scale = 1.f;
     if constexpr (is_f16<T>) scale = range.update(absmax, o);
     warp_values<T, D, BM, NO>(zs, scale, sS, c0, o);
@@ -445,6 +473,12 @@ void launch_d(Kind kind, const SoftParams& p, cudaStream_t stream) {
 }
 
 void launch(Kind kind, const std::string& dtype, const SoftParams& p, uintptr_t stream) {
+  // the operands a kernel streams in its main loop must take the cp.async path (csrc/tc_tiles.cuh stream_tile)
+  const bool streamed_ok = kind == Kind::KeyGrad ? p.s.uniform && p.t.uniform : p.k.uniform;
+  if (!streamed_ok)
+    throw std::invalid_argument(std::string(kind == Kind::KeyGrad ? "rows s and t" : "keys k") +
+                                " must be uniform rows (feature stride 1, 16-byte aligned rows at one stride) for "
+                                "this kernel: pass a padded copy (see uniform_rows)");
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == "bf16") launch_d<Bf16>(kind, p, s);
   else if (dtype == "fp16") launch_d<F16>(kind, p, s);

@@ -98,10 +98,30 @@ inline Src src_of(const RowsArg& a, int64_t nrows, int bytes) {
   return Src{reinterpret_cast<const void*>(a.ptr), a.P, a.sb, a.sp, a.sd, a.sd == 1 && one_stride && aligned};
 }
 
-// Stages rows row0 .. row0 + ROWS - 1 of `src` into the tile `sh` (zero past nrows and past d_real). The uniform
-// path issues cp.async (the caller commits and waits); the general path stores synchronously, with each row's
-// offset computed once into `bases` (ROWS entries of shared scratch), and ends with a barrier so the next call may
-// reuse the scratch. Call from uniform control flow (the general path has barriers).
+// Streams rows row0 .. row0 + ROWS - 1 of a uniform source (Src::uniform) into the tile `sh` with cp.async (zero
+// past nrows and past d_real; the caller commits and waits). Tiles that stream inside a kernel's main loop only
+// come this way: the launchers give the kernels uniform streamed operands (a padded copy in the input's own dtype
+// otherwise, O(rows x D)), so the hot loop holds no general-path code.
+template <class T, int ROWS, int D, int THREADS>
+AK_DEV void stream_tile(typename T::Elem* sh, const Src& src, int64_t row0, int64_t nrows, int d_real) {
+  using E = typename T::Elem;
+  constexpr int LD = D + T::kPad, PER = 16 / T::kBytes, CHUNKS = D / PER;  // PER elements per 16-byte chunk
+  const E* base = static_cast<const E*>(src.ptr);
+  const int rows = nrows - row0 < ROWS ? int(nrows - row0) : ROWS;
+#pragma unroll
+  for (int k = 0; k < (ROWS * CHUNKS + THREADS - 1) / THREADS; ++k) {  // a constant trip count: unrolled
+    const int i = int(threadIdx.x) + k * THREADS;
+    if (ROWS * CHUNKS % THREADS != 0 && i >= ROWS * CHUNKS) break;
+    const int r = i / CHUNKS, c = i % CHUNKS, left = d_real - c * PER;
+    const int bytes = r < rows && left > 0 ? (left >= PER ? 16 : left * T::kBytes) : 0;
+    cp_async_16(sh + r * LD + c * PER, bytes ? base + (row0 + r) * src.sp + c * PER : base, bytes);
+  }
+}
+
+// Stages rows row0 .. row0 + ROWS - 1 of any source into the tile `sh` (zero past nrows and past d_real): uniform
+// sources by stream_tile, others by synchronous loads along the smaller stride, each row's offset computed once
+// into `bases` (ROWS entries of shared scratch), ending with a barrier so the next call may reuse the scratch.
+// For the resident tiles (loaded once per CTA); call from uniform control flow (the general path has barriers).
 constexpr int kMaxTileRows = 64;
 
 template <class T, int ROWS, int D, int THREADS>
@@ -112,16 +132,7 @@ AK_DEV void load_tile(typename T::Elem* sh, const Src& src, int64_t row0, int64_
   const E* base = static_cast<const E*>(src.ptr);
   const int tid = threadIdx.x;
   if (src.uniform) {
-    constexpr int PER = 16 / T::kBytes;  // elements per 16-byte chunk
-    constexpr int CHUNKS = D / PER;
-    for (int i = tid; i < ROWS * CHUNKS; i += THREADS) {
-      const int r = i / CHUNKS, c = i % CHUNKS;
-      const int64_t n = row0 + r;
-      const int left = d_real - c * PER;
-      const int bytes = n < nrows && left > 0 ? (left >= PER ? 16 : left * T::kBytes) : 0;
-      const E* g = bytes ? base + n * src.sp + c * PER : base;
-      cp_async_16(sh + r * LD + c * PER, g, bytes);
-    }
+    stream_tile<T, ROWS, D, THREADS>(sh, src, row0, nrows, d_real);
     return;
   }
   for (int r = tid; r < ROWS; r += THREADS) {

@@ -90,6 +90,24 @@ def dtype_name(*xs: torch.Tensor) -> str:
     return _DTYPES[next(iter(dtypes))]
 
 
+def streamable(mod, x: torch.Tensor, dtype: str, keys: bool = False) -> torch.Tensor:
+    """x, or a copy in its own dtype that the kernels can stream with cp.async (rows of D padded to 16 bytes).
+
+    x: (B, P, D) rows, or (K, D) keys when `keys`. The kernels stream one operand per main-loop iteration and need it
+    uniform (csrc/tc_tiles.cuh stream_tile); the copy costs O(rows x D), nothing next to the O(N K D) kernels.
+    """
+    arg = keys_arg(mod, x) if keys else rows_arg(mod, x)
+    n = x.shape[0] if keys else x.shape[0] * x.shape[1]
+    if n == 0 or mod.uniform_rows(arg, n, dtype):
+        return x
+    d = x.shape[-1]
+    per = 4 if dtype == "fp32" else 8  # elements per 16 bytes
+    padded = torch.zeros((n, (d + per - 1) // per * per), dtype=x.dtype, device=x.device)
+    padded[:, :d] = x.reshape(n, d)
+    view = padded[:, :d]
+    return view if keys else view.unsqueeze(0)
+
+
 def check_feature_size(op: str, d: int) -> None:
     if d > MAX_FEATURES:
         raise NotImplementedError(

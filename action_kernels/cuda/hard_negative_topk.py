@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels.cuda import check_feature_size, dtype_name, keys_arg, launch_context, rows_arg
+from action_kernels.cuda import check_feature_size, dtype_name, keys_arg, launch_context, rows_arg, streamable
 
 
 def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int, ignore_label: int):
@@ -20,6 +20,7 @@ def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int,
     ra, rk = ra.float().contiguous(), rk.float().contiguous()
     ya, yk = anchor_labels.reshape(-1).contiguous(), key_labels.contiguous()
     mod, stream, guard = launch_context(anchors.device)
+    keys = streamable(mod, keys, dtype_name(anchors, keys), keys=True)  # streamed in the main loop
     with guard:
         mod.hard_negative_topk(dtype=dtype_name(anchors, keys), a=rows_arg(mod, anchors), k=keys_arg(mod, keys),
                                ra=ra.data_ptr(), rk=rk.data_ptr(), ya=ya.data_ptr(), yk=yk.data_ptr(),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels.cuda import check_feature_size, dtype_name, keys_arg, launch_context, rows_arg
+from action_kernels.cuda import check_feature_size, dtype_name, keys_arg, launch_context, rows_arg, streamable
 
 
 def _args(mod, s, t, k, scales, inv_tau_s, inv_tau_t):
@@ -34,6 +34,7 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
     ds0 = torch.empty((B * P, D) if with_grad else (0,), dtype=torch.float32, device=s.device)
     mod, stream, guard = launch_context(s.device)
+    k = streamable(mod, k, dtype_name(s, t, k), keys=True)  # the row kernels stream the keys
     args = _args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t)
     with guard:
         mod.soft_contrastive_forward(**args, loss=loss.data_ptr(), lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(),
@@ -52,6 +53,8 @@ def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: 
     # the kernel writes every element when there are rows; with none, the gradient is zero
     dk = (torch.empty if n_rows else torch.zeros)(k.shape, dtype=torch.float32, device=k.device)
     mod, stream, guard = launch_context(s.device)
+    name = dtype_name(s, t, k)
+    s, t = streamable(mod, s, name), streamable(mod, t, name)  # the key-owned kernel streams the rows
     with guard:
         mod.soft_contrastive_key_grad(**_args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t), loss=loss.data_ptr(),
                                       lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), g=g.data_ptr(),
