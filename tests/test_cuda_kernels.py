@@ -82,3 +82,172 @@ def test_launch_plans_rejects_bad_arguments_naming_them(args, needle):
     with pytest.raises(ValueError, match=None) as info:
         _host().launch_plans(*args)
     assert needle in str(info.value)
+
+
+# ---- the tensor-core kernels through the public ops, run by the CPU emulation (action_kernels._C_cpu) ----------
+# Shapes are ragged (N, K, D multiples of no tile) and cover every feature bucket (64, 128, 256, 512); float64
+# references on the same rounded inputs; tolerances from action_kernels.testing.
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import action_kernels as ak  # noqa: E402
+from action_kernels.reference import hard_negative_topk_ref  # noqa: E402
+from action_kernels.testing import assert_close  # noqa: E402
+from conftest import require  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _seed() -> int:
+    return time.time_ns() % (2**31)
+
+
+def _soft_case(shape, num_keys, dtype, seed, correlated=True):
+    """Student, teacher (correlated with it unless not `correlated`) and keys, rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g)
+    t = (s if correlated else 0) + 0.7 * torch.randn(shape, generator=g)
+    k = torch.randn(num_keys, shape[1], generator=g)
+    return s.to(dtype), t.to(dtype), k.to(dtype)
+
+
+def _soft_run(backend, s, t, k, taus, scale=1.0):
+    s = s.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(True)
+    loss = ak.soft_contrastive_loss(s, t, k, *taus, reduction="none", backend=backend)
+    w = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
+    ((loss * w).sum() * scale).backward()
+    return loss.detach(), s.grad, k.grad
+
+
+def _soft_check(s, t, k, taus, dtype, where, scale=1.0):
+    got = _soft_run("cuda", s, t, k, taus, scale)
+    ref = _soft_run("torch", s.double(), t.double(), k.double(), taus, scale)
+    tau_min = min(taus)
+    for name, x, r in zip(("loss", "row grad", "key grad"), got, ref):
+        assert_close(f"{name} [{where}]", x.double(), r, dtype, tau_min)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,keys,d", [(70, 83, 7), (45, 130, 100), (33, 40, 200), (21, 29, 300)])
+def test_soft_kernels_match_reference_for_every_dtype_bucket_and_temperature_extreme(dtype, n, keys, d):
+    require("cuda", dtype=dtype)
+    seed = _seed()
+    # Both extremes on each side. Not (1, 1): there the KL of unit vectors is ~1e-2, a difference of log-sum-exps
+    # near log K, which fp32 rounds to ~5e-5 relative in every backend (chunked alike), above fp32's 2e-5.
+    for taus in ((0.01, 0.01), (1.0, 0.01), (0.01, 1.0)):
+        s, t, k = _soft_case((n, d), keys, dtype, seed)
+        _soft_check(s, t, k, taus, dtype, f"{dtype} N={n} K={keys} D={d} taus={taus} seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_kernels_read_channel_first_and_strided_maps_in_place(dtype):
+    require("cuda", dtype=dtype)
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 24, 5, 7, generator=g).to(dtype)  # (B, D, H, W): the feature stride is H W
+    t = torch.randn(2, 24, 5, 14, generator=g).to(dtype)[..., ::2]  # a strided spatial axis
+    k = torch.randn(50, 48, generator=g).to(dtype)[:, ::2]  # keys with feature stride 2 (streamed: padded copy)
+    _soft_check(s, t, k, (0.1, 0.05), dtype, f"maps {dtype} seed={seed}")
+
+
+def test_fp16_key_gradient_keeps_its_range_for_tiny_upstream_gradients():
+    """g ~ 1e-8 per row: z = g (q - p) rs / τ is far below fp16's normal range unless the kernel rescales it.
+
+    Checked on the fp32 kernel output (the op's final cast to fp16 would flush such a gradient itself)."""
+    require("cuda", dtype=torch.float16)
+    from action_kernels.ops.soft_contrastive import soft_contrastive_key_grad, soft_contrastive_rows
+
+    seed = _seed()
+    s, t, k = _soft_case((90, 40), 77, torch.float16, seed)
+    g = torch.full((90,), 1e-8)
+    out = []
+    for backend, dt in (("cuda", torch.float16), ("chunked", torch.float64)):
+        s3, t3, kk = s.to(dt).unsqueeze(0), t.to(dt).unsqueeze(0), k.to(dt)
+        loss, lse_s, lse_t, _ = soft_contrastive_rows(s3, t3, kk, 10.0, 20.0, True, backend, False)
+        out.append(soft_contrastive_key_grad(s3, t3, kk, 10.0, 20.0, True, loss, lse_s, lse_t, g.to(loss.dtype),
+                                             backend))
+    assert out[0].abs().max() > 0
+    assert_close(f"fp16 key grad at g = 1e-8 [seed={seed}]", out[0].double(), out[1], torch.float16, 0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_kernels_three_runs_bitwise_equal(dtype):
+    require("cuda", dtype=dtype)
+    s, t, k = _soft_case((2, 36, 3, 5), 70, dtype, _seed())
+    runs = [_soft_run("cuda", s, t, k, (0.1, 0.01)) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def _topk_case(n, num_keys, d, dtype, seed, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g).to(dtype)
+    keys = torch.randn(num_keys, d, generator=g).to(dtype)
+    ya = torch.randint(0, classes, (n,), generator=g)
+    yk = torch.where(torch.rand(num_keys, generator=g) < 0.7, 0, torch.randint(-1, classes, (num_keys,), generator=g))
+    return a, ya, keys, yk
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,keys,d,k", [(40, 300, 7, 5), (35, 200, 100, 64), (20, 140, 200, 150),
+                                        (18, 600, 300, 512)])
+def test_topk_kernel_matches_reference_for_every_dtype_and_bucket(dtype, n, keys, d, k):
+    require("cuda", dtype=dtype)
+    seed = _seed()
+    a, ya, kk, yk = _topk_case(n, keys, d, dtype, seed)
+    v, i = ak.hard_negative_topk(a, ya, kk, yk, k, backend="cuda")
+    v0, i0 = hard_negative_topk_ref(a.double(), ya, kk.double(), yk, k)
+    where = f"{dtype} N={n} K={keys} D={d} k={k} seed={seed}"
+    assert torch.equal(torch.isfinite(v), torch.isfinite(v0)), f"padding [{where}]"
+    fin = torch.isfinite(v0)
+    assert (v.double()[fin] - v0[fin]).abs().max().item() <= 2e-6, f"values [{where}]"
+    mismatch = (i != i0) & fin
+    if mismatch.any():  # the order may differ only among values tied within rounding
+        assert bool(((v.double() - v0).abs() <= 2e-6)[mismatch].all()), f"indices beyond ties [{where}]"
+    assert torch.equal(i[~fin], torch.full_like(i[~fin], -1)), f"padding indices [{where}]"
+
+
+def test_topk_kernel_three_runs_bitwise_equal_with_many_ties():
+    require("cuda")
+    g = torch.Generator().manual_seed(_seed())
+    a = torch.randn(30, 16, generator=g)
+    keys = torch.randn(8, 16, generator=g).repeat(40, 1)  # every key 40 times: ties everywhere
+    yk = torch.randint(0, 3, (320,), generator=g)
+    ya = torch.randint(0, 3, (30,), generator=g)
+    runs = [ak.hard_negative_topk(a, ya, keys, yk, 70, backend="cuda") for _ in range(3)]
+    assert all(torch.equal(runs[0][0], r[0]) and torch.equal(runs[0][1], r[1]) for r in runs[1:])
+    v0, i0 = hard_negative_topk_ref(a.double(), ya, keys.double(), yk, 70)
+    assert torch.equal(runs[0][1], i0), "ties go to the lower index"
+
+
+def test_emulated_launches_are_the_launch_plans():
+    """The launchers take grid, block and shared memory from launch_plans (the report reads the same)."""
+    require("cuda")
+    mod = _host()
+    s, t, k = _soft_case((50, 100), 90, torch.bfloat16, 1)
+    mod.emulated_launches()
+    _soft_run("cuda", s, t, k, (0.1, 0.05))
+    got = mod.emulated_launches()
+    plans = (mod.launch_plans("soft_contrastive", "forward_grad", "bf16", 50, 90, 100)
+             + mod.launch_plans("soft_contrastive", "key_grad", "bf16", 50, 90, 100))
+    assert [(r["grid"], r["block"], r["dynamic_smem"]) for r in got] == \
+        [(p["grid"], p["block"], p["dynamic_smem"]) for p in plans]
+    a, ya, kk, yk = _topk_case(40, 70, 33, torch.float32, 2)
+    ak.hard_negative_topk(a, ya, kk, yk, 9, backend="cuda")
+    got = mod.emulated_launches()
+    plan = mod.launch_plans("hard_negative_topk", "topk", "fp32", 40, 70, 33, 9)
+    assert [(r["grid"], r["block"], r["dynamic_smem"]) for r in got] == \
+        [(p["grid"], p["block"], p["dynamic_smem"]) for p in plan]
+
+
+def test_features_beyond_the_largest_bucket_raise_not_implemented():
+    require("cuda")
+    x = torch.randn(4, 600)
+    with pytest.raises(NotImplementedError, match="D <= 512"):
+        ak.soft_contrastive_loss(x, x, torch.randn(5, 600), backend="cuda")
+    with pytest.raises(NotImplementedError, match="D <= 512"):
+        ak.hard_negative_topk(x, torch.zeros(4, dtype=torch.long), torch.randn(5, 600), torch.ones(5, dtype=torch.long),
+                              2, backend="cuda")
