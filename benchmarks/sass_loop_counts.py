@@ -6,7 +6,7 @@ cuobjdump of the triton wheel, finds its loops (backward branches), and counts t
 `action_kernels._C_cpu.launch_plans` (grid, block, trips) it bounds the time on an H200 by:
   tensor  mma FLOPs at the dense bf16 peak (790 TFLOP/s measured there; tf32 m16n8k8 counts as half the FLOPs of
           a bf16 m16n8k16 at half the rate, so both weigh 4096 bf16-FLOPs per instruction);
-  fp32    FFMA at 2 x 132 SMs x 128 lanes x 1.98 GHz;
+  fp32    FFMA at 132 SMs x 128 lanes x 1.98 GHz;
   issue   warp-instructions at 4 per SM per clock;
   smem    LDS / LDSM bytes at 128 bytes per SM per clock;
   mufu    MUFU at 16 per SM per clock;
@@ -119,7 +119,7 @@ def estimate(plan, instrs):
     tot = {k: v * warps for k, v in tot.items()}
     t = {
         "tensor": tot["HMMA"] * 4096 / PEAK_BF16,
-        "fp32": tot["FFMA"] * 32 / (2 * SMS * 128 * CLOCK),
+        "fp32": tot["FFMA"] * 32 / (SMS * 128 * CLOCK),
         "issue": tot["total"] / (4 * SMS * CLOCK),
         "smem": tot["smem_bytes"] / (128 * SMS * CLOCK),
         "mufu": tot["MUFU"] * 32 / (16 * SMS * CLOCK),
@@ -137,8 +137,19 @@ def main() -> None:
     ap.add_argument("-D", type=int, default=128)
     ap.add_argument("-k", type=int, default=64)
     ap.add_argument("--cubins", nargs="*", help="existing sm_90 cubins (default: compile csrc/*.cu)")
+    ap.add_argument("--loops", action="store_true", help="also list every loop of each kernel (address range, "
+                                                          "instructions, FFMA, HMMA, MUFU, smem bytes)")
+    ap.add_argument("--host-module", help="the _C_cpu .so whose launch_plans to use (default: the installed one), "
+                                          "e.g. one built from an older commit, with that commit's cubins")
     args = ap.parse_args()
-    from action_kernels import _C_cpu
+    if args.host_module:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_C_cpu", args.host_module)
+        _C_cpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_C_cpu)
+    else:
+        from action_kernels import _C_cpu
 
     plans = _C_cpu.launch_plans(args.op, args.mode, args.dtype, args.N, args.K, args.D, args.k)
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +168,11 @@ def main() -> None:
               f"SHFL {whole['SHFL']}, BAR {whole['BAR']}, smem {whole['smem_bytes']} B per warp-iteration"
               + (f"; enclosing loop {hot['total']} instr, HMMA {hot['HMMA']}, FFMA {hot['FFMA']}" if hot else ""))
         print("  estimate (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in t.items()) + f" -> {bound}-bound")
+        if args.loops:
+            for lo, hi in sorted(loops(instrs)):
+                c = counts(instrs, lo, hi)
+                print(f"    loop {lo:#07x}-{hi:#07x}: {c['total']:5d} instr, HMMA {c['HMMA']:4d}, FFMA {c['FFMA']:4d}, "
+                      f"MUFU {c['MUFU']:3d}, smem {c['smem_bytes']} B")
     gemm = 2 * args.N * args.K * args.D / PEAK_BF16
     print(f"total estimate {total * 1e3:.2f} ms; one GEMM at the dense peak {gemm * 1e3:.2f} ms")
 
