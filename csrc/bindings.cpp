@@ -8,7 +8,6 @@
 
 #include "launch_plans.h"
 #include "launchers.h"
-#include "tc_tiles.cuh"
 #ifdef AK_EMULATION
 #include "emulation.h"
 #endif
@@ -48,9 +47,7 @@ py::list plans(const std::string& op, const std::string& mode, const std::string
 PYBIND11_MODULE(AK_MODULE, m) {
   m.doc() = "action_kernels CUDA kernels (raw-pointer launchers)";
   m.def("flavour", &ak::flavour, "'cuda' or 'cpu-emulation'");
-  m.def("uniform_rows", [](const ak::RowsArg& r, int64_t nrows, const std::string& dtype) {
-    return ak::src_of(r, nrows, dtype == "fp32" ? 4 : 2).uniform;
-  }, py::arg("rows"), py::arg("nrows"), py::arg("dtype"),
+  m.def("uniform_rows", &ak::uniform_rows, py::arg("rows"), py::arg("nrows"), py::arg("dtype"),
         "whether a (B, P, D) view streams with cp.async (feature stride 1, rows 16-byte aligned at one stride); "
         "the operands a kernel streams in its main loop must be");
   m.def("launch_plans", &plans, py::arg("op"), py::arg("mode"), py::arg("dtype"), py::arg("N"), py::arg("K"),

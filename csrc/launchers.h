@@ -42,6 +42,10 @@ void hard_negative_topk(const std::string& dtype, RowsArg a, RowsArg k, uintptr_
                         uintptr_t yk, int64_t ignore_label, int64_t N, int64_t K, int64_t D, int64_t topk,
                         uintptr_t values, uintptr_t indices, uintptr_t stream);
 
+// Whether a (B, P, D) view of nrows rows of `dtype` streams with cp.async (csrc/tc_tiles.cuh src_of): the operands
+// a kernel streams in its main loop must.
+bool uniform_rows(RowsArg rows, int64_t nrows, const std::string& dtype);
+
 // Host build only (csrc/cpu): per-row softmax statistics of a chunk of logits for the chunked CPU path.
 // a, b: (rows, K) fp32 contiguous, already divided by their temperatures; loss, lse_a, lse_b: (rows,) fp32.
 // With grad, a becomes q - p (softmax(a) - softmax(b)) and b is overwritten.

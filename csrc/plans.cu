@@ -1,7 +1,10 @@
-// Host code only: argument checks of launch_plans (csrc/launch_plans.h) and the dispatch to each op's plans.
+// Host code only: argument checks of launch_plans (csrc/launch_plans.h) and the dispatch to each op's plans, and
+// the streaming predicate the launchers' callers use.
 #include <stdexcept>
 
 #include "launch_plans.h"
+#include "launchers.h"
+#include "tc_tiles.cuh"
 
 namespace ak {
 namespace {
@@ -38,6 +41,10 @@ std::vector<LaunchPlan> launch_plans(const std::string& op, const std::string& m
   expect_one_of("mode (for op 'hard_negative_topk')", mode, {"topk"});
   expect_size("k", k, 1);
   return hard_negative_topk_plans(dtype, N, K, D, k);
+}
+
+bool uniform_rows(RowsArg rows, int64_t nrows, const std::string& dtype) {
+  return src_of(rows, nrows, dtype == "fp32" ? 4 : 2).uniform;
 }
 
 }  // namespace ak

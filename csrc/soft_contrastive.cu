@@ -52,7 +52,7 @@ struct RowsCfg {
 template <class T, int D>
 AK_HD_CONSTEXPR RowsCfg rows_cfg() {
   if constexpr (!is_f32<T>) return D <= 128 ? RowsCfg{64, 64, 2} : D == 256 ? RowsCfg{48, 32, 2} : RowsCfg{32, 16, 2};
-  else return D == 64 ? RowsCfg{64, 64, 2} : D == 128 ? RowsCfg{48, 32, 2} : D == 256 ? RowsCfg{32, 16, 2} : RowsCfg{16, 8, 2};
+  else return D == 64 ? RowsCfg{64, 32, 2} : D == 128 ? RowsCfg{48, 32, 2} : D == 256 ? RowsCfg{32, 16, 2} : RowsCfg{16, 8, 2};
 }
 template <class T, int D>
 AK_HD_CONSTEXPR int64_t rows_smem() {

@@ -108,8 +108,10 @@ AK_DEV void stream_tile(typename T::Elem* sh, const Src& src, int64_t row0, int6
   constexpr int LD = D + T::kPad, PER = 16 / T::kBytes, CHUNKS = D / PER;  // PER elements per 16-byte chunk
   const E* base = static_cast<const E*>(src.ptr);
   const int rows = nrows - row0 < ROWS ? int(nrows - row0) : ROWS;
-#pragma unroll
-  for (int k = 0; k < (ROWS * CHUNKS + THREADS - 1) / THREADS; ++k) {  // a constant trip count: unrolled
+  constexpr int TRIPS = (ROWS * CHUNKS + THREADS - 1) / THREADS;
+  // a constant trip count: unrolled when short; long ones (D = 512, small CTAs) keep few addresses live
+#pragma unroll(TRIPS <= 8 ? TRIPS : 4)
+  for (int k = 0; k < TRIPS; ++k) {
     const int i = int(threadIdx.x) + k * THREADS;
     if (ROWS * CHUNKS % THREADS != 0 && i >= ROWS * CHUNKS) break;
     const int r = i / CHUNKS, c = i % CHUNKS, left = d_real - c * PER;
