@@ -2,16 +2,18 @@
 
 Compiles csrc/*.cu to sm_90 cubins with nvcc (the flags of setup.py), reads each planned kernel's SASS with the
 cuobjdump of the triton wheel, finds its loops (backward branches), and counts the instructions of the main loop
-(the outermost loop holding the most HMMA / FFMA) and of its hottest inner loop. With the launch plans of
-`action_kernels._C_cpu.launch_plans` (grid, block, trips) it bounds the time on an H200 by:
+(the innermost loop holding the most HMMA / FFMA), and weighs every instruction by the trips of the loops around
+it. With the launch plans of `action_kernels._C_cpu.launch_plans` (grid, block, trips) it bounds the time on an
+H200 by:
   tensor  mma FLOPs at the dense bf16 peak (790 TFLOP/s measured there; tf32 m16n8k8 counts as half the FLOPs of
           a bf16 m16n8k16 at half the rate, so both weigh 4096 bf16-FLOPs per instruction);
   fp32    FFMA at 132 SMs x 128 lanes x 1.98 GHz;
   issue   warp-instructions at 4 per SM per clock;
-  smem    LDS / LDSM bytes at 128 bytes per SM per clock;
+  smem    shared-memory wavefronts (128 bytes per SM per clock): LDSM .xN = N, a plain LDS = 1 (conflict-free
+          or broadcast, as the kernels' are);
   mufu    MUFU at 16 per SM per clock;
-and reports the largest (perfect overlap) and the floor (2 N K D FLOPs per GEMM at 790 TFLOP/s). Loops inside the
-main loop other than the hottest count once per main-loop trip, so the counts are lower bounds for those.
+and reports the largest (perfect overlap) and the floor (2 N K D FLOPs per GEMM at 790 TFLOP/s). Loops the plan's
+trips do not name count once per pass unless --trip gives them a count, so such counts are lower bounds.
 This is what the issue-13 kernel report replaces once it lands; until then it is how the CUDA numbers in
 docs/cuda_kernels.md were produced:
 
@@ -84,38 +86,60 @@ def counts(instrs, lo, hi):
         if base in c:
             c[base] += 1
         if base == "LDS":
-            width = re.search(r"\.(64|128)", op)
-            c["smem_bytes"] += 32 * (int(width.group(1)) // 8 if width else 4)
+            # one 128-byte wavefront: the kernels' plain shared loads are conflict-free or broadcasts (lanes with the
+            # same column share an address), so a wider load is still one wavefront
+            c["smem_bytes"] += 128
         elif base == "LDSM":
             n = re.search(r"\.MT?88\.(\d)", op)
             c["smem_bytes"] += 128 * (int(n.group(1)) if n else 1)
     return c
 
 
-def estimate(plan, instrs):
+def estimate(plan, instrs, overrides=None):
     """(hot-loop counts, enclosing-loop counts or None, time bounds in s).
 
-    The hot loop is the innermost loop holding the most HMMA (else FFMA). With two plan trips and an enclosing
-    loop, the hot loop runs trips[0] * trips[1] times and the rest of the enclosing loop trips[0] times; with one,
-    the hot loop runs trips[0] times and the enclosing loop's own code (a rare path: the top-k compaction) is
-    reported but not counted.
+    Every instruction counts once per execution of the loops around it: the plan's trips go, outermost first, to
+    the chain of loops around the hot loop (the innermost loop holding the most HMMA, else FFMA); `overrides`
+    ({loop start address: trips}) gives other loops theirs; a loop with neither counts once per pass of its
+    enclosing loop (a lower bound: e.g. the top-k compaction, which runs for a data-dependent few tiles).
     """
     lps = loops(instrs)
-    score = lambda lp: (lambda c: c["HMMA"] * 100 + c["FFMA"])(counts(instrs, *lp))  # noqa: E731
     if not lps:
         return None
+    key = "HMMA" if any(counts(instrs, *lp)["HMMA"] for lp in lps) else "FFMA"
+    score = lambda lp: counts(instrs, *lp)[key]  # noqa: E731
+    # the nest of the work: the largest loop with the most HMMA (FFMA), then inside it, level by level, the child
+    # loop with the most; the plan's trips go down this chain
     top = max(score(lp) for lp in lps)
-    hot = min((lp for lp in lps if score(lp) == top), key=lambda lp: lp[1] - lp[0])
+    chain = [max((lp for lp in lps if score(lp) == top), key=lambda lp: lp[1] - lp[0])]
+    while True:
+        inner = [lp for lp in lps if chain[-1][0] <= lp[0] and lp[1] <= chain[-1][1] and lp != chain[-1]]
+        children = [lp for lp in inner if not any(o[0] <= lp[0] and lp[1] <= o[1] and o != lp for o in inner)]
+        children = [lp for lp in children if score(lp) > 0]
+        if not children:
+            break
+        chain.append(max(children, key=score))
+    hot = chain[-1]
+    chain = sorted((lp for lp in lps if lp[0] <= chain[0][0] and chain[0][1] <= lp[1]), key=lambda lp: lp[0] - lp[1])[:-1] + chain
+    trips = {lp: t for lp, t in zip(chain, plan["trips"])}
+    for lp in lps:
+        if overrides and lp[0] in overrides:
+            trips[lp] = overrides[lp[0]]
     outer = [lp for lp in lps if lp[0] <= hot[0] and hot[1] <= lp[1] and lp != hot]
     enclosing = min(outer, key=lambda lp: lp[1] - lp[0]) if outer else None
-    trips, warps = plan["trips"], plan["grid"] * plan["block"] // 32
-    hc = counts(instrs, *hot)
-    if enclosing is not None and len(trips) > 1:
-        ec = counts(instrs, *enclosing)
-        tot = {k: hc[k] * trips[0] * trips[1] + (ec[k] - hc[k]) * trips[0] for k in hc}
-    else:
-        ec = counts(instrs, *enclosing) if enclosing is not None else None
-        tot = {k: v * trips[0] for k, v in hc.items()}
+    tot = dict.fromkeys(counts(instrs, 0, -1), 0)
+    for addr, op, line in instrs:
+        mult = 1
+        inside = False
+        for lp in lps:
+            if lp[0] <= addr <= lp[1]:
+                inside = True
+                mult *= trips.get(lp, 1)
+        if not inside:
+            continue
+        for k, v in counts([(addr, op, line)], addr, addr).items():
+            tot[k] += v * mult
+    warps = plan["grid"] * plan["block"] // 32
     tot = {k: v * warps for k, v in tot.items()}
     t = {
         "tensor": tot["HMMA"] * 4096 / PEAK_BF16,
@@ -124,7 +148,7 @@ def estimate(plan, instrs):
         "smem": tot["smem_bytes"] / (128 * SMS * CLOCK),
         "mufu": tot["MUFU"] * 32 / (16 * SMS * CLOCK),
     }
-    return hc, ec, t
+    return counts(instrs, *hot), (counts(instrs, *enclosing) if enclosing else None), t
 
 
 def main() -> None:
@@ -139,6 +163,9 @@ def main() -> None:
     ap.add_argument("--cubins", nargs="*", help="existing sm_90 cubins (default: compile csrc/*.cu)")
     ap.add_argument("--loops", action="store_true", help="also list every loop of each kernel (address range, "
                                                           "instructions, FFMA, HMMA, MUFU, smem bytes)")
+    ap.add_argument("--trip", action="append", default=[], metavar="KERNEL_SUBSTRING:ADDR=N",
+                    help="trip count N for the loop starting at hex ADDR (see --loops) of the kernels whose name "
+                         "contains KERNEL_SUBSTRING, for loops the plan's trips do not name")
     ap.add_argument("--host-module", help="the _C_cpu .so whose launch_plans to use (default: the installed one), "
                                           "e.g. one built from an older commit, with that commit's cubins")
     args = ap.parse_args()
@@ -159,7 +186,13 @@ def main() -> None:
         instrs = funcs.get(plan["kernel"])
         if instrs is None:
             raise SystemExit(f"{plan['kernel']} is not in the cubins")
-        whole, hot, t = estimate(plan, instrs)  # hot loop, enclosing loop
+        overrides = {}
+        for spec in args.trip:
+            who, rest = spec.split(":", 1)
+            addr, n = rest.split("=")
+            if who in plan["kernel"]:
+                overrides[int(addr, 16)] = int(n)
+        whole, hot, t = estimate(plan, instrs, overrides)  # hot loop, enclosing loop
         bound = max(t, key=t.get)
         total += t[bound]
         print(f"{plan['kernel']}\n  grid {plan['grid']} x {plan['block']} threads, smem {plan['dynamic_smem']} B, "

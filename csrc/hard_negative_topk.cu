@@ -182,77 +182,49 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
   }
   const E* const a[1] = {sA + 16 * warp * LD};
 
-  // The hot loop only computes similarities and asks (one vote) whether any could beat its row's threshold; a
-  // tile with a possible candidate leaves it for the compaction below, then the loop resumes at the next tile.
-  // Each warp passes the loop-top barrier once per tile whichever way it goes (the compaction has no block
-  // barrier), so the CTA's barriers stay matched.
-  int j = -1;
-  float y[NB][4];  // the tile's s·k rk: rows g (i < 2) and g + 8, columns 2t + (i & 1) of each 8-block
-  while (j < tiles) {
-    bool any = false;
-    while (j < tiles) {
-      if (j >= 0) cp_async_wait<0>();
-      __syncthreads();
-      if (j + 1 < tiles) stage_keys((j + 1) % 2, j + 1);
-      cp_async_commit();
-      if (j < 0) {
-        ++j;
-        continue;
-      }
-      const int s = j % 2;
-      float f[1][NB][4] = {};
-      warp_logits<T, D, NB, 1>(a, sK + s * BN * LD, f);
-      float best[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-        const int c = 8 * nb + 2 * t;  // this lane's columns c, c + 1: one vector load each
-        const longlong2 lab = *reinterpret_cast<const longlong2*>(sY + s * BN + c);
-        const float2 rk = *reinterpret_cast<const float2*>(sRk + s * BN + c);
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t l = e ? lab.y : lab.x;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            y[nb][2 * h + e] = f[0][nb][2 * h + e] * (e ? rk.y : rk.x);
-            if (row_ok[h] && l != p.ignore && l != ya[h]) best[h] = fmaxf(best[h], y[nb][2 * h + e]);
-          }
-        }
-      }
-      // ra > 0, so ra max(y) is the best similarity (rounded as each one is); a key can only beat the packed
-      // threshold if its value is at least the threshold's
-      bool maybe = false;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t thr = state[g + 8 * h].thr;
-        maybe |= best[h] > -INFINITY && (thr == kPackedNone || ra[h] * best[h] >= packed_value(thr));
-      }
-      any = __any_sync(0xffffffffu, maybe);
-      if (any) break;
-      ++j;
-    }
-    if (!any) break;
-
-    // Compaction of tile j: exact packed comparisons, then each lane's slots in its rows' queues from a quad-wide
-    // exclusive prefix of the lane counts (both rows at once, 16 bits each).
-    const int64_t key0 = int64_t(j) * BN;
+  // Per tile: similarities, then every key whose value reaches its row's threshold value is a candidate (a superset
+  // of those beating the packed threshold: the merge places keys exactly and drops those past k). One vote skips
+  // the rest of the tile when no lane has one; otherwise each lane's slots in its rows' queues come from a
+  // quad-wide exclusive prefix of the lane counts (both rows at once, 16 bits each), and only the keys written are
+  // packed into 64 bits.
+  for (int j = -1; j < tiles; ++j) {  // j = -1 only stages key tile 0: one load site per tile shape
+    if (j >= 0) cp_async_wait<0>();
+    __syncthreads();
+    if (j + 1 < tiles) stage_keys((j + 1) % 2, j + 1);
+    cp_async_commit();
+    if (j < 0) continue;
     const int s = j % 2;
-    uint32_t bits[2] = {0u, 0u};
-    int cnt[2] = {0, 0};
+    float f[1][NB][4] = {};
+    warp_logits<T, D, NB, 1>(a, sK + s * BN * LD, f);
+    const int64_t key0 = int64_t(j) * BN;
+    float floor_v[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t thr = state[g + 8 * h].thr;
+      floor_v[h] = thr == kPackedNone ? -INFINITY : packed_value(thr);
+    }
+    float v[NB][4];  // rows g (i < 2) and g + 8, columns 2t + (i & 1) of each 8-key block
+    uint32_t bits[2] = {0u, 0u};
+    int cnt[2] = {0, 0};
 #pragma unroll
-      for (int nb = 0; nb < NB; ++nb)
+    for (int nb = 0; nb < NB; ++nb) {
+      const int c = 8 * nb + 2 * t;  // this lane's columns c, c + 1: one vector load each
+      const longlong2 lab = *reinterpret_cast<const longlong2*>(sY + s * BN + c);
+      const float2 rk = *reinterpret_cast<const float2*>(sRk + s * BN + c);
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = 8 * nb + 2 * t + e;
-          const int64_t l = sY[s * BN + c];
-          const bool ok = row_ok[h] && l != p.ignore && l != ya[h] &&
-                          pack_candidate(ra[h] * y[nb][2 * h + e], key0 + c) > thr;
+      for (int e = 0; e < 2; ++e) {
+        const int64_t l = e ? lab.y : lab.x;
+        const bool key_ok = l != p.ignore;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          v[nb][2 * h + e] = f[0][nb][2 * h + e] * (ra[h] * (e ? rk.y : rk.x));
+          const bool ok = key_ok && row_ok[h] && l != ya[h] && v[nb][2 * h + e] >= floor_v[h];
           bits[h] |= uint32_t(ok) << (2 * nb + e);
           cnt[h] += ok;
         }
+      }
     }
+    if (!__any_sync(0xffffffffu, cnt[0] + cnt[1] > 0)) continue;
     const int mine = cnt[0] | (cnt[1] << 16);
     int incl = mine;
     int up = __shfl_up_sync(0xffffffffu, incl, 1, 4);
@@ -267,16 +239,20 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
       __syncwarp();
       flush_queues<Q>(p, warp_row0, queue, dest, state);
     }
+    // Only the set bits: a lane loops as many times as it has candidates (late in the stream, 0 or 1), fetching
+    // each value from its registers by a compare-select chain (an indexed register array would live in memory).
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = g + 8 * h;
       int pos = state[r].pending + ((excl >> (16 * h)) & 0xffff);
+#pragma unroll 1
+      for (uint32_t m = bits[h]; m != 0u; m &= m - 1u) {
+        const int b = __ffs(int(m)) - 1;  // bit 2 nb + e
+        float val = 0.f;
 #pragma unroll
-      for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (bits[h] >> (2 * nb + e) & 1u)
-            queue[r * Q + pos++] = pack_candidate(ra[h] * y[nb][2 * h + e], key0 + 8 * nb + 2 * t + e);
+        for (int q = 0; q < 2 * NB; ++q) val = q == b ? v[q >> 1][2 * h + (q & 1)] : val;
+        queue[r * Q + pos++] = pack_candidate(val, key0 + 8 * (b >> 1) + 2 * t + (b & 1));
+      }
     }
     __syncwarp();
     if (t == 0) {
@@ -284,7 +260,6 @@ __global__ void __launch_bounds__(topk_cfg<T, D>().bm * 2, 1) topk_kernel(TopkPa
       state[g + 8].pending += total >> 16;
     }
     __syncwarp();
-    ++j;
   }
   cp_async_wait<0>();
   __syncwarp();
@@ -308,7 +283,11 @@ template <class T, int D>
 LaunchPlan plan_of(int64_t N, int64_t K) {
   constexpr TopkCfg c = topk_cfg<T, D>();
   return LaunchPlan{std::string("void ak::topk_kernel<") + T::name + ", " + std::to_string(D) + ">(ak::TopkParams)",
-                    ceil_div(N, c.bm), 1, unsigned(c.bm * 2), topk_smem<T, D>(), {int64_t(ceil_div(K, c.bn))}};
+                    ceil_div(N, c.bm), 1, unsigned(c.bm * 2), topk_smem<T, D>(),
+                    // loops per CTA: the key tiles, then the logits' feature loop where it stays a loop
+                    logits_loop_trips<T, D>() > 1
+                        ? std::vector<int64_t>{ceil_div(K, c.bn), logits_loop_trips<T, D>()}
+                        : std::vector<int64_t>{ceil_div(K, c.bn)}};
 }
 
 template <class T>

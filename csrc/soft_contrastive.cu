@@ -345,7 +345,6 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
   float rk[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) rk[h] = mykey + 8 * h < p.K ? p.rk[mykey + 8 * h] : 0.f;
-  const E* const a[1] = {sK + 16 * warp * LD};
   float o[NO][4] = {};
   ScaleF16 range;
 
@@ -360,9 +359,9 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
     const E* sT = reinterpret_cast<const E*>(base + tile_bytes<T, D>(BM));
     const float* v = reinterpret_cast<const float*>(base + 2 * tile_bytes<T, D>(BM));
 
-    float fs[1][NB][4] = {}, ft[1][NB][4] = {};
-    warp_logits<T, D, NB, 1>(a, sS, fs);
-    warp_logits<T, D, NB, 1>(a, sT, ft);
+    float f[2][NB][4] = {};
+    const E* const b[2] = {sS, sT};
+    warp_logits_2b<T, D, NB>(sK + 16 * warp * LD, b, f);
     float zs[NB][4], zt[NB][4], absmax = 0.f;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -377,8 +376,8 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
       for (int e = 0; e < 2; ++e)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float xq = fmaf(fs[0][nb][2 * h + e] * rk[h], e ? c_s.y : c_s.x, -(e ? l_q.y : l_q.x));
-          const float xp = fmaf(ft[0][nb][2 * h + e] * rk[h], e ? c_t.y : c_t.x, -(e ? l_p.y : l_p.x));
+          const float xq = fmaf(f[0][nb][2 * h + e] * rk[h], e ? c_s.y : c_s.x, -(e ? l_q.y : l_q.x));
+          const float xp = fmaf(f[1][nb][2 * h + e] * rk[h], e ? c_t.y : c_t.x, -(e ? l_p.y : l_p.x));
           const float q = fast_exp2(xq), pp = fast_exp2(xp);
           const float a_s = (e ? w_s.y : w_s.x) * (q - pp);
           const float a_t = (e ? w_t.y : w_t.x) * pp * (xp - xq - (e ? l_2.y : l_2.x));
@@ -417,16 +416,21 @@ enum class Kind { Forward, RowGrad, KeyGrad };
 template <class T, int D>
 LaunchPlan plan_of(Kind kind, int64_t N, int64_t K) {
   const std::string args = std::string("<") + T::name + ", " + std::to_string(D) + ">(ak::SoftParams)";
+  // loops per CTA: the streamed tiles, then the logits' feature loop inside each where it stays a loop
+  auto trips = [](int64_t tiles) {
+    constexpr int k = logits_loop_trips<T, D>();
+    return k > 1 ? std::vector<int64_t>{tiles, k} : std::vector<int64_t>{tiles};
+  };
   if (kind == Kind::KeyGrad) {
     constexpr KeysCfg c = keys_cfg<T, D>();
     return LaunchPlan{"void ak::soft_key_grad_kernel" + args, ceil_div(K, c.bk), unsigned(D / out_slice<D>()),
-                      unsigned(c.bk * 2), keys_smem<T, D>(), {int64_t(ceil_div(N, c.bm))}};
+                      unsigned(c.bk * 2), keys_smem<T, D>(), trips(ceil_div(N, c.bm))};
   }
   constexpr RowsCfg c = rows_cfg<T, D>();
   const bool fwd = kind == Kind::Forward;
   return LaunchPlan{std::string(fwd ? "void ak::soft_forward_kernel" : "void ak::soft_row_grad_kernel") + args,
                     ceil_div(N, c.bm), fwd ? 1u : unsigned(D / out_slice<D>()), unsigned(c.bm * 2),
-                    rows_smem<T, D>(), {int64_t(ceil_div(K, c.bn))}};
+                    rows_smem<T, D>(), trips(ceil_div(K, c.bn))};
 }
 
 template <class T>

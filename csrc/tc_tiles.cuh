@@ -19,6 +19,12 @@
 #include "launchers.h"
 #include "warp_matrix.cuh"
 
+#ifdef AK_EMULATION
+#define AK_HD_CONSTEXPR constexpr
+#else
+#define AK_HD_CONSTEXPR __host__ __device__ constexpr  // tile shapes are read by kernels and launchers alike
+#endif
+
 namespace ak {
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -153,6 +159,16 @@ AK_DEV void load_tile(typename T::Elem* sh, const Src& src, int64_t row0, int64_
   __syncthreads();
 }
 
+// The logits' feature loop runs kLogitsUnroll k-steps per iteration: fully unrolled up to D = 128 for 16-bit
+// inputs (more would keep too many fragments live at D = 512), by 2 for 3xTF32. Its trip count is part of the
+// launch plans when it stays a loop.
+template <class T>
+constexpr int kLogitsUnroll = is_f32<T> ? 2 : 8;
+template <class T, int D>
+AK_HD_CONSTEXPR int logits_loop_trips() {
+  return (D / T::kStep) / kLogitsUnroll<T>;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Logits: f_i[16 x 8 NB] += A_i[16 x D] B[8 NB x D]^T for A_i, i < NA (one or two row tiles sharing the B tile:
 // student and teacher read each key fragment once). a_i, b point at the first row; pitch LD.
@@ -162,7 +178,7 @@ AK_DEV void warp_logits(const typename T::Elem* const (&a)[NA], const typename T
   const int lane = threadIdx.x & 31;
   if constexpr (!is_f32<T>) {
     static_assert(NB % 2 == 0, "16-bit tiles load B fragments two n-tiles at a time");
-#pragma unroll
+#pragma unroll(kLogitsUnroll<T>)
     for (int k0 = 0; k0 < D; k0 += 16) {
       uint32_t A[NA][4];
 #pragma unroll
@@ -182,7 +198,7 @@ AK_DEV void warp_logits(const typename T::Elem* const (&a)[NA], const typename T
     }
   } else {
     const int g = lane >> 2, t = lane & 3;
-#pragma unroll 2
+#pragma unroll(kLogitsUnroll<T>)
     for (int k0 = 0; k0 < D; k0 += 8) {
       uint32_t Ah[NA][4], Al[NA][4];
 #pragma unroll
@@ -204,6 +220,53 @@ AK_DEV void warp_logits(const typename T::Elem* const (&a)[NA], const typename T
 #pragma unroll
         for (int i = 0; i < NA; ++i) mma_3xtf32(f[i][nt], Ah[i], Al[i], Bh, Bl);
       }
+    }
+  }
+}
+
+// Logits of one A tile against two B tiles: f_i[16 x 8 NB] += A[16 x D] B_i[8 NB x D]^T (the key-owned kernel: its
+// keys against the student and the teacher rows; each key fragment is read once for both).
+template <class T, int D, int NB>
+AK_DEV void warp_logits_2b(const typename T::Elem* a, const typename T::Elem* const (&b)[2], float (&f)[2][NB][4]) {
+  constexpr int LD = D + T::kPad;
+  const int lane = threadIdx.x & 31;
+  if constexpr (!is_f32<T>) {
+    static_assert(NB % 2 == 0, "16-bit tiles load B fragments two n-tiles at a time");
+#pragma unroll(kLogitsUnroll<T>)
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      uint32_t A[4];
+      ldmatrix_x4(A, a + (lane & 15) * LD + k0 + 8 * (lane >> 4));
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int np = 0; np < NB / 2; ++np) {
+          uint32_t B[4];
+          ldmatrix_x4(B, b[i] + (16 * np + (lane & 7) + 8 * (lane >> 4)) * LD + k0 + 8 * ((lane >> 3) & 1));
+          const uint32_t b0[2] = {B[0], B[1]}, b1[2] = {B[2], B[3]};
+          mma16<T>(f[i][2 * np], A, b0);
+          mma16<T>(f[i][2 * np + 1], A, b1);
+        }
+    }
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll(kLogitsUnroll<T>)
+    for (int k0 = 0; k0 < D; k0 += 8) {
+      uint32_t Ah[4], Al[4];
+      const float* p = a + g * LD + k0 + t;
+      split_tf32(p[0], Ah[0], Al[0]);
+      split_tf32(p[8 * LD], Ah[1], Al[1]);
+      split_tf32(p[4], Ah[2], Al[2]);
+      split_tf32(p[8 * LD + 4], Ah[3], Al[3]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int nt = 0; nt < NB; ++nt) {
+          const float* q = b[i] + (8 * nt + g) * LD + k0 + t;
+          uint32_t Bh[2], Bl[2];
+          split_tf32(q[0], Bh[0], Bl[0]);
+          split_tf32(q[4], Bh[1], Bl[1]);
+          mma_3xtf32(f[i][nt], Ah, Al, Bh, Bl);
+        }
     }
   }
 }
@@ -305,12 +368,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Tile shapes and shared memory. Every plan fits 99 KiB of dynamic shared memory (the per-block limit of sm_86 /
 // sm_89, e.g. L40; A100 and H100 allow more), so one plan runs on every sm_80+ GPU.
 constexpr int64_t kSmemLimit = 99 * 1024;
-
-#ifdef AK_EMULATION
-#define AK_HD_CONSTEXPR constexpr
-#else
-#define AK_HD_CONSTEXPR __host__ __device__ constexpr  // tile shapes are read by kernels and launchers alike
-#endif
 
 template <class T, int D>
 AK_HD_CONSTEXPR int64_t tile_bytes(int rows) {
