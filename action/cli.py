@@ -2,97 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import signal
 import sys
 from dataclasses import MISSING, fields
 
 from action.config import PRESETS, STAGES, TrainConfig, build_config
 
-HELP = {
-    "stage": "training stage to run",
-    "data": "ACDC folder in the HDF5 layout (data/*.h5, train_slices.list, val.list, test.list); default "
-            "$ACTION_ACDC, else ../shared/data/acdc",
-    "out": "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, test/",
-    "dims": "2: slice-wise 2D UNet; 3: UNet3D on patches of volumes assembled from the slices",
-    "patch": "3D training patch as a JSON list [Z, H, W] of multiples of 16",
-    "base_channels": "UNet3D width: channels base x (1, 2, 4, 8, 16)",
-    "labelled_patients": "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training slices)",
-    "max_train_slices": "use only the first N labelled and N unlabelled slices (quick checks; 2D only)",
-    "size": "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it and back",
-    "num_classes": "number of classes including background (ACDC: 4)",
-    "iterations": "training iterations (the poly learning-rate schedule runs over them)",
-    "labelled_batch": "labelled images per batch",
-    "unlabelled_batch": "unlabelled images per batch (semi-supervised stages)",
-    "lr": "initial learning rate of SGD",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
-    "nesterov": "Nesterov momentum",
-    "poly_power": "poly schedule: lr * (1 - it / iterations) ** power",
-    "amp": "mixed precision: auto (bf16/fp16 on CUDA, off on CPU), on, off",
-    "device": "auto, cpu, cuda, cuda:N",
-    "threads": "CPU threads for torch (default: torch's choice)",
-    "accumulate": "split each step's batch into this many shards per process (gradient accumulation; under "
-                  "torchrun the global batch is split over world size x accumulate shards)",
-    "seed": "seed of initialisation, batches, augmentation and dropout (a run is reproducible from it)",
-    "augmentation": "JSON object overriding augmentation settings, e.g. '{\"affine_p\": 0.3}' "
-                    "(fields of action.data.augment.AugmentConfig)",
-    "val_every": "validate every N iterations on val.list (0: never; best.pt is then the last model)",
-    "val_volumes": "validate on the first N volumes of val.list only",
-    "checkpoint_every": "write last.pt every N iterations (a kill loses at most this much work)",
-    "log_every": "log losses every N iterations",
-    "tensorboard": "also log to TensorBoard (needs the tensorboard package)",
-    "test_at_end": "evaluate best.pt on test.list when training ends (writes <out>/test/)",
-    "init": "initialise the model from this checkpoint (e.g. the previous stage's best.pt)",
-    "ema_decay": "EMA teacher decay (ramped up as 1 - 1/(it+1) at the start)",
-    "tau_student": "student temperature of the global and local distillation",
-    "tau_teacher": "teacher temperature of the global and local distillation",
-    "global_weight": "weight of the global distillation loss (stages i, ii)",
-    "global_dim": "global embedding size (projection head output)",
-    "global_bank": "FIFO bank of teacher image embeddings used as anchors (reference: 36)",
-    "local_weight": "weight of the local (pixel-wise) distillation loss (stage ii)",
-    "local_dim": "local embedding size",
-    "local_grid": "local embeddings on a grid of local_grid x local_grid cells per image",
-    "local_bank": "FIFO bank of teacher local embeddings used as anchors",
-    "local_push": "teacher local embeddings pushed into the bank per iteration (a random subset)",
-    "unsup_weight": "weight of the pseudo-label loss (stage iii)",
-    "unsup_rampup": "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) (0: none)",
-    "anco_weight": "weight of the anatomical contrast loss (stage iii; reference 0.01)",
-    "weak_threshold": "teacher confidence at which an unlabelled pixel joins the anatomical contrast",
-    "unsup_mask": "pseudo-label loss: 'image' weights each image's pixels by its confident fraction (method.md "
-                  "section 5), 'pixel' counts only pixels with confidence >= strong_threshold",
-    "bn_recalibrate": "before each validation and test, re-estimate the evaluated network's BatchNorm statistics "
-                      "on this many batches of un-augmented training images (the unlabelled ones when the run "
-                      "loads them, else the labelled ones; a copy: training is unaffected; 0: off)",
-    "teacher_bn": "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: 'batch' uses that "
-                  "batch's statistics (the ReCo code's EMA model runs in train mode), 'running' its running statistics",
-    "split_bn": "stage iii: the student sees labelled and unlabelled images in separate forwards, so BatchNorm "
-                "normalises each kind with its own statistics (as the ReCo code does); false: one mixed forward",
-    "eval_teacher": "validate and test the EMA teacher's network instead of the student's (teacher stages)",
-    "strong_threshold": "confidence below which a pixel is a hard query; also the pseudo-label weight threshold",
-    "queries_per_class": "hard queries sampled per class (with replacement)",
-    "num_negatives": "negatives per query",
-    "anco_tau": "temperature of the anatomical contrast",
-    "negatives": "negative selection: topk (fused hard negatives) or class_graph (the reference sampling)",
-    "rep_dim": "representation head output size (anatomical contrast embeddings)",
-    "rep_stride": "anatomical contrast on a grid of size / rep_stride pixels per side",
-    "cutmix_p": "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)",
-    "plusplus": "ACTION++: add the supervised adaptive anatomical contrast (SAACL) in fine-tuning",
-    "saacl_weight": "weight of the SAACL loss",
-    "saacl_dim": "SAACL embedding size (d)",
-    "saacl_queue": "queue of labelled teacher features for SAACL",
-    "saacl_push": "labelled teacher features pushed into the SAACL queue per iteration",
-    "saacl_eta": "momentum of the running class means (eta)",
-    "lambda_a": "weight of the assigned-centre term inside SAACL",
-    "saacl_tau": "SAACL temperature (when ATS does not set it)",
-    "ats": "anatomical-aware temperature scheduler: cosine between tau_min and tau_max",
-    "ats_targets": "temperatures ATS drives: comma list of anco, saacl, global, local",
-    "tau_min": "ATS minimum temperature",
-    "tau_max": "ATS maximum temperature",
-    "ats_period": "ATS period in iterations (default: the stage's iterations)",
-    "stage_iterations": "pipeline: JSON object of iterations per stage, e.g. "
-                        "'{\"pretrain-global\": 300, \"pretrain-local\": 600, \"finetune\": 2000}'",
-}
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (--lr never silently means --lr-something) and with "did you mean"
+    for a mistyped option or choice."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def _all_options(self) -> list[str]:
+        options = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    options += parser._all_options()
+        return options
+
+    def error(self, message: str):
+        words = []
+        if message.startswith("unrecognized arguments:"):
+            words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+        elif "invalid choice:" in message and message.split("invalid choice:", 1)[1].count("'") >= 2:
+            words = [message.split("invalid choice:", 1)[1].split("'")[1]]
+        hints = []
+        for word in words:
+            pool = self._all_options() if word.startswith("-") else \
+                message.split("choose from", 1)[-1].replace("'", " ").replace(",", " ").replace(")", " ").split()
+            close = difflib.get_close_matches(word, pool, n=1)
+            if close:
+                hints.append(f"{word} -> {close[0]}")
+        super().error(message + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
 
 
 def _bool(text: str) -> bool:
@@ -107,37 +56,77 @@ def _optional_int(text: str):
     return None if text.lower() == "none" else int(text)
 
 
+def _json_of(kind: type, what: str):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"expected {what} in JSON, got {text!r} ({exc.msg})") from exc
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected {what} in JSON, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_optional_int.__name__, _bool.__name__ = "integer (or none)", "true/false"
+# per declared field type: the flag's parser and its metavar in --help
+_FLAG_TYPES = {"int | None": (_optional_int, "N"), "str | None": (str, None), "bool": (_bool, "{true,false}"),
+               "dict": (_json_of(dict, "a JSON object"), "JSON"), "list": (_json_of(list, "a JSON list"), "JSON"),
+               "float": (float, "X"), "int": (int, "N"), "str": (str, None)}
+
+
+def _shown(default) -> str:
+    if isinstance(default, bool) or default is None or isinstance(default, (dict, list)):
+        return json.dumps(default).replace("null", "none")
+    return str(default)
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="named settings: " + "; ".join(
         f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
     p.add_argument("--config", help="JSON or YAML file of options (keys as below, with underscores)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt where it stopped")
+    p.add_argument("--resume", nargs="?", const=True, choices=["auto"], default=False,
+                   help="continue from <out>/last.pt where it stopped (an error when there is none, or when "
+                        "options changed: see --force); '--resume auto': continue when last.pt exists, else start "
+                        "(one command line for a job a scheduler may restart)")
+    p.add_argument("--force", action="store_true", help="with --resume: continue although options that change "
+                   "the computation differ from the checkpoint's (they are printed)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting "
+                   "its checkpoints, logs and test results (without it, that is an error)")
     group = p.add_argument_group("options (defaults: the reference settings; preset < --config < flags)")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        kind = {"int | None": _optional_int, "str | None": str, "bool": _bool, "dict": json.loads,
-                "list": json.loads, "float": float, "int": int, "str": str}[str(f.type)]
-        extra = {"choices": list(STAGES)} if f.name == "stage" else {}
+        kind, metavar = _FLAG_TYPES[str(f.type)]
+        extra = {"choices": list(STAGES)} if f.name == "stage" else {"metavar": metavar} if metavar else {}
+        text = f.metadata["help"]  # a help line that explains its default already gets no second one
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                           help=f"{HELP[f.name]} (default: {default})", **extra)
+                           help=text if "default" in text else f"{text} (default: {_shown(default)})", **extra)
 
 
 def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, data: str | None = None,
-                               teacher: bool = False, bn_source: str = "run"):
+                               teacher: bool = False, bn_source: str = "run", window: str = "constant",
+                               tta: bool = False):
     """(case -> labels, config) for a checkpoint of any stage, 2D or 3D: the network its run validated
     (eval_weights); with bn_recalibrate > 0 its BatchNorm statistics re-estimated on that many batches of the
     run's clean training images (read from `data`, default the checkpoint's ACDC folder): the ones its run loaded
     (bn_source "run": unlabelled when it used them, else labelled) or the unlabelled ones ("unlabelled", to compare
-    runs of different stages on the same slices); with teacher, the EMA teacher's network the checkpoint holds."""
+    runs of different stages on the same slices); with teacher, the EMA teacher's network the checkpoint holds.
+    Every case goes through the checkpoint's preprocessing first (predict.preprocessing; window: the 3D sliding
+    window's weights, constant or gaussian; tta: flip test-time augmentation)."""
     import dataclasses
 
     import torch
 
+    from action.data import training
+    from action.data.preprocessing import checkpoint_preprocessing
     from action.engine import load_checkpoint
-    from action.engine.checkpoint import eval_weights, teacher_weights
-    from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
-    from action.engine.trainer import align_keys, resolve_device, training_data
-    from action.method import STAGE_TRAINERS
+    from action.engine.checkpoint import align_keys, eval_weights, teacher_weights
+    from action.engine.device import resolve_device
+    from action.engine.inference import recalibrate_batchnorm, volume_predictor
+    from action.method import trainer_class
+    from action.models import build_network
 
     if bn_recalibrate < 0:
         raise SystemExit(f"--bn-recalibrate: expected >= 0 batches, got {bn_recalibrate}")
@@ -153,51 +142,89 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
-        images = training_data(train_cfg, STAGE_TRAINERS[cfg.stage].uses_unlabelled or bn_source == "unlabelled")
+        images = training.training_data(train_cfg, trainer_class(cfg).uses_unlabelled or bn_source == "unlabelled")
         generator = torch.Generator().manual_seed(cfg.seed)
         model = recalibrate_batchnorm(model, images.clean_batches(bn_recalibrate, generator, dev))
-    predict = volume_predictor(model, cfg, dev)
-    return (lambda case: predict(case.image)), cfg
+    prep = checkpoint_preprocessing(state, path)
+    predict = volume_predictor(model, cfg, dev, prep, window, tta)
+    predict.preprocessing = prep
+    return predict, cfg
 
 
 def cmd_train(args) -> int:
-    from action.method import STAGE_TRAINERS, run_pipeline
+    from action.engine.logs import dump_json
+    from action.method import run_pipeline, trainer_class
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = build_config(args.preset, args.config, overrides)
+    if args.force and not args.resume:
+        raise ValueError("--force only applies with --resume (to --out a run that exists, add --overwrite)")
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues the run in --out, "
+                         "--overwrite deletes it")
+    run = dict(resume=args.resume, overwrite=args.overwrite, force=args.force)
     if cfg.stage == "pipeline":
-        results = run_pipeline(cfg, resume=args.resume)
-        print(json.dumps({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
+        results = run_pipeline(cfg, **run)
+        print(dump_json({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
         return 0
-    result = STAGE_TRAINERS[cfg.stage](cfg).fit(resume=args.resume)
-    print(json.dumps({k: v for k, v in result.items() if k != "test"}))
+    result = trainer_class(cfg)(cfg).fit(**run)
+    print(dump_json({k: v for k, v in result.items() if k != "test"}))  # standard JSON: no validation is null
     return 0
 
 
-def _cases(args, cfg):
+def _names(text: str | None) -> list[str] | None:
+    """--cases: a comma-separated list of case names, or a file listing one per line."""
+    if text is None:
+        return None
+    if os.path.isfile(text):
+        with open(text) as fh:
+            return [n.strip() for n in fh if n.strip()]
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _image_items(folder: str, labels: str | None):
+    """(name, image, label or None) of an image folder (and its label folder): nnU-Net channel names allowed."""
+    from action.data.nifti import case_name, channel_files, folder_pairs
+
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith((".nii", ".nii.gz")))
+    if not paths:
+        raise SystemExit(f"{folder}: no .nii/.nii.gz files")
+    strip = channel_files(paths)
+    pairs = folder_pairs(folder, labels) if labels else [(p, None) for p in paths]
+    return [(case_name(i, strip), i, lab) for i, lab in pairs]
+
+
+def _cases(args, cfg, orientation: str):
+    """(cases, count, class names or None) of evaluate's data options, after --cases / --max-volumes."""
+    from action.data.layouts import NiftiLayout, detect_layout
     from action.engine import acdc_cases, nifti_cases
+    from action.engine.evaluate import select_cases
 
+    names, limit = _names(args.cases), args.max_volumes
     if args.images:
-        from action.data.nifti import folder_pairs
-
-        if args.labels:
-            pairs = folder_pairs(args.images, args.labels)
-        else:
-            pairs = [(os.path.join(args.images, n), None) for n in sorted(os.listdir(args.images))
-                     if n.endswith((".nii", ".nii.gz"))]
-            if not pairs:
-                raise SystemExit(f"--images {args.images}: no .nii/.nii.gz files")
-        return nifti_cases(pairs), len(pairs)
+        items = select_cases(_image_items(args.images, args.labels), names, limit, lambda i: i[0])
+        return nifti_cases(items, orientation, cfg.num_classes), len(items), None
     if args.acdc_raw:
         from action.data.nifti import acdc_raw_pairs
 
-        pairs = acdc_raw_pairs(args.acdc_raw)
-        return nifti_cases(pairs), len(pairs)
+        items = [(os.path.basename(i).split(".nii")[0], i, lab) for i, lab in acdc_raw_pairs(args.acdc_raw)]
+        items = select_cases(items, names, limit, lambda i: i[0])
+        return nifti_cases(items, orientation, cfg.num_classes), len(items), None
+    root = args.data or cfg.data
+    if detect_layout(root) != "hdf5":
+        layout = NiftiLayout(root)
+        _, _, val, test = layout.split(None)
+        if args.split == "test" and not layout.test:
+            print(f"{root} has no labelled test cases (imagesTs with labelsTs): scoring the validation cases",
+                  file=sys.stderr)
+        chosen = select_cases(test if args.split == "test" else val, names, limit, lambda c: c.name)
+        return nifti_cases([(c.name, c.image, c.label) for c in chosen], orientation, cfg.num_classes), \
+            len(chosen), layout.class_names
     from action.data import AcdcLayout
 
-    layout = AcdcLayout(args.data or cfg.data)
-    names = layout.test_volumes if args.split == "test" else layout.val_volumes
-    return acdc_cases(layout.root, names), len(names)
+    layout = AcdcLayout(root)
+    chosen = select_cases(layout.test_volumes if args.split == "test" else layout.val_volumes, names, limit)
+    return acdc_cases(layout.root, chosen, cfg.num_classes), len(chosen), None
 
 
 def cmd_evaluate(args) -> int:
@@ -205,10 +232,10 @@ def cmd_evaluate(args) -> int:
     from action.engine import evaluate
 
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data,
-                                              args.teacher, args.bn_source)
-    cases, total = _cases(args, cfg)
-    metrics = evaluate(predict, cases, args.out,
-                       cfg.num_classes, CLASSES if cfg.num_classes == len(CLASSES) else None,
+                                              args.teacher, args.bn_source, args.sliding_window, args.tta)
+    cases, total, class_names = _cases(args, cfg, predict.preprocessing.orientation)  # names checked distinct first
+    class_names = class_names or (CLASSES if cfg.num_classes == len(CLASSES) else None)
+    metrics = evaluate(predict, cases, args.out, cfg.num_classes, class_names,
                        save_predictions=args.save_predictions, overlays=args.overlays, total=total)
     if not metrics.cases:
         raise SystemExit("no case had a label map to score against")
@@ -219,40 +246,46 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
+    from action.engine.evaluate import unique_case_names
 
-    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
-                                              bn_source=args.bn_source)
     if os.path.isdir(args.input):
-        paths = [os.path.join(args.input, n) for n in sorted(os.listdir(args.input)) if n.endswith((".nii", ".nii.gz"))]
+        items = _image_items(args.input, None)
+    elif os.path.isfile(args.input):
+        from action.data.nifti import case_name, channel_files
+
+        items = [(case_name(args.input, channel_files([args.input])), args.input, None)]
     else:
-        paths = [args.input]
-    if not paths:
-        raise SystemExit(f"--input {args.input}: no .nii/.nii.gz files")
-    evaluate(predict, nifti_cases([(p, None) for p in paths]),
-             args.out, cfg.num_classes, save_predictions=True, overlays=args.overlays, total=len(paths))
-    print(f"wrote {len(paths)} prediction(s) to {os.path.join(args.out, 'predictions')} (source affines kept)")
+        raise FileNotFoundError(f"--input {args.input}: no such file or folder")
+    # c.nii and c.nii.gz would write one prediction: an error before anything runs
+    unique_case_names([name for name, _, _ in items], [image for _, image, _ in items])
+    predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
+                                              bn_source=args.bn_source, window=args.sliding_window, tta=args.tta)
+    written: list[str] = []
+    evaluate(predict, nifti_cases(items, predict.preprocessing.orientation), args.out, cfg.num_classes,
+             save_predictions=True, overlays=args.overlays, total=len(items), written=written)
+    print(f"wrote {len(written)} prediction(s) for {len(items)} input(s) to {os.path.join(args.out, 'predictions')} "
+          f"(source headers kept)")
     return 0
 
 
 def cmd_convert(args) -> int:
-    from action.data import AcdcLayout
-    from action.data.nifti import hdf5_to_nifti
+    from action.data.convert import hdf5_to_nnunet
 
-    layout = AcdcLayout(args.data)
-    names = {"test": layout.test_volumes, "val": layout.val_volumes}.get(args.names)
-    if names is None:
-        with open(args.names) as fh:
+    names = args.names
+    if names not in ("all", "test", "val"):
+        with open(names) as fh:
             names = [n.strip() for n in fh if n.strip()]
     spacing = tuple(float(v) for v in args.spacing.split(","))
     if len(spacing) != 3:
         raise SystemExit(f"--spacing takes three numbers x,y,z in mm, got {args.spacing!r}")
-    written = hdf5_to_nifti(args.data, names, args.out, spacing)
-    print(f"wrote {len(written)} files to {args.out}")
+    done = hdf5_to_nnunet(args.data, args.out, names, spacing, args.max_volumes)
+    print(f"wrote {done['training']} training and {done['test']} test volumes ({len(done['files'])} files) to "
+          f"{args.out} in nnU-Net's raw layout")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
+    ap = Parser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
                                  "train, evaluate, predict, convert data.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -275,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--teacher", action="store_true",
                        help="use the EMA teacher's network the checkpoint holds (ACTION stages) instead of the one "
                             "its run validated")
+        p.add_argument("--sliding-window", choices=("constant", "gaussian"), default="constant",
+                       help="3D checkpoints: weights of the overlapping windows' softmax, equal (default) or "
+                            "Gaussian (sigma 1/8 of the patch, nnU-Net's default)")
+        p.add_argument("--tta", action="store_true",
+                       help="flip test-time augmentation: softmax averaged over every mirroring of the spatial axes "
+                            "(4 per 2D slice, 8 per 3D window; nnU-Net's default)")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on labelled volumes",
                        description="Per-case Dice, Jaccard, HD95, ASD per class (metrics.csv), a summary table "
@@ -283,39 +322,61 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--images with --labels; mm from the headers) or the raw ACDC layout "
                                    "(--acdc-raw).")
     add_model_options(p)
-    p.add_argument("--data", help="ACDC HDF5 folder (default: the checkpoint's)")
-    p.add_argument("--split", choices=("test", "val"), default="test", help="which list of the HDF5 layout")
-    p.add_argument("--images", help="folder of NIfTI images")
-    p.add_argument("--labels", help="folder of NIfTI label maps with the same file names as --images")
+    p.add_argument("--data", help="dataset folder, ACDC HDF5 or NIfTI (nnU-Net raw, images/labels; default: the "
+                                  "checkpoint's)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which cases of --data: test.list / "
+                   "imagesTs+labelsTs, or val.list / the validation fold")
+    p.add_argument("--images", help="folder of NIfTI images (nnU-Net's <case>_0000 names allowed)")
+    p.add_argument("--labels", help="folder of NIfTI label maps with the same file names as --images (or <case>)")
+    p.add_argument("--cases", help="only these cases: comma-separated names, or a file listing one per line")
+    p.add_argument("--max-volumes", type=int, help="only the first N cases (after --cases)")
     p.add_argument("--acdc-raw", help="raw ACDC folder (patient<NNN>/patient<NNN>_frame<FF>[_gt].nii.gz)")
     p.add_argument("--save-predictions", action="store_true", help="write predictions/<case>.nii.gz")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="segment NIfTI images", description="Segment NIfTI images slice by slice; "
-                       "predictions are written with each source image's affine to <out>/predictions/.")
+    p = sub.add_parser("predict", help="segment NIfTI images", description="Segment NIfTI images with the "
+                       "checkpoint's preprocessing (intensity normalisation, orientation, spacing); predictions are "
+                       "written in each source image's space, with its header, to <out>/predictions/.")
     add_model_options(p)
     p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("convert", help="HDF5 layout -> NIfTI", description="Write <name>.nii.gz and "
-                        "<name>_gt.nii.gz per volume of the ACDC HDF5 layout (axes moved to x, y, z).")
+    c = dsub.add_parser("convert", help="HDF5 layout -> NIfTI (nnU-Net raw layout)", description="Write the ACDC "
+                        "HDF5 layout as nnU-Net's raw layout (axes moved to x, y, z): imagesTr/<case>_0000.nii.gz + "
+                        "labelsTr/<case>.nii.gz (training volumes assembled from the slices, and val.list, with "
+                        "splits_final.json), imagesTs/ + labelsTs/ (test.list), dataset.json. Every command reads "
+                        "it: action train --data OUT, action evaluate --data OUT, action predict --input "
+                        "OUT/imagesTs.")
     c.add_argument("--data", required=True, help="ACDC HDF5 folder")
-    c.add_argument("--names", default="test", help="test, val, or a file listing volume names")
+    c.add_argument("--names", default="all", help="all (train + val into imagesTr, test into imagesTs); test, val, "
+                   "or a file listing volume names (into imagesTs only)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--spacing", default="1,1,1", help="voxel size x,y,z in mm to write (the HDF5 files have none)")
+    c.add_argument("--max-volumes", type=int, help="only the first N volumes of each list (quick checks)")
     c.set_defaults(func=cmd_convert)
     return ap
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done; 2 bad input (the message names the option or file); 3 training stopped on a
+    non-finite value (its state before that iteration saved); 128 + signal number when interrupted (130 for
+    Ctrl-C, 143 for SIGTERM), after the trainer saved last.pt. No traceback for any of them."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"action {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"action {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as exc:  # the trainer printed what it saved (Interrupted); nothing else to show
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if not hasattr(exc, "signum"):
+            print(f"action {args.command}: interrupted" + (f" ({exc})" if str(exc) else ""), file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

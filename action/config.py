@@ -1,10 +1,17 @@
-"""Run configuration: one flat dataclass, presets, and JSON/YAML files. Precedence: defaults < preset < config
-file < command-line flags. Unknown keys are errors (a typo never silently falls back to a default)."""
+"""Run configuration: one flat dataclass whose fields carry their help text, presets, and JSON/YAML files.
+Precedence: defaults < preset < config file < command-line flags. Unknown keys are errors (a typo never silently
+falls back to a default; a close name is suggested). Every value is checked by type (check_type: integers are not
+booleans, numbers are finite, JSON/YAML strings are not numbers) and by range (TrainConfig.validate), and the error
+names the option, where the value came from, what was expected and what came. resume_differences lists the options
+a resumed run changes (RESUME_NEUTRAL: those that change no computed value)."""
 from __future__ import annotations
 
+import copy
+import difflib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from action.data.augment import AugmentConfig
 
@@ -16,91 +23,141 @@ STAGES = ("supervised", "pretrain-global", "pretrain-local", "finetune", "pipeli
 PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
 
 
+def option(default, help: str):
+    """A config field with its --help text beside it (action.cli builds every train option from these)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _whole(value) -> bool:
+    """An integer, and not a bool (True is an int to Python, never an iteration count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class TrainConfig:
     # what and where
-    stage: str = "supervised"
-    data: str = DEFAULT_ACDC
-    out: str = "runs/supervised"
-    labelled_patients: int | None = 3
-    max_train_slices: int | None = None  # use only the first n slices of each set (smoke tests)
-    size: int = 256
-    num_classes: int = 4
-    dims: int = 2  # 3: volumes assembled from the slices, UNet3D on random patches, sliding-window evaluation
-    patch: list = field(default_factory=lambda: [16, 96, 96])  # 3D training patch (Z, H, W), multiples of 16
-    base_channels: int = 16  # UNet3D width: base x (1, 2, 4, 8, 16)
-    # optimisation (method.md section 6: the reference schedule)
-    iterations: int = 30000
-    labelled_batch: int = 12
-    unlabelled_batch: int = 0
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    poly_power: float = 0.9
-    amp: str = "auto"  # auto: bf16/fp16 autocast on CUDA, off on CPU; on; off
-    device: str = "auto"
-    threads: int | None = None
-    accumulate: int = 1  # shards per process and step (gradient accumulation; see action.engine.distributed)
-    seed: int = 1337
-    augmentation: dict = field(default_factory=dict)  # AugmentConfig fields to override
+    stage: str = option("supervised", "training stage to run")
+    data: str = option(DEFAULT_ACDC, "ACDC folder in the HDF5 layout (data/*.h5, train_slices.list, val.list, "
+                                     "test.list); default $ACTION_ACDC, else ../shared/data/acdc")
+    out: str = option("runs/supervised", "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, "
+                                         "test/")
+    labelled_patients: int | None = option(3, "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training "
+                                              "slices)")
+    max_train_slices: int | None = option(None, "use only the first N labelled and N unlabelled slices (quick checks, "
+                                                "smoke tests; 2D only)")
+    size: int = option(256, "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it "
+                            "and back")
+    num_classes: int = option(4, "number of classes including background (ACDC: 4)")
+    dims: int = option(2, "2: slice-wise 2D UNet; 3: UNet3D on random patches of volumes assembled from the slices, "
+                          "sliding-window evaluation")
+    patch: list = option([16, 96, 96], "3D training patch as a JSON list [Z, H, W] of multiples of 16")
+    base_channels: int = option(16, "UNet3D width: channels base x (1, 2, 4, 8, 16)")
+    # optimisation (docs/method.md section 6: the reference schedule)
+    iterations: int = option(30000, "training iterations (the poly learning-rate schedule runs over them)")
+    labelled_batch: int = option(12, "labelled images per batch")
+    unlabelled_batch: int = option(0, "unlabelled images per batch (semi-supervised stages)")
+    lr: float = option(0.01, "initial learning rate of SGD")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "SGD weight decay")
+    nesterov: bool = option(False, "Nesterov momentum")
+    poly_power: float = option(0.9, "poly schedule: lr * (1 - it / iterations) ** power")
+    amp: str = option("auto", "mixed precision: auto (bf16/fp16 autocast on CUDA, off on CPU), on, off")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    accumulate: int = option(1, "split each step's batch into this many shards per process (gradient accumulation; "
+                                "under torchrun the global batch is split over world size x accumulate shards: "
+                                "action.engine.distributed)")
+    seed: int = option(1337, "seed of initialisation, batches, augmentation and dropout (a run is reproducible from "
+                             "it)")
+    augmentation: dict = option({}, "JSON object overriding augmentation settings, e.g. '{\"affine_p\": 0.3}' (fields "
+                                    "of action.data.augment.AugmentConfig)")
     # bookkeeping
-    val_every: int = 500
-    val_volumes: int | None = None  # validate on the first n of val.list (None: all 20)
-    checkpoint_every: int = 500
-    log_every: int = 10
-    tensorboard: bool = True
-    test_at_end: bool = True
-    init: str | None = None  # initialise the model from this checkpoint (pipeline stages)
-    # ACTION stages i-ii (method.md sections 2, 3): distillation
-    ema_decay: float = 0.99
-    tau_student: float = 0.1
-    tau_teacher: float = 0.01
-    global_weight: float = 1.0
-    global_dim: int = 512
-    global_bank: int = 36
-    local_weight: float = 1.0
-    local_dim: int = 128
-    local_grid: int = 16
-    local_bank: int = 4096
-    local_push: int = 256
-    # ACTION stage iii (sections 4, 5): pseudo-labels and anatomical contrast
-    unsup_weight: float = 1.0
-    unsup_rampup: int = 0  # iterations of the sigmoid ramp-up exp(-5 (1 - t/R)^2) of the pseudo-label weight
-    unsup_mask: str = "image"  # "image": method.md section 5 (per-image weight); "pixel": only confident pixels
-    teacher_bn: str = "batch"  # stage iii pseudo-labels: BN on the clean unlabelled batch's statistics, or "running"
-    split_bn: bool = True  # stage iii student: labelled and unlabelled images in separate forwards (separate BN)
-    eval_teacher: bool = False  # validate/test the EMA teacher's network instead of the student's (stages i-iii)
-    bn_recalibrate: int = 0  # batches of clean training images re-estimating BN statistics before evaluation
-    anco_weight: float = 0.01
-    weak_threshold: float = 0.7
-    strong_threshold: float = 0.97
-    queries_per_class: int = 256
-    num_negatives: int = 512
-    anco_tau: float = 0.5
-    negatives: str = "topk"
-    rep_dim: int = 512
-    rep_stride: int = 4
-    cutmix_p: float = 0.5
-    # ACTION++ (section 7): SAACL and the anatomical-aware temperature scheduler (ATS)
-    plusplus: bool = False
-    saacl_weight: float = 0.01
-    saacl_dim: int = 128
-    saacl_queue: int = 4096
-    saacl_push: int = 512
-    saacl_eta: float = 0.1
-    lambda_a: float = 0.2
-    saacl_tau: float = 0.1
-    ats: bool = False
-    ats_targets: str = "anco,saacl"
-    tau_min: float = 0.1
-    tau_max: float = 1.0
-    ats_period: int | None = None
+    val_every: int = option(500, "validate every N iterations on val.list (0: never; best.pt is then the last model)")
+    val_volumes: int | None = option(None, "validate on the first N volumes of val.list only (default: all 20)")
+    checkpoint_every: int = option(500, "write last.pt every N iterations (a kill loses at most this much work)")
+    log_every: int = option(10, "log losses every N iterations")
+    tensorboard: bool = option(True, "also log to TensorBoard (needs the tensorboard package)")
+    test_at_end: bool = option(True, "evaluate best.pt on test.list when training ends (writes <out>/test/)")
+    init: str | None = option(None, "initialise the model from this checkpoint (e.g. the previous stage's best.pt)")
+    # ACTION stages i-ii (docs/method.md sections 2, 3): distillation
+    ema_decay: float = option(0.99, "EMA teacher decay (ramped up as 1 - 1/(it+1) at the start)")
+    tau_student: float = option(0.1, "student temperature of the global and local distillation")
+    tau_teacher: float = option(0.01, "teacher temperature of the global and local distillation")
+    global_weight: float = option(1.0, "weight of the global distillation loss (stages i, ii)")
+    global_dim: int = option(512, "global embedding size (projection head output)")
+    global_bank: int = option(36, "FIFO bank of teacher image embeddings used as anchors (reference: 36)")
+    local_weight: float = option(1.0, "weight of the local (pixel-wise) distillation loss (stage ii)")
+    local_dim: int = option(128, "local embedding size")
+    local_grid: int = option(16, "local embeddings on a grid of local_grid x local_grid cells per image")
+    local_bank: int = option(4096, "FIFO bank of teacher local embeddings used as anchors")
+    local_push: int = option(256, "teacher local embeddings pushed into the bank per iteration (a random subset)")
+    # ACTION stage iii (docs/method.md sections 4, 5): pseudo-labels and anatomical contrast
+    unsup_weight: float = option(1.0, "weight of the pseudo-label loss (stage iii)")
+    unsup_rampup: int = option(0, "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) "
+                                  "(0: none)")
+    unsup_mask: str = option("image", "pseudo-label loss: 'image' weights each image's pixels by its confident "
+                                      "fraction (docs/method.md section 5), 'pixel' counts only pixels with "
+                                      "confidence >= strong_threshold")
+    teacher_bn: str = option("batch", "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: "
+                                      "'batch' uses that batch's statistics (the ReCo code's EMA model runs in train "
+                                      "mode), 'running' its running statistics")
+    split_bn: bool = option(True, "stage iii: the student sees labelled and unlabelled images in separate forwards, "
+                                  "so BatchNorm normalises each kind with its own statistics (as the ReCo code "
+                                  "does); false: one mixed forward")
+    eval_teacher: bool = option(False, "validate and test the EMA teacher's network instead of the student's "
+                                       "(teacher stages)")
+    bn_recalibrate: int = option(0, "before each validation and test, re-estimate the evaluated network's BatchNorm "
+                                    "statistics on this many batches of un-augmented training images (the "
+                                    "unlabelled ones when the run loads them, else the labelled ones; a copy: "
+                                    "training is unaffected; 0: off)")
+    anco_weight: float = option(0.01, "weight of the anatomical contrast loss (stage iii; reference 0.01)")
+    weak_threshold: float = option(0.7, "teacher confidence at which an unlabelled pixel joins the anatomical "
+                                        "contrast")
+    strong_threshold: float = option(0.97, "confidence below which a pixel is a hard query; also the pseudo-label "
+                                           "weight threshold")
+    queries_per_class: int = option(256, "hard queries sampled per class (with replacement)")
+    num_negatives: int = option(512, "negatives per query")
+    anco_tau: float = option(0.5, "temperature of the anatomical contrast")
+    negatives: str = option("topk", "negative selection: topk (fused hard negatives) or class_graph (the reference "
+                                    "sampling)")
+    rep_dim: int = option(512, "representation head output size (anatomical contrast embeddings)")
+    rep_stride: int = option(4, "anatomical contrast on a grid of size / rep_stride pixels per side")
+    cutmix_p: float = option(0.5, "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)")
+    # ACTION++ (docs/method.md section 7): SAACL and the anatomical-aware temperature scheduler (ATS)
+    plusplus: bool = option(False, "ACTION++: add the supervised adaptive anatomical contrast (SAACL) in "
+                                   "fine-tuning")
+    saacl_weight: float = option(0.01, "weight of the SAACL loss")
+    saacl_dim: int = option(128, "SAACL embedding size (d)")
+    saacl_queue: int = option(4096, "queue of labelled teacher features for SAACL")
+    saacl_push: int = option(512, "labelled teacher features pushed into the SAACL queue per iteration")
+    saacl_eta: float = option(0.1, "momentum of the running class means (eta)")
+    lambda_a: float = option(0.2, "weight of the assigned-centre term inside SAACL")
+    saacl_tau: float = option(0.1, "SAACL temperature (when ATS does not set it)")
+    ats: bool = option(False, "anatomical-aware temperature scheduler: cosine between tau_min and tau_max")
+    ats_targets: str = option("anco,saacl", "temperatures ATS drives: comma list of anco, saacl, global, local")
+    tau_min: float = option(0.1, "ATS minimum temperature")
+    tau_max: float = option(1.0, "ATS maximum temperature")
+    ats_period: int | None = option(None, "ATS period in iterations (default: the stage's iterations)")
     # the pipeline (stage "pipeline"): iterations per stage, run in order into <out>/<stage>/
-    stage_iterations: dict = field(default_factory=lambda: {"pretrain-global": 30000, "pretrain-local": 30000,
-                                                            "finetune": 30000})
+    stage_iterations: dict = option({"pretrain-global": 30000, "pretrain-local": 30000, "finetune": 30000},
+                                    "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
+                                    "\"pretrain-local\": 600, \"finetune\": 2000}'")
+    # NIfTI data and multi-process training (issue 17; README, Coming from MONAI / nnU-Net)
+    intensity: str = option("minmax", "per-volume intensity normalisation of NIfTI training images and of every "
+                                      "inference input: minmax (to [0, 1]: how the HDF5 layout stores its images), "
+                                      "zscore (nnU-Net's default for non-CT), none; stored in each checkpoint")
+    spacing: str | None = option(None, "NIfTI training: in-plane voxel size to resample slices to, 'x,y' in mm or "
+                                       "'median' (of the training volumes), then centre-cropped/padded to size; None: "
+                                       "resize every slice to size x size (the HDF5 layout: it stores no spacing)")
+    sync_bn: bool = option(False, "under torchrun, SyncBatchNorm: BatchNorm statistics over the whole global batch "
+                                  "instead of each rank's shard (CUDA only)")
 
     def validate(self) -> "TrainConfig":
+        """Checks every option's type (check_type) and range; the error names the option, expected and got."""
+        for f in fields(self):
+            setattr(self, f.name, check_type(f.name, getattr(self, f.name), str(f.type)))
         checks = [
             ("size", self.size >= 16 and self.size % 16 == 0, "a multiple of 16, >= 16"),
             ("iterations", self.iterations >= 1, ">= 1"),
@@ -118,7 +175,7 @@ class TrainConfig:
             ("bn_recalibrate", self.bn_recalibrate >= 0, ">= 0 (0: off)"),
             ("teacher_bn", self.teacher_bn in ("batch", "running"), "'batch' or 'running'"),
             ("dims", self.dims in (2, 3), "2 or 3"),
-            ("patch", self.dims == 2 or (len(self.patch) == 3 and all(int(p) >= 16 and int(p) % 16 == 0
+            ("patch", self.dims == 2 or (len(self.patch) == 3 and all(_whole(p) and p >= 16 and p % 16 == 0
                                                                        for p in self.patch)
                                          and max(self.patch[1:]) <= self.size),
              "three multiples of 16 (Z, H, W), in-plane at most size (dims 3)"),
@@ -144,30 +201,145 @@ class TrainConfig:
             ("saacl_queue", self.saacl_queue >= 1, ">= 1"),
             ("max_train_slices", self.max_train_slices is None or (self.max_train_slices >= 1 and self.dims == 2),
              ">= 1, and only with dims 2 (3D trains on whole volumes: choose fewer with labelled_patients)"),
+            ("intensity", self.intensity in ("minmax", "zscore", "none"), "one of minmax, zscore, none"),
+            ("spacing", self.spacing is None or self.spacing == "median" or _spacing_ok(self.spacing),
+             "None, 'median', or 'x,y' (or one number) in mm > 0"),
             ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
-             and all(isinstance(v, int) and v >= 1 for v in self.stage_iterations.values()),
+             and all(_whole(v) and v >= 1 for v in self.stage_iterations.values()),
              f"a mapping of {PIPELINE} to iteration counts >= 1"),
+            ("labelled_patients", self.labelled_patients in (1, 3, 7), "1, 3 or 7 (the reference splits)"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("poly_power", self.poly_power >= 0, ">= 0"),
+            ("threads", self.threads is None or self.threads >= 1, "None or >= 1"),
+            ("seed", self.seed >= 0, ">= 0"),
+            ("val_volumes", self.val_volumes is None or self.val_volumes >= 1, "None (all) or >= 1"),
+            ("global_dim", self.global_dim >= 1, ">= 1"),
+            ("local_dim", self.local_dim >= 1, ">= 1"),
+            ("local_push", self.local_push >= 1, ">= 1"),
+            ("rep_dim", self.rep_dim >= 1, ">= 1"),
+            ("saacl_dim", self.saacl_dim >= 1, ">= 1"),
+            ("saacl_push", self.saacl_push >= 1, ">= 1"),
+            ("saacl_eta", 0 <= self.saacl_eta <= 1, "in [0, 1]"),
+            ("saacl_tau", self.saacl_tau > 0, "> 0"),
+            ("cutmix_p", 0 <= self.cutmix_p <= 1, "in [0, 1]"),
+            *((name, getattr(self, name) >= 0, ">= 0 (a loss weight)") for name in
+              ("global_weight", "local_weight", "unsup_weight", "anco_weight", "saacl_weight", "lambda_a")),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"config {name}: expected {expected}, got {getattr(self, name)!r}")
-        unknown = set(self.augmentation) - {f.name for f in fields(AugmentConfig)}
-        if unknown:
-            raise ValueError(f"config augmentation: unknown keys {sorted(unknown)}; valid keys are "
-                             f"{[f.name for f in fields(AugmentConfig)]}")
+        self.augmentation = check_augmentation(self.augmentation)
         return self
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def _kind(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_type(name: str, value, kind: str, source: str = ""):
+    """value of option `name` checked against its declared type `kind` ("int", "float", "bool", "str", "list",
+    "dict", "int | None", ...) -> the value (an integral number for a float option becomes a float). source: where
+    it came from, for the message ("config file c.yaml", "preset smoke", "--flag")."""
+    where = f" (from {source})" if source else ""
+    base, optional = kind.replace(" | None", ""), kind.endswith("| None")
+    if value is None and optional:
+        return None
+    expected = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+                "list": "a list", "dict": "a mapping"}[base] + (" or null" if optional else "")
+    ok = {"int": _whole(value),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(float(value)),
+          "bool": isinstance(value, bool), "str": isinstance(value, str), "list": isinstance(value, list),
+          "dict": isinstance(value, dict)}[base]
+    if not ok:
+        hint = ""
+        if isinstance(value, str) and base in ("int", "float") and _is_number(value):
+            hint = "; that is text: write the number without quotes"
+            if "e" in value.lower() and "." not in value:
+                hint += " (PyYAML reads 1e-4 as text; write 1.0e-4)"
+        raise ValueError(f"config {name}{where}: expected {expected}, got {_kind(value)}{hint}")
+    return float(value) if base == "float" else value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_augmentation(values: dict) -> dict:
+    """The augmentation overrides checked against AugmentConfig: known keys, each of its field's type (pairs as
+    two numbers low <= high), probabilities (keys ending in _p) in [0, 1], magnitudes >= 0."""
+    known = {f.name: str(f.type) for f in fields(AugmentConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"config augmentation: unknown keys {unknown}{_did_you_mean(unknown, known)}; valid keys "
+                         f"are {list(known)}")
+    out = {}
+    for key, value in values.items():
+        name = f"augmentation.{key}"
+        if known[key].startswith("tuple"):
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise ValueError(f"config {name}: expected a pair [low, high], got {_kind(value)}")
+            low, high = (check_type(name, v, "float") for v in value)
+            if low > high or low < 0:
+                raise ValueError(f"config {name}: expected 0 <= low <= high, got {list(value)}")
+            out[key] = (low, high)
+            continue
+        out[key] = check_type(name, value, known[key])
+        if key.endswith("_p") and not 0 <= out[key] <= 1:
+            raise ValueError(f"config {name}: expected a probability in [0, 1], got {value!r}")
+        if known[key] == "float" and out[key] < 0:
+            raise ValueError(f"config {name}: expected >= 0, got {value!r}")
+    return out
+
+
+def _did_you_mean(unknown, known) -> str:
+    close = {u: difflib.get_close_matches(u, list(known), n=1) for u in unknown}
+    hints = [f"{u!r} -> {c[0]!r}" for u, c in close.items() if c]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+# options a resumed run may change: where files are, the hardware, logging and bookkeeping (validation, checkpoints,
+# the final test, --init, which a resumed run overwrites with its checkpoint), and accumulate, which the trainer
+# checks as world size x accumulate (the shard count; fewer ranks with more accumulation compute the same). Every
+# other one changes what the run computes, so resuming with it changed needs force (--force).
+RESUME_NEUTRAL = frozenset({"out", "device", "threads", "tensorboard", "log_every", "checkpoint_every", "val_every",
+                            "val_volumes", "test_at_end", "init", "accumulate"})
+
+
+def resume_differences(saved_json: str, cfg: "TrainConfig") -> dict:
+    """{option: (checkpoint's value, this run's)} for every option outside RESUME_NEUTRAL that differs between a
+    checkpoint's stored config (JSON) and cfg; an option the checkpoint predates counts as its default."""
+    saved, now = json.loads(saved_json or "{}"), json.loads(cfg.to_json())
+    defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cfg)}
+    out = {}
+    for key, value in now.items():
+        before = saved.get(key, json.loads(json.dumps(defaults[key])))
+        if key not in RESUME_NEUTRAL and before != value:
+            out[key] = (before, value)
+    return out
+def _spacing_ok(text: str) -> bool:
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        return False
+    return len(values) in (1, 2) and min(values) > 0
+
+
 PRESETS: dict[str, dict] = {
-    # the reference setting of the supervised baseline (method.md section 6): 256x256, 30k iterations
+    # the reference setting of the supervised baseline (docs/method.md section 6): 256x256, 30k iterations
     "acdc-2d": {"size": 256, "iterations": 30000, "labelled_batch": 12, "val_every": 500, "checkpoint_every": 500},
     # the project's CPU baseline (README): 3 labelled patients at 128x128, ~40 minutes on 2 cores
     "acdc-cpu": {"size": 128, "iterations": 3000, "labelled_batch": 8, "val_every": 250, "checkpoint_every": 250,
                  "lr": 0.01},
-    # the reference ACTION pipeline (method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
+    # the reference ACTION pipeline (docs/method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
     # pre-training)
     "action-2d": {"stage": "pipeline", "size": 256, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 500,
                   "checkpoint_every": 500, "stage_iterations": {"pretrain-global": 30000, "pretrain-local": 30000,
@@ -200,6 +372,7 @@ PRESETS: dict[str, dict] = {
 
 
 def load_file(path: str) -> dict:
+    """A JSON or YAML (.yaml, .yml) config file -> its mapping; a syntax error names the file and the line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as fh:
@@ -207,9 +380,19 @@ def load_file(path: str) -> dict:
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"config file {path}: YAML syntax error{at}: {problem}") from exc
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: "
+                             f"{exc.msg} (a .yaml / .yml name is read as YAML)") from exc
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values, got "
                          f"{type(data).__name__}")
@@ -217,16 +400,28 @@ def load_file(path: str) -> dict:
 
 
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """defaults < PRESETS[preset] < the config file < overrides (None values skipped), each value type-checked
+    with its source named, then the whole config range-checked (validate)."""
     values: dict = {}
+    sources: dict = {}
+    layers = []
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
+            raise ValueError(f"unknown preset {preset!r}{_did_you_mean([preset], PRESETS)}; choose from "
+                             f"{sorted(PRESETS)}")
+        layers.append((PRESETS[preset], f"preset {preset}"))
     if file is not None:
-        values.update(load_file(file))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+        layers.append((load_file(file), f"config file {file}"))
+    layers.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    for layer, source in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        where = sorted({sources[k] for k in unknown})
+        raise ValueError(f"unknown config keys {unknown} (from {', '.join(where)}){_did_you_mean(unknown, types)}; "
+                         f"valid keys are {sorted(types)}")
+    for key, value in values.items():
+        values[key] = check_type(key, value, types[key], sources[key])
     return TrainConfig(**values).validate()

@@ -6,18 +6,34 @@ Public API:
     anatomical_contrast_loss(queries, labels, prototypes, keys, key_labels, ...)   ACTION's anatomical InfoNCE
     class_prototypes, class_graph_negatives, indexed_cosine  the helpers of that loss
     SoftContrastiveLoss, HardNegativeMiner, AnatomicalContrastLoss   nn.Module forms
-    SoftContrastiveLossFunction                              the soft-label loss as an autograd Function
+    SoftContrastiveLossFunction, HardNegativeTopkFunction, IndexedCosineFunction, AnatomicalContrastLossFunction
+                                                             the ops as drop-in autograd Functions
     *_ref                                                    materialising plain-torch references
 """
 from action_kernels.nn import AnatomicalContrastLoss, HardNegativeMiner, SoftContrastiveLoss
-from action_kernels.ops.anatomical import anatomical_contrast_loss, class_graph_negatives, class_prototypes
-from action_kernels.ops.hard_negative_topk import hard_negative_topk, indexed_cosine
+from action_kernels.ops.anatomical import (
+    AnatomicalContrastLossFunction,
+    anatomical_contrast_loss,
+    class_graph_negatives,
+    class_prototypes,
+)
+from action_kernels.ops.hard_negative_topk import (
+    HardNegativeTopkFunction,
+    IndexedCosineFunction,
+    hard_negative_topk,
+    indexed_cosine,
+)
 from action_kernels.ops.soft_contrastive import SoftContrastiveLossFunction, soft_contrastive_loss
-from action_kernels.reference import (anatomical_contrast_loss_ref, class_prototypes_ref, hard_negative_topk_ref,
-                                      soft_contrastive_loss_ref)
+from action_kernels.reference import (
+    anatomical_contrast_loss_ref,
+    class_prototypes_ref,
+    hard_negative_topk_ref,
+    soft_contrastive_loss_ref,
+)
 
 __version__ = "0.2.0"
-__all__ = ["AnatomicalContrastLoss", "HardNegativeMiner", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
+__all__ = ["AnatomicalContrastLoss", "AnatomicalContrastLossFunction", "HardNegativeMiner", "HardNegativeTopkFunction",
+           "IndexedCosineFunction", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
            "anatomical_contrast_loss", "anatomical_contrast_loss_ref", "class_graph_negatives", "class_prototypes",
            "class_prototypes_ref", "hard_negative_topk", "hard_negative_topk_ref", "indexed_cosine",
            "soft_contrastive_loss", "soft_contrastive_loss_ref", "__version__"]

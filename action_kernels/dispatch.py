@@ -1,27 +1,74 @@
-"""The one place that chooses a backend, and says why the others were rejected.
+"""The backend registry, the backend contract, and the one place that chooses a backend (and says why not others).
 
-Order: the explicit `backend=` argument, then the ACTION_KERNELS_BACKEND environment variable, then automatic by
-device: on CUDA tensors the CUDA extension, then Triton, then the chunked torch path; on CPU the chunked torch path.
-A forced backend that cannot run raises with every reason; an automatic choice that skips the device's first
-preference warns once per (op, device type, reason).
+Every backend is defined once, in REGISTRY: its name, the package holding its kernels (one module per op, named by
+OPS), the dtypes it takes, whether it can run on a device, how it runs on CPU tensors, and its per-op limits. The
+op files, tests and benchmarks read their backend lists from here.
+
+Order of choice: the explicit `backend=` argument, then the ACTION_KERNELS_BACKEND environment variable, then
+automatic by device (AUTO_ORDER): on CUDA tensors the CUDA extension, then Triton, then the chunked torch path; on
+CPU the chunked torch path. A forced backend that cannot run raises with every reason; an automatic choice that
+skips the device's first preference warns once per (op, device type, reason).
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping, Protocol
 
 import torch
 
-from action_kernels import cuda as _cuda
+from action_kernels import _extension
 
-BACKENDS = ("torch", "chunked", "triton", "cuda")
+# op -> the stem of its files: action_kernels/<backend>/<stem>.py, ops/<stem>.py, tests/test_<stem>*.py
+OPS: Mapping[str, str] = MappingProxyType({
+    "soft_contrastive_loss": "soft_contrastive",
+    "hard_negative_topk": "hard_negative_topk",
+})
 ENV_VAR = "ACTION_KERNELS_BACKEND"
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("chunked",)}
 _warned: set = set()
 
 
+# -- the backend contract: what ops/ calls in action_kernels/<backend>/<stem>.py ----------------------------------
+class SoftContrastiveKernels(Protocol):
+    """Kernels of soft_contrastive_loss. Rows arrive raw with inverse norms (ŝ = rs ⊙ s, t̂ = rt ⊙ t, k̂ = rk ⊙ k);
+    outputs are fp32 (fp64 for fp64 inputs, where the backend takes them)."""
+
+    def soft_contrastive_forward(self, s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, rs: torch.Tensor,
+                                 rt: torch.Tensor, rk: torch.Tensor, inv_tau_s: float, inv_tau_t: float,
+                                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) -> loss (N,), lse_s (N,), lse_t (N,), and
+        ds0 (N, D) = dL/dŝ per unit upstream gradient when with_grad, else an empty (0,) tensor."""
+
+    def soft_contrastive_key_grad(self, s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, rs: torch.Tensor,
+                                  rt: torch.Tensor, rk: torch.Tensor, inv_tau_s: float, inv_tau_t: float,
+                                  loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+                                  g: torch.Tensor) -> torch.Tensor:
+        """The forward's inputs, its loss, lse_s, lse_t (N,) and the upstream g (N,) -> dL/dk̂ (K, D)."""
+
+
+class HardNegativeTopkKernels(Protocol):
+    """Kernel of hard_negative_topk: â = ra ⊙ a, k̂ = rk ⊙ k; candidates of row i are the keys whose label differs
+    from row i's and from ignore_label."""
+
+    def hard_negative_topk(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor,
+                           key_labels: torch.Tensor, ra: torch.Tensor, rk: torch.Tensor, k: int,
+                           ignore_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """anchors: (B, P, D) view, keys: (K, D), ra (N,), rk (K,), labels int64 (N,), (K,) -> values (N, k) fp32
+        (fp64 for fp64) descending, indices (N, k) int64, ties to the lower index, padded with (-inf, -1)."""
+
+
+CONTRACTS: Mapping[str, type] = MappingProxyType({
+    "soft_contrastive_loss": SoftContrastiveKernels,
+    "hard_negative_topk": HardNegativeTopkKernels,
+})
+
+
+# -- whether a backend can run on a device -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def triton_status() -> tuple[bool, str, bool]:
     """(importable, reason if not, interpreter mode)."""
@@ -34,50 +81,136 @@ def triton_status() -> tuple[bool, str, bool]:
     return True, "", interpret
 
 
-def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'' when `backend` can run on tensors of this device and dtype, else why not."""
-    if backend == "torch":
+def _anywhere(device: torch.device) -> str:
+    return ""
+
+
+def _triton_device(device: torch.device) -> str:
+    ok, why, interpret = triton_status()
+    if not ok:
+        return why
+    if device.type == "cuda" or (device.type == "cpu" and interpret):
         return ""
-    if backend == "chunked":
-        return "" if dtype in FUSED_DTYPES + (torch.float64,) else f"dtype {dtype} is not supported"
-    if dtype not in FUSED_DTYPES:
-        return f"{backend} supports float32, float16 and bfloat16, got {dtype}; use backend='torch' or 'chunked'"
-    if backend == "triton":
-        ok, why, interpret = triton_status()
-        if not ok:
+    return (f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for CPU "
+            f"tensors), got {device.type} tensors")
+
+
+def _extension_device(device: torch.device) -> str:
+    ok, why = _extension.device_supported(device)
+    return "" if ok else why
+
+
+# -- the registry --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backend:
+    """One backend. package: where its kernels live (package.<OPS[op]>, implementing CONTRACTS[op]); None for the
+    torch backend, which runs the op's materialising reference (reference.<op>_ref) with the functional's
+    arguments. dtypes: None for any. device: '' or why it cannot run on tensors of a device. cpu: how it runs on
+    CPU tensors: "native", "emulated" (the CUDA kernels' logic on host threads) or "interpreted" (Triton's
+    interpreter), the last two for tests only. limits: {op: {argument: largest value taken}}, e.g. {"k": 1024}.
+    ops: the ops it has kernels for (None: every op of OPS)."""
+
+    name: str
+    package: str | None
+    dtypes: tuple[torch.dtype, ...] | None
+    device: Callable[[torch.device], str]
+    cpu: str
+    limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    ops: tuple[str, ...] | None = None
+
+    def supports(self, op: str | None, device: torch.device, dtype: torch.dtype, **limits: int) -> str:
+        """'' when this backend can run `op` (None: any op) on tensors of this device and dtype with these
+        arguments (limits such as k=64, D=128), else why not."""
+        if op is not None and op not in OPS:
+            raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
+        if op is not None and self.ops is not None and op not in self.ops:
+            return f"{self.name} has no kernels for {op} (it implements {', '.join(self.ops)})"
+        if self.dtypes is not None and dtype not in self.dtypes:
+            others = [b.name for b in REGISTRY.values() if b.dtypes is None or dtype in b.dtypes]
+            hint = f"; use backend={' or '.join(repr(o) for o in others)}" if others else ""
+            return f"{self.name} supports {_dtype_names(self.dtypes)}, got {dtype}{hint}"
+        why = self.device(device)
+        if why:
             return why
-        if device.type == "cuda" or (device.type == "cpu" and interpret):
-            return ""
-        return (f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for CPU "
-                f"tensors), got {device.type} tensors")
-    if backend == "cuda":
-        ok, why = _cuda.device_supported(device)
-        return "" if ok else why
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        for arg, value in limits.items():
+            top = self.limits.get(op, {}).get(arg) if op is not None else None
+            if top is not None and value > top:
+                return f"{self.name} takes {arg} <= {top} for {op}, got {arg}={value}"
+        return ""
+
+    def kernels(self, op: str):
+        """The module implementing CONTRACTS[op] for this backend (imported on first use)."""
+        if self.package is None:
+            raise ValueError(f"backend {self.name!r} has no kernels: it runs the reference of {op}")
+        return importlib.import_module(f"{self.package}.{OPS[op]}")
 
 
-def select(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """Returns the backend that will run `op` for tensors of this device and dtype."""
+def _dtype_names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+REGISTRY: Mapping[str, Backend] = MappingProxyType({b.name: b for b in (
+    Backend("torch", None, None, _anywhere, "native"),
+    Backend("chunked", "action_kernels.chunked", FUSED_DTYPES + (torch.float64,), _anywhere, "native"),
+    Backend("triton", "action_kernels.triton", FUSED_DTYPES, _triton_device, "interpreted"),
+    Backend("cuda", "action_kernels.cuda", FUSED_DTYPES, _extension_device, "emulated"),
+)})
+BACKENDS = tuple(REGISTRY)  # names
+FUSED = tuple(name for name, b in REGISTRY.items() if b.package is not None)  # backends with kernels of their own
+# automatic order by device type (any other device type: chunked); the torch reference is the last resort
+AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("cuda", "triton", "chunked"),
+                                                              "cpu": ("chunked",)})
+
+
+# -- choosing --------------------------------------------------------------------------------------------------------
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, op: str | None = None,
+                       **limits: int) -> str:
+    """'' when `backend` can run `op` (None: any op) on tensors of this device and dtype, else why not."""
+    if backend not in REGISTRY:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return REGISTRY[backend].supports(op, device, dtype, **limits)
+
+
+def select(op: str | None, backend: str | None, device: torch.device, dtype: torch.dtype, **limits: int) -> str:
+    """Returns the backend that will run `op` for tensors of this device and dtype (and these limits)."""
+    label = op or "action_kernels"
     requested, source = backend, "backend="
     if requested is None and os.environ.get(ENV_VAR):
         requested, source = os.environ[ENV_VAR].strip().lower(), f"{ENV_VAR}="
     if requested is not None and requested != "auto":
-        if requested not in BACKENDS:
+        if requested not in REGISTRY:
             raise ValueError(f"{source}{requested!r} is not a backend; expected one of {BACKENDS} or 'auto'")
-        why = unavailable_reason(requested, device, dtype)
+        why = unavailable_reason(requested, device, dtype, op, **limits)
         if why:
-            raise RuntimeError(f"{op}: {source}{requested!r} cannot run here: {why}")
+            raise RuntimeError(f"{label}: {source}{requested!r} cannot run here: {why}")
         return requested
-    order = _AUTO_ORDER.get(device.type, ("chunked",))
     rejected = []
-    for name in order:
-        why = unavailable_reason(name, device, dtype)
+    for name in AUTO_ORDER.get(device.type, ("chunked",)):
+        why = unavailable_reason(name, device, dtype, op, **limits)
         if not why:
             if rejected:
-                _warn_once(op, device.type, name, rejected)
+                _warn_once(label, device.type, name, rejected)
             return name
         rejected.append(f"{name}: {why}")
+    _warn_once(label, device.type, "torch", rejected)
     return "torch"
+
+
+def kernels(op: str, backend: str):
+    """The module of `backend` implementing CONTRACTS[op] (see Backend.kernels)."""
+    if backend not in REGISTRY or REGISTRY[backend].package is None:
+        raise ValueError(f"{op}: backend must be one of {FUSED} (the backends with kernels), got {backend!r}")
+    return REGISTRY[backend].kernels(op)
+
+
+def reference(op: str):
+    """The materialising reference of `op`, reference.<op>_ref, which the torch backend runs with the functional's
+    arguments. This is the only way production code reaches reference.py (the ground truth shares no helper with
+    the paths it checks)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
+    return getattr(importlib.import_module("action_kernels.reference"), f"{op}_ref")
 
 
 def _warn_once(op: str, device_type: str, chosen: str, rejected: list[str]) -> None:
@@ -88,6 +221,6 @@ def _warn_once(op: str, device_type: str, chosen: str, rejected: list[str]) -> N
     warnings.warn(f"{op} on {device_type}: using backend {chosen!r} because " + "; ".join(rejected), stacklevel=3)
 
 
-def report(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+def report(device: torch.device, dtype: torch.dtype = torch.float32, op: str | None = None) -> dict[str, str]:
     """{backend: '' if available else the reason} for tensors of this device and dtype."""
-    return {name: unavailable_reason(name, device, dtype) for name in BACKENDS}
+    return {name: unavailable_reason(name, device, dtype, op) for name in BACKENDS}

@@ -6,8 +6,7 @@ import sys
 
 import torch
 
-from action_kernels import __version__, dispatch
-from action_kernels import cuda as _cuda
+from action_kernels import __version__, _extension, dispatch
 
 
 def lines() -> list[str]:
@@ -20,12 +19,12 @@ def lines() -> list[str]:
         out.append(f"triton {triton.__version__} (TRITON_INTERPRET={'1' if interpret else '0'})")
     else:
         out.append(f"triton: not available: {why}")
-    for dev, flavour in _cuda.flavours().items():
+    for dev, flavour in _extension.flavours().items():
         out.append(f"kernel build for {dev} tensors: {flavour}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         out.append(f"backends for {dev.type} tensors (auto picks "
-                   f"{dispatch.select('env_report', 'auto', dev, torch.float32)!r}):")
+                   f"{dispatch.select(None, 'auto', dev, torch.float32)!r}):")
         for name, why in dispatch.report(dev).items():
             out.append(f"  {name:8s} {'available' if not why else 'unavailable: ' + why}")
     return out

@@ -25,8 +25,9 @@ class SoftContrastiveLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, keys: torch.Tensor,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
-        return soft_contrastive_loss(student, teacher, keys, self.tau_student, self.tau_teacher, weight,
-                                     self.reduction, self.normalize, self.backend)
+        return soft_contrastive_loss(student, teacher, keys, tau_student=self.tau_student, tau_teacher=self.tau_teacher,
+                                     weight=weight, reduction=self.reduction, normalize=self.normalize,
+                                     backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"tau_student={self.tau_student}, tau_teacher={self.tau_teacher}, reduction={self.reduction!r}, "
@@ -40,9 +41,10 @@ class HardNegativeMiner(nn.Module):
         super().__init__()
         self.k, self.ignore_label, self.normalize, self.backend = k, ignore_label, normalize, backend
 
-    def forward(self, anchors, anchor_labels, keys, key_labels):
-        return hard_negative_topk(anchors, anchor_labels, keys, key_labels, self.k, self.ignore_label,
-                                  self.normalize, self.backend)
+    def forward(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor,
+                key_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return hard_negative_topk(anchors, anchor_labels, keys, key_labels, k=self.k, ignore_label=self.ignore_label,
+                                  normalize=self.normalize, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, ignore_label={self.ignore_label}, normalize={self.normalize}, backend={self.backend!r}"
@@ -58,10 +60,12 @@ class AnatomicalContrastLoss(nn.Module):
         self.tau, self.negatives, self.num_negatives = tau, negatives, num_negatives
         self.reduction, self.ignore_label, self.backend = reduction, ignore_label, backend
 
-    def forward(self, queries, query_labels, prototypes, keys, key_labels, generator=None):
-        return anatomical_contrast_loss(queries, query_labels, prototypes, keys, key_labels, self.tau, self.negatives,
-                                        self.num_negatives, generator, self.backend, self.reduction,
-                                        self.ignore_label)
+    def forward(self, queries: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tensor, keys: torch.Tensor,
+                key_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return anatomical_contrast_loss(queries, query_labels, prototypes, keys, key_labels, tau=self.tau,
+                                        negatives=self.negatives, num_negatives=self.num_negatives,
+                                        generator=generator, backend=self.backend, reduction=self.reduction,
+                                        ignore_label=self.ignore_label)
 
     def extra_repr(self) -> str:
         return (f"tau={self.tau}, negatives={self.negatives!r}, num_negatives={self.num_negatives}, "

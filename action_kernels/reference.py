@@ -1,6 +1,8 @@
 """Plain-torch references: materialising, differentiable by autograd, the ground truth of every test.
 
-They hold N x K matrices in memory on purpose; use the fused ops for real sizes.
+They hold N x K matrices in memory on purpose; use the fused ops for real sizes. This file imports nothing from
+the rest of the package and keeps its own few helpers, so the ground truth shares no code with the paths it
+checks. (The torch backend runs these functions: dispatch.reference.)
 """
 from __future__ import annotations
 
@@ -8,19 +10,19 @@ import torch
 import torch.nn.functional as F
 
 
-def work_dtype(x: torch.Tensor) -> torch.dtype:
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
     """The accumulation dtype of every path: fp64 inputs stay fp64, everything else (fp32/fp16/bf16) runs in fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def to_rows(x: torch.Tensor) -> torch.Tensor:
+def _to_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, D) -> (N, D); (B, D, *spatial) -> (B * prod(spatial), D) in (b, *spatial) row order (a copy)."""
     if x.dim() == 2:
         return x
     return x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
 
 
-def reduce_rows(loss: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+def _reduce_rows(loss: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
     """loss: (N,) per-row, weight: (N,) or None -> () for "mean"/"sum", (N,) for "none".
 
     "mean" is the weighted mean sum(w l) / sum(w); with N = 0 or all weights zero it is 0 with zero gradients.
@@ -46,8 +48,8 @@ def soft_contrastive_rows_ref(
 
     p_t = softmax(n(t) n(K)^T / tau_teacher), p_s = softmax(n(s) n(K)^T / tau_student).
     """
-    work = work_dtype(student)
-    s, t, k = to_rows(student).to(work), to_rows(teacher).to(work), keys.to(work)
+    work = _work_dtype(student)
+    s, t, k = _to_rows(student).to(work), _to_rows(teacher).to(work), keys.to(work)
     if normalize:
         s, t, k = F.normalize(s, dim=1), F.normalize(t, dim=1), F.normalize(k, dim=1)
     log_q = torch.log_softmax(s @ k.T / tau_student, dim=1)
@@ -62,11 +64,11 @@ def soft_contrastive_loss_ref(
     """The soft-label contrastive distillation loss, materialised. Shapes as `soft_contrastive_loss`."""
     loss = soft_contrastive_rows_ref(student, teacher, keys, tau_student, tau_teacher, normalize)
     w = None if weight is None else weight.reshape(-1)
-    return reduce_rows(loss, w, reduction)
+    return _reduce_rows(loss, w, reduction)
 
 
 def _normalized_rows(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    rows = to_rows(x).to(work_dtype(x))
+    rows = _to_rows(x).to(_work_dtype(x))
     return F.normalize(rows, dim=1) if normalize else rows
 
 
@@ -98,9 +100,10 @@ def hard_negative_topk_ref(
 def class_prototypes_ref(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                          weight: torch.Tensor | None = None, ignore_label: int = -1):
     """features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial) -> (C, D) weighted means, (C,) present."""
-    rows = to_rows(features)
+    rows = _to_rows(features)
     y = labels.reshape(-1)
-    w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else weight.reshape(-1).to(rows.dtype)
+    w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else \
+        weight.reshape(-1).to(rows.dtype)
     w = w * (y != ignore_label)
     protos, present = [], []
     for c in range(num_classes):
@@ -113,23 +116,36 @@ def class_prototypes_ref(features: torch.Tensor, labels: torch.Tensor, num_class
 
 def anatomical_contrast_loss_ref(
     queries: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tensor, keys: torch.Tensor,
-    negative_indices: torch.Tensor, tau: float = 0.5, reduction: str = "mean",
+    key_labels: torch.Tensor, tau: float = 0.5, negatives="topk", num_negatives: int = 512, generator=None,
+    backend=None, reduction: str = "mean", ignore_label: int = -1,
 ) -> torch.Tensor:
-    """The reference code's formula on given negatives: queries (Q, D), prototypes (C, D), keys (K, D),
-    negative_indices (Q, n) with -1 padding -> per-class mean of CE(cos(q, [μ_y | keys[idx]]) / tau, target 0),
-    summed over the classes present in query_labels, divided by their number; (Q,) for "none".
+    """The reference code's formula, with the arguments of anatomical_contrast_loss: queries (Q, D), prototypes
+    (C, D), keys (K, D), key_labels (K,); negatives "topk" (the brute-force hard_negative_topk_ref) or a (Q, n)
+    int64 index tensor with -1 padding -> per-class mean of CE(cos(q, [μ_y | keys[idx]]) / tau, target 0), summed
+    over the classes present in query_labels, divided by their number (0 with one class or none); (Q,) for "none".
 
-    Gathers the [Q, 1 + n, D] key tensor like the reference code (materialising; the ground truth).
+    Gathers the [Q, 1 + n, D] key tensor like the reference code (materialising; the ground truth). "class_graph"
+    is random: draw its indices with class_graph_negatives and pass them as `negatives`. generator and backend
+    are accepted for the functional's signature and unused.
     """
+    if isinstance(negatives, str) and negatives == "class_graph":
+        raise NotImplementedError("anatomical_contrast_loss_ref cannot reproduce the sampler's random draws; sample "
+                                  "the indices with class_graph_negatives(..., generator=...) and pass them as "
+                                  "negatives=")
+    if isinstance(negatives, str) and negatives != "topk":
+        raise ValueError(f"negatives must be 'topk' or a (Q, n) int64 index tensor, got {negatives!r}")
     y = query_labels.reshape(-1)
-    work = work_dtype(queries)
+    if isinstance(negatives, str):
+        negatives = hard_negative_topk_ref(queries.detach(), y, keys.detach(), key_labels.reshape(-1), num_negatives,
+                                           ignore_label)[1]
+    work = _work_dtype(queries)
     q = queries.to(work)
     pos = prototypes.to(work)[y].unsqueeze(1)
-    idx = negative_indices.clamp_min(0)
+    idx = negatives.clamp_min(0)
     neg = keys.to(work)[idx]  # (Q, n, D)
     cand = torch.cat([pos, neg], dim=1)
     logits = F.cosine_similarity(q.unsqueeze(1), cand, dim=2) / tau
-    pad = torch.cat([torch.zeros_like(y[:, None], dtype=torch.bool), negative_indices < 0], dim=1)
+    pad = torch.cat([torch.zeros_like(y[:, None], dtype=torch.bool), negatives < 0], dim=1)
     logits = logits.masked_fill(pad, float("-inf"))
     per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
     if reduction == "none":

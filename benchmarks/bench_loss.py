@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workloads import PRESETS, WORKLOADS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CPU_SKIP = ("triton", "cuda")  # on CPU these run only in the test interpreter / emulation build
+# on CPU tensors these run only in Triton's interpreter or the emulation build (for tests), not at speed
+CPU_SKIP = tuple(name for name, b in dispatch.REGISTRY.items() if b.cpu != "native")
 
 
 @dataclass
@@ -79,7 +80,7 @@ def provider_fn(work, name: str):
 
 
 def skip_reason(work, name: str, device: torch.device, dtype: torch.dtype, size) -> str:
-    if name in ("chunked", "triton", "cuda"):
+    if name in dispatch.FUSED:
         why = dispatch.unavailable_reason(name, device, dtype)
         if why:
             return why
@@ -236,8 +237,8 @@ def format_table(rows: list[Result]) -> str:
         ratio = (f"1/{ref.peak_extra_mib / r.peak_extra_mib:.1f}" if ref and ref.peak_extra_mib and r.peak_extra_mib
                  else "-")
         rng = f"{r.total_ms:9.1f} ({r.total_min_ms:.0f}-{r.total_max_ms:.0f})"
-        lines.append(f"{r.op:10s} {r.provider:11s} {r.N:7d} {r.K:7d} {r.D:4d} {r.dtype:5s} {r.fwd_ms:9.1f} {r.bwd_ms:9.1f} "
-                     f"{rng:>24s} {speed:>8s} {mem} {ratio:>12s} {r.gate_error:9.1e}")
+        lines.append(f"{r.op:10s} {r.provider:11s} {r.N:7d} {r.K:7d} {r.D:4d} {r.dtype:5s} {r.fwd_ms:9.1f} "
+                     f"{r.bwd_ms:9.1f} {rng:>24s} {speed:>8s} {mem} {ratio:>12s} {r.gate_error:9.1e}")
         if r.compile_s is not None:
             lines[-1] += f"   (compile + first run {r.compile_s:.1f} s)"
     return "\n".join(lines)
@@ -313,8 +314,16 @@ def write_outputs(rows: list[Result], out_dir: str, env: dict) -> tuple[str, str
     return csv_path, json_path
 
 
+def provider_colours(rows: list[Result]) -> dict[str, str]:
+    """One colour per provider for every panel of the plot (tab10, providers in order of first appearance over all
+    ops), so a provider keeps its colour from one op's panel to the next."""
+    palette = [f"C{i}" for i in range(10)]
+    return {p: palette[i % len(palette)] for i, p in enumerate(dict.fromkeys(r.provider for r in rows))}
+
+
 def write_plot(rows: list[Result], path: str) -> str | None:
-    """PNG: per op, total time and peak extra memory of each provider against the number of keys K."""
+    """PNG: per op, total time and peak extra memory of each provider against the number of keys K (each
+    provider in its provider_colours colour on every panel)."""
     try:
         import matplotlib
 
@@ -325,6 +334,7 @@ def write_plot(rows: list[Result], path: str) -> str | None:
     ops = [op for op in dict.fromkeys(r.op for r in rows) if any(r.op == op and r.total_ms for r in rows)]
     if not ops:
         return None
+    colours = provider_colours(rows)
     fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 6.5), squeeze=False)
     for col, op in enumerate(ops):
         for provider in dict.fromkeys(r.provider for r in rows if r.op == op):
@@ -333,9 +343,9 @@ def write_plot(rows: list[Result], path: str) -> str | None:
             if not pts:
                 continue
             ks = [p[0] for p in pts]
-            axes[0][col].plot(ks, [p[1] for p in pts], "o-", label=provider)
+            axes[0][col].plot(ks, [p[1] for p in pts], "o-", label=provider, color=colours[provider])
             if all(p[2] is not None for p in pts):
-                axes[1][col].plot(ks, [p[2] for p in pts], "o-", label=provider)
+                axes[1][col].plot(ks, [p[2] for p in pts], "o-", label=provider, color=colours[provider])
         first = next(r for r in rows if r.op == op)
         axes[0][col].set_title(f"{op} ({first.dtype}, {first.device})")
         axes[0][col].set_ylabel("forward + backward ms" if WORKLOADS[op].backward else "forward ms")
@@ -404,8 +414,8 @@ def main(argv=None) -> int:
     env = environment()
     env.update(ceilings(device))
     preset = args.preset or ("quick" if device.type == "cpu" else "targets")
-    print(f"action_kernels benchmark ({'--sizes' if sizes else 'preset ' + preset}) on {device} ({env['device_name']}, {env['threads']} threads), "
-          f"torch {env['torch']}, commit {env['commit']}", flush=True)
+    print(f"action_kernels benchmark ({'--sizes' if sizes else 'preset ' + preset}) on {device} "
+          f"({env['device_name']}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}", flush=True)
     plan = [(WORKLOADS[o], size) for o in ops for size in (sizes or WORKLOADS[o].default_sizes(device, preset))]
     rows = []
     for i, (work, size) in enumerate(plan, 1):

@@ -9,7 +9,7 @@ differ only in compute_losses, where the reference code differs:
              hard queries and every negative drawn on the host (NumPy: per-query Python loop choosing each
              negative's class from the prototype graph and a pixel of that class), a [256, 513, D] key tensor per
              class, cosine similarity, cross-entropy (the `naive` anatomical provider of bench_loss.py)
-  ours       action.method.Finetuner.training_step: vectorised sampling on the device from one generator, the fused
+  ours       action.method.Finetuner.compute_losses: vectorised sampling on the device from one generator, the fused
              top-k hard negatives and anatomical_contrast_loss (negatives "topk"), or "class_graph" (the reference
              sampling, vectorised) with --negatives class_graph
 Time: median and range of whole steps over repeats, providers interleaved. Memory: peak extra RSS of one step in
@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import _rss_field, environment  # noqa: E402
-from workloads import AnatomicalContrast  # noqa: E402
-
 from action.config import build_config  # noqa: E402
 from action.method import Finetuner  # noqa: E402
+from bench_loss import _rss_field, environment  # noqa: E402
+from workloads import AnatomicalContrast  # noqa: E402
 
 ACDC = os.environ.get("ACTION_ACDC", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                                                   "data", "acdc"))

@@ -17,7 +17,8 @@ trips do not name count once per pass unless --trip gives them a count, so such 
 This is what the issue-13 kernel report replaces once it lands; until then it is how the CUDA numbers in
 docs/cuda_kernels.md were produced:
 
-    python benchmarks/sass_loop_counts.py --op soft_contrastive --mode forward_grad --dtype bf16 -N 65536 -K 65536 -D 128
+    python benchmarks/sass_loop_counts.py --op soft_contrastive --mode forward_grad --dtype bf16 \
+        -N 65536 -K 65536 -D 128
 """
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def estimate(plan, instrs, overrides=None):
             break
         chain.append(max(children, key=score))
     hot = chain[-1]
-    chain = sorted((lp for lp in lps if lp[0] <= chain[0][0] and chain[0][1] <= lp[1]), key=lambda lp: lp[0] - lp[1])[:-1] + chain
+    around = [lp for lp in lps if lp[0] <= chain[0][0] and chain[0][1] <= lp[1]]  # the work loop and its parents
+    chain = sorted(around, key=lambda lp: lp[0] - lp[1])[:-1] + chain
     trips = {lp: t for lp, t in zip(chain, plan["trips"])}
     for lp in lps:
         if overrides and lp[0] in overrides:

@@ -1,24 +1,10 @@
-"""Test setup: Triton's interpreter for CPU tensors (must be set before triton is imported), backend discovery."""
+"""Test setup: Triton's interpreter for CPU tensors (must be set before triton is imported). Shared helpers of the
+test files (backend lists from the registry, input makers, data locations) are in helpers.py."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from action_kernels import dispatch  # noqa: E402
-
-FUSED = ("chunked", "triton", "cuda")
-
-
-def available(backend: str, device: str = "cpu", dtype=torch.float32) -> bool:
-    return dispatch.unavailable_reason(backend, torch.device(device), dtype) == ""
-
-
-def require(backend: str, device: str = "cpu", dtype=torch.float32) -> None:
-    why = dispatch.unavailable_reason(backend, torch.device(device), dtype)
-    if why:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,7 @@ from action.config import build_config
 from action.data.acdc import assemble_volumes, read_case
 from action.engine import Trainer, load_checkpoint
 from action.engine.inference import predict_volume_3d
-
-from test_engine import ACDC, needs_acdc
-from test_inference import sign_model
+from helpers import ACDC, needs_acdc, sign_model
 
 
 def small_3d(out, **kw):
@@ -49,13 +47,14 @@ def test_3d_training_resumes_evaluates_and_serves_the_cli(tmp_path, capsys):
     assert trainer.model.dims == 3
     batch = trainer.batch(0)
     assert batch["image_l"].shape == (2, 1, 16, 32, 32) and batch["label_l"].shape == (2, 16, 32, 32)
-    assert torch.equal(trainer.batch(3)["image_l"], Trainer(small_3d(tmp_path / "b"), progress=False).batch(3)["image_l"])
+    again = Trainer(small_3d(tmp_path / "b"), progress=False)
+    assert torch.equal(trainer.batch(3)["image_l"], again.batch(3)["image_l"])
     trainer.fit()
     assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["iteration"] == 4
     metrics = trainer.test(out_dir=str(tmp_path / "test"), overlays=1)
     assert metrics.aggregate()["cases"] == 40
     resumed = Trainer(small_3d(tmp_path / "run", iterations=6), progress=False)
-    resumed.fit(resume=True)
+    resumed.fit(resume=True, force=True)  # iterations 4 -> 6: a changed option, resumed on purpose
     assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["iteration"] == 6
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", ACDC, "--split", "val",
                  "--out", str(tmp_path / "ev"), "--overlays", "0"]) == 0

@@ -1,5 +1,4 @@
 """ACDC HDF5 loading on the real data in ../shared/data/acdc (skipped with the reason when it is absent)."""
-import os
 
 import numpy as np
 import pytest
@@ -7,10 +6,10 @@ import pytest
 pytest.importorskip("h5py", reason="h5py is needed to read the ACDC HDF5 files (pip install h5py)")
 
 from action.data import AcdcLayout, AcdcSlices, AcdcVolumes, read_case  # noqa: E402
+from helpers import ACDC as ROOT  # noqa: E402
+from helpers import needs_acdc  # noqa: E402
 
-ROOT = os.environ.get("ACDC_ROOT", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "acdc"))
-pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "data")),
-                                reason=f"real ACDC data not found at {ROOT} (set ACDC_ROOT)")
+pytestmark = needs_acdc
 
 
 def test_list_counts_and_reference_splits():

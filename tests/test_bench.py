@@ -7,9 +7,12 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_loss  # noqa: E402
+from action_kernels.testing import tolerance  # noqa: E402
 
 
 def test_bench_smoke_writes_table_csv_and_json(tmp_path, capsys):
+    import torch
+
     rc = bench_loss.main(["--sizes", "300,200,32", "--repeats", "2", "--out", str(tmp_path),
                           "--providers", "naive,compile,chunked,class_graph,triton"])
     assert rc == 0
@@ -26,7 +29,7 @@ def test_bench_smoke_writes_table_csv_and_json(tmp_path, capsys):
              ("anatomical", "naive"), ("anatomical", "class_graph"), ("anatomical", "chunked")]
     for key in timed:
         assert rows[key]["total_ms"] > 0 and rows[key]["peak_extra_mib"] is not None, key
-        assert rows[key]["gate_error"] < 1e-3, key
+        assert rows[key]["gate_error"] <= tolerance(torch.float32, 0.01), key  # the benchmark's own gate
     assert rows[("soft", "triton")]["total_ms"] is None and rows[("soft", "triton")]["note"].startswith("skipped")
     assert data["environment"]["torch"]
 
@@ -40,6 +43,7 @@ def test_bench_rejects_bad_arguments():
 
 def test_presets_quick_sweeps_keys_and_targets_match_the_kernel_issues():
     import torch
+
     from workloads import PRESETS, WORKLOADS
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -52,3 +56,26 @@ def test_presets_quick_sweeps_keys_and_targets_match_the_kernel_issues():
     assert PRESETS == ("quick", "targets")
     with pytest.raises(SystemExit):
         bench_loss.main(["--preset", "huge"])
+
+
+def test_plot_keeps_each_providers_colour_across_panels(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    from workloads import WORKLOADS
+
+    op_a, op_b = list(WORKLOADS)[:2]
+    rows = [bench_loss.Result(**{**{f: None for f in bench_loss.Result.__dataclass_fields__}, "op": op, "provider": p,
+                                 "K": k, "total_ms": 1.0 + k, "peak_extra_mib": 2.0, "dtype": "fp32", "device": "cpu"})
+            for op, providers in ((op_a, ("naive", "chunked")), (op_b, ("chunked", "triton", "naive")))
+            for p in providers for k in (64, 128)]
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    assert bench_loss.write_plot(rows, str(tmp_path / "p.png"))
+    seen = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            seen.setdefault(line.get_label(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert set(seen) == {"naive", "chunked", "triton"}
+    assert all(len(c) == 1 for c in seen.values()) and len({c.pop() for c in seen.values()}) == 3

@@ -9,11 +9,12 @@ import tempfile
 import pytest
 
 import action_kernels
-from action_kernels import cuda as ak_cuda
+from action_kernels import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
-NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else None)
+NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ
+                                else None)
 
 
 def test_sources_exist():
@@ -32,7 +33,7 @@ def test_every_cu_file_compiles_with_nvcc(arch, tmp_path):
 
 
 def test_emulation_build_is_installed_and_reports_its_flavour():
-    flavours = ak_cuda.flavours()
+    flavours = _extension.flavours()
     assert flavours["cpu"] == "cpu-emulation", flavours["cpu"]
 
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from action.cli import main
-
-from test_engine import ACDC, needs_acdc
+from helpers import ACDC, needs_acdc
 
 
 def test_every_command_explains_itself():
@@ -48,33 +47,30 @@ def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys, monkeypatch
     names.write_text(open(os.path.join(ACDC, "val.list")).readline())
     assert main(["data", "convert", "--data", ACDC, "--names", str(names), "--out", str(nii),
                  "--spacing", "1.5,1.5,10"]) == 0
-    [image] = [p for p in os.listdir(nii) if not p.endswith("_gt.nii.gz")]
+    [image] = os.listdir(nii / "imagesTs")  # nnU-Net's raw layout: imagesTs/<case>_0000.nii.gz
     pred = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
-                 "--overlays", "0", "--bn-recalibrate", "2"]) == 0
-    import action.engine.trainer as trainer_module
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / "imagesTs" / image), "--out",
+                 str(pred), "--overlays", "0", "--bn-recalibrate", "2"]) == 0
+    import action.data.training as training_module
 
-    loads, real = [], trainer_module.training_data
-    monkeypatch.setattr(trainer_module, "training_data",
-                        lambda cfg, uses_unlabelled, *a: loads.append(uses_unlabelled) or real(cfg, uses_unlabelled, *a))
+    loads, real = [], training_module.training_data
+    monkeypatch.setattr(training_module, "training_data", lambda cfg, uses_unlabelled, *a: loads.append(
+        uses_unlabelled) or real(cfg, uses_unlabelled, *a))
     for source in ("run", "unlabelled"):  # a supervised run: its labelled slices, or the unlabelled ones on request
         assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", ACDC, "--split", "val", "--out",
                      str(tmp_path / f"ev-{source}"), "--overlays", "0", "--bn-recalibrate", "2",
                      "--bn-source", source]) == 0
     assert loads == [False, True]
     with pytest.raises(SystemExit, match="--teacher: .* holds no EMA teacher"):
-        main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
-              "--teacher"])
+        main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / "imagesTs" / image), "--out",
+              str(pred), "--teacher"])
     with pytest.raises(SystemExit, match="--bn-recalibrate: expected >= 0 batches, got -1"):
-        main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / image), "--out", str(pred),
-              "--bn-recalibrate", "-1"])
-    src, out = nib.load(nii / image), nib.load(pred / "predictions" / image)
+        main(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(nii / "imagesTs" / image), "--out",
+              str(pred), "--bn-recalibrate", "-1"])
+    src = nib.load(nii / "imagesTs" / image)
+    out = nib.load(pred / "predictions" / image.replace("_0000.nii.gz", ".nii.gz"))
     assert out.shape == src.shape and np.allclose(out.affine, src.affine)
     assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 2, 3}
     # evaluate on NIfTI folders: metrics in mm from the header spacing
-    imgs, labs = tmp_path / "images", tmp_path / "labels"
-    imgs.mkdir(), labs.mkdir()
-    os.replace(nii / image, imgs / image)
-    os.replace(nii / image.replace(".nii.gz", "_gt.nii.gz"), labs / image)
-    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--images", str(imgs), "--labels", str(labs),
-                 "--out", str(tmp_path / "ev2"), "--overlays", "0"]) == 0
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--images", str(nii / "imagesTs"), "--labels",
+                 str(nii / "labelsTs"), "--out", str(tmp_path / "ev2"), "--overlays", "0"]) == 0

@@ -11,9 +11,13 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
-import action_kernels
+import action_kernels as ak
 from action_kernels import cuda as ak_cuda
+from action_kernels.reference import hard_negative_topk_ref
+from action_kernels.testing import assert_close
+from helpers import fresh_seed, require
 
 CXXFILT = shutil.which("c++filt")
 SHAPES = [(65536, 65536, 128, 64), (300, 257, 7, 33), (50, 90, 512, 512), (1, 1, 256, 1), (1000, 4096, 64, 600)]
@@ -39,7 +43,7 @@ def _cuobjdump():
 @pytest.fixture(scope="module")
 def cubins(tmp_path_factory):
     """{arch: {demangled kernel name: {"stack": bytes, "hmma": count}}} of the installed _C module's cubins."""
-    modules = glob.glob(os.path.join(os.path.dirname(action_kernels.__file__), "_C.*.so"))
+    modules = glob.glob(os.path.join(os.path.dirname(ak.__file__), "_C.*.so"))
     tool = _cuobjdump()
     if not modules or tool is None or CXXFILT is None:
         pytest.skip("needs the CUDA build action_kernels._C, triton's cuobjdump and c++filt")
@@ -109,20 +113,7 @@ def test_launch_plans_rejects_bad_arguments_naming_them(args, needle):
 # ---- the tensor-core kernels through the public ops, run by the CPU emulation (action_kernels._C_cpu) ----------
 # Shapes are ragged (N, K, D multiples of no tile) and cover every feature bucket (64, 128, 256, 512); float64
 # references on the same rounded inputs; tolerances from action_kernels.testing.
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-import action_kernels as ak  # noqa: E402
-from action_kernels.reference import hard_negative_topk_ref  # noqa: E402
-from action_kernels.testing import assert_close  # noqa: E402
-from conftest import require  # noqa: E402
-
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _seed() -> int:
-    return time.time_ns() % (2**31)
 
 
 def _soft_case(shape, num_keys, dtype, seed, correlated=True):
@@ -155,7 +146,7 @@ def _soft_check(s, t, k, taus, dtype, where, scale=1.0):
 @pytest.mark.parametrize("n,keys,d", [(70, 83, 7), (45, 130, 100), (33, 40, 200), (21, 29, 300)])
 def test_soft_kernels_match_reference_for_every_dtype_bucket_and_temperature_extreme(dtype, n, keys, d):
     require("cuda", dtype=dtype)
-    seed = _seed()
+    seed = fresh_seed()
     # Both extremes on each side. Not (1, 1): there the KL of unit vectors is ~1e-2, a difference of log-sum-exps
     # near log K, which fp32 rounds to ~5e-5 relative in every backend (chunked alike), above fp32's 2e-5.
     for taus in ((0.01, 0.01), (1.0, 0.01), (0.01, 1.0)):
@@ -166,7 +157,7 @@ def test_soft_kernels_match_reference_for_every_dtype_bucket_and_temperature_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_soft_kernels_read_channel_first_and_strided_maps_in_place(dtype):
     require("cuda", dtype=dtype)
-    seed = _seed()
+    seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(2, 24, 5, 7, generator=g).to(dtype)  # (B, D, H, W): the feature stride is H W
     t = torch.randn(2, 24, 5, 14, generator=g).to(dtype)[..., ::2]  # a strided spatial axis
@@ -181,7 +172,7 @@ def test_fp16_key_gradient_keeps_its_range_for_tiny_upstream_gradients():
     require("cuda", dtype=torch.float16)
     from action_kernels.ops.soft_contrastive import soft_contrastive_key_grad, soft_contrastive_rows
 
-    seed = _seed()
+    seed = fresh_seed()
     s, t, k = _soft_case((90, 40), 77, torch.float16, seed)
     g = torch.full((90,), 1e-8)
     out = []
@@ -197,7 +188,7 @@ def test_fp16_key_gradient_keeps_its_range_for_tiny_upstream_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_soft_kernels_three_runs_bitwise_equal(dtype):
     require("cuda", dtype=dtype)
-    s, t, k = _soft_case((2, 36, 3, 5), 70, dtype, _seed())
+    s, t, k = _soft_case((2, 36, 3, 5), 70, dtype, fresh_seed())
     runs = [_soft_run("cuda", s, t, k, (0.1, 0.01)) for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -218,7 +209,7 @@ def _topk_case(n, num_keys, d, dtype, seed, classes=4):
                                         (18, 600, 300, 512)])
 def test_topk_kernel_matches_reference_for_every_dtype_and_bucket(dtype, n, keys, d, k):
     require("cuda", dtype=dtype)
-    seed = _seed()
+    seed = fresh_seed()
     a, ya, kk, yk = _topk_case(n, keys, d, dtype, seed)
     v, i = ak.hard_negative_topk(a, ya, kk, yk, k, backend="cuda")
     v0, i0 = hard_negative_topk_ref(a.double(), ya, kk.double(), yk, k)
@@ -234,7 +225,7 @@ def test_topk_kernel_matches_reference_for_every_dtype_and_bucket(dtype, n, keys
 
 def test_topk_kernel_three_runs_bitwise_equal_with_many_ties():
     require("cuda")
-    g = torch.Generator().manual_seed(_seed())
+    g = torch.Generator().manual_seed(fresh_seed())
     a = torch.randn(30, 16, generator=g)
     keys = torch.randn(8, 16, generator=g).repeat(40, 1)  # every key 40 times: ties everywhere
     yk = torch.randint(0, 3, (320,), generator=g)

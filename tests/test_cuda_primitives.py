@@ -42,7 +42,7 @@ def _a_coords(kind: str):
         if kind == "tf32":  # m16n8k8 .tf32: a0..a3, row g (a0, a2) / g + 8 (a1, a3), col t (a0, a1) / t + 4
             for i in range(4):
                 out.append((lane, i, 0, g + (8 if i in (1, 3) else 0), t + (4 if i >= 2 else 0)))
-        else:  # m16n8k16 .f16/.bf16: a0..a7, two per register; row g for a0, a1, a4, a5; col 2t + (i & 1) (+8 if i >= 4)
+        else:  # m16n8k16 .f16/.bf16: a0..a7, two per register; row g for a0, a1, a4, a5; col 2t + (i & 1), +8 from a4
             for i in range(8):
                 row = g if (i < 2 or 4 <= i < 6) else g + 8
                 col = 2 * t + (i & 1) + (8 if i >= 4 else 0)
@@ -66,7 +66,8 @@ def _b_coords(kind: str):
 
 def _c_coords():
     """[(lane, i, row, col)] of the 16 x 8 fp32 accumulator: c0, c1 row g, c2, c3 row g + 8; col 2t + (i & 1)."""
-    return [(lane, i, (lane >> 2) + (8 if i >= 2 else 0), 2 * (lane & 3) + (i & 1)) for lane in range(32) for i in range(4)]
+    return [(lane, i, (lane >> 2) + (8 if i >= 2 else 0), 2 * (lane & 3) + (i & 1))
+            for lane in range(32) for i in range(4)]
 
 
 def _operand_bits(x: torch.Tensor, kind: str) -> np.ndarray:

@@ -1,50 +1,15 @@
 """The training engine on real ACDC slices at 64x64: a 20-iteration supervised run that saves, resumes (also after
 a SIGKILL of a subprocess) with identical subsequent losses, and evaluates; checkpoint safety; the supervised loss."""
-import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from action.config import build_config
 from action.engine import Trainer, dice_loss, load_checkpoint, save_checkpoint, supervised_loss
-
-ACDC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
-                    "acdc")
-needs_acdc = pytest.mark.skipif(not os.path.isdir(os.path.join(ACDC, "data")),
-                                reason=f"ACDC HDF5 data not found at {ACDC} (CI provides ../shared/data/acdc)")
-
-
-def smoke_config(out, **kw):
-    values = {"out": str(out), "data": ACDC, "test_at_end": False, "log_every": 1, "val_every": 0,
-              "tensorboard": False, "threads": 1}
-    values.update(kw)
-    return build_config("smoke", overrides=values)
-
-
-def kill_after_checkpoint(script: str, checkpoint, min_iteration: int, timeout: float = 180) -> int:
-    """Runs `python -c script`, SIGKILLs it once `checkpoint` holds >= min_iteration iterations; returns the
-    iteration the checkpoint holds after the kill."""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if checkpoint.exists() and load_checkpoint(str(checkpoint))["iteration"] >= min_iteration:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return load_checkpoint(str(checkpoint))["iteration"]
-
-
-def losses(out):
-    with open(os.path.join(out, "train.csv")) as fh:
-        return {int(r["iteration"]): float(r["loss"]) for r in csv.DictReader(fh)}
+from helpers import ACDC, kill_after_checkpoint, losses, needs_acdc, smoke_config
 
 
 def test_dice_loss_matches_the_formula_and_ignores_pixels():
@@ -121,7 +86,7 @@ def test_resume_after_sigkill_continues_with_identical_losses(tmp_path):
     script = ("import sys; from action.config import build_config; from action.engine import Trainer; "
               f"cfg = build_config('smoke', overrides=dict(out={str(killed)!r}, data={ACDC!r}, test_at_end=False, "
               "log_every=1, val_every=0, tensorboard=False, threads=1, checkpoint_every=4)); "
-              "Trainer(cfg, progress=False).fit(resume=True)")
+              "Trainer(cfg, progress=False).fit(resume='auto')")
     stopped_at = kill_after_checkpoint(script, killed / "last.pt", 8)
     assert 8 <= stopped_at < 20, stopped_at
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
@@ -138,11 +103,11 @@ def test_non_finite_loss_stops_with_the_term_and_a_checkpoint(tmp_path):
     def poisoned(views, g):
         out = compute(views, g)
         if trainer.iteration == 3:
-            out["dice"] = out["dice"] * float("nan")
+            out["dice_loss"] = out["dice_loss"] * float("nan")
         return out
 
     trainer.compute_losses = poisoned
-    with pytest.raises(FloatingPointError, match=r"iteration 3: loss term\(s\) \['dice'\]"):
+    with pytest.raises(FloatingPointError, match=r"iteration 3: loss term\(s\) \[.dice_loss.\]"):
         trainer.fit()
     assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
 
@@ -160,3 +125,65 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     cfg_file.write_text("size: 32\niterations: 7\n")
     cfg = build_config("smoke", str(cfg_file), {"iterations": 9})
     assert (cfg.size, cfg.iterations, cfg.labelled_batch) == (32, 9, 2)  # preset < file < flags
+
+
+@needs_acdc
+def test_every_documented_hook_is_called_by_the_loop(tmp_path):
+    """The hooks of action/engine/trainer.py's docstring (and the README), each overridden: all take effect."""
+    calls = []
+
+    class Recording(Trainer):
+        def build_data(self):
+            calls.append("build_data")
+            return super().build_data()
+
+        def build_model(self):
+            calls.append("build_model")
+            return super().build_model()
+
+        def setup(self):
+            calls.append("setup")
+            self.pushed = 0
+
+        def trainable_parameters(self):
+            calls.append("trainable_parameters")
+            return super().trainable_parameters()
+
+        def prepare(self, batch, generator):
+            calls.append("prepare")
+            return super().prepare(batch, generator)
+
+        def compute_losses(self, views, generator):
+            calls.append("compute_losses")
+            self.defer("seen", views["label_l"][:1].float())
+            return super().compute_losses(views, generator)
+
+        def apply_deferred(self, name, tensors):
+            calls.append(f"apply_deferred:{name}")
+            self.pushed += 1
+
+        def after_step(self, iteration):
+            calls.append(f"after_step:{iteration}")
+
+        def extra_state(self):
+            calls.append("extra_state")
+            return {"pushed": self.pushed}
+
+        def load_extra_state(self, state):
+            calls.append("load_extra_state")
+            self.pushed = state["pushed"]
+
+        def eval_model(self):
+            calls.append("eval_model")
+            return super().eval_model()
+
+    Recording(smoke_config(tmp_path, iterations=2, val_every=2, val_volumes=1, checkpoint_every=1),
+              progress=False).fit()
+    assert calls[:4] == ["build_data", "build_model", "setup", "trainable_parameters"]
+    for hook in ("prepare", "compute_losses", "apply_deferred:seen", "after_step:0", "after_step:1", "extra_state",
+                 "eval_model"):
+        assert hook in calls, hook
+    assert calls.index("compute_losses") < calls.index("apply_deferred:seen") < calls.index("after_step:0")
+    resumed = Recording(smoke_config(tmp_path, iterations=3, val_every=0, checkpoint_every=1), progress=False)
+    resumed.fit(resume=True, force=True)  # iterations 2 -> 3: a changed option, resumed on purpose
+    assert "load_extra_state" in calls and resumed.pushed == 3  # 2 before the checkpoint, 1 after

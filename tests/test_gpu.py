@@ -7,13 +7,12 @@ import action_kernels as ak
 from action_kernels import dispatch
 from action_kernels.reference import hard_negative_topk_ref
 from action_kernels.testing import assert_close
-from test_hard_negative_topk import _make as make_topk
-from test_soft_contrastive_backends import _make, _run
+from helpers import FUSED, make_soft, make_topk, run_soft
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")]
 
-BACKENDS = ("chunked", "triton", "cuda")
+BACKENDS = FUSED
 SHAPES = [((1000, 64), 4099), ((2, 130, 33, 17), 1023), ((2, 64, 5, 12, 13), 515)]
 
 
@@ -33,9 +32,9 @@ def _cuda(*xs):
 def test_soft_contrastive_on_gpu_matches_reference(backend, dtype, shape, num_keys):
     _need(backend, dtype)
     for taus, weighted in (((0.1, 0.01), True), ((1.0, 0.5), False)):
-        s, t, k, w = _make(shape, num_keys, dtype, 1234, weighted, keys_grad=True)
-        got = _run(backend, *_cuda(s, t, k), taus, None if w is None else w.cuda(), "mean")
-        ref = _run("torch", s.double(), t.double(), k.double(), taus, None if w is None else w.double(), "mean")
+        s, t, k, w = make_soft(shape, num_keys, dtype, 1234, weighted, keys_grad=True)
+        got = run_soft(backend, *_cuda(s, t, k), taus, None if w is None else w.cuda(), "mean")
+        ref = run_soft("torch", s.double(), t.double(), k.double(), taus, None if w is None else w.double(), "mean")
         where = f"{backend} {shape} K={num_keys} {dtype} taus={taus}"
         assert_close(f"loss [{where}]", got[0].cpu(), ref[0], dtype, min(taus))
         assert_close(f"student grad [{where}]", got[1].cpu(), ref[1], dtype, min(taus))
@@ -45,8 +44,8 @@ def test_soft_contrastive_on_gpu_matches_reference(backend, dtype, shape, num_ke
 @pytest.mark.parametrize("backend", ("triton", "cuda"))
 def test_fused_soft_contrastive_is_bitwise_deterministic_on_gpu(backend):
     _need(backend, torch.bfloat16)
-    s, t, k, w = _make((2, 64, 48, 48), 3000, torch.bfloat16, 7, True, True)
-    runs = [_run(backend, *_cuda(s, t, k), (0.1, 0.01), w.cuda(), "mean") for _ in range(3)]
+    s, t, k, w = make_soft((2, 64, 48, 48), 3000, torch.bfloat16, 7, True, True)
+    runs = [run_soft(backend, *_cuda(s, t, k), (0.1, 0.01), w.cuda(), "mean") for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 

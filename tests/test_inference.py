@@ -1,17 +1,8 @@
 """Volume inference: slice-wise 2D with resizing, sliding-window 3D with padding and overlap."""
 import torch
-from torch import nn
 
-from action.engine import predict_sliding_window, predict_slices
-
-
-def sign_model(dims):
-    """logits (x, -x): class 1 exactly where the input is negative."""
-    conv = (nn.Conv2d, nn.Conv3d)[dims - 2](1, 2, 1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, *[1] * dims))
-        conv.bias.zero_()
-    return conv.eval()
+from action.engine import predict_slices, predict_sliding_window
+from helpers import sign_model
 
 
 def test_sliding_window_equals_the_voxelwise_answer_with_overlap_and_padding():
@@ -31,3 +22,82 @@ def test_predict_slices_resizes_and_returns_the_input_shape():
     blocky[:, :20] = -1.0  # top half class 1
     resized = predict_slices(sign_model(2), blocky, size=(16, 16))
     assert resized.shape == (3, 40, 40) and torch.equal(resized, (blocky < 0).long())
+
+
+def test_gaussian_importance_follows_its_formula():
+    import math
+
+    from action.engine.inference import gaussian_importance
+
+    patch = (8, 16, 12)
+    w = gaussian_importance(patch, 0.125)
+    assert w.shape == patch and float(w.max()) == 1.0 and float(w[4, 8, 6]) == 1.0  # centre p // 2
+    for i in ((0, 0, 0), (3, 9, 11), (7, 15, 0), (4, 2, 6)):
+        expected = math.prod(math.exp(-(c - p // 2) ** 2 / (2 * (p / 8) ** 2)) for c, p in zip(i, patch))
+        assert abs(float(w[i]) - expected) < 1e-6 * max(expected, 1e-3)
+    assert float(w.min()) > 0
+
+
+class _CallConstant(torch.nn.Module):
+    """Probabilities that differ per call: call n outputs logits (0.1 n, 0) everywhere, so a blend shows its weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        out = []
+        for _ in range(x.shape[0]):
+            self.calls += 1
+            out.append(torch.stack([torch.full(x.shape[2:], float(self.calls) * 0.1), torch.zeros(x.shape[2:])]))
+        return torch.stack(out)
+
+
+def test_gaussian_windows_blend_each_patch_by_its_weight_at_the_voxel():
+    import pytest
+
+    from action.engine.inference import gaussian_importance, sliding_window_probabilities
+
+    shape, patch, stride = (8, 24, 16), (8, 16, 16), (8, 8, 8)
+    blend = sliding_window_probabilities(_CallConstant(), torch.zeros(shape), patch, 2, stride=stride, batch=1,
+                                         mode="gaussian")
+    w = gaussian_importance(patch)  # windows at H = 0 and 8; call n outputs p0 = sigmoid(0.1 n)
+    num, den = torch.zeros(shape), torch.zeros(shape)
+    for n, h in enumerate((0, 8), start=1):
+        num[:, h:h + 16] += w * torch.sigmoid(torch.tensor(0.1 * n))
+        den[:, h:h + 16] += w
+    torch.testing.assert_close(blend[0], num / den)
+    flat = sliding_window_probabilities(_CallConstant(), torch.zeros(shape), patch, 2, stride=stride, batch=1)
+    both = (torch.sigmoid(torch.tensor(0.1)) + torch.sigmoid(torch.tensor(0.2))) / 2
+    torch.testing.assert_close(flat[0, :, 8:16], torch.full((8, 8, 16), float(both)))  # equal weights: the mean
+    assert not torch.allclose(blend[0, :, 8:16], flat[0, :, 8:16])
+    with pytest.raises(ValueError, match="'constant' or 'gaussian'"):
+        sliding_window_probabilities(_CallConstant(), torch.zeros(shape), patch, 2, mode="cosine")
+
+
+def test_flip_tta_equals_the_mean_of_the_flipped_predictions():
+    from action.engine.inference import flip_sets, predict_sliding_window, probabilities
+
+    g = torch.Generator().manual_seed(3)
+    for dims in (2, 3):
+        conv = (torch.nn.Conv2d, torch.nn.Conv3d)[dims - 2](1, 3, 3, padding=1)
+        with torch.no_grad():
+            for p in conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        x = torch.randn(2, 1, *(10,) * dims, generator=g)
+        sets = flip_sets(dims)
+        assert len(sets) == 2 ** dims and sets[0] == ()
+        manual = sum(conv(x.flip(a) if a else x).softmax(1).flip(a) if a else conv(x).softmax(1) for a in sets) \
+            / len(sets)
+        torch.testing.assert_close(probabilities(conv, x, tta=True), manual.detach())
+        assert not torch.allclose(probabilities(conv, x, tta=True), probabilities(conv, x))  # asymmetric kernels
+    vol = torch.randn(16, 16, 16, generator=g)
+    conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+    a = predict_sliding_window(conv, vol, (16, 16, 16), 3, tta=True)
+    b = probabilities(conv, vol[None, None], tta=True)[0].argmax(0)
+    assert torch.equal(a, b)  # one window: the TTA window is the TTA prediction
+    conv2 = torch.nn.Conv2d(1, 3, 3, padding=1)
+    slices = torch.randn(3, 16, 16, generator=g)
+    assert torch.equal(predict_slices(conv2, slices, (16, 16), tta=True),
+                       probabilities(conv2, slices[:, None], tta=True).argmax(1))

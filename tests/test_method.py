@@ -7,23 +7,19 @@ import sys
 import pytest
 import torch
 
-from action.config import build_config
 from action.engine import load_checkpoint
 from action.engine.evaluate import acdc_cases
 from action.engine.inference import predict_slices, recalibrate_batchnorm
-from action.method import (STAGE_TRAINERS, FifoBank, anatomical_term, pseudo_label_loss, run_pipeline,
-                           sample_hard_queries)
+from action.method import (
+    STAGE_TRAINERS,
+    FifoBank,
+    anatomical_term,
+    pseudo_label_loss,
+    run_pipeline,
+    sample_hard_queries,
+)
 from action.models import UNet2D
-
-from test_engine import ACDC, kill_after_checkpoint, needs_acdc
-
-SMALL = {"data": ACDC, "test_at_end": False, "val_every": 0, "log_every": 1, "tensorboard": False, "threads": 1,
-         "unlabelled_batch": 2, "global_dim": 32, "global_bank": 8, "local_dim": 16, "local_bank": 64,
-         "local_push": 16, "local_grid": 8, "rep_dim": 16, "queries_per_class": 16, "num_negatives": 16}
-
-
-def stage_config(out, stage, **kw):
-    return build_config("smoke", overrides={**SMALL, "out": str(out), "stage": stage, **kw})
+from helpers import ACDC, SMALL, kill_after_checkpoint, needs_acdc, stage_config
 
 
 def test_fifo_bank_wraps_in_order():
@@ -129,7 +125,7 @@ def test_each_stage_lowers_its_loss_on_a_fixed_batch(tmp_path, stage):
     seen = []
     for it in range(12):
         trainer._deferred = []  # bank updates are not applied: teacher and banks stay fixed
-        losses = trainer.training_step(batch, torch.Generator().manual_seed(0))
+        losses = trainer.batch_losses(batch, torch.Generator().manual_seed(0))
         trainer.optimizer.zero_grad()
         losses["loss"].backward()
         trainer.optimizer.step()
@@ -174,7 +170,7 @@ def test_finetune_resume_after_sigkill_restores_banks_ema_and_losses(tmp_path):
         return ("from action.config import build_config; from action.method import STAGE_TRAINERS; "
                 f"cfg = build_config('smoke', overrides={{**{SMALL!r}, 'out': {str(out)!r}, "
                 "'stage': 'pretrain-local', 'iterations': 16, 'checkpoint_every': 3}); "
-                "STAGE_TRAINERS['pretrain-local'](cfg, progress=False).fit(resume=True)")
+                "STAGE_TRAINERS['pretrain-local'](cfg, progress=False).fit(resume='auto')")
 
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run([sys.executable, "-c", script(ref)], check=True, capture_output=True)

@@ -6,14 +6,9 @@ import pytest
 
 pytest.importorskip("nibabel", reason="NIfTI I/O needs nibabel (pip install nibabel)")
 
-from action.data.nifti import (folder_pairs, hdf5_to_nifti, load_nifti, load_pair, save_nifti,  # noqa: E402
-                               write_like)
+from action.data.nifti import folder_pairs, hdf5_to_nifti, load_nifti, load_pair, save_nifti, write_like  # noqa: E402
 from action.metrics import binary_metrics  # noqa: E402
-
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-NIFTI = os.path.join(SHARED, "nifti")
-ACDC = os.path.join(SHARED, "acdc")
-needs_nifti = pytest.mark.skipif(not os.path.isdir(NIFTI), reason=f"real NIfTI fixtures not found at {NIFTI}")
+from helpers import ACDC, NIFTI, needs_nifti  # noqa: E402
 
 
 @needs_nifti

@@ -3,52 +3,24 @@
 Triton runs under TRITON_INTERPRET=1 and the CUDA kernels through the CPU emulation build (action_kernels._C_cpu).
 Inputs are fresh random tensors on every run (seeded from the clock, printed on failure).
 """
-import time
-
 import pytest
 import torch
 
 import action_kernels as ak
 from action_kernels.ops.soft_contrastive import SoftContrastiveLossFunction, soft_contrastive_rows
 from action_kernels.reference import soft_contrastive_loss_ref
-from action_kernels.testing import assert_close
-from conftest import FUSED, require
+from action_kernels.testing import assert_allowed, assert_close
+from helpers import FUSED, fresh_seed, make_soft, require, run_soft
 
 # (student shape, number of keys): rows and 2D / 3D channel-first maps, sizes not multiples of any tile.
 SHAPES = [((37, 7), 19), ((300, 64), 257), ((2, 130, 5, 7), 45), ((1, 33, 3, 4, 5), 70)]
 TEMPS = [(0.1, 0.01), (1.0, 0.5), (0.05, 0.2)]
 
 
-def _seed() -> int:
-    return time.time_ns() % (2**31)
-
-
-def _make(shape, num_keys, dtype, seed, weighted, keys_grad):
-    g = torch.Generator().manual_seed(seed)
-    d = shape[1]
-    s = torch.randn(shape, generator=g).to(dtype)
-    t = (s.float() + 0.7 * torch.randn(shape, generator=g)).to(dtype)  # correlated, like student and EMA teacher
-    k = torch.randn(num_keys, d, generator=g).to(dtype)
-    w = None
-    if weighted:
-        spatial = (shape[0],) if len(shape) == 2 else (shape[0], *shape[2:])
-        w = torch.rand(spatial, generator=g) * (torch.rand(spatial, generator=g) > 0.3)
-    return s.requires_grad_(True), t, k.requires_grad_(keys_grad), w
-
-
-def _run(backend, s, t, k, taus, w, reduction):
-    s = s.detach().clone().requires_grad_(True)
-    k = k.detach().clone().requires_grad_(k.requires_grad)
-    loss = ak.soft_contrastive_loss(s, t, k, *taus, weight=w, reduction=reduction, backend=backend)
-    g = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else torch.tensor(1.0)
-    (loss * g).sum().backward()
-    return loss.detach(), s.grad, (k.grad if k.requires_grad else None)
-
-
 def _check_against_reference(backend, shape, num_keys, taus, dtype, weighted, keys_grad, reduction, seed):
-    s, t, k, w = _make(shape, num_keys, dtype, seed, weighted, keys_grad)
-    got = _run(backend, s, t, k, taus, w, reduction)
-    ref = _run("torch", s.double(), t.double(), k.double(), taus, None if w is None else w.double(), reduction)
+    s, t, k, w = make_soft(shape, num_keys, dtype, seed, weighted, keys_grad)
+    got = run_soft(backend, s, t, k, taus, w, reduction)
+    ref = run_soft("torch", s.double(), t.double(), k.double(), taus, None if w is None else w.double(), reduction)
     where = f"{backend} {shape} K={num_keys} taus={taus} {dtype} weighted={weighted} seed={seed}"
     assert got[0].dtype == torch.float32
     assert_close(f"loss [{where}]", got[0], ref[0], dtype, min(taus))
@@ -62,7 +34,7 @@ def _check_against_reference(backend, shape, num_keys, taus, dtype, weighted, ke
 @pytest.mark.parametrize("shape,num_keys", SHAPES)
 def test_fp32_matches_reference_across_shapes_and_temperatures(backend, shape, num_keys):
     require(backend)
-    seed = _seed()
+    seed = fresh_seed()
     for i, taus in enumerate(TEMPS):
         _check_against_reference(backend, shape, num_keys, taus, torch.float32, weighted=i % 2 == 0,
                                  keys_grad=i != 1, reduction="mean" if i != 2 else "none", seed=seed + i)
@@ -72,7 +44,7 @@ def test_fp32_matches_reference_across_shapes_and_temperatures(backend, shape, n
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_match_reference_with_fp32_accumulation(backend, dtype):
     require(backend, dtype=dtype)
-    seed = _seed()
+    seed = fresh_seed()
     _check_against_reference(backend, (2, 40, 3, 5), 33, (0.1, 0.01), dtype, True, True, "mean", seed)
     _check_against_reference(backend, (53, 24), 70, (0.5, 0.2), dtype, False, False, "none", seed + 1)
 
@@ -81,7 +53,7 @@ def test_chunked_plain_torch_fallback_matches_reference(monkeypatch):
     from action_kernels.chunked import soft_contrastive as chunked
 
     monkeypatch.setattr(chunked, "USE_NATIVE", False)
-    seed = _seed()
+    seed = fresh_seed()
     for i, taus in enumerate(TEMPS):
         _check_against_reference("chunked", (2, 33, 4, 5), 45, taus, torch.float32, i == 0, True, "mean", seed + i)
 
@@ -99,8 +71,8 @@ def test_chunked_backend_gradcheck_float64():
 @pytest.mark.parametrize("backend", FUSED)
 def test_three_runs_are_bitwise_equal(backend):
     require(backend)
-    s, t, k, w = _make((3, 20, 6, 7), 77, torch.float32, _seed(), True, True)
-    runs = [_run(backend, s, t, k, (0.1, 0.01), w, "mean") for _ in range(3)]
+    s, t, k, w = make_soft((3, 20, 6, 7), 77, torch.float32, fresh_seed(), True, True)
+    runs = [run_soft(backend, s, t, k, (0.1, 0.01), w, "mean") for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
@@ -132,7 +104,7 @@ def test_all_zero_weights_give_zero_loss_and_zero_gradients(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_bool_mask_is_a_weight(backend):
     require(backend)
-    s, t, k, _ = _make((2, 12, 4, 5), 21, torch.float32, _seed(), False, False)
+    s, t, k, _ = make_soft((2, 12, 4, 5), 21, torch.float32, fresh_seed(), False, False)
     mask = torch.rand(2, 4, 5) > 0.5
     got = ak.soft_contrastive_loss(s, t, k, weight=mask, backend=backend)
     ref = soft_contrastive_loss_ref(s.double(), t.double(), k.double(), weight=mask.double())
@@ -142,7 +114,7 @@ def test_bool_mask_is_a_weight(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_channels_last_and_strided_maps_are_read_in_place(backend):
     require(backend)
-    s, t, k, _ = _make((2, 16, 5, 6), 29, torch.float32, _seed(), False, False)
+    s, t, k, _ = make_soft((2, 16, 5, 6), 29, torch.float32, fresh_seed(), False, False)
     s_cl = s.detach().to(memory_format=torch.channels_last).requires_grad_(True)
     t_wide = torch.randn(2, 16, 5, 12)[..., ::2]  # non-contiguous spatial stride
     t_wide.copy_(t)
@@ -158,17 +130,17 @@ def test_channels_last_and_strided_maps_are_read_in_place(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_autograd_function_and_module_forms_agree_with_functional(backend):
     require(backend)
-    s, t, k, _ = _make((45, 10), 13, torch.float32, _seed(), False, True)
-    functional = _run(backend, s, t, k, (0.2, 0.05), None, "mean")
+    s, t, k, _ = make_soft((45, 10), 13, torch.float32, fresh_seed(), False, True)
+    functional = run_soft(backend, s, t, k, (0.2, 0.05), None, "mean")
     s2 = s.detach().clone().requires_grad_(True)
     k2 = k.detach().clone().requires_grad_(True)
     rows = SoftContrastiveLossFunction.apply(s2.unsqueeze(0), t.unsqueeze(0), k2, 0.2, 0.05, True, backend)
     rows.mean().backward()
-    assert torch.allclose(rows.mean(), functional[0], rtol=1e-6)
-    assert torch.allclose(s2.grad, functional[1], rtol=1e-5, atol=1e-7)
-    assert torch.allclose(k2.grad, functional[2], rtol=1e-5, atol=1e-7)
+    assert_allowed("Function loss", rows.mean().detach(), functional[0], "same_kernels_loss")
+    assert_allowed("Function student grad", s2.grad, functional[1], "same_kernels_grad")
+    assert_allowed("Function keys grad", k2.grad, functional[2], "same_kernels_grad")
     module = ak.SoftContrastiveLoss(0.2, 0.05, backend=backend)
-    assert torch.allclose(module(s, t, k), functional[0], rtol=1e-6)
+    assert_allowed("Module loss", module(s, t, k).detach(), functional[0], "same_kernels_loss")
     assert "tau_student=0.2" in repr(module)
 
 
@@ -183,7 +155,7 @@ def test_library_op_passes_opcheck(backend):
 
 
 def test_torch_compile_keeps_the_op_in_one_graph():
-    s, t, k, w = _make((2, 8, 4, 4), 17, torch.float32, _seed(), True, False)
+    s, t, k, w = make_soft((2, 8, 4, 4), 17, torch.float32, fresh_seed(), True, False)
     fn = lambda s_: ak.soft_contrastive_loss(s_, t, k, weight=w, backend="chunked")  # noqa: E731
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     s1 = s.detach().clone().requires_grad_(True)

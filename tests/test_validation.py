@@ -60,3 +60,24 @@ def test_non_finite_inputs_propagate_to_the_affected_rows_only():
     s[2, 0] = float("nan")
     rows = ak.soft_contrastive_loss(s, t, k, reduction="none", backend="chunked")
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
+
+
+def test_class_prototypes_weights_are_checked_like_the_soft_loss_weights():
+    features, labels = torch.randn(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"weight must have shape \(18,\) or \(2, 3, 3\) \(one weight per row of "
+                                         r"features\)"):
+        ak.class_prototypes(features, labels, 2, weight=torch.ones(9, 2))
+    with pytest.raises(ValueError, match="weight must be non-negative"):
+        ak.class_prototypes(features, labels, 2, weight=-torch.ones(2, 3, 3))
+    protos, present = ak.class_prototypes(features, labels, 2, weight=torch.ones(2, 3, 3) > 0)  # a mask is a weight
+    assert present.tolist() == [True, False]
+
+
+def test_indexed_cosine_rejects_bad_indices_by_name():
+    a, keys = torch.randn(4, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"indices must have shape \(4, n\)"):
+        ak.indexed_cosine(a, keys, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="indices must be int64"):
+        ak.indexed_cosine(a, keys, torch.zeros(4, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"indices must be < K=6"):
+        ak.indexed_cosine(a, keys, torch.full((4, 2), 6))

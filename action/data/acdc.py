@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from action.data.checks import finite_image, label_map, labels_in_range
+
 CLASSES = ("background", "RV", "Myo", "LV")
 LABELLED_SLICES = {1: 23, 3: 68, 7: 136}
 
@@ -30,8 +32,10 @@ def _read_list(path: str) -> list[str]:
     return names
 
 
-def read_case(root: str, name: str, num_classes: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
-    """(image float32, label int64) of one slice (H, W) or volume (Z, H, W), checked: the error names the file."""
+def read_case(root: str, name: str, num_classes: int | None = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label int64) of one slice (H, W) or volume (Z, H, W), checked (action.data.checks: a finite
+    image, an integral label map, labels in [0, num_classes) unless num_classes is None, the shapes equal): the
+    error names the file."""
     import h5py
 
     path = os.path.join(root, "data", f"{name}.h5")
@@ -43,14 +47,15 @@ def read_case(root: str, name: str, num_classes: int = len(CLASSES)) -> tuple[np
             if missing:
                 raise ValueError(f"ACDC case {name!r}: {path} has no dataset(s) {missing} (found {list(fh.keys())})")
             image = np.asarray(fh["image"][()], dtype=np.float32)
-            label = np.asarray(fh["label"][()]).astype(np.int64)
+            raw_label = np.asarray(fh["label"][()])
     except OSError as exc:
         raise ValueError(f"ACDC case {name!r}: cannot read {path} as HDF5 ({exc})") from exc
-    if image.shape != label.shape:
-        raise ValueError(f"ACDC case {name!r}: image shape {image.shape} != label shape {label.shape} in {path}")
-    if label.size and (label.min() < 0 or label.max() >= num_classes):
-        raise ValueError(f"ACDC case {name!r}: labels must be in [0, {num_classes}), got [{label.min()}, "
-                         f"{label.max()}] in {path}")
+    if image.shape != raw_label.shape:
+        raise ValueError(f"ACDC case {name!r}: image shape {image.shape} != label shape {raw_label.shape} in {path}")
+    finite_image(image, f"ACDC case {name!r}: {path} dataset 'image'")
+    label = label_map(raw_label, f"ACDC case {name!r}: {path} dataset 'label'")
+    if num_classes is not None:
+        labels_in_range(label, num_classes, f"ACDC case {name!r}: {path} dataset 'label'")
     return image, label
 
 
@@ -98,18 +103,21 @@ class AcdcLayout:
 
 class AcdcSlices(Dataset):
     """2D slices: item -> {"image": (1, H, W) float32, "label": (H, W) int64, "name": str}, resized to `size`
-    (bilinear for the image, nearest for the label) when given; labels=False drops the label (unlabelled use)."""
+    (bilinear for the image, nearest for the label) when given; labels=False drops the label (unlabelled use);
+    used labels outside [0, num_classes) are an error naming the file (read_case)."""
 
-    def __init__(self, root: str, names: list[str], size: tuple[int, int] | None = None, labels: bool = True):
+    def __init__(self, root: str, names: list[str], size: tuple[int, int] | None = None, labels: bool = True,
+                 num_classes: int | None = len(CLASSES)):
         if not names:
             raise ValueError("AcdcSlices needs at least one slice name")
         self.root, self.names, self.size, self.labels = root, list(names), size, labels
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> dict:
-        image, label = read_case(self.root, self.names[i])
+        image, label = read_case(self.root, self.names[i], self.num_classes if self.labels else None)
         if image.ndim != 2:
             raise ValueError(f"ACDC slice {self.names[i]!r} must be 2D, got shape {image.shape}")
         img = torch.from_numpy(image)[None]
@@ -124,27 +132,29 @@ class AcdcSlices(Dataset):
 
 
 class AcdcVolumes(Dataset):
-    """3D volumes for evaluation: item -> {"image": (Z, H, W) float32, "label": (Z, H, W) int64, "name": str}."""
+    """3D volumes for evaluation: item -> {"image": (Z, H, W) float32, "label": (Z, H, W) int64, "name": str},
+    labels checked against [0, num_classes) (read_case)."""
 
-    def __init__(self, root: str, names: list[str]):
+    def __init__(self, root: str, names: list[str], num_classes: int = len(CLASSES)):
         if not names:
             raise ValueError("AcdcVolumes needs at least one volume name")
-        self.root, self.names = root, list(names)
+        self.root, self.names, self.num_classes = root, list(names), num_classes
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> dict:
-        image, label = read_case(self.root, self.names[i])
+        image, label = read_case(self.root, self.names[i], self.num_classes)
         if image.ndim != 3:
             raise ValueError(f"ACDC volume {self.names[i]!r} must be 3D, got shape {image.shape}")
         return {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "name": self.names[i]}
 
 
-def assemble_volumes(root: str, slice_names: list[str], size: tuple[int, int] | None = None):
+def assemble_volumes(root: str, slice_names: list[str], size: tuple[int, int] | None = None,
+                     num_classes: int | None = len(CLASSES)):
     """Training slices (`<volume>_slice_<Z>`) grouped into volumes in slice order -> (images [(Z, H, W) float32],
     labels [(Z, H, W) int64], volume names), every slice resized in-plane to `size` when given (bilinear image,
-    nearest label)."""
+    nearest label); labels checked against [0, num_classes) unless it is None (unlabelled use)."""
     groups: dict[str, list[tuple[int, str]]] = {}
     for name in slice_names:
         volume, sep, z = name.rpartition("_slice_")
@@ -153,7 +163,7 @@ def assemble_volumes(root: str, slice_names: list[str], size: tuple[int, int] | 
         groups.setdefault(volume, []).append((int(z), name))
     images, labels, names = [], [], []
     for volume, members in groups.items():
-        dataset = AcdcSlices(root, [n for _, n in sorted(members)], size)
+        dataset = AcdcSlices(root, [n for _, n in sorted(members)], size, num_classes=num_classes)
         items = [dataset[i] for i in range(len(dataset))]
         if size is None and len({tuple(it["image"].shape) for it in items}) > 1:
             raise ValueError(f"volume {volume}: slices differ in shape; pass a size")

@@ -1,9 +1,12 @@
 """NIfTI volumes through nibabel, with the affine and voxel spacing kept from loading to written predictions.
 
-Arrays are returned in nibabel's (x, y, z) axis order together with the affine; `spacing` is the voxel size in mm
-along those axes. `write_like(array, reference, path)` writes a prediction in the space of the image it came from.
-Layouts: the raw ACDC release (`patient<NNN>/patient<NNN>_frame<FF>.nii.gz` with `_gt` label maps) and a generic pair of
-folders (images/ and labels/ with the same file names). `hdf5_to_nifti` converts the HDF5 layout (no spacing
+Arrays are returned in nibabel's (x, y, z) axis order together with the affine and the header; `spacing` is the
+voxel size in mm along those axes. `write_like(array, reference, path)` writes a prediction in the space of the image
+it came from, with its header (qform and sform matrices and codes, units) kept. `reorient` turns a volume to given
+axis codes (e.g. RAS) by flips and axis permutations only (no interpolation), and `Reorientation.undo` turns an
+array back. Layouts: the raw ACDC release (`patient<NNN>/patient<NNN>_frame<FF>.nii.gz` with `_gt` label maps) and a
+generic pair of folders (images/ and labels/ with the same file names, an image's nnU-Net channel suffix `_0000`
+allowed); action.data.layouts reads whole datasets. `hdf5_to_nifti` converts volumes of the HDF5 layout (no spacing
 stored there: pass it, or unit spacing is written).
 """
 from __future__ import annotations
@@ -25,12 +28,27 @@ def _nib():
 
 @dataclass(frozen=True)
 class Volume:
-    """A loaded volume: data (X, Y, Z) array, affine (4, 4), spacing (3,) in mm, and the source path."""
+    """A loaded volume: data (X, Y, Z) array, affine (4, 4), spacing (3,) in mm, the source path and its NIfTI
+    header (None for a volume that did not come from a file)."""
 
     data: np.ndarray
     affine: np.ndarray
     spacing: tuple[float, ...]
     path: str
+    header: object | None = None
+
+
+def case_name(path: str, channel_suffix: bool = False) -> str:
+    """A case's name from an image path: the file name without .nii / .nii.gz; with channel_suffix also without
+    nnU-Net's channel suffix (`la_003_0000.nii.gz` -> `la_003`)."""
+    name = os.path.basename(path).split(".nii")[0]
+    stem, sep, channel = name.rpartition("_")
+    return stem if channel_suffix and sep and len(channel) == 4 and channel.isdigit() else name
+
+
+def channel_files(paths: list[str]) -> bool:
+    """Whether a folder's image files follow nnU-Net's channel naming: every name ends in `_0000` (one channel)."""
+    return bool(paths) and all(case_name(p) != case_name(p, True) and case_name(p).endswith("_0000") for p in paths)
 
 
 def load_nifti(path: str, dtype=None) -> Volume:
@@ -46,38 +64,105 @@ def load_nifti(path: str, dtype=None) -> Volume:
     if dtype is not None:
         data = data.astype(dtype)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:data.ndim])
-    return Volume(data, np.asarray(img.affine, dtype=np.float64), spacing, path)
+    return Volume(data, np.asarray(img.affine, dtype=np.float64), spacing, path, img.header.copy())
 
 
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: str) -> str:
-    """Writes data with the given affine (the spacing follows from it). Creates parent folders; written to a
-    temporary file first and renamed, so an interrupted write never leaves a truncated volume."""
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str, header=None) -> str:
+    """Writes data with the given affine (the spacing follows from it); with `header` (a source image's), its
+    qform and sform matrices and codes, units and descriptions are kept and only the data type follows `data`
+    (no intensity scaling). Creates parent folders; written to a temporary file first and renamed, so an
+    interrupted write never leaves a truncated volume."""
     nib = _nib()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = ".nii.gz" if path.endswith(".nii.gz") else ".nii"
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)[:-len(suffix)]}{suffix}")
-    nib.save(nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64)), tmp)
+    data = np.asarray(data)
+    affine = np.asarray(affine, dtype=np.float64)
+    if header is None:
+        img = nib.Nifti1Image(data, affine)
+    else:
+        img = nib.Nifti1Image(data, affine, header=header.copy())
+        # the constructor resets the codes from the affine: put the source's matrices and codes back
+        img.set_qform(header.get_qform(), code=int(header["qform_code"]))
+        img.set_sform(header.get_sform(), code=int(header["sform_code"]))
+        img.set_data_dtype(data.dtype)
+        img.header.set_slope_inter(None, None)  # labels are written as they are, never rescaled
+    nib.save(img, tmp)
     os.replace(tmp, path)
     return path
 
 
 def write_like(data: np.ndarray, reference: Volume, path: str) -> str:
-    """Writes a prediction in the space of `reference` (same shape required, affine copied)."""
+    """Writes a prediction in the space of `reference` (same shape required): its affine, and its header when it
+    came from a file (qform/sform codes, xyzt_units)."""
     if tuple(data.shape) != tuple(reference.data.shape):
         raise ValueError(f"prediction shape {tuple(data.shape)} != reference {reference.path} shape "
                          f"{tuple(reference.data.shape)}")
-    return save_nifti(data, reference.affine, path)
+    return save_nifti(data, reference.affine, path, reference.header)
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    """The orientation of an affine's array axes as three letters, e.g. "RAS" (x towards Right, y Anterior, z
+    Superior) or "LPS"."""
+    return "".join(_nib().aff2axcodes(affine))
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """The flips and axis permutation that take an array in `source` codes to `target` codes (nibabel orientation
+    arrays), exact and invertible: apply(x) turns a source-space (X, Y, Z) array to the target's axes, undo(y) back."""
+
+    source: str
+    target: str
+    forward: np.ndarray
+    backward: np.ndarray
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(_nib().orientations.apply_orientation(data, self.forward))
+
+    def undo(self, data: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(_nib().orientations.apply_orientation(data, self.backward))
+
+
+def reorient(volume: Volume, target: str) -> tuple[Volume, Reorientation]:
+    """volume (X, Y, Z) -> the same voxels with array axes in `target` codes (e.g. "RAS"): data, affine and spacing
+    follow, so every voxel keeps its position in the world; header None (write predictions with the source's)."""
+    forward, backward, affine, spacing = reoriented_geometry(volume.affine, volume.data.shape[:3], target)
+    data = np.ascontiguousarray(_nib().orientations.apply_orientation(volume.data, forward))
+    turn = Reorientation(axis_codes(volume.affine), target, forward, backward)
+    return Volume(data, affine, spacing, volume.path), turn
+
+
+def reoriented_geometry(affine: np.ndarray, shape, target: str):
+    """(forward and backward nibabel orientation transforms, the affine (4, 4) and the spacing (3,) of a volume of
+    `shape` and `affine` reoriented to `target` codes), without touching voxel data."""
+    orientations = _nib().orientations
+    axis = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
+    if not isinstance(target, str) or sorted(axis.get(c, -1) for c in target) != [0, 1, 2]:
+        raise ValueError(f"orientation: expected three axis codes, one per axis, such as 'RAS' or 'LPS', got "
+                         f"{target!r}")
+    source = orientations.io_orientation(affine)
+    goal = orientations.axcodes2ornt(tuple(target))
+    forward, backward = orientations.ornt_transform(source, goal), orientations.ornt_transform(goal, source)
+    turned = np.asarray(affine, dtype=np.float64) @ orientations.inv_ornt_aff(forward, tuple(shape)[:3])
+    spacing = tuple(float(v) for v in np.sqrt((turned[:3, :3] ** 2).sum(0)))
+    return forward, backward, turned, spacing
 
 
 def load_pair(image_path: str, label_path: str) -> tuple[Volume, Volume]:
-    """An image and its label map, checked to share shape and affine (the error names both files)."""
+    """An image and its label map, checked to share shape and affine (the error names both files), the image to
+    be finite and the label map integral (action.data.checks: a float map with fractions is an error, never
+    truncated)."""
+    from action.data.checks import finite_image, label_map
+
     image, label = load_nifti(image_path, np.float32), load_nifti(label_path)
+    finite_image(image.data, image_path)
     if image.data.shape != label.data.shape:
         raise ValueError(f"{image_path} shape {image.data.shape} != {label_path} shape {label.data.shape}")
     if not np.allclose(image.affine, label.affine, atol=1e-3):
         raise ValueError(f"{image_path} and {label_path} have different affines:\n{image.affine}\n{label.affine}")
-    return image, Volume(label.data.astype(np.int64), label.affine, label.spacing, label.path)
+    return image, Volume(label_map(label.data, label_path), label.affine, label.spacing, label.path)
 
 
 def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:
@@ -93,16 +178,29 @@ def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def label_path(image: str, labels_dir: str) -> str | None:
+    """The label map of `image` in `labels_dir`: the same file name, or the name without nnU-Net's channel suffix
+    (`case_0000.nii.gz` -> `case.nii.gz`); None when neither exists."""
+    ending = ".nii.gz" if image.endswith(".nii.gz") else ".nii"
+    for name in (os.path.basename(image), case_name(image, True) + ending):
+        path = os.path.join(labels_dir, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def folder_pairs(images_dir: str, labels_dir: str) -> list[tuple[str, str]]:
-    """(image, label) paths of a generic layout: the same file names in an images folder and a labels folder."""
+    """(image, label) paths of a generic layout: an images folder and a labels folder with the same file names (an
+    image's nnU-Net channel suffix `_0000` allowed: imagesTs/case_0000.nii.gz pairs with labelsTs/case.nii.gz)."""
     images = sorted(glob.glob(os.path.join(images_dir, "*.nii*")))
     if not images:
         raise FileNotFoundError(f"no .nii / .nii.gz files in {images_dir}")
     pairs = []
     for image in images:
-        label = os.path.join(labels_dir, os.path.basename(image))
-        if not os.path.isfile(label):
-            raise FileNotFoundError(f"image {image} has no label map {label}")
+        label = label_path(image, labels_dir)
+        if label is None:
+            raise FileNotFoundError(f"image {image} has no label map {os.path.basename(image)} or "
+                                    f"{case_name(image, True)}.nii.gz in {labels_dir}")
         pairs.append((image, label))
     return pairs
 

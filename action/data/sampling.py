@@ -7,6 +7,14 @@ import torch
 import torch.nn.functional as F
 
 
+def run_seed(seed: int, step: int) -> int:
+    """The seed of step `step` (an iteration, or an epoch of an index stream) of a run seeded with `seed`: every
+    per-step random stream of a run (batches, augmentation, dropout, 3D patches) is seeded from it, which makes
+    batch t a pure function of (seed, t) and a resumed run exact. The prime multiplier keeps (seed, step) pairs of
+    nearby seeds apart."""
+    return seed * 1_000_003 + step
+
+
 class IndexStream:
     """An endless stream over range(n): epoch e is torch.randperm(n) drawn from a generator seeded with
     (seed, e); take(start, count) -> the stream's items start .. start + count - 1 as an int64 tensor."""
@@ -18,7 +26,7 @@ class IndexStream:
 
     def _epoch(self, e: int) -> torch.Tensor:
         if self._cache[0] != e:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            g = torch.Generator().manual_seed(run_seed(self.seed, e))
             self._cache = (e, torch.randperm(self.n, generator=g))
         return self._cache[1]
 

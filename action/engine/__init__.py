@@ -2,7 +2,7 @@
 logs, slice-wise and sliding-window inference, evaluation with per-case CSV, NIfTI predictions and overlays."""
 from action.engine.checkpoint import load_checkpoint, save_checkpoint
 from action.engine.evaluate import Case, acdc_cases, evaluate, nifti_cases
-from action.engine.inference import predict_sliding_window, predict_slices
+from action.engine.inference import predict_slices, predict_sliding_window
 from action.engine.losses import dice_loss, supervised_loss
 from action.engine.trainer import Trainer
 

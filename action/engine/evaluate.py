@@ -1,55 +1,40 @@
 """Evaluation of a trained model on whole volumes: per-case metrics (CSV), a summary table (mean and std per
 class and overall, Markdown + JSON), optional NIfTI predictions in the source space, PNG overlays of a few slices.
 
-A case is (name, image (Z, H, W) float, label (Z, H, W) int64 or None, spacing (3,) in (Z, H, W) order or None,
-reference Volume or None). Cases come from the ACDC HDF5 layout (no spacing stored: metrics in voxel units, the
-reference tables' convention) or from NIfTI (spacing from the header; predictions written with its affine).
+Cases (action.data.cases.Case, re-exported here) come from the ACDC HDF5 layout (no spacing stored: metrics in voxel
+units, the reference tables' convention) or from NIfTI (spacing from the header; predictions turned back to the
+source's axes and written with its header). `select_cases` keeps the named cases or the first N.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from action.data.cases import Case, acdc_cases, nifti_cases, unique_case_names  # noqa: F401  (re-exported)
+from action.engine.logs import dump_json
 from action.metrics import SegmentationMetrics
 
-
-@dataclass
-class Case:
-    name: str
-    image: torch.Tensor  # (Z, H, W)
-    label: torch.Tensor | None = None  # (Z, H, W)
-    spacing: tuple[float, float, float] | None = None  # (Z, H, W) order, mm
-    reference: object | None = None  # action.data.nifti.Volume of the image, for writing predictions
+__all__ = ["Case", "acdc_cases", "evaluate", "fast_dice", "nifti_cases", "save_overlays", "select_cases"]
 
 
-def acdc_cases(root: str, names: list[str]):
-    """Cases of the ACDC HDF5 layout (volumes named in val.list / test.list)."""
-    from action.data import AcdcVolumes
-
-    volumes = AcdcVolumes(root, names)
-    for i in range(len(volumes)):
-        item = volumes[i]
-        yield Case(item["name"], item["image"], item["label"])
-
-
-def nifti_cases(pairs: list[tuple[str, str | None]]):
-    """Cases from NIfTI files: (image path, label path or None). nibabel's (X, Y, Z) arrays are moved to
-    (Z, Y, X) for slice-wise inference and back when written."""
-    from action.data.nifti import load_nifti, load_pair
-
-    for image_path, label_path in pairs:
-        if label_path is not None:
-            image, label = load_pair(image_path, label_path)
-            lab = torch.from_numpy(np.ascontiguousarray(label.data.transpose(2, 1, 0)))
-        else:
-            image, lab = load_nifti(image_path, np.float32), None
-        name = os.path.basename(image_path).split(".nii")[0]
-        yield Case(name, torch.from_numpy(np.ascontiguousarray(image.data.transpose(2, 1, 0))), lab,
-                   tuple(reversed(image.spacing[:3])), image)
+def select_cases(items: list, names: list[str] | None = None, limit: int | None = None, name_of=str) -> list:
+    """The items (any list, named by name_of(item)) whose names are in `names` (in the items' order; every name
+    must exist), then at most the first `limit` of them."""
+    if names is not None:
+        known = {name_of(item) for item in items}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"--cases: no case named {unknown[:5]} here; cases are named like "
+                             f"{sorted(known)[:3]} ({len(known)} in all)")
+        wanted = set(names)
+        items = [item for item in items if name_of(item) in wanted]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--max-volumes: expected >= 1, got {limit}")
+        items = items[:limit]
+    return items
 
 
 def save_overlays(case: Case, prediction: torch.Tensor, path: str, slices: int = 3) -> str | None:
@@ -85,27 +70,35 @@ def save_overlays(case: Case, prediction: torch.Tensor, path: str, slices: int =
 
 
 def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=None, save_predictions=False,
-             overlays: int = 0, progress: bool = True, total: int | None = None) -> SegmentationMetrics:
+             overlays: int = 0, progress: bool = True, total: int | None = None,
+             written: list | None = None) -> SegmentationMetrics:
     """predict: Case -> labels (Z, H, W). Scores every case with labels; writes under out_dir (when given)
-    metrics.csv (per case), summary.md and summary.json, predictions/<name>.nii.gz (save_predictions; with the
-    source affine for NIfTI cases, unit spacing for HDF5 ones) and overlays/<name>.png for the first `overlays`
-    cases."""
+    metrics.csv (per case), summary.md and summary.json (standard JSON: NaN as null beside its counts),
+    predictions/<name>.nii.gz (save_predictions; in the source's axes with its header for NIfTI cases, unit spacing
+    for HDF5 ones; each path appended to `written` when given) and overlays/<name>.png for the first `overlays`
+    cases. Two cases of one name are an error before the second is predicted (its files would replace the first's)."""
     from tqdm.auto import tqdm
 
     from action.data.nifti import save_nifti, write_like
 
     metrics = SegmentationMetrics(num_classes, class_names)
+    seen: set[str] = set()
     for i, case in enumerate(tqdm(cases, desc="evaluating", total=total, disable=not progress, leave=False)):
+        if case.name in seen:
+            raise ValueError(f"two cases are named {case.name!r}: the second would overwrite the first's outputs")
+        seen.add(case.name)
         pred = predict(case)
         if case.label is not None:
             metrics.update(pred.numpy(), case.label.numpy(), case.spacing, case.name)
         if out_dir and save_predictions:
             path = os.path.join(out_dir, "predictions", f"{case.name}.nii.gz")
-            data = pred.numpy().astype(np.uint8).transpose(2, 1, 0)
+            data = case.to_source(pred).astype(np.uint8)
             if case.reference is not None:
                 write_like(data, case.reference, path)
             else:
                 save_nifti(data, np.eye(4), path)
+            if written is not None:
+                written.append(path)
         if out_dir and i < overlays:
             save_overlays(case, pred, os.path.join(out_dir, "overlays", f"{case.name}.png"))
     if out_dir and metrics.cases:
@@ -114,7 +107,7 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
         with open(os.path.join(out_dir, "summary.md"), "w") as fh:
             fh.write(metrics.summary_table() + "\n")
         with open(os.path.join(out_dir, "summary.json"), "w") as fh:
-            json.dump(metrics.aggregate(), fh, indent=1)
+            dump_json(metrics.aggregate(), fh, indent=1)  # NaN as null; the NaN counts are in the summary
     return metrics
 
 

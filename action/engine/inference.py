@@ -1,17 +1,47 @@
-"""Inference on whole volumes: slice-wise 2D (resize each slice to the training size and back) and sliding-window
-3D (overlapping patches, softmax averaged). Both return integer label volumes of the input's shape."""
+"""Inference on whole volumes: slice-wise 2D (resize each slice to the training size and back, or resample it to the
+training spacing and back) and sliding-window 3D (overlapping patches, softmax averaged with constant or Gaussian
+weights), optionally with flip test-time augmentation. All return integer label volumes of the input's shape.
+volume_predictor applies a checkpoint's preprocessing (action.data.preprocessing) to every case first."""
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
+from action.data.preprocessing import Preprocessing, resampled_size
+
+
+def flip_sets(dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the last `dims` axes of a (B, C, *S) batch: the 2^dims mirrorings of flip test-time
+    augmentation (nnU-Net's default: all axes), the identity first."""
+    axes = tuple(range(2, 2 + dims))
+    return [c for r in range(dims + 1) for c in itertools.combinations(axes, r)]
+
 
 @torch.no_grad()
-def predict_slices(model, volume: torch.Tensor, size: tuple[int, int], batch: int = 16, device=None) -> torch.Tensor:
+def probabilities(model, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """x (B, C, *S) -> softmax (B, K, *S) float32; with tta the mean of the softmax over every mirroring of the
+    spatial axes (each input flipped, segmented, and its output flipped back)."""
+    if not tta:
+        return model(x).float().softmax(1)
+    total = None
+    sets = flip_sets(x.dim() - 2)
+    for axes in sets:
+        p = model(x.flip(axes) if axes else x).float().softmax(1)
+        p = p.flip(axes) if axes else p
+        total = p if total is None else total + p
+    return total / len(sets)
+
+
+@torch.no_grad()
+def predict_slices(model, volume: torch.Tensor, size: tuple[int, int], batch: int = 16, device=None,
+                   tta: bool = False) -> torch.Tensor:
     """volume (Z, H, W) float -> labels (Z, H, W) int64. Each slice is resized to `size` (bilinear), segmented,
-    and the label map resized back with nearest neighbour (the reference evaluation's convention)."""
+    and the label map resized back with nearest neighbour (the reference evaluation's convention); with tta the
+    softmax is averaged over the 4 mirrorings of the slice first."""
     if volume.dim() != 3:
         raise ValueError(f"predict_slices needs a (Z, H, W) volume, got {tuple(volume.shape)}")
     device = device or next(model.parameters()).device
@@ -21,7 +51,8 @@ def predict_slices(model, volume: torch.Tensor, size: tuple[int, int], batch: in
         x = volume[z0:z0 + batch].to(device, torch.float32).unsqueeze(1)
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        labels = model(x).argmax(1, keepdim=True).float()
+        scores = probabilities(model, x, tta) if tta else model(x)
+        labels = scores.argmax(1, keepdim=True).float()
         if tuple(labels.shape[-2:]) != (H, W):
             labels = F.interpolate(labels, size=(H, W), mode="nearest")
         out[z0:z0 + batch] = labels[:, 0].long().cpu()
@@ -37,11 +68,31 @@ def _starts(n: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
+def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> torch.Tensor:
+    """(*patch) weights w(i) = prod_d exp(-(i_d - c_d)^2 / (2 sigma_d^2)) with centre c_d = patch_d // 2 and
+    sigma_d = sigma_scale * patch_d, scaled to a peak of 1 (nnU-Net's and MONAI's Gaussian mode: sigma = 1/8 of the
+    patch); the smallest weight is about exp(-8) = 3.4e-4 at a corner, never 0."""
+    if sigma_scale <= 0:
+        raise ValueError(f"sigma_scale: expected > 0, got {sigma_scale}")
+    w = torch.ones(())
+    for p in patch:
+        i = torch.arange(p, dtype=torch.float64)
+        w = w[..., None] * torch.exp(-((i - p // 2) ** 2) / (2 * (sigma_scale * p) ** 2))
+    return (w / w.max()).float()
+
+
 @torch.no_grad()
-def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, int], num_classes: int,
-                           stride: tuple[int, int, int] | None = None, batch: int = 2, device=None) -> torch.Tensor:
-    """volume (Z, H, W) or (C, Z, H, W) -> labels (Z, H, W) int64: softmax of overlapping patches (stride default
-    half the patch) averaged per voxel; a volume smaller than the patch is zero-padded and cropped back."""
+def sliding_window_probabilities(model, volume: torch.Tensor, patch: tuple[int, int, int], num_classes: int,
+                                 stride: tuple[int, int, int] | None = None, batch: int = 2, device=None,
+                                 mode: str = "constant", sigma_scale: float = 0.125,
+                                 tta: bool = False) -> torch.Tensor:
+    """volume (Z, H, W) or (C, Z, H, W) -> probabilities (K, Z, H, W): softmax of overlapping patches (stride
+    default half the patch) averaged per voxel, with equal weights (mode "constant") or Gaussian ones (mode
+    "gaussian": sum_i w_i(v) p_i(v) / sum_i w_i(v) with gaussian_importance as w, so a voxel counts most from the
+    patches it is central in); with tta each patch's softmax is the mean over its 8 mirrorings. A volume smaller
+    than the patch is zero-padded and cropped back."""
+    if mode not in ("constant", "gaussian"):
+        raise ValueError(f"sliding window mode: expected 'constant' or 'gaussian', got {mode!r}")
     device = device or next(model.parameters()).device
     vol = volume.unsqueeze(0) if volume.dim() == 3 else volume
     if vol.dim() != 4 or len(patch) != 3:
@@ -56,52 +107,102 @@ def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, i
     full = vol.shape[1:]
     probs = torch.zeros(num_classes, *full)
     count = torch.zeros(*full)
+    weight = gaussian_importance(tuple(patch), sigma_scale) if mode == "gaussian" else None
     corners = list(itertools.product(*[_starts(n, p, s) for n, p, s in zip(full, patch, stride)]))
     for i in range(0, len(corners), batch):
         group = corners[i:i + batch]
         x = torch.stack([vol[(slice(None),) + tuple(slice(c, c + p) for c, p in zip(cs, patch))] for cs in group])
-        p_out = model(x.to(device)).float().softmax(1).cpu()
+        p_out = probabilities(model, x.to(device), tta).cpu()
         for cs, p_one in zip(group, p_out):
             sl = tuple(slice(c, c + p) for c, p in zip(cs, patch))
-            probs[(slice(None),) + sl] += p_one
-            count[sl] += 1
-    labels = (probs / count).argmax(0)
-    return labels[:shape[0], :shape[1], :shape[2]]
+            if weight is None:
+                probs[(slice(None),) + sl] += p_one
+                count[sl] += 1
+            else:
+                probs[(slice(None),) + sl] += p_one * weight
+                count[sl] += weight
+    return (probs / count)[:, :shape[0], :shape[1], :shape[2]]
+
+
+def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, int], num_classes: int,
+                           stride: tuple[int, int, int] | None = None, batch: int = 2, device=None,
+                           mode: str = "constant", sigma_scale: float = 0.125, tta: bool = False) -> torch.Tensor:
+    """volume (Z, H, W) or (C, Z, H, W) -> labels (Z, H, W) int64: the argmax of sliding_window_probabilities."""
+    return sliding_window_probabilities(model, volume, patch, num_classes, stride, batch, device, mode, sigma_scale,
+                                        tta).argmax(0)
 
 
 @torch.no_grad()
 def predict_volume_3d(model, volume: torch.Tensor, size: tuple[int, int], patch: tuple[int, int, int],
-                      num_classes: int, device=None) -> torch.Tensor:
+                      num_classes: int, device=None, **window) -> torch.Tensor:
     """volume (Z, H, W) -> labels (Z, H, W): every slice resized in-plane to `size` (bilinear; the 3D training
-    resolution), sliding-window 3D segmentation, labels resized back with nearest neighbour."""
+    resolution), sliding-window 3D segmentation (`window`: mode, sigma_scale, tta of predict_sliding_window),
+    labels resized back with nearest neighbour."""
     if volume.dim() != 3:
         raise ValueError(f"predict_volume_3d needs a (Z, H, W) volume, got {tuple(volume.shape)}")
     Z, H, W = volume.shape
     vol = volume.float()
     if (H, W) != tuple(size):
         vol = F.interpolate(vol[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    labels = predict_sliding_window(model, vol, patch, num_classes, device=device).float()
+    labels = predict_sliding_window(model, vol, patch, num_classes, device=device, **window).float()
     if (H, W) != tuple(size):
         labels = F.interpolate(labels[:, None], size=(H, W), mode="nearest")[:, 0]
     return labels.long()
 
 
-def build_network(cfg):
-    """The segmentation network of a config: UNet2D (dims 2) or UNet3D (dims 3, base_channels x 1, 2, 4, 8, 16)."""
-    from action.models import UNet2D, UNet3D
+@torch.no_grad()
+def predict_at_spacing(model, volume: torch.Tensor, spacing_hw, target_hw, dims: int = 2, patch=None,
+                       num_classes: int | None = None, device=None, tta: bool = False, **window) -> torch.Tensor:
+    """volume (Z, H, W) of in-plane spacing `spacing_hw` mm -> labels (Z, H, W): resampled in-plane (bilinear) to
+    the training spacing `target_hw`, padded with its minimum to a multiple of 16 (2D: the UNet's input rule),
+    segmented whole (2D: slice by slice; 3D: sliding window over `patch`), cropped, and the labels resampled back
+    with nearest neighbour."""
+    Z, H, W = volume.shape
+    h, w = resampled_size((H, W), spacing_hw, target_hw)
+    vol = volume.float()
+    if (h, w) != (H, W):
+        vol = F.interpolate(vol[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    if dims == 2:
+        ph, pw = math.ceil(h / 16) * 16, math.ceil(w / 16) * 16
+        vol = F.pad(vol, (0, pw - w, 0, ph - h), value=float(vol.min()))
+        labels = predict_slices(model, vol, (ph, pw), device=device, tta=tta)[:, :h, :w]
+    else:
+        labels = predict_sliding_window(model, vol, tuple(patch), num_classes, device=device, tta=tta, **window)
+    labels = labels.float()
+    if (h, w) != (H, W):
+        labels = F.interpolate(labels[:, None], size=(H, W), mode="nearest")[:, 0]
+    return labels.long()
 
-    if cfg.dims == 2:
-        return UNet2D(1, cfg.num_classes)
-    return UNet3D(1, cfg.num_classes, channels=tuple(cfg.base_channels * m for m in (1, 2, 4, 8, 16)))
 
-
-def volume_predictor(model, cfg, device=None):
-    """case image (Z, H, W) -> labels (Z, H, W) as the config's training evaluates: slice-wise 2D at the training
-    size, or sliding-window 3D over patches of cfg.patch at the training in-plane size."""
+def volume_predictor(model, cfg, device=None, preprocessing: Preprocessing | None = None, mode: str = "constant",
+                     tta: bool = False):
+    """case (action.data.cases.Case) -> labels (Z, H, W) as the config's training evaluates, after the training
+    preprocessing (default: the HDF5 layout's): intensities normalised per volume (with InputRangeWarning for an
+    input far from the training range), then slice-wise 2D or sliding-window 3D (`mode` constant or gaussian
+    weights) at the training size, or at the training spacing when the run had one and the case has a spacing;
+    tta: flip test-time augmentation."""
+    prep = preprocessing or Preprocessing()
     size = (cfg.size, cfg.size)
-    if cfg.dims == 2:
-        return lambda image: predict_slices(model, image, size, device=device)
-    return lambda image: predict_volume_3d(model, image, size, tuple(cfg.patch), cfg.num_classes, device=device)
+    window = {"mode": mode, "tta": tta}
+    if cfg.dims == 2 and mode != "constant":
+        raise ValueError(f"sliding window mode {mode!r}: 2D models segment whole slices (no windows); use it with "
+                         f"a 3D checkpoint")
+
+    def predict(case):
+        image = prep.normalise(case.image)
+        prep.check_range(image, case.name)
+        if prep.spacing is not None:
+            if case.spacing is not None:
+                target_hw = (prep.spacing[1], prep.spacing[0])
+                return predict_at_spacing(model, image, case.spacing[1:], target_hw, cfg.dims, tuple(cfg.patch),
+                                          cfg.num_classes, device, **window)
+            warnings.warn(f"{case.name}: no voxel spacing (HDF5 layout); the model was trained at "
+                          f"{prep.spacing} mm: resizing slices to the training size instead", stacklevel=2)
+        if cfg.dims == 2:
+            return predict_slices(model, image, size, device=device, tta=tta)
+        return predict_volume_3d(model, image, size, tuple(cfg.patch), cfg.num_classes, device=device, **window)
+
+    return predict
 
 
 @torch.no_grad()

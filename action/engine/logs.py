@@ -2,14 +2,42 @@
 
 Rows are keyed by the number of iterations done. On resume from a checkpoint after t iterations, rows with
 iteration > t are dropped from the CSV files (work the checkpoint does not hold) and TensorBoard is opened with
-purge_step=t + 1, so a resumed run's logs read like an
-uninterrupted one's.
+purge_step=t + 1, so a resumed run's logs read like an uninterrupted one's. Columns renamed since a log was
+written (RENAMED: train.csv's "dice", the Dice loss, is now "dice_loss") are renamed in its header on resume.
+
+json_safe / dump_json: standard JSON for summaries and results (NaN and infinities as null; the counts of NaN
+cases are kept beside the values by whoever writes them).
 """
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import warnings
+
+# old column name -> new one (a run resumed from a log written before the rename keeps one header)
+RENAMED = {"dice": "dice_loss"}
+
+
+def json_safe(value):
+    """value with every non-finite float (NaN, +-inf) replaced by None and tuples made lists: what
+    json.dumps(allow_nan=False) accepts, so any JSON reader can parse it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dump_json(value, fh=None, **kwargs) -> str | None:
+    """json.dump(s) of json_safe(value), refusing anything non-standard: to fh when given, else returned."""
+    if fh is None:
+        return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+    json.dump(json_safe(value), fh, allow_nan=False, **kwargs)
+    return None
 
 
 def _truncate(path: str, start: int) -> None:
@@ -19,7 +47,7 @@ def _truncate(path: str, start: int) -> None:
         rows = list(csv.reader(fh))
     if not rows:
         return
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start]
+    keep = [[RENAMED.get(c, c) for c in rows[0]]] + [r for r in rows[1:] if r and int(r[0]) <= start]
     with open(path, "w", newline="") as fh:
         csv.writer(fh).writerows(keep)
 

@@ -1,4 +1,4 @@
-"""The supervised loss of every ACTION stage (method.md section 1).
+"""The supervised loss of every ACTION stage (docs/method.md section 1).
 
 L_sup = 0.5 * (CE(logits, y) + Dice(softmax(logits), y)); Dice is the V-Net form averaged over all C classes,
 background included: 1 - (2 sum p y + eps) / (sum p^2 + sum y^2 + eps), eps = 1e-5, sums over batch and pixels.

@@ -1,26 +1,39 @@
-"""The training loop shared by every stage. A stage is a Trainer subclass overriding small methods:
+"""The training loop shared by every stage. A stage is a Trainer subclass overriding these hooks (each is called
+by the loop; tests/test_engine.py overrides every one and checks that it is):
 
-    build_model()       the network (and heads) to train            -> nn.Module
+    build_data()        the training images in memory (action.data.training)           -> SliceData / VolumeData
+    build_model()       the network (and heads) to train                               -> nn.Module
+    setup()             after the model holds its initial weights: teachers, banks
+    trainable_parameters()  what the optimizer updates
     prepare(b, g)       global preparation of batch b: augmentation, pseudo-labels, mixing -> views (dict)
     compute_losses(v, g) the losses of (a shard of) the views       -> {"loss": total, term: value, ...}
-    defer(name, *t)     (called by compute_losses) tensors for banks/queues, applied after the optimizer step
-    apply_deferred(name, tensors)   push them (each shard's, in global shard order)
+    apply_deferred(name, tensors)   push what compute_losses deferred (defer(name, *t)) into banks/queues, after
+                        the optimizer step (each shard's, in global shard order)
     after_step(it)      per-iteration bookkeeping (EMA update)
     extra_state() / load_extra_state(d)   what a checkpoint must hold beyond model and optimizer (EMA, banks)
     eval_model()        the network validation and testing use
 
 Determinism: batch t is a pure function of (seed, t) (TwoStreamSampler); the augmentation generator and torch's
-global RNG (dropout) are re-seeded from (seed, t) at every iteration. A run resumed from a checkpoint at iteration t
-therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic, weights_only) hold
-model, optimizer, scheduler, extra state, iteration and the best validation score.
+global RNG (dropout) are re-seeded from run_seed(seed, t) at every iteration. A run resumed from a checkpoint at
+iteration t therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic,
+weights_only) hold model, optimizer, scheduler, extra state, iteration and the best validation score.
+
+Faults (README "Failure behaviour"): every file the run will read (training slices, validation and test volumes) is
+read and checked before iteration 0. A non-finite loss term or gradient stops the step before any state changes:
+the BatchNorm buffers its forward moved are put back, gradients and deferred bank updates dropped, so the
+optimizer, scheduler, scaler, EMA teacher and banks are those before the iteration; that state is saved (when it
+is finite; else the last checkpoint is kept) and FloatingPointError names the iteration, the terms or parameters,
+and the batch's files. SIGINT, SIGTERM and SIGHUP finish the current iteration, save last.pt and raise
+Interrupted. A run folder holding a run is refused unless resumed (same options, or force) or overwritten.
 
 Sharding (action.engine.distributed): views whose key ends in "_l" are cut along the labelled batch, "_u" along the
 unlabelled one, into world x accumulate contiguous shards; each shard's losses use their own generator seeded
-from (seed, t, shard). Under torchrun every rank computes its shards and gradients are averaged across ranks;
-rank 0 alone validates, logs and writes checkpoints.
+from (seed, t, shard). Under torchrun every rank computes its shards inside DistributedDataParallel
+(shard_losses), which averages the gradients across ranks; rank 0 alone validates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -31,127 +44,44 @@ import time
 import torch
 from torch import nn
 
-from action.config import TrainConfig
+from action.config import TrainConfig, resume_differences
+from action.data import preprocessing as preprocessing_of
 from action.data.augment import Augment, AugmentConfig
-from action.data.sampling import TwoStreamSampler, load_slices
+from action.data.sampling import TwoStreamSampler, run_seed
+from action.data.training import check_volumes, training_data
 from action.engine import distributed as dist_utils
-from action.engine.checkpoint import eval_weights, load_checkpoint, save_checkpoint
-from action.engine.evaluate import acdc_cases, evaluate, fast_dice
-from action.engine.inference import build_network, recalibrate_batchnorm, volume_predictor
+from action.engine.checkpoint import (
+    align_keys,
+    check_same_model,
+    clean_stale_temporaries,
+    eval_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
+from action.engine.device import resolve_device
+from action.engine.evaluate import evaluate, fast_dice
+from action.engine.inference import recalibrate_batchnorm, volume_predictor
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
+from action.models import build_network
+
+# what a finished or interrupted run leaves in its folder: a folder holding any of these holds a run
+RUN_FILES = ("config.json", "last.pt", "best.pt", "train.csv", "val.csv", "tensorboard", "test")
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: torch sees no CUDA device; use --device cpu")
-    return device
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal (Ctrl-C, a scheduler's SIGTERM, a closed terminal's SIGHUP) after saving
+    last.pt; signum is the signal (the command line exits with 128 + signum)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
-def align_keys(weights: dict, target: dict) -> dict:
-    """Maps a checkpoint's weights onto a model's names: a plain network's keys gain the "net." prefix of the
-    ACTION stages' ModuleDict and lose it the other way. Keys the model does not have are dropped; a shape
-    mismatch is an error."""
-    if any(k.startswith("net.") for k in target) and not any(k.startswith("net.") for k in weights):
-        weights = {"net." + k: v for k, v in weights.items()}
-    elif not any(k.startswith("net.") for k in target) and any(k.startswith("net.") for k in weights):
-        weights = {k[4:]: v for k, v in weights.items() if k.startswith("net.")}
-    out = {k: v for k, v in weights.items() if k in target}
-    bad = [k for k, v in out.items() if tuple(v.shape) != tuple(target[k].shape)]
-    if bad:
-        raise ValueError(f"checkpoint tensors {bad[:3]} have shapes {[tuple(out[k].shape) for k in bad[:3]]}, the "
-                         f"model expects {[tuple(target[k].shape) for k in bad[:3]]}")
-    return out
-
-
-def acdc_names(cfg: TrainConfig):
-    """(labelled slice names, unlabelled slice names, validation volumes, test volumes) of a config's ACDC folder:
-    the labelled split by cfg.labelled_patients, validation cut to cfg.val_volumes when set."""
-    from action.data import AcdcLayout
-
-    layout = AcdcLayout(cfg.data)
-    labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
-    val = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
-    return labelled, unlabelled, val, layout.test_volumes
-
-
-class SliceData:
-    """The training slices of an ACDC folder in memory at the training size: labelled images (N_l, 1, S, S) with
-    labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them)."""
-
-    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        from action.data import AcdcSlices
-
-        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
-        if cfg.max_train_slices:
-            labelled, unlabelled = labelled[:cfg.max_train_slices], unlabelled[:cfg.max_train_slices]
-        size = (cfg.size, cfg.size)
-        self.images, self.labels, self.names = load_slices(AcdcSlices(cfg.data, labelled, size), "labelled slices",
-                                                           progress)
-        self.unlabelled = None
-        if need_unlabelled:
-            self.unlabelled = load_slices(AcdcSlices(cfg.data, unlabelled, size, labels=False),
-                                          "unlabelled slices", progress)[0]
-
-    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 16):
-        """`count` batches (batch, 1, S, S) of un-augmented training slices drawn with replacement: the unlabelled
-        ones when loaded, else the labelled ones (BatchNorm re-estimation)."""
-        source = self.unlabelled if self.unlabelled is not None else self.images
-        for _ in range(count):
-            yield source[torch.randint(len(source), (batch,), generator=generator)].to(device)
-
-
-class VolumeData:
-    """The training slices assembled into volumes (Z, S, S) at the in-plane training size, in memory; batches are
-    random 3D patches (cfg.patch, half of them centred on foreground), drawn from generators seeded by (seed, t)."""
-
-    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        from action.data.acdc import assemble_volumes
-
-        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
-        size = (cfg.size, cfg.size)
-        self.cfg = cfg
-        self.images, self.labels, self.names = assemble_volumes(cfg.data, labelled, size)
-        self.unlabelled = assemble_volumes(cfg.data, unlabelled, size)[0] if need_unlabelled else None
-
-    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 4):
-        """`count` batches (batch, 1, *patch) of un-augmented random patches of the training volumes (unlabelled
-        when loaded, else labelled): BatchNorm re-estimation."""
-        from action.data.sampling import random_patches
-
-        source = self.unlabelled if self.unlabelled is not None else self.images
-        for _ in range(count):
-            picks = torch.randint(len(source), (batch,), generator=generator).tolist()
-            yield torch.cat([random_patches(source[i], None, tuple(self.cfg.patch), 1, generator)[0]
-                             for i in picks]).to(device)
-
-    def patches(self, indices, t: int, device) -> dict:
-        from action.data.sampling import random_patches
-
-        lab, unl = indices
-        base = (self.cfg.seed * 1_000_003 + t) * 64
-        out_i, out_l = [], []
-        for k, i in enumerate(lab.tolist()):
-            g = torch.Generator().manual_seed(base + k)
-            img, lbl = random_patches(self.images[i], self.labels[i], tuple(self.cfg.patch), 1, g)
-            out_i.append(img)
-            out_l.append(lbl)
-        batch = {"image_l": torch.cat(out_i).to(device), "label_l": torch.cat(out_l).to(device)}
-        if len(unl):
-            batch["image_u"] = torch.cat([random_patches(self.unlabelled[i], None, tuple(self.cfg.patch), 1,
-                                                         torch.Generator().manual_seed(base + 32 + k))[0]
-                                          for k, i in enumerate(unl.tolist())]).to(device)
-        return batch
-
-
-def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True):
-    """A run's training images in memory: SliceData (2D) or VolumeData (3D), the unlabelled ones loaded when the
-    stage uses them (uses_unlabelled) or the config asks for an unlabelled batch."""
-    need_unlabelled = uses_unlabelled or cfg.unlabelled_batch > 0
-    return (VolumeData if cfg.dims == 3 else SliceData)(cfg, need_unlabelled, progress)
+def run_files(folder: str) -> list[str]:
+    """The RUN_FILES present in `folder` (none when it does not exist)."""
+    return [n for n in RUN_FILES if os.path.exists(os.path.join(folder, n))]
 
 
 class Trainer:
@@ -165,14 +95,15 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world, local_rank = dist_utils.init_from_env(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", local_rank)
+        if self.device.type == "cuda" and self.world > 1:  # ranks beyond the GPUs share them (gloo only)
+            self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
         shards = self.world * cfg.accumulate
         for name, n in (("labelled_batch", cfg.labelled_batch), ("unlabelled_batch", cfg.unlabelled_batch)):
             if n % shards:
                 raise ValueError(f"{name}={n} must be divisible by world size x accumulate = {shards}")
         self.progress = progress and self.rank == 0
         self.data = self.build_data()
+        self.check_evaluation_data()
         self.sampler = TwoStreamSampler(len(self.data.images),
                                         0 if self.data.unlabelled is None else len(self.data.unlabelled),
                                         cfg.labelled_batch, cfg.unlabelled_batch if self.uses_unlabelled else 0,
@@ -192,10 +123,20 @@ class Trainer:
         self.iteration, self.best, self.best_iteration = 0, -math.inf, -1
         self._eval_state = None  # the re-estimated network the last validation scored (bn_recalibrate)
         self._deferred: list[tuple[str, tuple]] = []
+        self._ddp = None  # DistributedDataParallel over the trained networks, under torchrun (shard_losses)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def build_data(self):
         return training_data(self.cfg, self.uses_unlabelled, self.progress)
+
+    def check_evaluation_data(self) -> None:
+        """Reads and checks the volumes validation (when val_every) and the final test (when test_at_end) will
+        use, so a bad file stops the run now, not at its first validation or after its last iteration."""
+        cfg = self.cfg
+        if cfg.val_every:
+            check_volumes(self.data.cases, self.data.val_names, "validation")
+        if cfg.test_at_end and self.rank == 0:
+            check_volumes(self.data.cases, self.data.test_names, "test")
 
     def build_model(self) -> nn.Module:
         return build_network(self.cfg)
@@ -215,14 +156,7 @@ class Trainer:
 
     def compute_losses(self, views: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         losses = supervised_loss(self.model(views["image_l"]), views["label_l"], self.augment.config.ignore_index)
-        return {"loss": losses["sup"], "ce": losses["ce"], "dice": losses["dice"]}
-
-    def training_step(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """prepare + compute_losses on the whole batch (one shard); deferred bank updates stay pending."""
-        return self.compute_losses(self.prepare(batch, generator), generator)
-
-    def defer(self, name: str, *tensors: torch.Tensor) -> None:
-        self._deferred.append((name, tuple(t.detach() for t in tensors)))
+        return {"loss": losses["sup"], "ce": losses["ce"], "dice_loss": losses["dice"]}
 
     def apply_deferred(self, name: str, tensors: tuple) -> None:
         raise NotImplementedError(f"{type(self).__name__} deferred {name!r} but does not apply it")
@@ -237,6 +171,15 @@ class Trainer:
         pass
 
     # -- machinery -----------------------------------------------------------------------------------------------
+    def defer(self, name: str, *tensors: torch.Tensor) -> None:
+        """Called by compute_losses: detached tensors for apply_deferred, after the optimizer step."""
+        self._deferred.append((name, tuple(t.detach() for t in tensors)))
+
+    def batch_losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """prepare + compute_losses on a whole batch as one shard, without backward or optimizer step (tests and
+        the train-step benchmark); deferred bank updates stay pending."""
+        return self.compute_losses(self.prepare(batch, generator), generator)
+
     def _amp_dtype(self):
         if self.cfg.amp == "off" or (self.cfg.amp == "auto" and self.device.type != "cuda"):
             return None
@@ -248,6 +191,8 @@ class Trainer:
         """Model weights from another run's checkpoint (e.g. the previous pipeline stage): the weights it validated
         (eval_weights: the EMA teacher's for an eval_teacher run); strict about shapes, lenient about heads the other
         stage did not have (a teacher brings only the heads it tracks)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--init {path}: checkpoint not found")
         weights = align_keys(eval_weights(load_checkpoint(path)), self.model.state_dict())
         if not weights:
             raise ValueError(f"--init {path}: no parameter of this model is in the checkpoint")
@@ -281,6 +226,7 @@ class Trainer:
         """One optimisation step at iteration t: prepare the global batch, losses and backward per local shard,
         gradients averaged over all shards, optimizer step, deferred bank updates in shard order, after_step."""
         cfg = self.cfg
+        saved_buffers = self._snapshot_buffers()  # before any forward of this step (prepare's included)
         generator = self._generator(t)
         autocast = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                         enabled=self.amp_dtype is not None)
@@ -299,18 +245,13 @@ class Trainer:
             if cfg.accumulate > 1 and j:
                 for b, b0 in zip(everything, start):
                     b.copy_(b0)
-            base = cfg.seed * 1_000_003 + t
+            base = run_seed(cfg.seed, t)
             torch.manual_seed(base + index * 2**40)  # dropout of this shard, the same on whichever rank runs it
             g = torch.Generator(self.device).manual_seed(base * 1009 + index + 1)  # the shard's own sampling
             with torch.autocast(**autocast):
-                losses = self.compute_losses(self.shard(views, index, shards), g)
+                losses = self.shard_losses(self.shard(views, index, shards), g, sync=j == cfg.accumulate - 1)
             values = {k: float(v.detach()) for k, v in losses.items()}
-            bad = [k for k, v in values.items() if not math.isfinite(v)]
-            if bad:
-                path = self.save()
-                raise FloatingPointError(
-                    f"iteration {t}: loss term(s) {bad} not finite ({ {k: values[k] for k in bad} }); training "
-                    f"stopped, the state before this iteration is saved in {path}")
+            self._check_losses(t, values, views, saved_buffers)
             self.scaler.scale(losses["loss"] / cfg.accumulate).backward()
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.accumulate
@@ -321,7 +262,7 @@ class Trainer:
             for b, acc in zip(buffers, summed):
                 b.copy_(acc / cfg.accumulate)
         dist_utils.average_buffers(buffers)
-        dist_utils.average_gradients(self.trainable_parameters())
+        self._check_gradients(t, views, saved_buffers)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -331,16 +272,99 @@ class Trainer:
         self.after_step(t)
         return dist_utils.mean_values(totals)
 
+    # -- the non-finite guard of step(): nothing of the run's state changes in an iteration that produced NaN/inf --
+    def _snapshot_buffers(self) -> list[torch.Tensor]:
+        """Copies of the model's buffers (BatchNorm running statistics and counters) before the step's forwards."""
+        return [b.detach().clone() for b in self.model.buffers()]
+
+    def _check_losses(self, t: int, values: dict[str, float], views: dict, saved: list[torch.Tensor]) -> None:
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            self._stop_non_finite(t, f"loss term(s) {list(bad)} not finite ({bad})", views, saved)
+
+    def _check_gradients(self, t: int, views: dict, saved: list[torch.Tensor]) -> None:
+        """Stops when a gradient holds NaN/inf. Under fp16 autocast the grad scaler owns that case (it skips the
+        step and lowers its scale: overflow is expected there), so the check is off with it."""
+        if self.scaler.is_enabled():
+            return
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        norms = torch._foreach_norm([g for _, g in named], float("inf"))  # max |g|: NaN and inf propagate
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            return
+        bad = [n for (n, _), v in zip(named, norms) if not bool(torch.isfinite(v))]
+        self._stop_non_finite(t, f"gradient not finite in {len(bad)} parameter(s) (first: {', '.join(bad[:3])}); "
+                                 f"every loss term was finite", views, saved)
+
+    def _stop_non_finite(self, t: int, what: str, views: dict, saved: list[torch.Tensor]):
+        """Puts back the state before iteration t (buffers restored, gradients and deferred updates dropped),
+        saves it when finite, and raises FloatingPointError with the iteration, `what` and the batch's files."""
+        with torch.no_grad():
+            for b, b0 in zip(self.model.buffers(), saved):
+                b.copy_(b0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._deferred = []
+        state = self.model.state_dict()
+        if all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            kept = f"the state before this iteration is saved in {self.save()}"
+        else:
+            kept = (f"the model was already non-finite before this iteration, so "
+                    f"{os.path.join(self.cfg.out, 'last.pt')} is kept as it was")
+        raise FloatingPointError(f"iteration {t}: {what}; {self._describe_batch(t, views)}; training stopped, "
+                                 f"nothing of this iteration applied: {kept}")
+
+    def _describe_batch(self, t: int, views: dict) -> str:
+        """The files of batch t (labelled and unlabelled), those of its images that hold NaN/inf, and the
+        prepared views that do (augmentation, teacher outputs)."""
+        lab, unl = (i.tolist() for i in self.sampler.batch(t))
+        data = self.data
+        sources = [("labelled", lab, getattr(data, "names", None), data.images),
+                   ("unlabelled", unl, getattr(data, "unlabelled_names", None), data.unlabelled)]
+        parts, bad = [], []
+        for kind, indices, names, images in sources:
+            if not indices:
+                continue
+            shown = [names[i] for i in indices] if names else [f"#{i}" for i in indices]
+            parts.append(f"{kind} {shown}")
+            bad += [shown[j] for j, i in enumerate(indices) if not bool(torch.isfinite(images[i]).all())]
+        text = "batch files: " + "; ".join(parts)
+        text += f"; non-finite input images: {bad}" if bad else "; every input image is finite"
+        views_bad = [k for k, v in views.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                     and not bool(torch.isfinite(v).all())]
+        if views_bad:
+            text += f"; non-finite prepared views: {views_bad}"
+        return text
+    def shard_losses(self, views: dict, generator: torch.Generator, sync: bool = True) -> dict[str, torch.Tensor]:
+        """compute_losses of one shard; under torchrun inside DistributedDataParallel (built at the first call:
+        action.engine.distributed.wrap), whose backward all-reduces the gradients unless sync is False (the
+        accumulated shards before a process's last)."""
+        if not dist_utils.initialized():
+            return self.compute_losses(views, generator)
+        if self._ddp is None:
+            self._ddp = dist_utils.wrap(self.model, self.compute_losses, self.device, self.cfg.sync_bn)
+        with contextlib.nullcontext() if sync else self._ddp.no_sync():
+            return self._ddp(views, generator)
+
     def _generator(self, t: int) -> torch.Generator:
-        seed = self.cfg.seed * 1_000_003 + t
+        seed = run_seed(self.cfg.seed, t)
         torch.manual_seed(seed)  # dropout and anything else on the global RNG
         return torch.Generator(self.device).manual_seed(seed)
 
     def checkpoint_state(self) -> dict:
         return {"iteration": self.iteration, "stage": self.stage, "config": self.cfg.to_json(),
+                "shards": self.world * self.cfg.accumulate,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state()}
+                "best": self.best, "best_iteration": self.best_iteration, "extra": self.extra_state(),
+                "preprocessing": self.preprocessing.to_json()}
+
+    @property
+    def preprocessing(self):
+        """What the training images went through (action.data.preprocessing), for inference to repeat."""
+        if getattr(self, "_preprocessing", None) is None:
+            self._preprocessing = preprocessing_of.of_training_data(self.cfg, self.data)
+        return self._preprocessing
 
     def save(self, name: str = "last.pt") -> str:
         """Writes <out>/<name>; best.pt also keeps the network its validation scored when that was a
@@ -354,14 +378,33 @@ class Trainer:
         dist_utils.barrier()
         return path
 
-    def resume(self, path: str | None = None) -> bool:
-        """Loads <out>/last.pt (or `path`); returns False when there is nothing to resume."""
+    def resume(self, path: str | None = None, force: bool = False) -> bool:
+        """Loads <out>/last.pt (or `path`); returns False when there is nothing to resume. The checkpoint's run
+        must have the same options as this one, apart from those that change no computed value (RESUME_NEUTRAL in
+        action.config: location, device, logging, bookkeeping; accumulate may change with the number of ranks as
+        long as world size x accumulate, the shard count, stays); otherwise a ValueError lists the differences
+        (force=True: resume with them, printed). A checkpoint of another model is a ValueError naming the entries
+        that differ."""
         path = path or os.path.join(self.cfg.out, "last.pt")
         if not os.path.isfile(path):
             return False
         state = load_checkpoint(path, map_location=self.device)
         if state.get("stage") != self.stage:
             raise ValueError(f"--resume: {path} is a {state.get('stage')!r} checkpoint, this run is {self.stage!r}")
+        changed = resume_differences(state.get("config", "{}"), self.cfg)
+        shards = self.world * self.cfg.accumulate  # the computation depends on the shard count, not how it splits
+        if state.get("shards", shards) != shards:
+            changed["world size x accumulate"] = (state["shards"], shards)
+        if changed:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            if not force:
+                raise ValueError(f"--resume: this run's options differ from those {path} was trained with ({listed}); "
+                                 f"rerun with the same options, add --force to resume with the changes (the run "
+                                 f"is then no longer the one an uninterrupted run would have been), or start a new "
+                                 f"run in another --out")
+            if self.rank == 0:
+                print(f"--resume --force: continuing {path} with changed options: {listed}", flush=True)
+        check_same_model(state["model"], self.model.state_dict(), path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -369,6 +412,43 @@ class Trainer:
         self.load_extra_state(state["extra"])
         self.iteration, self.best, self.best_iteration = state["iteration"], state["best"], state["best_iteration"]
         return True
+
+    def prepare_run_folder(self, resume: bool | str = False, overwrite: bool = False) -> bool:
+        """Decides, before anything is written, whether this run resumes (returns True) or starts afresh in
+        cfg.out, and removes stale temporary checkpoint files there. resume=True needs <out>/last.pt (else
+        FileNotFoundError: nothing to resume); resume="auto" resumes when last.pt exists and starts afresh
+        otherwise (one command line for a job that a scheduler may restart); a fresh start into a folder that
+        holds a run (RUN_FILES) is refused unless overwrite=True, which deletes that run's files (only those)."""
+        out, last = self.cfg.out, os.path.join(self.cfg.out, "last.pt")
+        if self.rank == 0:
+            for stale in clean_stale_temporaries(out):
+                print(f"removed {stale}: a checkpoint write that was killed before it finished", flush=True)
+        if resume == "auto":
+            resume = os.path.isfile(last)
+            # a run stopped before its first checkpoint holds nothing to resume: its logs are replaced
+            overwrite = overwrite or not any(os.path.isfile(os.path.join(out, n)) for n in ("last.pt", "best.pt"))
+        elif resume not in (True, False):
+            raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+        if resume:
+            if not os.path.isfile(last):
+                found = run_files(out)
+                raise FileNotFoundError(f"--resume: nothing to resume: {last} does not exist ("
+                                        + (f"{out} holds {found}" if found else f"{out} holds no run") +
+                                        "); check --out, or start a new run without --resume")
+            return True
+        existing = run_files(out)
+        if existing and not overwrite:
+            raise ValueError(f"--out {out} already holds a run ({', '.join(existing)}); continue it with --resume, "
+                             f"replace it with --overwrite, or choose another --out")
+        if existing and self.rank == 0:
+            import shutil
+
+            for name in existing:
+                target = os.path.join(out, name)
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            print(f"--overwrite: removed {', '.join(existing)} from {out}", flush=True)
+        dist_utils.barrier()
+        return False
 
     def evaluated(self, model: nn.Module) -> nn.Module:
         """The network validation and testing run: `model` itself, or with bn_recalibrate a copy whose BatchNorm
@@ -388,10 +468,10 @@ class Trainer:
         """Per-class and mean Dice of `model` over the validation volumes (model left in its train/eval mode)."""
         was_training = model.training
         model.eval()
-        predict = volume_predictor(model, self.cfg, self.device)
+        predict = volume_predictor(model, self.cfg, self.device, self.preprocessing)
         scores = []
-        for case in acdc_cases(self.cfg.data, self.data.val_names):
-            pred = predict(case.image)
+        for case in self.data.cases(self.data.val_names):
+            pred = predict(case)
             scores.append(fast_dice(pred, case.label, self.cfg.num_classes))
         model.train(was_training)
         per_class = torch.tensor(scores).mean(0).tolist()
@@ -407,18 +487,22 @@ class Trainer:
             net.load_state_dict(align_keys(eval_weights(load_checkpoint(path, self.device)), net.state_dict()))
         else:
             net = self.evaluated(self.eval_model())
-        predict = volume_predictor(net.eval(), self.cfg, self.device)
+        predict = volume_predictor(net.eval(), self.cfg, self.device, self.preprocessing)
         names = self.data.test_names
-        return evaluate(lambda case: predict(case.image),
-                        acdc_cases(self.cfg.data, names), out_dir or os.path.join(self.cfg.out, "test"),
-                        self.cfg.num_classes, CLASSES if self.cfg.num_classes == len(CLASSES) else None,
+        classes = getattr(self.data, "class_names", None) or (CLASSES if self.cfg.num_classes == len(CLASSES) else None)
+        return evaluate(predict, self.data.cases(names), out_dir or os.path.join(self.cfg.out, "test"),
+                        self.cfg.num_classes, classes,
                         overlays=overlays, progress=self.progress, total=len(names))
 
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool | str = False, overwrite: bool = False, force: bool = False) -> dict:
+        """Trains to cfg.iterations. resume: True (continue <out>/last.pt; an error when there is none), "auto"
+        (continue when it exists, else start), False (start; an error when <out> holds a run unless overwrite);
+        force: resume although options changed (resume()). SIGINT / SIGTERM / SIGHUP: the current iteration
+        finishes, last.pt is saved and Interrupted is raised (a second signal stops at once, without saving)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if resume and self.resume():
+        if self.prepare_run_folder(resume, overwrite) and self.resume(force=force):
             print(f"resumed from {os.path.join(cfg.out, 'last.pt')} at iteration {self.iteration}", flush=True)
         if self.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
@@ -429,16 +513,17 @@ class Trainer:
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"{self.stage}", disable=not self.progress,
                    dynamic_ncols=True)
         t_last = time.perf_counter()
-        interrupted = []
-        previous = None
-        if threading.current_thread() is threading.main_thread():  # Ctrl-C: finish the iteration, save, stop
-            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        interrupted: list[int] = []
+        previous = self._catch_stop_signals(interrupted)
         try:
             while self.iteration < cfg.iterations:
                 if interrupted:
                     path = self.save()
-                    bar.write(f"interrupted after iteration {self.iteration}: saved {path}; continue with --resume")
-                    raise KeyboardInterrupt
+                    name = signal.Signals(interrupted[0]).name
+                    message = (f"interrupted ({name}) after iteration {self.iteration}: saved {path}; continue "
+                               f"with --resume")
+                    bar.write(message)
+                    raise Interrupted(interrupted[0], message)
                 t = self.iteration
                 values = self.step(t)
                 self.iteration = t + 1
@@ -461,8 +546,8 @@ class Trainer:
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
                     self.save()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             bar.close()
             logger.close()
         if not cfg.val_every:
@@ -473,3 +558,19 @@ class Trainer:
             result["test"] = metrics.aggregate()
             print(metrics.summary_table(), flush=True)
         return result
+
+    @staticmethod
+    def _catch_stop_signals(interrupted: list) -> dict:
+        """Installs handlers that record SIGINT / SIGTERM / SIGHUP in `interrupted` (the loop saves and stops at
+        the next iteration boundary); a second signal raises KeyboardInterrupt at once. Returns the previous
+        handlers (none off the main thread, where Python cannot install handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if interrupted:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped without saving this "
+                                        f"iteration; last.pt holds the last checkpoint")
+            interrupted.append(signum)
+
+        return {s: signal.signal(s, handler) for s in STOP_SIGNALS}

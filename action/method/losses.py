@@ -1,6 +1,6 @@
-"""ACTION's stage losses built on the fused ops (method.md sections 2-5): FIFO anchor banks, the pseudo-label loss,
+"""ACTION's stage losses built on the fused ops (docs/method.md sections 2-5): FIFO anchor banks, the pseudo-label loss,
 hard-query sampling and the anatomical contrast term on a representation map. Everything runs on the training
-device, vectorised, randomness from one torch generator (method.md section 9, items 4 and 6)."""
+device, vectorised, randomness from one torch generator (docs/method.md section 9, items 4 and 6)."""
 from __future__ import annotations
 
 import torch
@@ -48,7 +48,7 @@ def pseudo_label_loss(logits: torch.Tensor, pseudo: torch.Tensor, confidence: to
                       ignore_index: int = 255, mask: str = "image") -> torch.Tensor:
     """logits (B, C, *S), pseudo (B, *S) int64, confidence (B, *S). Pixels marked ignore_index (cutout, padding)
     count nowhere; none left -> a graph-keeping 0.
-    mask "image" (method.md section 5): w_b = fraction of image b's pixels with confidence >= threshold;
+    mask "image" (docs/method.md section 5): w_b = fraction of image b's pixels with confidence >= threshold;
         L = sum_i w_b CE_i over the pixels with positive loss, divided by their number.
     mask "pixel": L = mean of CE_i over the pixels with confidence >= threshold (unconfident pixels, mostly the
         borders of small structures a weak teacher calls background, push nothing)."""
@@ -86,7 +86,7 @@ def sample_hard_queries(labels: torch.Tensor, probs: torch.Tensor, num_classes: 
 def anatomical_term(rep: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, num_classes: int, *,
                     per_class: int, strong_threshold: float, tau: float, negatives: str, num_negatives: int,
                     generator: torch.Generator) -> torch.Tensor:
-    """method.md section 4 on a representation map: rep (B, D, *S) with grad (S: h, w or d, h, w), labels (B, *S)
+    """docs/method.md section 4 on a representation map: rep (B, D, *S) with grad (S: h, w or d, h, w), labels (B, *S)
     (-1: not valid), probs (B, C, *S) the student's (detached) class probabilities. Prototypes and keys are the detached
     embeddings of valid pixels; queries are hard pixels; negatives "topk" (fused) or "class_graph". Fewer than two
     classes present or no hard query -> a graph-keeping zero."""

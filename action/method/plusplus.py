@@ -1,4 +1,4 @@
-"""ACTION++ additions (method.md section 7): the anatomical-aware temperature scheduler and the supervised adaptive
+"""ACTION++ additions (docs/method.md section 7): the anatomical-aware temperature scheduler and the supervised adaptive
 anatomical contrast (SAACL).
 
 - ATS: tau(t) = tau_min + 0.5 (tau_max - tau_min) (1 + cos(2 pi t / T)), one period over T iterations.

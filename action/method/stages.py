@@ -1,8 +1,10 @@
-"""The three ACTION stages as Trainer variants (method.md section 6), and the pipeline that runs them in order.
+"""The three ACTION stages and ACTION++'s fine-tuning as Trainer variants (docs/method.md sections 6 and 7), their
+registry, and the pipeline that runs the stages in order.
 
     pretrain-global (i)   L_global                      all images, labels unused
     pretrain-local  (ii)  L_sup + L_global + L_local    labelled + unlabelled
     finetune        (iii) L_sup + L_unsup + 0.01 L_anco labelled + unlabelled
+    finetune, ACTION++    + 0.01 L_saacl                (--plusplus: the registered variant "finetune+plusplus")
 
 Views: one geometric augmentation per image shared by student and teacher (so maps stay pixel-aligned for the
 local loss), independent photometric augmentation per view. Teachers are EMA copies (of the network and of the
@@ -16,6 +18,7 @@ import contextlib
 import dataclasses
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,11 +28,9 @@ from action.data.augment import cutmix
 from action.engine.checkpoint import load_checkpoint
 from action.engine.losses import supervised_loss
 from action.engine.trainer import Trainer
-from action.method.losses import (FifoBank, anatomical_term, distillation_loss, pseudo_label_loss,
-                                  sample_hard_queries)
+from action.method.losses import FifoBank, anatomical_term, distillation_loss, pseudo_label_loss, sample_hard_queries
 from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
-from action.engine.inference import build_network
-from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead
+from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead, build_network
 from action.models.ema import batch_statistics
 
 
@@ -85,12 +86,7 @@ class _TeacherStage(Trainer):
         return default
 
     def apply_deferred(self, name: str, tensors: tuple) -> None:
-        if name == "saacl_queue":
-            self.banks["saacl"].push(*tensors)
-        elif name == "saacl_means":
-            self.banks["saacl"].update_means(*tensors)
-        else:
-            self.banks[name].push(*tensors)
+        self.banks[name].push(*tensors)
 
     def after_step(self, iteration: int) -> None:
         self.teacher.update(self._teacher_source(), iteration)
@@ -190,35 +186,29 @@ class LocalPretrainer(GlobalPretrainer):
         return {"loss": loss, "sup": sup["sup"], "global": glob, "local": local}
 
 
+class StudentPass(NamedTuple):
+    """What one stage-iii student pass gives the loss terms: logits (B_l + B_u, C, *S) and decoder features of
+    [labelled; unlabelled] views, the anatomical-contrast grid's labels (B_l + B_u, *s) (-1: not valid) and its
+    size s."""
+
+    logits: torch.Tensor
+    feats: list
+    grid_labels: torch.Tensor
+    grid: tuple
+
+
 class Finetuner(_TeacherStage):
     """Stage iii: L_sup + unsup_weight L_unsup (teacher pseudo-labels, augmented jointly with their confidences,
-    cutmix) + anco_weight L_anco (anatomical contrast on a representation map at size / rep_stride).
-    ACTION++ (plusplus): + saacl_weight L_saacl on labelled grid pixels (student "saacl" head against a queue of
-    teacher "saacl" features, class centres assigned by the Hungarian algorithm), temperatures from ATS.
-    BatchNorm as in the ReCo code this stage follows: the teacher labels the clean unlabelled batch with that
-    batch's statistics (teacher_bn "batch"), the student sees labelled and unlabelled images in separate forwards
-    (split_bn); with running statistics and one mixed forward the loop collapsed on this project's CPU runs
-    (README, the stage iii diagnostics)."""
+    cutmix) + anco_weight L_anco (anatomical contrast on a representation map at size / rep_stride). Variants add
+    terms through more_losses (ACTION++: PlusPlusFinetuner). BatchNorm as in the ReCo code this stage follows: the
+    teacher labels the clean unlabelled batch with that batch's statistics (teacher_bn "batch"), the student sees
+    labelled and unlabelled images in separate forwards (split_bn); with running statistics and one mixed forward
+    the loop collapsed on this project's CPU runs (README, the stage iii diagnostics)."""
 
     stage = "finetune"
 
-    @property
-    def teacher_keys(self):
-        return ("net", "saacl") if self.cfg.plusplus else ("net",)
-
     def build_heads(self) -> dict:
-        decoder, dims = self.decoder, self.cfg.dims
-        heads = {"rep": RepresentationHead(decoder, self.cfg.rep_dim, dims=dims)}
-        if self.cfg.plusplus:
-            heads["saacl"] = RepresentationHead(decoder, self.cfg.saacl_dim, dims=dims)
-        return heads
-
-    def build_banks(self) -> dict:
-        if not self.cfg.plusplus:
-            return {}
-        cfg = self.cfg
-        centres = class_centres(cfg.num_classes, cfg.saacl_dim, cfg.tau_min)
-        return {"saacl": SaaclState(cfg.num_classes, cfg.saacl_dim, cfg.saacl_queue, centres, cfg.saacl_eta)}
+        return {"rep": RepresentationHead(self.decoder, self.cfg.rep_dim, dims=self.cfg.dims)}
 
     def prepare(self, batch, generator):
         """Teacher pseudo-labels and confidences of the un-augmented unlabelled images, then one augmentation
@@ -281,10 +271,44 @@ class Finetuner(_TeacherStage):
                                negatives=cfg.negatives, num_negatives=cfg.num_negatives, generator=generator)
         loss = sup["sup"] + self.unsup_weight() * unsup + cfg.anco_weight * anco
         out = {"loss": loss, "sup": sup["sup"], "unsup": unsup, "anco": anco}
-        if cfg.plusplus:
-            saacl = self.saacl_term(feats, x_l, y_small[:B], small, generator)
-            out["loss"] = loss + cfg.saacl_weight * saacl
-            out["saacl"] = saacl
+        return self.more_losses(out, views, StudentPass(logits, feats, y_small, small), generator)
+
+    def more_losses(self, out: dict, views: dict, student: StudentPass, generator: torch.Generator) -> dict:
+        """Hook for variants: further terms from this step's student pass, added to out["loss"] and logged under
+        their names; returns out. The plain stage adds none."""
+        return out
+
+
+class PlusPlusFinetuner(Finetuner):
+    """ACTION++'s fine-tuning (docs/method.md section 7): stage iii + saacl_weight L_saacl on labelled grid pixels
+    (a student "saacl" head against a queue of teacher "saacl" features, class centres assigned by the Hungarian
+    algorithm); its temperatures follow ATS when cfg.ats. The same stage as Finetuner ("finetune": checkpoints,
+    --init and --resume are interchangeable in name), registered as "finetune+plusplus"."""
+
+    teacher_keys = ("net", "saacl")
+
+    def build_heads(self) -> dict:
+        return {**super().build_heads(), "saacl": RepresentationHead(self.decoder, self.cfg.saacl_dim,
+                                                                     dims=self.cfg.dims)}
+
+    def build_banks(self) -> dict:
+        cfg = self.cfg
+        centres = class_centres(cfg.num_classes, cfg.saacl_dim, cfg.tau_min)
+        return {"saacl": SaaclState(cfg.num_classes, cfg.saacl_dim, cfg.saacl_queue, centres, cfg.saacl_eta)}
+
+    def apply_deferred(self, name: str, tensors: tuple) -> None:
+        if name == "saacl_queue":
+            self.banks["saacl"].push(*tensors)
+        elif name == "saacl_means":
+            self.banks["saacl"].update_means(*tensors)
+        else:
+            super().apply_deferred(name, tensors)
+
+    def more_losses(self, out: dict, views: dict, student: StudentPass, generator: torch.Generator) -> dict:
+        x_l = views["image_l"]
+        saacl = self.saacl_term(student.feats, x_l, student.grid_labels[:x_l.shape[0]], student.grid, generator)
+        out["loss"] = out["loss"] + self.cfg.saacl_weight * saacl
+        out["saacl"] = saacl
         return out
 
     def saacl_term(self, feats, view_l, y_small_l, small, generator):
@@ -311,15 +335,36 @@ class Finetuner(_TeacherStage):
         return loss
 
 
+# stage -> Trainer class; "<stage>+<variant>" -> a variant of that stage, chosen by the config switch of its name
 STAGE_TRAINERS = {"supervised": Trainer, "pretrain-global": GlobalPretrainer, "pretrain-local": LocalPretrainer,
-                  "finetune": Finetuner}
+                  "finetune": Finetuner, "finetune+plusplus": PlusPlusFinetuner}
+VARIANTS = ("plusplus",)  # config switches (bool fields of TrainConfig) that select a registered variant
 
 
-def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def trainer_class(cfg: TrainConfig) -> type[Trainer]:
+    """The Trainer class of cfg.stage, or of its registered variant when the variant's switch is on (cfg.plusplus:
+    "finetune+plusplus"; a stage without that variant ignores the switch)."""
+    if cfg.stage not in STAGE_TRAINERS:
+        stages = sorted(s for s in STAGE_TRAINERS if "+" not in s)
+        raise ValueError(f"stage {cfg.stage!r} has no trainer; choose from {stages}")
+    for variant in VARIANTS:
+        key = f"{cfg.stage}+{variant}"
+        if getattr(cfg, variant) and key in STAGE_TRAINERS:
+            return STAGE_TRAINERS[key]
+    return STAGE_TRAINERS[cfg.stage]
+
+
+def run_pipeline(cfg: TrainConfig, resume: bool | str = False, progress: bool = True, overwrite: bool = False,
+                 force: bool = False) -> dict:
     """Stages i, ii, iii in order into <out>/<stage>/, each initialised from the previous stage's best.pt (its best
     validated eval weights: the EMA teacher's with eval_teacher; the last model when it did not validate; the first
-    stage from cfg.init when given). With resume, a finished stage (last.pt at its final iteration) is skipped
-    and an interrupted one continues. Returns {stage: fit result}."""
+    stage from cfg.init when given). With resume, a finished stage (last.pt at its final iteration) is skipped,
+    an interrupted one continues and a later one starts (resume=True with no stage's last.pt at all is an error:
+    nothing to resume). overwrite and force go to every stage's fit. Returns {stage: fit result}."""
+    lasts = [os.path.join(cfg.out, stage, "last.pt") for stage in PIPELINE]
+    if resume is True and not any(os.path.isfile(p) for p in lasts):
+        raise FileNotFoundError(f"--resume: nothing to resume: no stage of the pipeline in {cfg.out} has a last.pt "
+                                f"({', '.join(lasts)}); check --out, or start a new run without --resume")
     results, init = {}, cfg.init
     for stage in PIPELINE:
         iterations = cfg.stage_iterations[stage]
@@ -333,7 +378,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
             results[stage] = {"skipped": True}
         else:
             print(f"pipeline: stage {stage}, {iterations} iterations -> {sub.out}", flush=True)
-            results[stage] = STAGE_TRAINERS[stage](sub, progress=progress).fit(resume=resume)
+            results[stage] = trainer_class(sub)(sub, progress=progress).fit(
+                resume="auto" if resume else False, overwrite=overwrite, force=force)
         best = os.path.join(sub.out, "best.pt")  # the last model when the stage did not validate
         init = best if os.path.isfile(best) else last
     return results

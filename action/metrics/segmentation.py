@@ -121,9 +121,14 @@ class SegmentationMetrics:
         return case
 
     def aggregate(self) -> dict:
-        """{"per_class": {name: {metric: (mean, std, n_nan)}}, "mean": {metric: mean over classes}} over cases.
+        """Over the cases: {"per_class": {name: {metric: (mean, std, n_nan)}}, "mean": {metric: mean over classes},
+        "mean_classes": {metric: classes that mean averaged}, "nan_cases": {metric: NaN (case, class) pairs},
+        "cases": number of cases}.
 
-        Means and standard deviations skip NaN (one-empty cases), which are counted in n_nan.
+        NaN-aware, explicitly: a class's mean and std are over its cases with a value (one-empty cases give NaN
+        distances; they are counted in n_nan, never averaged as 0); the "mean" row averages the classes whose
+        mean exists (mean_classes of them; a class NaN in every case has none) and nan_cases totals the pairs
+        left out, so a reader sees what a mean stands for. Dice and Jaccard are never NaN.
         """
         per_class = {}
         for c in range(1, self.num_classes):
@@ -135,8 +140,11 @@ class SegmentationMetrics:
                 stats[key] = (float(finite.mean()) if finite.size else math.nan,
                               float(finite.std()) if finite.size else math.nan, int(np.isnan(vals).sum()))
             per_class[name] = stats
-        mean = {key: _nanmean([per_class[n][key][0] for n in per_class]) for key in METRICS}
-        return {"per_class": per_class, "mean": mean, "cases": len(self.cases)}
+        means = {key: [per_class[n][key][0] for n in per_class] for key in METRICS}
+        return {"per_class": per_class, "mean": {key: _nanmean(v) for key, v in means.items()},
+                "mean_classes": {key: sum(not math.isnan(x) for x in v) for key, v in means.items()},
+                "nan_cases": {key: sum(per_class[n][key][2] for n in per_class) for key in METRICS},
+                "cases": len(self.cases)}
 
     def to_csv(self, path: str) -> None:
         """One row per case, one column per class and metric."""
@@ -148,13 +156,20 @@ class SegmentationMetrics:
             writer.writerows(self.cases)
 
     def summary_table(self) -> str:
-        """A Markdown table: mean ± std per class and the mean over classes."""
+        """A Markdown table: mean ± std per class ("(n NaN)": cases without a value), and the mean over classes
+        ("(k of C classes)" when a class had no value in any case; "(n NaN)": the (case, class) pairs left out)."""
         agg = self.aggregate()
+        keys = ("dice", "jaccard", "hd95", "asd")
         lines = ["| class | Dice | Jaccard | HD95 | ASD |", "|---|---|---|---|---|"]
         for name, stats in agg["per_class"].items():
             cells = [f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" + (f" ({stats[k][2]} NaN)" if stats[k][2] else "")
-                     for k in ("dice", "jaccard", "hd95", "asd")]
+                     for k in keys]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("| mean | " + " | ".join(f"{agg['mean'][k]:.4f}" for k in ("dice", "jaccard", "hd95", "asd"))
-                     + " |")
+        classes = self.num_classes - 1
+        cells = []
+        for k in keys:
+            notes = ([f"{agg['mean_classes'][k]} of {classes} classes"] if agg["mean_classes"][k] < classes else []) \
+                + ([f"{agg['nan_cases'][k]} NaN"] if agg["nan_cases"][k] else [])
+            cells.append(f"{agg['mean'][k]:.4f}" + (f" ({'; '.join(notes)})" if notes else ""))
+        lines.append("| mean | " + " | ".join(cells) + " |")
         return "\n".join(lines)

@@ -5,16 +5,15 @@ row's and is not the ignore label, ties to the lower index. On CPU the selection
 (a size-k heap per row) when the host build is present; otherwise torch.topk over packed int64 keys
 (value bits, then inverted index), which gives the same deterministic order.
 
-Backend contract: anchors (B, P, D) view with inverse norms ra (N,), keys (K, D) with rk (K,), labels int64
--> values (N, k) fp32 (or fp64 for fp64 inputs), indices (N, k) int64, padded with (-inf, -1).
+Implements dispatch.HardNegativeTopkKernels (the backend contract), fp64 included.
 """
 from __future__ import annotations
 
 import torch
 
-from action_kernels.chunked.soft_contrastive import _chunks
-from action_kernels.cuda import host_module
-from action_kernels.reference import work_dtype as _work_dtype
+from action_kernels._extension import host_module
+from action_kernels._rows import work_dtype as _work_dtype
+from action_kernels.chunked._chunking import row_chunks
 
 USE_NATIVE = True
 CHUNK_BYTES = 16 << 20  # the c x K similarity block (plus, on the torch path, its packed int64 copy)
@@ -58,7 +57,7 @@ def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int,
     ya, yk = anchor_labels.reshape(-1), key_labels.contiguous()
     native = _native(anchors)
     step = max(1, CHUNK_BYTES // ((4 if native is not None else 12) * K))
-    for r0, ac in _chunks(anchors, ra.to(work), step):
+    for r0, ac in row_chunks(anchors, ra.to(work), step):
         r1 = r0 + ac.shape[0]
         sim = torch.mm(ac, k_t)
         if native is not None:

@@ -6,8 +6,9 @@ logits are small (256 KiB at K = 65,536), so the key axis needs no online statis
 (three sweeps instead of ~14 torch passes) when the host build is present, else in plain torch
 (`USE_NATIVE = False` forces that).
 
-Backend contract (shared by every backend): rows s, t arrive raw with inverse norms rs, rt (N,) and keys k with
-rk (K,), so that ŝ = rs ⊙ s, t̂ = rt ⊙ t, k̂ = rk ⊙ k are the normalised vectors (all ones without normalisation).
+Implements dispatch.SoftContrastiveKernels (the backend contract), fp64 included: rows s, t arrive raw with inverse
+norms rs, rt (N,) and keys k with rk (K,), so that ŝ = rs ⊙ s, t̂ = rt ⊙ t, k̂ = rk ⊙ k are the normalised vectors
+(all ones without normalisation).
 Forward (per chunk):  a = ŝ k̂ᵀ/τ_s, b = t̂ k̂ᵀ/τ_t, lse_s, lse_t, loss = Σ_j p (log p - log q), p = softmax(b),
 q = softmax(a). Gradient to the normalised rows, formed in the forward pass when asked (no recompute; exact because
 row i's gradient is linear in its own upstream gradient g_i):  ds0_i = (q_i - p_i) k̂ / τ_s, dL/dŝ_i = g_i ds0_i.
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels.cuda import host_module
+from action_kernels._extension import host_module
+
 # fp32 math for 16-bit inputs (bf16 GEMMs are also ~100x slower on CPUs); fp64 stays fp64
-from action_kernels.reference import work_dtype as _work_dtype
+from action_kernels._rows import work_dtype as _work_dtype
+from action_kernels.chunked._chunking import row_chunks
 
 USE_NATIVE = True
 # The c x K work buffers of one chunk; measured at K = 8192: 1 MiB chunks are 3x slower (skinny GEMMs), 64 MiB
@@ -31,16 +34,6 @@ CHUNK_BYTES = 32 << 20
 
 def _chunk_rows(num_keys: int, buffers: int = 3) -> int:
     return max(1, CHUNK_BYTES // (buffers * 4 * num_keys))
-
-
-def _chunks(x: torch.Tensor, scale: torch.Tensor, step: int):
-    """Yields (row offset, scale ⊙ rows as (c <= step, D) in the work dtype) over the rows of a (B, P, D) view."""
-    B, P, _ = x.shape
-    for b in range(B):
-        for p0 in range(0, P, step):
-            rows = x[b, p0:p0 + step].to(_work_dtype(x))
-            r0 = b * P + p0
-            yield r0, rows * scale[r0:r0 + rows.shape[0], None]
 
 
 def _native_kernels(s: torch.Tensor):
@@ -111,7 +104,7 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
     if native is not None:
         buffers = torch.empty((2, step, K), dtype=work, device=s.device)
     scale_s, scale_t = rs.to(work) * inv_tau_s, rt.to(work) * inv_tau_t
-    for (r0, sc), (_, tc) in zip(_chunks(s, scale_s, step), _chunks(t, scale_t, step)):
+    for (r0, sc), (_, tc) in zip(row_chunks(s, scale_s, step), row_chunks(t, scale_t, step)):
         r1 = r0 + sc.shape[0]
         stats = (loss[r0:r1], lse_s[r0:r1], lse_t[r0:r1], with_grad)
         if native is not None:
@@ -131,7 +124,7 @@ def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: 
     dk = torch.zeros(k.shape, dtype=work, device=k.device)
     step = _chunk_rows(K)
     rs, rt = rs.to(work), rt.to(work)
-    for (r0, sc), (_, tc) in zip(_chunks(s, rs, step), _chunks(t, rt, step)):
+    for (r0, sc), (_, tc) in zip(row_chunks(s, rs, step), row_chunks(t, rt, step)):
         r1 = r0 + sc.shape[0]
         gc = g[r0:r1, None].to(work)
         log_q = torch.mm(sc, k_t).mul_(inv_tau_s).sub_(lse_s[r0:r1, None])

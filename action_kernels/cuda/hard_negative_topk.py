@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels.cuda import check_feature_size, dtype_name, keys_arg, launch_context, rows_arg, streamable
+from action_kernels.cuda import launch_context, rows_arg
+from action_kernels.cuda._operands import check_feature_size, dtype_name, keys_arg, streamable
 
 
 def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int, ignore_label: int):

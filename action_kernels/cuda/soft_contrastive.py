@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels.cuda import check_feature_size, dtype_name, keys_arg, launch_context, rows_arg, streamable
+from action_kernels.cuda import launch_context, rows_arg
+from action_kernels.cuda._operands import check_feature_size, dtype_name, keys_arg, streamable
 
 
 def _args(mod, s, t, k, scales, inv_tau_s, inv_tau_t):

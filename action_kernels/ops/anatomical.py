@@ -2,8 +2,9 @@
 
     loss_q = lse(z⁺, z_1..z_n) - z⁺,   z⁺ = cos(q, μ_{y_q}) / τ,   z_j = cos(q, neg_j) / τ
     reduction "mean": per-class mean over the queries of each class, summed over the classes present among the
-    queries, divided by their number (the reference code's reduction); 0 (graph kept) when at most one class is
-    present. Padding negatives (index -1) are left out; a query with none has loss lse(z⁺) - z⁺ = 0.
+    queries, divided by their number; 0 (graph kept) when at most one class is present. (The reference code divides
+    by the classes present among all valid pixels, hard or not: docs/method.md section 4.) Padding negatives
+    (index -1) are left out; a query with none has loss lse(z⁺) - z⁺ = 0.
 
 Negatives: "topk" (hard_negative_topk: the logits are the selected similarities themselves, no key gather),
 "class_graph" (the reference code's sampling, class_graph_negatives, then indexed_cosine), or an explicit (Q, n)
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels._validation import check_labels, check_same, check_tau, check_tensor, row_layout
+from action_kernels._rows import to_rows
+from action_kernels._validation import check_anatomical_contrast, check_class_graph_negatives, check_class_prototypes
 from action_kernels.ops.hard_negative_topk import hard_negative_topk, indexed_cosine
-from action_kernels.reference import to_rows
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -23,17 +24,9 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     """Weighted class means. features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial); weight: optional
     non-negative per-row weights -> prototypes (C, D) (zeros for absent classes), present (C,) bool.
     Differentiable with respect to features (detach them for the reference setting)."""
-    layout = row_layout("features", features)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    y = check_labels("labels", labels, layout.rows, features, num_classes, ignore_label)
+    _, y, weight = check_class_prototypes(features, labels, num_classes, weight, ignore_label)
     rows = to_rows(features)
-    w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device)
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.numel() != layout.rows:
-            raise ValueError(f"weight must have {layout.rows} elements (one per row), got "
-                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-        w = weight.reshape(-1).to(rows.dtype)
+    w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else weight.to(rows.dtype)
     keep = y != ignore_label
     w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
     cls = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
@@ -50,13 +43,8 @@ def class_graph_negatives(prototypes: torch.Tensor, query_labels: torch.Tensor, 
     class v is drawn from softmax_v(cos(μ_c, μ_v) / tau) over the other classes present among the keys, and the key
     uniformly within class v. prototypes: (C, D); query_labels: (Q,); key_labels: (K,) -> indices (Q, n) int64,
     -1 where a query's class has no other class to draw from. Reproducible from `generator`."""
-    check_tensor("prototypes", prototypes, (2,), "(C, D)")
+    yq, yk, tau = check_class_graph_negatives(prototypes, query_labels, key_labels, num_negatives, tau, ignore_label)
     C = prototypes.shape[0]
-    yq = check_labels("query_labels", query_labels, query_labels.numel(), prototypes, C)
-    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, ignore_label)
-    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
-        raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
-    tau = check_tau("tau", tau)
     device = prototypes.device
     valid_keys = yk != ignore_label
     counts = torch.zeros(C, dtype=torch.int64, device=device).index_add_(
@@ -109,29 +97,16 @@ def anatomical_contrast_loss(
     Example:
         >>> loss = anatomical_contrast_loss(q, yq, protos.detach(), pix.detach(), pix_labels, tau=0.5)
     """
-    check_tensor("queries", queries, (2,), "(Q, D)")
-    check_tensor("prototypes", prototypes, (2,), "(C, D)")
-    check_tensor("keys", keys, (2,), "(K, D)")
-    for name, x in (("prototypes", prototypes), ("keys", keys)):
-        check_same(name, x, "queries", queries)
-        if x.shape[1] != queries.shape[1]:
-            raise ValueError(f"{name} must have the feature size of queries (D={queries.shape[1]}), "
-                             f"got {tuple(x.shape)}")
+    yq, yk, tau = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau, negatives,
+                                            reduction, ignore_label)
     C = prototypes.shape[0]
-    yq = check_labels("query_labels", query_labels, queries.shape[0], queries, C)
-    yk = check_labels("key_labels", key_labels, keys.shape[0], queries, C, ignore_label)
-    tau = check_tau("tau", tau)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if isinstance(negatives, torch.Tensor):
         neg = indexed_cosine(queries, keys, negatives)
     elif negatives == "topk":
         neg = hard_negative_topk(queries, yq, keys, yk, num_negatives, ignore_label, backend=backend)[0]
-    elif negatives == "class_graph":
+    else:  # "class_graph"
         idx = class_graph_negatives(prototypes, yq, yk, num_negatives, tau, generator, ignore_label)
         neg = indexed_cosine(queries, keys, idx)
-    else:
-        raise ValueError(f"negatives must be 'topk', 'class_graph' or a (Q, n) int64 index tensor, got {negatives!r}")
     work = neg.dtype
     pos = torch.nn.functional.cosine_similarity(queries.to(work), prototypes.to(work)[yq], dim=1)
     logits = torch.cat([pos[:, None], neg], dim=1) / tau
@@ -139,3 +114,35 @@ def anatomical_contrast_loss(
     if reduction == "none":
         return per_query
     return _reduce_per_class(per_query, yq, C)
+
+
+class AnatomicalContrastLossFunction(torch.autograd.Function):
+    """anatomical_contrast_loss as a drop-in autograd Function, on the functional's own route: forward runs the
+    functional (validation included) on detached inputs with their requires_grad kept, and keeps that graph;
+    backward differentiates it (the top-k / indexed-cosine ops' registered backward, then the log-softmax), so
+    values and gradients are those of the functional. Once-differentiable.
+
+    Args: the functional's, positionally: queries, query_labels, prototypes, keys, key_labels, tau, negatives,
+    num_negatives, generator, backend, reduction, ignore_label. Returns () or (Q,) as the functional.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, query_labels, prototypes, keys, key_labels, tau=0.5, negatives="topk",
+                num_negatives=512, generator=None, backend=None, reduction="mean", ignore_label=-1):
+        leaves = [x.detach().requires_grad_(ctx.needs_input_grad[i]) for i, x in ((0, queries), (2, prototypes),
+                                                                                  (3, keys))]
+        with torch.enable_grad():
+            loss = anatomical_contrast_loss(leaves[0], query_labels, leaves[1], leaves[2], key_labels, tau, negatives,
+                                            num_negatives, generator, backend, reduction, ignore_label)
+        ctx.graph = (loss, leaves)
+        return loss.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        loss, leaves = ctx.graph
+        del ctx.graph
+        wanted = [x for x in leaves if x.requires_grad]
+        found = iter(torch.autograd.grad(loss, wanted, g, allow_unused=True))
+        dq, dp, dk = (next(found) if x.requires_grad else None for x in leaves)
+        return dq, None, dp, dk, None, None, None, None, None, None, None, None

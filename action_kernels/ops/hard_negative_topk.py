@@ -11,24 +11,21 @@ embedding_bag. The forward gather and the key gradient choose per call between s
 selected keys of a row chunk; index_add) and, when n is a sizeable fraction of K (K <= DENSE_RATIO n), dense (a
 c x K chunk of all similarities by GEMM; the scattered c x K gradient, transposed, times Â by GEMM). Measured on
 2 CPU cores at Q = 1024, n = 512, K = 16384, D = 512: key gradient 1.78 s sparse, 0.26 s dense.
+
+Both library ops register their autograd route (setup_context, backward) once; HardNegativeTopkFunction and
+IndexedCosineFunction are the same forward and backward as drop-in autograd Functions.
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 import torch.nn.functional as F
 
 from action_kernels import dispatch
-from action_kernels._validation import check_labels, check_same, check_tensor, row_layout
-from action_kernels.ops.soft_contrastive import _through_normalization, _work, as_row_view, inverse_norms
-from action_kernels.reference import hard_negative_topk_ref
+from action_kernels._rows import as_row_view, work_dtype
+from action_kernels._validation import check_hard_negative_topk, check_indexed_cosine
+from action_kernels.ops._normalization import row_and_key_scales, through_normalization, unit_rows
 
-_MODULES = {
-    "chunked": "action_kernels.chunked.hard_negative_topk",
-    "triton": "action_kernels.triton.hard_negative_topk",
-    "cuda": "action_kernels.cuda.hard_negative_topk",
-}
+OP = "hard_negative_topk"
 GATHER_BYTES = 32 << 20  # the (c, n, D) gathered keys, or the (c, K) dense block, of one row chunk
 DENSE_RATIO = 64
 
@@ -39,17 +36,6 @@ def _dense(n: int, num_keys: int) -> bool:
 
 def _row_chunk(n: int, d: int) -> int:
     return max(1, GATHER_BYTES // (4 * max(n, 1) * max(d, 1)))
-
-
-def _scales(a3: torch.Tensor, keys: torch.Tensor, normalize: bool):
-    """(ra (N,), rk (K,)) inverse norms of the (B, P, D) anchors and the keys (ones when not normalising)."""
-    return inverse_norms(a3, normalize).reshape(-1), inverse_norms(keys, normalize)
-
-
-def _unit_rows(a3: torch.Tensor, keys: torch.Tensor, ra: torch.Tensor, rk: torch.Tensor):
-    """(â (N, D), k̂ (K, D)) in the work dtype: the scaled rows the gathers read."""
-    B, P, D = a3.shape
-    return a3.reshape(B * P, D).to(ra.dtype) * ra[:, None], keys.to(rk.dtype) * rk[:, None]
 
 
 def _gathered_dots(a_hat: torch.Tensor, k_hat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -69,9 +55,9 @@ def _gathered_dots(a_hat: torch.Tensor, k_hat: torch.Tensor, idx: torch.Tensor) 
 
 def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bool):
     """Gradient of values = cos(a_i, k_idx) for upstream g (N, n): (dA as a3's (B, P, D) view shape or None, dK)."""
-    ra, rk = _scales(a3, keys, normalize)
+    ra, rk = row_and_key_scales(a3, keys, normalize)
     B, P, D = a3.shape
-    a_hat, k_hat = _unit_rows(a3, keys, ra, rk)
+    a_hat, k_hat = unit_rows(a3, keys, ra, rk)
     valid = idx >= 0
     g = torch.where(valid, g.to(ra.dtype), torch.zeros((), dtype=ra.dtype, device=g.device))
     da = dk = None
@@ -81,7 +67,7 @@ def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bo
         da_hat = F.embedding_bag(idx.clamp_min(0), k_hat, per_sample_weights=g, mode="sum")
         da = da_hat.view(B, P, D)
         if normalize:
-            da = _through_normalization(a3, ra.view(B, P), da)
+            da = through_normalization(a3, ra.view(B, P), da)
         da = da.to(a3.dtype)
     if need_k:
         if _dense(idx.shape[1], k_hat.shape[0]):
@@ -95,7 +81,7 @@ def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bo
             rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
             dk = torch.zeros_like(k_hat).index_add_(0, idx[valid], g[valid][:, None] * a_hat[rows])
         if normalize:
-            dk = _through_normalization(keys, rk, dk)
+            dk = through_normalization(keys, rk, dk)
         dk = dk.to(keys.dtype)
     return da, dk
 
@@ -107,26 +93,31 @@ def _topk_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """a: (B, P, D) view -> values (N, k) fp32 (fp64 for fp64), indices (N, k) int64."""
     with torch.no_grad():
-        ra, rk = _scales(a, keys, normalize)
-        mod = importlib.import_module(_MODULES[backend])
-        values, indices = mod.hard_negative_topk(a, a_labels, keys, key_labels, ra, rk, k, ignore_label)
-        return values.to(_work(a)), indices
+        ra, rk = row_and_key_scales(a, keys, normalize)
+        values, indices = dispatch.kernels(OP, backend).hard_negative_topk(a, a_labels, keys, key_labels, ra, rk, k,
+                                                                           ignore_label)
+        return values.to(work_dtype(a)), indices
 
 
 @_topk_op.register_fake
 def _(a, a_labels, keys, key_labels, k, ignore_label, normalize, backend):
     n = a.shape[0] * a.shape[1]
-    return a.new_empty((n, k), dtype=_work(a)), a.new_empty((n, k), dtype=torch.int64)
+    return a.new_empty((n, k), dtype=work_dtype(a)), a.new_empty((n, k), dtype=torch.int64)
 
 
-def _topk_setup(ctx, inputs, output):
+# -- the autograd route of the top-k: the library op registers these; HardNegativeTopkFunction calls them --------
+def _topk_save(ctx, inputs, output) -> None:
     a, _, keys, _, _, _, normalize, _ = inputs
     ctx.save_for_backward(a, keys, output[1])
-    ctx.mark_non_differentiable(output[1])
     ctx.normalize = normalize
 
 
-def _topk_backward(ctx, g_values, _g_indices):
+def _topk_setup(ctx, inputs, output):
+    _topk_save(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _topk_backward(ctx, g_values, _g_indices=None):
     a, keys, idx = ctx.saved_tensors
     da, dk = _gather_backward(a, keys, idx, g_values, ctx.normalize, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
     return da, None, dk, None, None, None, None, None
@@ -135,18 +126,41 @@ def _topk_backward(ctx, g_values, _g_indices):
 _topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
+class HardNegativeTopkFunction(torch.autograd.Function):
+    """hard_negative_topk as a drop-in autograd Function: the library op's forward and its registered backward (the
+    values' gradient), for code that composes its own autograd (no validation: arguments as below).
+
+    Args: anchors: (B, P, D) view (rows: x.unsqueeze(0); maps: x.flatten(2).transpose(1, 2)), anchor_labels: (N,)
+    int64, keys: (K, D), key_labels: (K,) int64, k: int >= 1, ignore_label: int, normalize: bool, backend: a name
+    of dispatch.FUSED. Returns values (N, k) fp32 (differentiable to anchors and keys), indices (N, k) int64.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, anchor_labels, keys, key_labels, k: int, ignore_label: int, normalize: bool,
+                backend: str):
+        inputs = (anchors, anchor_labels, keys, key_labels, k, ignore_label, normalize, backend)
+        output = _topk_op(*inputs)
+        _topk_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, g_values, g_indices):
+        return _topk_backward(ctx, g_values)
+
+
 @torch.library.custom_op("action_kernels::indexed_cosine", mutates_args=())
 def _indexed_cosine_op(a: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, normalize: bool) -> torch.Tensor:
     """a: (B, P, D) view, keys (K, D), idx (N, n) -> (N, n) similarities (-inf where idx is -1)."""
     with torch.no_grad():
-        return _gathered_dots(*_unit_rows(a, keys, *_scales(a, keys, normalize)), idx)
+        return _gathered_dots(*unit_rows(a, keys, *row_and_key_scales(a, keys, normalize)), idx)
 
 
 @_indexed_cosine_op.register_fake
 def _(a, keys, idx, normalize):
-    return a.new_empty(idx.shape, dtype=_work(a))
+    return a.new_empty(idx.shape, dtype=work_dtype(a))
 
 
+# -- the autograd route of indexed_cosine: the library op registers these; IndexedCosineFunction calls them --------
 def _cos_setup(ctx, inputs, output):
     a, keys, idx, normalize = inputs
     ctx.save_for_backward(a, keys, idx)
@@ -162,12 +176,21 @@ def _cos_backward(ctx, g):
 _indexed_cosine_op.register_autograd(_cos_backward, setup_context=_cos_setup)
 
 
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int >= 1, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1 (the number of negatives per anchor), got {k}")
-    return k
+class IndexedCosineFunction(torch.autograd.Function):
+    """indexed_cosine as a drop-in autograd Function: the library op's forward and its registered backward (no
+    validation). Args: anchors (B, P, D) view, keys (K, D), indices (N, n) int64 with -1 padding, normalize: bool.
+    Returns (N, n) similarities, -inf at padding."""
+
+    @staticmethod
+    def forward(ctx, anchors, keys, indices, normalize: bool):
+        inputs = (anchors, keys, indices, normalize)
+        output = _indexed_cosine_op(*inputs)
+        _cos_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, g):
+        return _cos_backward(ctx, g)
 
 
 def hard_negative_topk(
@@ -185,18 +208,12 @@ def hard_negative_topk(
     Example:
         >>> values, idx = hard_negative_topk(pixel_emb, pixel_labels, bank, bank_labels, k=64)
     """
-    layout = row_layout("anchors", anchors)
-    check_tensor("keys", keys, (2,), f"(K, D={layout.features})")
-    check_same("keys", keys, "anchors", anchors)
-    if keys.shape[1] != layout.features:
-        raise ValueError(f"keys must have the feature size of anchors (D={layout.features}), got {tuple(keys.shape)}")
-    k = _check_k(k)
-    ya = check_labels("anchor_labels", anchor_labels, layout.rows, anchors)
-    yk = check_labels("key_labels", key_labels, keys.shape[0], anchors)
-    name = dispatch.select("hard_negative_topk", backend, anchors.device, anchors.dtype)
+    layout, ya, yk, k, ignore_label = check_hard_negative_topk(anchors, anchor_labels, keys, key_labels, k,
+                                                               ignore_label)
+    name = dispatch.select(OP, backend, anchors.device, anchors.dtype, k=k, D=layout.features)
     if name == "torch":
-        return hard_negative_topk_ref(anchors, ya, keys, yk, k, int(ignore_label), normalize)
-    return _topk_op(as_row_view(anchors, layout), ya, keys, yk, k, int(ignore_label), normalize, name)
+        return dispatch.reference(OP)(anchors, ya, keys, yk, k, ignore_label, normalize)
+    return _topk_op(as_row_view(anchors, layout), ya, keys, yk, k, ignore_label, normalize, name)
 
 
 def indexed_cosine(anchors: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor,
@@ -204,13 +221,5 @@ def indexed_cosine(anchors: torch.Tensor, keys: torch.Tensor, indices: torch.Ten
     """cos(anchor_i, keys[indices_ir]): anchors (N, D) or (B, D, *spatial), keys (K, D), indices (N, n) int64
     with -1 padding -> (N, n) fp32, -inf at padding. Gathers keys in row chunks (never an (N, n, D) tensor whole);
     differentiable to anchors and keys."""
-    layout = row_layout("anchors", anchors)
-    check_same("keys", keys, "anchors", anchors)
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != layout.rows:
-        got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
-        raise ValueError(f"indices must have shape ({layout.rows}, n), one row per anchor, got {got}")
-    if indices.dtype != torch.int64:
-        raise TypeError(f"indices must be int64, got {indices.dtype}")
-    if indices.numel() and not torch.compiler.is_compiling() and bool((indices >= keys.shape[0]).any()):
-        raise ValueError(f"indices must be < K={keys.shape[0]} (or -1 for padding), got {int(indices.max())}")
+    layout = check_indexed_cosine(anchors, keys, indices)
     return _indexed_cosine_op(as_row_view(anchors, layout), keys, indices, normalize)

@@ -2,63 +2,26 @@
 
     loss_i = KL( softmax(n(t_i) n(K)ᵀ / τ_t) || softmax(n(s_i) n(K)ᵀ / τ_s) ),   reduced with optional row weights.
 
-Layers: the torch.library op `action_kernels::soft_contrastive_rows` (per-row loss of normalised (B, P, D) views,
-autograd registered, so torch.compile keeps it as one node), the autograd Function `SoftContrastiveLossFunction`
-over the same kernels, and the functional `soft_contrastive_loss` (validation, normalisation, dispatch, reduction).
+Layers: the torch.library op `action_kernels::soft_contrastive_rows` (per-row loss of (B, P, D) views, autograd
+registered, so torch.compile keeps it as one node); its autograd route (_setup_context, _backward), which the
+drop-in `SoftContrastiveLossFunction` uses too; and the functional `soft_contrastive_loss` (validation, dispatch,
+reduction). The kernels are the chosen backend's (dispatch.CONTRACTS["soft_contrastive_loss"]).
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 
 from action_kernels import dispatch
-from action_kernels._validation import RowLayout, check_soft_contrastive
-from action_kernels.reference import reduce_rows, soft_contrastive_loss_ref
-from action_kernels.reference import work_dtype as _work
+from action_kernels._rows import as_row_view, reduce_rows, work_dtype
+from action_kernels._validation import check_soft_contrastive
+from action_kernels.ops._normalization import inverse_norms, through_normalization
 
-_MODULES = {
-    "chunked": "action_kernels.chunked.soft_contrastive",
-    "triton": "action_kernels.triton.soft_contrastive",
-    "cuda": "action_kernels.cuda.soft_contrastive",
-}
-
-
-def _impl(backend: str):
-    if backend not in _MODULES:
-        raise ValueError(f"soft_contrastive_rows: backend must be one of {tuple(_MODULES)}, got {backend!r}")
-    return importlib.import_module(_MODULES[backend])
-
-
-NORM_EPS = 1e-12  # as F.normalize
-
-
-def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """x: (..., D) -> (...) 1 / max(||x||, eps) in fp32 (fp64 for fp64), or ones when not normalising."""
-    if not normalize:
-        return torch.ones(x.shape[:-1], dtype=_work(x), device=x.device)
-    return torch.linalg.vector_norm(x, dim=-1, dtype=_work(x)).clamp_min(NORM_EPS).reciprocal()
-
-
-def _through_normalization(x: torch.Tensor, r: torch.Tensor, g_hat: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. raw x (..., D) from the gradient w.r.t. x̂ = r x: r (g - x̂ (x̂·g)), as F.normalize's backward.
-
-    Where the norm was clamped to eps, x̂ = x / eps is linear in x and the projection term vanishes.
-    """
-    x_hat = x.to(g_hat.dtype) * r[..., None]
-    unclamped = torch.linalg.vector_norm(x, dim=-1, dtype=g_hat.dtype) > NORM_EPS
-    proj = (x_hat * g_hat).sum(-1, keepdim=True) * unclamped[..., None]
-    return (g_hat - x_hat * proj) * r[..., None]
+OP = "soft_contrastive_loss"
 
 
 def _scales(s, t, k, normalize: bool):
     """(rs (N,), rt (N,), rk (K,)): the inverse norms every backend takes (ones when not normalising)."""
     return inverse_norms(s, normalize).reshape(-1), inverse_norms(t, normalize).reshape(-1), inverse_norms(k, normalize)
-
-
-def _forward_impl(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad):
-    rs, rt, rk = _scales(s, t, k, normalize)
-    return _impl(backend).soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad)
 
 
 @torch.library.custom_op("action_kernels::soft_contrastive_rows", mutates_args=())
@@ -72,14 +35,16 @@ def soft_contrastive_rows(
     reading normalised copies. ds0 is dL/dŝ per unit upstream gradient, formed in the forward pass when with_grad.
     """
     with torch.no_grad():
-        return _forward_impl(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad)
+        rs, rt, rk = _scales(s, t, k, normalize)
+        return dispatch.kernels(OP, backend).soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t,
+                                                                      with_grad)
 
 
 @soft_contrastive_rows.register_fake
 def _(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad):
     B, P, D = s.shape
-    loss = s.new_empty((B * P,), dtype=_work(s))
-    ds0 = s.new_empty((B * P, D) if with_grad else (0,), dtype=_work(s))
+    loss = s.new_empty((B * P,), dtype=work_dtype(s))
+    ds0 = s.new_empty((B * P, D) if with_grad else (0,), dtype=work_dtype(s))
     return loss, torch.empty_like(loss), torch.empty_like(loss), ds0
 
 
@@ -91,18 +56,18 @@ def soft_contrastive_key_grad(
     """dL/dk (K, D) (through the normalisation) given the forward's loss, lse_s, lse_t and the upstream g (N,)."""
     with torch.no_grad():
         rs, rt, rk = _scales(s, t, k, normalize)
-        dk_hat = _impl(backend).soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, loss, lse_s,
-                                                          lse_t, g)
-        return _through_normalization(k, rk, dk_hat) if normalize else dk_hat
+        dk_hat = dispatch.kernels(OP, backend).soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t,
+                                                                         loss, lse_s, lse_t, g)
+        return through_normalization(k, rk, dk_hat) if normalize else dk_hat
 
 
 @soft_contrastive_key_grad.register_fake
 def _(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g, backend):
-    return k.new_empty(k.shape, dtype=_work(s))
+    return k.new_empty(k.shape, dtype=work_dtype(s))
 
 
 def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, normalize, backend, g_loss, need_s: bool, need_k: bool):
-    """The backward shared by the library op and the autograd Function: (ds or None, dk or None)."""
+    """dL/ds (or None) and dL/dk (or None) from the saved forward and the upstream per-row gradient g_loss (N,)."""
     s, t, k, loss, lse_s, lse_t, ds0 = saved
     ds = dk = None
     g = g_loss.to(loss.dtype)
@@ -111,7 +76,7 @@ def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, normalize, backend, g_loss, 
             raise RuntimeError("soft_contrastive_rows was called with with_grad=False but student needs a gradient")
         ds_hat = g.view(*s.shape[:2], 1) * ds0.view(s.shape)
         if normalize:
-            ds_hat = _through_normalization(s, inverse_norms(s, True), ds_hat)
+            ds_hat = through_normalization(s, inverse_norms(s, True), ds_hat)
         ds = ds_hat.to(s.dtype)
     if need_k:
         dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g,
@@ -119,15 +84,19 @@ def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, normalize, backend, g_loss, 
     return ds, dk
 
 
-def _setup_context(ctx, inputs, output):
+# -- the autograd route: the library op registers these; SoftContrastiveLossFunction calls them -------------------
+def _save(ctx, inputs, output) -> None:
     s, t, k, inv_tau_s, inv_tau_t, normalize, backend, _ = inputs
-    loss, lse_s, lse_t, ds0 = output
-    ctx.save_for_backward(s, t, k, loss, lse_s, lse_t, ds0)
-    ctx.mark_non_differentiable(lse_s, lse_t, ds0)
+    ctx.save_for_backward(s, t, k, *output)
     ctx.args = (inv_tau_s, inv_tau_t, normalize, backend)
 
 
-def _backward(ctx, g_loss, _g_lse_s, _g_lse_t, _g_ds0):
+def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs, output)
+    ctx.mark_non_differentiable(*output[1:])  # lse_s, lse_t, ds0
+
+
+def _backward(ctx, g_loss, _g_lse_s=None, _g_lse_t=None, _g_ds0=None):
     ds, dk = _row_and_key_grads(ctx.saved_tensors, *ctx.args, g_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
     return ds, None, dk, None, None, None, None, None
 
@@ -136,33 +105,24 @@ soft_contrastive_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
 class SoftContrastiveLossFunction(torch.autograd.Function):
-    """Per-row loss as a plain autograd Function (the same kernels, without torch.library).
+    """Per-row loss as a drop-in autograd Function: the library op's forward and its registered backward, for code
+    that composes its own autograd (no validation: arguments as below).
 
     Args: s, t: (B, P, D) views (rows: x.unsqueeze(0); maps: x.flatten(2).transpose(1, 2)), k: (K, D),
-    tau_s, tau_t: temperatures, normalize: fuse the L2 normalisation, backend: "chunked", "triton" or "cuda".
+    tau_s, tau_t: temperatures, normalize: fuse the L2 normalisation, backend: a name of dispatch.FUSED.
     Returns (B * P,) fp32 per-row losses.
     """
 
     @staticmethod
     def forward(ctx, s, t, k, tau_s: float, tau_t: float, normalize: bool, backend: str):
-        args = (1.0 / tau_s, 1.0 / tau_t, normalize, backend)
-        out = _forward_impl(s, t, k, *args, ctx.needs_input_grad[0])
-        ctx.save_for_backward(s, t, k, *out)
-        ctx.args = args
-        return out[0]
+        inputs = (s, t, k, 1.0 / tau_s, 1.0 / tau_t, normalize, backend, ctx.needs_input_grad[0])
+        output = soft_contrastive_rows(*inputs)
+        _save(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, g_loss):
-        ds, dk = _row_and_key_grads(ctx.saved_tensors, *ctx.args, g_loss, ctx.needs_input_grad[0],
-                                    ctx.needs_input_grad[2])
-        return ds, None, dk, None, None, None, None
-
-
-def as_row_view(x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
-    """(N, D) -> (1, N, D) view; (B, D, *spatial) -> (B, P, D) view (no copy when the spatial dims collapse)."""
-    if not layout.spatial:
-        return x.unsqueeze(0)
-    return x.flatten(2).transpose(1, 2)
+        return _backward(ctx, g_loss)[:7]
 
 
 def soft_contrastive_loss(
@@ -179,8 +139,9 @@ def soft_contrastive_loss(
 
     Args:
         tau_student, tau_teacher: softmax temperatures (> 0). normalize: L2-normalise rows and keys (fused into
-        the kernels as per-row / per-key scales, no normalised copies; gradients flow through it). backend: None (ACTION_KERNELS_BACKEND, then automatic),
-        "torch" (materialising reference), "chunked", "triton", "cuda".
+        the kernels as per-row / per-key scales, no normalised copies; gradients flow through it).
+        backend: None (ACTION_KERNELS_BACKEND, then automatic), "torch" (materialising reference), or a name of
+        dispatch.FUSED ("chunked", "triton", "cuda").
 
     Gradients flow to student and, when keys.requires_grad, to keys. teacher must not require grad.
     Non-finite inputs are not checked (a check would synchronise the device): they make the affected rows NaN.
@@ -190,14 +151,14 @@ def soft_contrastive_loss(
         weights, an empty bank, a teacher that requires grad. RuntimeError: a forced backend that cannot run.
 
     Example:
-        >>> s = torch.randn(2, 64, 32, 32, requires_grad=True); t = torch.randn(2, 64, 32, 32); bank = torch.randn(512, 64)
-        >>> soft_contrastive_loss(s, t, bank).backward()
+        >>> s, t = torch.randn(2, 64, 32, 32, requires_grad=True), torch.randn(2, 64, 32, 32)
+        >>> soft_contrastive_loss(s, t, torch.randn(512, 64)).backward()
     """
     layout, tau_s, tau_t, w, reduction = check_soft_contrastive(
         student, teacher, keys, tau_student, tau_teacher, weight, reduction)
-    name = dispatch.select("soft_contrastive_loss", backend, student.device, student.dtype)
+    name = dispatch.select(OP, backend, student.device, student.dtype, D=layout.features)
     if name == "torch":
-        return soft_contrastive_loss_ref(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
+        return dispatch.reference(OP)(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
     s, t = as_row_view(student, layout), as_row_view(teacher, layout)
     with_grad = torch.is_grad_enabled() and s.requires_grad
     loss = soft_contrastive_rows(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, normalize, name, with_grad)[0]

@@ -1,0 +1,175 @@
+"""The multi-process check for a lent GPU: DistributedDataParallel over NCCL and gloo on CUDA tensors, and
+SyncBatchNorm, each against the single-process run that computes the same step. Needs no dataset (it writes a
+small synthetic NIfTI one) and about 2 minutes on a GPU. Exit status 1 when a comparison is outside its allowance.
+
+    python benchmarks/ddp_check.py --out DIR              # CUDA: every run below
+    python benchmarks/ddp_check.py --out DIR --device cpu # gloo only (what the CPU can check; CI runs
+                                                          # tests/test_distributed.py instead)
+
+Runs (4 iterations each, fp32: --amp off and NVIDIA_TF32_OVERRIDE=0, so equal math gives equal numbers up to
+summation order), each compared with its reference on losses (train.csv) and weights (last.pt):
+
+    gloo-2ranks     torchrun 2 ranks (ACTION_DIST_BACKEND=gloo; on one GPU both ranks share it, which NCCL refuses)
+                    of pretrain-local  vs one process with --accumulate 2           (allowances ranks_losses/_weights)
+    nccl-1rank      one rank in an NCCL process group (DDP's all-reduce over NCCL) of supervised
+                    vs the plain single-process run
+    nccl-2ranks     torchrun 2 ranks over NCCL, only with 2 or more GPUs
+    syncbn-2ranks   torchrun 2 ranks (gloo) with --sync-bn, supervised vs one process with --accumulate 1: BatchNorm
+                    statistics over both ranks' shards equal the whole batch's
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from action.data.nifti import save_nifti  # noqa: E402
+from action_kernels.testing import ALLOWANCES  # noqa: E402
+
+SMALL = {"size": 64, "iterations": 4, "labelled_patients": None, "labelled_batch": 4, "unlabelled_batch": 4,
+         "val_every": 0, "test_at_end": False, "tensorboard": False, "log_every": 1, "checkpoint_every": 4,
+         "amp": "off", "global_dim": 32, "global_bank": 8, "local_dim": 16, "local_bank": 64, "local_push": 16,
+         "local_grid": 8}
+
+RUN = """
+import json, os, sys
+import torch.distributed as dist
+from action.config import build_config
+from action.method import trainer_class
+values = json.loads(sys.argv[1])
+if os.environ.get("CHECK_INIT_NCCL"):  # a process group this script makes itself: one rank over NCCL
+    dist.init_process_group("nccl", rank=0, world_size=1)
+cfg = build_config(overrides=values)
+trainer_class(cfg)(cfg, progress=False).fit()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_dataset(root: str, cases: int = 6, unlabelled: int = 2) -> str:
+    """images/ + labels/ (the pairs layout): volumes (64, 64, 8) of three nested blobs (classes 1-3) on noise,
+    and `unlabelled` images without label maps."""
+    g = np.random.default_rng(0)
+    x, y = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    for i in range(cases + unlabelled):
+        cx, cy = g.integers(20, 44, 2)
+        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        label = np.select([r < 6, r < 10, r < 14], [3, 2, 1], 0).astype(np.uint8)[..., None].repeat(8, 2)
+        image = (label * 40.0 + g.normal(0, 15, label.shape)).astype(np.float32)
+        save_nifti(image, affine, os.path.join(root, "images", f"case{i:02d}.nii.gz"))
+        if i < cases:
+            save_nifti(label, affine, os.path.join(root, "labels", f"case{i:02d}.nii.gz"))
+    return root
+
+
+def run(values: dict, ranks: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    """One training run of RUN: plain python (ranks 0) or torchrun with `ranks` processes."""
+    script = os.path.join(values["out"] + ".py")
+    with open(script, "w") as fh:
+        fh.write(RUN)
+    launcher = [sys.executable] if not ranks else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                   str(ranks), "--master_port", str(free_port())]
+    full = dict(os.environ, OMP_NUM_THREADS="1", NVIDIA_TF32_OVERRIDE="0", PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([*launcher, script, json.dumps(values)], capture_output=True, text=True, env=full, cwd=ROOT)
+
+
+def losses(out: str) -> dict[str, np.ndarray]:
+    with open(os.path.join(out, "train.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    keys = [k for k in rows[0] if k not in ("iteration", "lr", "s_per_it")]
+    return {k: np.array([float(r[k]) for r in rows]) for k in keys}
+
+
+def excess(x, ref, name: str) -> tuple[float, bool]:
+    """(largest |x - ref|, whether every element is within ALLOWANCES[name])."""
+    a = ALLOWANCES[name]
+    x, ref = torch.as_tensor(x).double(), torch.as_tensor(ref).double()
+    diff = (x - ref).abs()
+    return float(diff.max()) if diff.numel() else 0.0, bool((diff <= a.atol + a.rtol * ref.abs()).all())
+
+
+def compare(name: str, out: str, ref: str) -> dict:
+    from action.engine import load_checkpoint
+
+    la, lb = losses(out), losses(ref)
+    loss_diff, loss_ok = max((excess(la[k], lb[k], "ranks_losses") for k in lb), key=lambda t: (not t[1], t[0]))
+    wa = load_checkpoint(os.path.join(out, "last.pt"))["model"]
+    wb = load_checkpoint(os.path.join(ref, "last.pt"))["model"]
+    weight_diff, weight_ok = max((excess(wa[k], wb[k], "ranks_weights") for k in wb), key=lambda t: (not t[1], t[0]))
+    return {"run": name, "max_loss_diff": loss_diff, "max_weight_diff": weight_diff, "ok": loss_ok and weight_ok}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="ddp_results")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu for the gloo part")
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="ddp_check_")
+    data = make_dataset(os.path.join(work, "data"))
+    base = dict(SMALL, data=data, device=args.device)
+    plans = []  # (name, values, ranks, env, reference name)
+    refs = {"acc2": (dict(base, stage="pretrain-local", accumulate=2), 0, {}),
+            "plain": (dict(base, stage="supervised"), 0, {})}
+    plans.append(("gloo-2ranks", dict(base, stage="pretrain-local"), 2, {"ACTION_DIST_BACKEND": "gloo"}, "acc2"))
+    if args.device == "cuda":
+        plans.append(("nccl-1rank", dict(base, stage="supervised"), 0,
+                      {"CHECK_INIT_NCCL": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                       "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "plain"))
+        if torch.cuda.device_count() >= 2:
+            plans.append(("nccl-2ranks", dict(base, stage="pretrain-local"), 2, {}, "acc2"))
+        plans.append(("syncbn-2ranks", dict(base, stage="supervised", sync_bn=True), 2,
+                      {"ACTION_DIST_BACKEND": "gloo"}, "plain"))
+    results, failed = [], False
+    for ref_name, (values, ranks, env) in refs.items():
+        out = os.path.join(work, ref_name)
+        done = run(dict(values, out=out), ranks, env)
+        if done.returncode:
+            print(f"reference {ref_name} failed:\n{done.stderr[-3000:]}")
+            return 1
+    for name, values, ranks, env, ref_name in plans:
+        out = os.path.join(work, name)
+        done = run(dict(values, out=out), ranks, env)
+        if done.returncode:
+            results.append({"run": name, "ok": False, "error": done.stderr[-2000:]})
+            failed = True
+            print(f"{name}: FAILED to run\n{done.stderr[-2000:]}")
+            continue
+        result = compare(name, out, os.path.join(work, ref_name))
+        results.append(result)
+        failed |= not result["ok"]
+    shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(args.out, "ddp_check.json"), "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                   "torch": torch.__version__, "results": results}, fh, indent=1)
+    print(f"{'run':<16}{'max |loss diff|':>18}{'max |weight diff|':>20}  within allowance")
+    for r in results:
+        if "error" in r:
+            print(f"{r['run']:<16}{'did not run':>18}")
+        else:
+            print(f"{r['run']:<16}{r['max_loss_diff']:>18.3e}{r['max_weight_diff']:>20.3e}  {r['ok']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""What several test files share: data locations, backend lists (from the registry), input makers, run helpers.
+
+Test files import from here, never from each other.
+"""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import action_kernels as ak
+from action_kernels import dispatch
+
+# -- data: ../shared/data beside the repository (CI provides it), or $ACDC_ROOT ----------------------------------------
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+ACDC = os.environ.get("ACDC_ROOT", os.path.join(SHARED, "acdc"))
+NIFTI = os.path.join(SHARED, "nifti")
+needs_acdc = pytest.mark.skipif(not os.path.isdir(os.path.join(ACDC, "data")),
+                                reason=f"ACDC HDF5 data not found at {ACDC} (CI provides ../shared/data/acdc; "
+                                       f"or set ACDC_ROOT)")
+needs_nifti = pytest.mark.skipif(not os.path.isdir(NIFTI), reason=f"real NIfTI fixtures not found at {NIFTI}")
+
+# -- backends, from the registry -----------------------------------------------------------------------------------
+FUSED = dispatch.FUSED  # every backend with kernels of its own: each is tested against the reference on CPU tensors
+# those that run at speed on CPU tensors; the interpreted ones (Triton's interpreter) get smaller shapes
+FAST_ON_CPU = tuple(b for b in FUSED if dispatch.REGISTRY[b].cpu != "interpreted")
+INTERPRETED_ON_CPU = tuple(b for b in FUSED if dispatch.REGISTRY[b].cpu == "interpreted")
+
+
+def available(backend: str, device: str = "cpu", dtype=torch.float32) -> bool:
+    return dispatch.unavailable_reason(backend, torch.device(device), dtype) == ""
+
+
+def require(backend: str, device: str = "cpu", dtype=torch.float32) -> None:
+    why = dispatch.unavailable_reason(backend, torch.device(device), dtype)
+    if why:
+        pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
+
+
+def fresh_seed() -> int:
+    """A new seed per run (printed in failure messages): inputs are fresh random tensors every time."""
+    return time.time_ns() % (2**31)
+
+
+# -- inputs of the ops ---------------------------------------------------------------------------------------------
+def make_soft(shape, num_keys, dtype, seed, weighted, keys_grad):
+    """Student (shape, with grad), teacher (correlated with it, like an EMA teacher), keys (num_keys, D) and an
+    optional non-negative weight with zeros, from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    d = shape[1]
+    s = torch.randn(shape, generator=g).to(dtype)
+    t = (s.float() + 0.7 * torch.randn(shape, generator=g)).to(dtype)
+    k = torch.randn(num_keys, d, generator=g).to(dtype)
+    w = None
+    if weighted:
+        spatial = (shape[0],) if len(shape) == 2 else (shape[0], *shape[2:])
+        w = torch.rand(spatial, generator=g) * (torch.rand(spatial, generator=g) > 0.3)
+    return s.requires_grad_(True), t, k.requires_grad_(keys_grad), w
+
+
+def run_soft(backend, s, t, k, taus, w, reduction):
+    """(loss, student grad, keys grad or None) of soft_contrastive_loss on fresh leaves, under a non-uniform
+    upstream gradient."""
+    s = s.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(k.requires_grad)
+    loss = ak.soft_contrastive_loss(s, t, k, *taus, weight=w, reduction=reduction, backend=backend)
+    g = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape) if loss.dim() else torch.tensor(1.0)
+    (loss * g).sum().backward()
+    return loss.detach(), s.grad, (k.grad if k.requires_grad else None)
+
+
+def make_topk(n, k_keys, d, classes, seed, skew=False, maps=False):
+    """Anchors (n, D) or (2, D, n // 2), labels, keys (k_keys, D) and key labels (with -1 = ignore, or skewed:
+    ~80% of the keys in class 0, like background in medical images)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn((2, d, n // 2) if maps else (n, d), generator=g)
+    keys = torch.randn(k_keys, d, generator=g)
+    ya = torch.randint(0, classes, (2, n // 2) if maps else (n,), generator=g)
+    if skew:
+        yk = torch.where(torch.rand(k_keys, generator=g) < 0.8, 0, torch.randint(1, classes, (k_keys,), generator=g))
+    else:
+        yk = torch.randint(-1, classes, (k_keys,), generator=g)
+    return a, ya, keys, yk
+
+
+# -- training runs -------------------------------------------------------------------------------------------------
+# the smoke preset shrunk further: ACTION stages in a few seconds each
+SMALL = {"data": ACDC, "test_at_end": False, "val_every": 0, "log_every": 1, "tensorboard": False, "threads": 1,
+         "unlabelled_batch": 2, "global_dim": 32, "global_bank": 8, "local_dim": 16, "local_bank": 64,
+         "local_push": 16, "local_grid": 8, "rep_dim": 16, "queries_per_class": 16, "num_negatives": 16}
+
+
+def smoke_config(out, **kw):
+    from action.config import build_config
+
+    values = {"out": str(out), "data": ACDC, "test_at_end": False, "log_every": 1, "val_every": 0,
+              "tensorboard": False, "threads": 1}
+    values.update(kw)
+    return build_config("smoke", overrides=values)
+
+
+def stage_config(out, stage, **kw):
+    from action.config import build_config
+
+    return build_config("smoke", overrides={**SMALL, "out": str(out), "stage": stage, **kw})
+
+
+def losses(out):
+    """{iteration: loss} of a run folder's train.csv."""
+    with open(os.path.join(out, "train.csv")) as fh:
+        return {int(r["iteration"]): float(r["loss"]) for r in csv.DictReader(fh)}
+
+
+def kill_after_checkpoint(script: str, checkpoint, min_iteration: int, timeout: float = 180) -> int:
+    """Runs `python -c script`, SIGKILLs it once `checkpoint` holds >= min_iteration iterations; returns the
+    iteration the checkpoint holds after the kill."""
+    from action.engine import load_checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if checkpoint.exists() and load_checkpoint(str(checkpoint))["iteration"] >= min_iteration:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return load_checkpoint(str(checkpoint))["iteration"]
+
+
+def sign_model(dims):
+    """A 1x1 convolution with logits (x, -x): class 1 exactly where the input is negative."""
+    conv = (torch.nn.Conv2d, torch.nn.Conv3d)[dims - 2](1, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, *[1] * dims))
+        conv.bias.zero_()
+    return conv.eval()
