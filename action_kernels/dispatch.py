@@ -5,9 +5,10 @@ OPS), the dtypes it takes, whether it can run on a device, how it runs on CPU te
 op files, tests and benchmarks read their backend lists from here.
 
 Order of choice: the explicit `backend=` argument, then the ACTION_KERNELS_BACKEND environment variable, then
-automatic by device (AUTO_ORDER): on CUDA tensors the CUDA extension, then Triton, then the chunked torch path; on
-CPU the chunked torch path. A forced backend that cannot run raises with every reason; an automatic choice that
-skips the device's first preference warns once per (op, device type, reason).
+automatic by device (AUTO_ORDER): on CUDA tensors Triton, then the CUDA extension, then the chunked torch path
+(AUTO_ORDER_REASON says why Triton comes first); on CPU the chunked torch path. A forced backend that cannot run
+raises with every reason; an automatic choice that skips the device's first preference warns once per (op, device
+type, reason).
 """
 from __future__ import annotations
 
@@ -159,8 +160,12 @@ REGISTRY: Mapping[str, Backend] = MappingProxyType({b.name: b for b in (
 BACKENDS = tuple(REGISTRY)  # names
 FUSED = tuple(name for name, b in REGISTRY.items() if b.package is not None)  # backends with kernels of their own
 # automatic order by device type (any other device type: chunked); the torch reference is the last resort
-AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("cuda", "triton", "chunked"),
+AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("triton", "cuda", "chunked"),
                                                               "cpu": ("chunked",)})
+AUTO_ORDER_REASON: Mapping[str, str] = MappingProxyType({
+    "cuda": ("triton before cuda: the CUDA extension's kernels are fp32 SIMT, with no tensor-core instructions "
+             "(python -m action_kernels.kernel_report shows them), while the Triton kernels run on tensor cores"),
+})
 
 
 # -- choosing --------------------------------------------------------------------------------------------------------

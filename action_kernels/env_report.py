@@ -21,6 +21,8 @@ def lines() -> list[str]:
         out.append(f"triton: not available: {why}")
     for dev, flavour in _extension.flavours().items():
         out.append(f"kernel build for {dev} tensors: {flavour}")
+    out.append(f"automatic order on CUDA tensors: {' > '.join(dispatch.AUTO_ORDER['cuda'])} "
+               f"({dispatch.AUTO_ORDER_REASON['cuda']})")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         out.append(f"backends for {dev.type} tensors (auto picks "

@@ -44,15 +44,26 @@ def test_triton_on_cpu_without_interpreter_explains_how_to_enable_it(monkeypatch
     assert "need CUDA tensors" in why and "TRITON_INTERPRET=1" in why
 
 
-def test_cuda_tensors_fall_back_with_one_warning_when_the_extension_is_missing(monkeypatch):
-    reasons = {"cuda": "not built", "triton": "", "chunked": ""}
-    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, dev, dt, op=None, **kw: reasons.get(name, ""))
-    monkeypatch.setattr(dispatch, "_warned", set())
-    with pytest.warns(UserWarning, match="using backend 'triton' because cuda: not built"):
-        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16) == "triton"
+def test_cuda_tensors_prefer_triton_while_the_cuda_kernels_have_no_tensor_cores(monkeypatch):
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, dev, dt, op=None, **kw: "")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16) == "triton"
+    assert dispatch.AUTO_ORDER["cuda"][:2] == ("triton", "cuda")
+    assert "tensor-core" in dispatch.AUTO_ORDER_REASON["cuda"]
+    from action_kernels import env_report
+    assert any(dispatch.AUTO_ORDER_REASON["cuda"] in line for line in env_report.lines())
+
+
+def test_cuda_tensors_fall_back_with_one_warning_when_triton_is_missing(monkeypatch):
+    reasons = {"triton": "not importable", "cuda": "", "chunked": ""}
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, dev, dt, op=None, **kw: reasons.get(name, ""))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with pytest.warns(UserWarning, match="using backend 'cuda' because triton: not importable"):
+        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16) == "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16) == "cuda"
 
 
 def test_report_lists_every_backend():

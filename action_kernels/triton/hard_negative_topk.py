@@ -1,10 +1,23 @@
-"""Triton kernel of the fused similarity + streaming hard-negative top-k (launcher only; autograd lives in ops/).
+"""Triton kernel of the fused similarity + hard-negative top-k (launcher only; autograd lives in ops/).
 
-One program per BLOCK_M anchors streams key tiles of width BLOCK_N (a power of two >= KP, the next power of two
->= k): the tile's similarities are packed with their indices into int64 keys (value order, then lower index
-first; masked candidates get INT64_MIN), reduced to the tile's top-KP, and merged with the running top-KP by
-tl.topk over the joined (BLOCK_M, 2 KP) keys. Nothing N x K exists. Wide tiles mean fewer merges, which is also
-what keeps Triton's interpreter (about 2 s per tl.topk) usable in tests.
+One program per BLOCK_M anchors streams key tiles against a per-row threshold instead of sorting every tile
+(the previous design's per-tile bitonic tl.topk cost about ten GEMMs):
+  scan    sim = (a·k) rk on tensor cores; a candidate is a key of another class with sim > thr_i, thr_i a lower
+          bound of row i's k-th best. Candidates are appended to the row's slot buffer in global memory (W slots,
+          (key index, value bits) pairs) at positions taken from a per-row counter.
+  prune   when a row's buffer might overflow (more than W - BLOCK_N used), each row's threshold rises to about its
+          k-th best (a bisection on the values, no sort) and the slots below it are dropped (compaction). Rows
+          whose survivors would still not fit (massive exact ties) get the exact k-th by a radix select instead.
+          After the first tiles the threshold rejects almost every key: about 7 prunes per program at K = 65,536,
+          k = 64, on random unit vectors.
+  final   one tl.topk per row over what remains (packed int64: value order, ties to the lower index), writing
+          values (times the anchor's inverse norm) and indices.
+Exact and deterministic whatever order the buffer was filled in (prune and final see sets). Labels arrive as
+dense int32 class ids (an exact, sync-free renumbering in the launcher) and ignored keys as a NaN scale (NaN is
+never above a threshold), so a candidate costs one integer and one float comparison.
+On a GPU the append is four lines of predicated PTX (atomic slot, store); under TRITON_INTERPRET=1 the same
+slots come from a cumsum, and the final selection takes KP maxima (the interpreter runs tl.topk element by
+element); a test runs the tl.topk path there too.
 """
 from __future__ import annotations
 
@@ -12,86 +25,317 @@ import torch
 import triton
 import triton.language as tl
 
-from action_kernels.triton.soft_contrastive import _dot_precision, _interpreter_safe, _load_rows
+from action_kernels.triton import _common as C
 
-BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
-_NONE = -(2**63)
+OP = "hard_negative_topk"
+MAX_K = 512
+# (arch, "16" | "32" input bits, BLOCK_D, KP) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen among the
+# configurations without local memory by the kernel report's static estimate (kernel_report.tune).
+CONFIGS = {
+    (90, "16", 64, 64): (64, 64, 4, 2), (90, "16", 128, 64): (64, 64, 4, 2), (90, "16", 256, 64): (64, 64, 4, 2),
+    (90, "16", 512, 64): (64, 64, 4, 2), (90, "16", 64, 512): (64, 64, 4, 2), (90, "16", 128, 512): (64, 64, 4, 2),
+    (90, "16", 256, 512): (64, 64, 4, 2), (90, "16", 512, 512): (64, 64, 4, 2),
+    (80, "16", 64, 64): (64, 64, 4, 2), (80, "16", 128, 64): (64, 64, 4, 2), (80, "16", 256, 64): (64, 64, 4, 2),
+    (80, "16", 512, 64): (64, 64, 4, 2), (80, "16", 64, 512): (64, 64, 4, 2), (80, "16", 128, 512): (64, 64, 4, 2),
+    (80, "16", 256, 512): (64, 64, 4, 2), (80, "16", 512, 512): (64, 64, 4, 2),
+    (90, "32", 64, 64): (64, 64, 4, 2), (90, "32", 128, 64): (64, 64, 4, 2), (90, "32", 256, 64): (64, 32, 4, 2),
+    (90, "32", 512, 64): (64, 32, 4, 1), (90, "32", 64, 512): (64, 64, 4, 2), (90, "32", 128, 512): (64, 64, 4, 2),
+    (90, "32", 256, 512): (64, 32, 4, 2), (90, "32", 512, 512): (64, 32, 4, 1),
+    (80, "32", 64, 64): (64, 64, 4, 2), (80, "32", 128, 64): (64, 32, 4, 2), (80, "32", 256, 64): (64, 32, 4, 1),
+    (80, "32", 512, 64): (64, 16, 4, 1), (80, "32", 64, 512): (64, 64, 4, 2), (80, "32", 128, 512): (64, 32, 4, 2),
+    (80, "32", 256, 512): (64, 32, 4, 1), (80, "32", 512, 512): (64, 16, 4, 1),
+}
+# KP (a power of two >= k, the final selection's width) -> (W slots per row, rows per prune/final step: W x rows
+# packed keys are 64 registers a thread at 4 warps)
+BUFFERS = {64: (256, 8), 512: (1024, 4)}
+SELECT_ROWS = {64: 16, 512: 2}   # rows per program of the selection kernel: 64 registers of packed keys a thread
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "RELOAD": False}
+# see the module docstring; a test sets this False to run the tl.topk selection under the interpreter
+INTERPRETER_SELECT_BY_MAX = True
+
+
+def kept(k: int) -> int:
+    """KP for k: the two compiled variants (k <= 64, k <= 512)."""
+    return 64 if k <= 64 else 512
+
+
+def config_key(kernel: str, arch: int, dtype: torch.dtype, BLOCK_D: int, k: int = 64) -> tuple:
+    return (90 if arch >= 90 else 80, "32" if dtype == torch.float32 else "16", BLOCK_D, kept(k))
+
+
+def config(arch: int, dtype: torch.dtype, BLOCK_D: int, k: int) -> dict:
+    if C.interpreting():
+        return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
+    key = config_key("topk_scan", arch, dtype, BLOCK_D, k)
+    if key not in CONFIGS:
+        raise NotImplementedError(f"hard_negative_topk triton kernel supports feature sizes up to 512, got a feature "
+                                  f"tile of {BLOCK_D}; use backend='chunked' or 'cuda'")
+    bm, bn, warps, stages, *reload = CONFIGS[key]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, RELOAD=bool(reload and reload[0]))
+
+
+# Append, one element: a candidate (another class, value above the row's threshold) takes a slot from its row's
+# counter and stores (key index, value bits) there. Predicated, no branch: at the candidate densities here a warp
+# vote would take the slow path for most groups anyway. The output is a dummy (inline asm must return something).
+_APPEND = tl.constexpr("""{
+.reg .pred p;
+.reg .u32 pos;
+.reg .u64 addr;
+setp.ne.s32 p, $3, $4;
+setp.gt.and.f32 p, $1, $2, p;
+@p atom.global.add.u32 pos, [$5], $9;
+mad.wide.u32 addr, pos, $7, $6;
+@p st.global.v2.b32 [addr], {$8, $1};
+}""")
+_APPEND_CONSTRAINTS = tl.constexpr("=r,r,r,r,r,l,l,r,r,r")
 
 
 @triton.jit
-def _ordered(v):
-    u = v.to(tl.int32, bitcast=True)
-    return tl.where(u < 0, u ^ 0x7FFFFFFF, u).to(tl.int64)
+def _sortable(raw):
+    # raw slot (value bits << 32 | index) -> one int64 ordered by value, then by lower index
+    bits = (raw >> 32).to(tl.int32)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (4294967295 - (raw & 4294967295))
 
 
 @triton.jit
-def _unordered(u):
-    u = tl.where(u < 0, u ^ 0x7FFFFFFF, u)
-    return u.to(tl.float32, bitcast=True)
+def _unsorted(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.to(tl.float32, bitcast=True), (4294967295 - (key & 4294967295))
 
 
-# sim_ij = (a_i·k_j) ra_i rk_j; candidate iff key_label_j != anchor_label_i and key_label_j != ignore;
-# running top-KP of packed (ordered(sim) << 32) + (2^32 - 1 - j), merged per tile with tl.topk.
 @triton.jit
-def _topk_kernel(
-    A, Kp, RA, RK, YA, YK, Values, Indices,
-    N, P, K, D, k_out, ignore_label,
-    a_sb, a_sp, a_sd, k_sk, k_sd,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs, RK, YK, j0, K, thr, buf_row, cnt_row, Buf, Cnt, rows, eight, one,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr,
+               APPEND_ASM: tl.constexpr, RELOAD: tl.constexpr):
+    if RELOAD:  # the anchor tile from L2 every tile instead of registers (mma.sync, tf32x3: see soft_contrastive)
+        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+    cols = j0 + tl.arange(0, BLOCK_N)
+    if MASKED:  # keys past K: NaN scale, never a candidate
+        kt = tl.load(k_ptrs, mask=(cols < K)[:, None], other=0.0)
+        rk = tl.load(RK + cols, mask=cols < K, other=float("nan"))
+        yk = tl.load(YK + cols, mask=cols < K, other=0)
+    else:
+        kt = tl.load(k_ptrs)
+        rk = tl.load(RK + cols)
+        yk = tl.load(YK + cols)
+    # the anchor's inverse norm is positive: ordering by (a·k) rk is ordering by cosine; it is applied at the end
+    sim = tl.dot(a, tl.trans(kt), input_precision=PRECISION) * rk[None, :]
+    if APPEND_ASM:
+        tl.inline_asm_elementwise(
+            _APPEND, _APPEND_CONSTRAINTS,
+            [sim, tl.broadcast_to(thr[:, None], sim.shape), tl.broadcast_to(ya[:, None], sim.shape),
+             tl.broadcast_to(yk[None, :], sim.shape), tl.broadcast_to(cnt_row[:, None], sim.shape),
+             # eight: a register multiplier (one IMAD.WIDE)
+             tl.broadcast_to(buf_row[:, None], sim.shape), tl.full(sim.shape, 0, tl.int32) + eight,
+             tl.broadcast_to(cols[None, :], sim.shape), tl.full(sim.shape, 0, tl.int32) + one],
+            dtype=tl.int8, is_pure=False, pack=1)
+    else:
+        cand = ((sim > thr[:, None]) & (yk[None, :] != ya[:, None])).to(tl.int32)
+        cnt = tl.load(Cnt + rows)
+        pos = cnt[:, None] + tl.cumsum(cand, axis=1) - cand
+        raw = (sim.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols[None, :].to(tl.int64)
+        tl.store(Buf + rows.to(tl.int64)[:, None] * W + pos, raw, mask=cand != 0)
+        tl.store(Cnt + rows, cnt + tl.sum(cand, axis=1))
+
+
+@triton.jit
+def _best(key, KP: tl.constexpr, BY_MAX: tl.constexpr):
+    """The KP largest packed keys of each row, sorted descending (keys are distinct: they hold the index)."""
+    if BY_MAX:
+        col = tl.arange(0, KP)
+        best = tl.full([key.shape[0], KP], -(2**63), tl.int64)
+        for i in range(KP):
+            m = tl.max(key, axis=1)
+            best = tl.where(col[None, :] == i, m[:, None], best)
+            key = tl.where(key == m[:, None], -(2**63), key)
+        return best
+    return tl.topk(key, KP, dim=1)
+
+
+@triton.jit
+def _prune(Buf, Cnt, Thr, row0, N, k_out, W: tl.constexpr, LIMIT: tl.constexpr, MERGE_ROWS: tl.constexpr,
+           BLOCK_M: tl.constexpr, ROUNDS: tl.constexpr):
+    # per row: thr = t with at least k_out used slots >= t, found by bisection on the values (t is within
+    # range / 2^BISECT_ROUNDS below the k-th best; no sort: Triton's tl.topk costs about 400 instructions a slot
+    # here), and the slots >= t compacted at the front; their exact order is the final selection's business
+    tl.debug_barrier()
+    slots = tl.arange(0, W)
+    for r0 in range(0, BLOCK_M, MERGE_ROWS):
+        rr = row0 + r0 + tl.arange(0, MERGE_ROWS)
+        used = tl.minimum(tl.load(Cnt + rr, cache_modifier=".cg"), W)
+        live = slots[None, :] < used[:, None]
+        raw = tl.load(Buf + rr.to(tl.int64)[:, None] * W + slots[None, :], mask=live, other=0,
+                      cache_modifier=".cg")
+        value = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        lo = tl.where(used > 0, tl.min(tl.where(live, value, float("inf")), axis=1), 0.0)
+        hi = tl.where(used > 0, tl.max(tl.where(live, value, float("-inf")), axis=1), 0.0)
+        for _ in range(ROUNDS):  # invariant: at least k_out used slots >= lo
+            mid = lo + (hi - lo) * 0.5
+            enough = tl.sum((live & (value >= mid[:, None])).to(tl.int32), axis=1) >= k_out
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        t = tl.where(used >= k_out, lo, float("-inf"))
+        keep = live & (value >= t[:, None])
+        # massive exact ties can leave too many survivors: then the exact k-th packed key, bit by bit
+        if tl.max(tl.sum(keep.to(tl.int32), axis=1), axis=0) > LIMIT:
+            key = tl.where(live, _sortable(raw), -(2**63)) ^ -(2**63)  # unsigned order = packed order
+            prefix = tl.zeros([MERGE_ROWS], tl.int64)
+            for bit in range(63, -1, -1):
+                cand = prefix | (tl.full([MERGE_ROWS], 1, tl.int64) << bit)
+                ge = key.to(tl.uint64, bitcast=True) >= cand.to(tl.uint64, bitcast=True)[:, None]
+                enough = tl.sum((live & ge).to(tl.int32), axis=1) >= k_out
+                prefix = tl.where(enough, cand, prefix)
+            exact = live & (key.to(tl.uint64, bitcast=True) >= prefix.to(tl.uint64, bitcast=True)[:, None])
+            keep = tl.where((used >= k_out)[:, None], exact, live)
+        k32 = keep.to(tl.int32)
+        pos = tl.cumsum(k32, axis=1) - k32
+        tl.debug_barrier()  # every slot of the chunk is loaded before any moves
+        tl.store(Buf + rr.to(tl.int64)[:, None] * W + pos, raw, mask=keep)
+        tl.store(Cnt + rr, tl.sum(k32, axis=1))
+        tl.store(Thr + rr, tl.where(rr < N, t, float("inf")))
+    tl.debug_barrier()
+
+
+# The exact selection: per row, the KP best of its used slots by (value, lower index), written out as values (times
+# the anchor's inverse norm) and indices, padded with -inf / -1. A kernel of its own: it depends only on KP and W,
+# so its sort network compiles once per architecture instead of once per scan configuration.
+@triton.jit(do_not_specialize=["N", "k_out"])
+def _select_kernel(Buf, Cnt, RA, Values, Indices, N, k_out, KP: tl.constexpr, W: tl.constexpr,
+                   ROWS: tl.constexpr, BY_MAX: tl.constexpr):
+    rr = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    slots = tl.arange(0, W)
+    col = tl.arange(0, KP)
+    used = tl.minimum(tl.load(Cnt + rr), W)
+    live = slots[None, :] < used[:, None]
+    raw = tl.load(Buf + rr.to(tl.int64)[:, None] * W + slots[None, :], mask=live, other=0)
+    best = _best(tl.where(live, _sortable(raw), -(2**63)), KP, BY_MAX)
+    valid = best != -(2**63)
+    value, index = _unsorted(best)
+    ra = tl.load(RA + rr, mask=rr < N, other=0.0)
+    out = rr.to(tl.int64)[:, None] * k_out + col[None, :]
+    mask = (rr < N)[:, None] & (col[None, :] < k_out)
+    tl.store(Values + out, tl.where(valid, value * ra[:, None], float("-inf")), mask=mask)
+    tl.store(Indices + out, tl.where(valid, index, -1), mask=mask)
+
+
+# sim_ij = (a_i·k_j) ra_i rk_j; candidates: key_label_j != anchor_label_i and key_label_j != ignore_label;
+# values_i = the k largest sim_ij (ties to the lower j), indices_i = their j, padded with -inf / -1. The scan
+# leaves a superset of them (at most W per row) in the slots; _select_kernel picks them. (No gradient here: ops/
+# differentiates the selected values by a gather.)
+@triton.jit(do_not_specialize=["N", "K", "k_out"])
+def _scan_kernel(A, Kp, RK, YA, YK, Buf, Cnt, Thr, N, K, k_out,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 W: tl.constexpr, MERGE_ROWS: tl.constexpr, APPEND_ASM: tl.constexpr, RELOAD: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    row0 = pid * BLOCK_M
+    rows = row0 + r
     row_mask = rows < N
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    a = _load_rows(A, rows, P, a_sb, a_sp, a_sd, d, row_mask, d_mask)
-    ra = tl.load(RA + rows, mask=row_mask, other=0.0)
+    a_ptrs = A + pid.to(tl.int64) * (BLOCK_M * BLOCK_D) + r[:, None] * BLOCK_D + d[None, :]
+    a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
     ya = tl.load(YA + rows, mask=row_mask, other=0)
-    best = tl.full([BLOCK_M, KP], -(2**63), tl.int64)
-    for j0 in range(0, K, BLOCK_N):
-        keys = j0 + tl.arange(0, BLOCK_N)
-        k_mask = keys < K
-        kt = tl.load(Kp + keys[None, :].to(tl.int64) * k_sk + d[:, None].to(tl.int64) * k_sd,
-                     mask=k_mask[None, :] & d_mask[:, None], other=0.0)
-        rk = tl.load(RK + keys, mask=k_mask, other=0.0)
-        yk = tl.load(YK + keys, mask=k_mask, other=ignore_label)
-        sim = tl.dot(a, kt, input_precision=PRECISION) * ra[:, None] * rk[None, :]
-        ok = (yk[None, :] != ya[:, None]) & (yk[None, :] != ignore_label) & k_mask[None, :]
-        packed = (_ordered(sim) << 32) + (4294967295 - keys.to(tl.int64))[None, :]
-        packed = tl.where(ok, packed, -(2**63))
-        if BLOCK_N > KP:
-            packed = tl.topk(packed, KP, dim=1)
-        both = tl.reshape(tl.join(best, packed), [BLOCK_M, 2 * KP])
-        best = tl.topk(both, KP, dim=1)
-    valid = best != -(2**63)
-    idx = tl.where(valid, 4294967295 - (best & 0xFFFFFFFF), -1)
-    val = tl.where(valid, _unordered((best >> 32).to(tl.int32)), float("-inf"))
-    cols = tl.arange(0, KP)
-    out = rows[:, None].to(tl.int64) * k_out + cols[None, :]
-    mask = row_mask[:, None] & (cols[None, :] < k_out)
-    tl.store(Values + out, val, mask=mask)
-    tl.store(Indices + out, idx, mask=mask)
+    buf_row = (Buf + rows.to(tl.int64) * W).to(tl.int64, bitcast=True)
+    cnt_row = (Cnt + rows).to(tl.int64, bitcast=True)
+    thr = tl.where(row_mask, float("-inf"), float("inf"))  # rows past N never take a candidate
+    k_ptrs = Kp + tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + d[None, :]
+    n_full = K // BLOCK_N
+    eight = (n_full >> 31) + 8  # 8 and 1 in registers (see the append): K >= 0, the compiler cannot know
+    one = eight >> 3
+    jt = 0
+    while jt < n_full:
+        used = 0
+        while (jt < n_full) & (used <= W - BLOCK_N):
+            _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, YK, jt * BLOCK_N, K, thr,
+                       buf_row, cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, False, APPEND_ASM, RELOAD)
+            jt += 1
+            tl.debug_barrier()
+            used = tl.max(tl.load(Cnt + rows, cache_modifier=".cg"), axis=0)
+        if used > W - BLOCK_N:
+            _prune(Buf, Cnt, Thr, row0, N, k_out, W, W - BLOCK_N, MERGE_ROWS, BLOCK_M, 8)
+            thr = tl.load(Thr + rows, cache_modifier=".cg")
+    if n_full * BLOCK_N < K:
+        _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs + n_full * (BLOCK_N * BLOCK_D), RK, YK, n_full * BLOCK_N, K, thr,
+                   buf_row, cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, True, APPEND_ASM, RELOAD)
+    tl.debug_barrier()
+
+
+def expected_merges(K: int, k: int, BLOCK_N: int) -> int:
+    """Prunes per program for the kernel report's estimate (the data decide the real number): simulated with the
+    kernel's rule on random data (kernel_report.topk_model)."""
+    from action_kernels.kernel_report.topk_model import merges
+    return merges(K, k, BLOCK_N, BUFFERS[kept(k)][0])
+
+
+def dense_labels(anchor_labels: torch.Tensor, key_labels: torch.Tensor):
+    """(N,), (K,) int64 -> int32 class ids, equal exactly where the labels are equal: the rank of each label among
+    the distinct values of both (one sort of N + K values, no host synchronisation)."""
+    both = torch.cat([anchor_labels.reshape(-1), key_labels.reshape(-1)]).to(torch.int64)
+    sorted_, order = torch.sort(both)
+    step = torch.ones_like(sorted_, dtype=torch.int32)
+    step[1:] = (sorted_[1:] != sorted_[:-1]).to(torch.int32)
+    ids = torch.empty_like(step)
+    ids[order] = torch.cumsum(step, 0, dtype=torch.int32)
+    n = anchor_labels.numel()
+    return ids[:n].contiguous(), ids[n:].contiguous()
+
+
+def topk_launches(anchors, anchor_labels, keys, key_labels, ra, rk, k, ignore_label, values, indices):
+    dtype = C.kernel_dtype(anchors)
+    B, P, D = anchors.shape
+    N, K = B * P, keys.shape[0]
+    BD = C.block_d(D)
+    C.check_int32("(anchors + keys) x BLOCK_D", (N + K) * BD)
+    KP = kept(k)
+    W, merge_rows = BUFFERS[KP]
+    cfg = config(C.target_arch(anchors.device), dtype, BD, k)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = triton.cdiv(N, bm)
+    merge_rows = min(merge_rows, bm)
+    dev = anchors.device
+    buf = torch.empty((grid * bm, W), dtype=torch.int64, device=dev)
+    cnt = torch.zeros(grid * bm, dtype=torch.int32, device=dev)
+    thr = torch.empty(grid * bm, dtype=torch.float32, device=dev)
+    a2 = C.padded_rows(anchors, dtype, BD)
+    k2 = C.padded_rows(keys, dtype, BD)
+    ya, yk = dense_labels(anchor_labels, key_labels)
+    # an ignored key gets a NaN scale: NaN similarities are never above a threshold
+    rk_eff = torch.where(key_labels.reshape(-1) == ignore_label, float("nan"), rk.float())
+    scan_args = dict(A=a2, Kp=k2, RK=C.aligned(rk_eff.contiguous()), YA=C.aligned(ya), YK=C.aligned(yk), Buf=buf,
+                     Cnt=cnt, Thr=thr, N=N, K=K, k_out=k)
+    merges = expected_merges(K, k, bn) if C.capturing() else 0
+    chunks = bm // merge_rows
+    # loops, outermost first: prune loop (merges + 1 runs), scan (every full tile), the prune's row steps, its 8
+    # bisection rounds, the exact select's 64 bit steps (a fallback, not run on data without massive ties)
+    scan = C.Launch(OP, "topk_scan", _scan_kernel, (grid,), scan_args,
+                    dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, W=W,
+                         MERGE_ROWS=merge_rows, APPEND_ASM=not C.interpreting(), RELOAD=cfg["RELOAD"]),
+                    cfg["num_warps"], cfg["num_stages"],
+                    trips=[merges + 1, K // bn, merges * chunks, merges * chunks * 8, 0],
+                    notes=dict(merges=merges, dram_bytes=float(a2.numel() * a2.element_size()
+                                                               + k2.numel() * k2.element_size())))
+    rows = SELECT_ROWS[KP]
+    select = C.Launch(OP, "topk_select", _select_kernel, (triton.cdiv(grid * bm, rows),),
+                      dict(Buf=buf, Cnt=cnt, RA=C.aligned(ra.float().contiguous()), Values=values, Indices=indices,
+                           N=N, k_out=k),
+                      dict(KP=KP, W=W, ROWS=rows, BY_MAX=C.interpreting() and INTERPRETER_SELECT_BY_MAX),
+                      4, 1, trips=[], notes=dict(dram_bytes=float(values.numel() * 12 + N * W * 8)), dot=False)
+    return [scan, select]
 
 
 def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int, ignore_label: int):
     """anchors: (B, P, D) view, keys: (K, D), ra (N,), rk (K,), labels int64 -> values (N, k) fp32, indices (N, k)."""
-    anchors, keys = _interpreter_safe(anchors, keys)
+    if k > MAX_K:
+        raise NotImplementedError(f"the triton top-k keeps at most {MAX_K} candidates a row in its merge buffers, got "
+                                  f"k={k}; use backend='chunked' or 'cuda'")
     B, P, D = anchors.shape
-    N, K = B * P, keys.shape[0]
+    N = B * P
     values = torch.empty((N, k), dtype=torch.float32, device=anchors.device)
     indices = torch.empty((N, k), dtype=torch.int64, device=anchors.device)
     if N == 0:
         return values, indices
-    KP = max(16, triton.next_power_of_2(k))
-    blocks = dict(BLOCKS, BLOCK_N=max(KP, BLOCKS["BLOCK_N"]))
-    if KP >= 256:  # the running (BLOCK_M, KP) int64 keys and their doubled merge buffer live in registers
-        blocks["BLOCK_M"] = min(blocks["BLOCK_M"], 16)
-    grid = (triton.cdiv(N, blocks["BLOCK_M"]),)
-    _topk_kernel[grid](
-        anchors, keys, ra.float().contiguous(), rk.float().contiguous(), anchor_labels.reshape(-1).contiguous(),
-        key_labels.contiguous(), values, indices, N, P, K, D, k, ignore_label,
-        anchors.stride(0), anchors.stride(1), anchors.stride(2), keys.stride(0), keys.stride(1),
-        PRECISION=_dot_precision(anchors.dtype), KP=KP, BLOCK_D=max(16, triton.next_power_of_2(D)), **blocks,
-    )
+    for plan in topk_launches(anchors, anchor_labels, keys, key_labels, ra, rk, k, ignore_label, values, indices):
+        C.launch(plan)
     return values, indices
