@@ -112,17 +112,38 @@ template <class T, int ROWS, int D, int THREADS>
 AK_DEV void stream_tile(typename T::Elem* sh, const Src& src, int64_t row0, int64_t nrows, int d_real) {
   using E = typename T::Elem;
   constexpr int LD = D + T::kPad, PER = 16 / T::kBytes, CHUNKS = D / PER;  // PER elements per 16-byte chunk
+  constexpr int TRIPS = (ROWS * CHUNKS + THREADS - 1) / THREADS;
   const E* base = static_cast<const E*>(src.ptr);
   const int rows = nrows - row0 < ROWS ? int(nrows - row0) : ROWS;
-  constexpr int TRIPS = (ROWS * CHUNKS + THREADS - 1) / THREADS;
-  // a constant trip count: unrolled when short; long ones (D = 512, small CTAs) keep few addresses live
+  if constexpr (THREADS % CHUNKS == 0 || CHUNKS % THREADS == 0) {
+    // Every launch plan's shape: a thread's chunks keep one column and step RSTEP rows per trip, or take M
+    // consecutive column groups of one row before the next row. Addresses then advance by constants: a trip is
+    // a pointer add, a row compare and the copy, with the 64-bit row product once per tile (it was per chunk:
+    // ~35 instructions a chunk, a third of top-k's main loop).
+    constexpr bool FIXED_COL = THREADS % CHUNKS == 0;
+    constexpr int RSTEP = FIXED_COL ? THREADS / CHUNKS : 1, M = FIXED_COL ? 1 : CHUNKS / THREADS;
+    const int tid = int(threadIdx.x), r0 = FIXED_COL ? tid / CHUNKS : 0, c0 = FIXED_COL ? tid % CHUNKS : tid;
+    const int64_t gstep = int64_t(RSTEP) * src.sp;
+    const E* rowp = base + (row0 + r0) * src.sp + c0 * PER;
 #pragma unroll(TRIPS <= 8 ? TRIPS : 4)
-  for (int k = 0; k < TRIPS; ++k) {
-    const int i = int(threadIdx.x) + k * THREADS;
-    if (ROWS * CHUNKS % THREADS != 0 && i >= ROWS * CHUNKS) break;
-    const int r = i / CHUNKS, c = i % CHUNKS, left = d_real - c * PER;
-    const int bytes = r < rows && left > 0 ? (left >= PER ? 16 : left * T::kBytes) : 0;
-    cp_async_16(sh + r * LD + c * PER, bytes ? base + (row0 + r) * src.sp + c * PER : base, bytes);
+    for (int k = 0; k < TRIPS; ++k) {
+      const int sub = k % M, r = r0 + (k / M) * RSTEP, c = c0 + sub * THREADS;
+      if (ROWS % RSTEP != 0 && r >= ROWS) break;
+      const int left = d_real - c * PER;
+      const int bytes = r < rows && left > 0 ? (left >= PER ? 16 : left * T::kBytes) : 0;
+      cp_async_16(sh + r * LD + c * PER, bytes ? rowp + sub * THREADS * PER : base, bytes);
+      if (sub == M - 1) rowp += gstep;
+    }
+  } else {
+    // a constant trip count: unrolled when short; long ones (D = 512, small CTAs) keep few addresses live
+#pragma unroll(TRIPS <= 8 ? TRIPS : 4)
+    for (int k = 0; k < TRIPS; ++k) {
+      const int i = int(threadIdx.x) + k * THREADS;
+      if (ROWS * CHUNKS % THREADS != 0 && i >= ROWS * CHUNKS) break;
+      const int r = i / CHUNKS, c = i % CHUNKS, left = d_real - c * PER;
+      const int bytes = r < rows && left > 0 ? (left >= PER ? 16 : left * T::kBytes) : 0;
+      cp_async_16(sh + r * LD + c * PER, bytes ? base + (row0 + r) * src.sp + c * PER : base, bytes);
+    }
   }
 }
 
