@@ -200,12 +200,15 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float ls = quad_sum(l_s[h]), lt = quad_sum(l_t[h]), kq = quad_sum(kl[h]);
-    const int64_t n = myrow + 8 * h;
+    // the row index from a fresh read of the thread index: kept live across the key loop, ptxas spilled it to the
+    // stack (fp32 D = 64, 256 on sm_90)
+    const int tid = fresh_thread_index();
+    const int64_t n = row0 + 16 * (tid >> 5) + ((tid & 31) >> 2) + 8 * h;
     if (t == 0 && n < p.N) {
       const float lse_s2 = m_s[h] + log2f(ls), lse_t2 = m_t[h] + log2f(lt);
       p.lse_s[n] = lse_s2 * kLn2;
       p.lse_t[n] = lse_t2 * kLn2;
-      p.loss[n] = (kq / lt - lse_t2 + lse_s2) * kLn2;
+      p.loss[n] = (div_normal(kq, lt) - lse_t2 + lse_s2) * kLn2;  // lt >= 1: its largest term is 1
     }
   }
 }

@@ -147,6 +147,32 @@ AK_DEV float fast_exp2(float x) {
 #endif
 }
 
+// a / b for normal b >= 1 and finite a, within 1 ulp: rcp.approx, then one Newton step on the quotient. The IEEE
+// division is a called subroutine (its slow path), and the call makes ptxas save a live register to the stack.
+// The emulation divides exactly (correctly rounded).
+AK_DEV float div_normal(float a, float b) {
+#ifdef AK_EMULATION
+  return a / b;
+#else
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+  const float q = a * r;
+  return fmaf(fmaf(-q, b, a), r, q);
+#endif
+}
+
+// threadIdx.x read again (a volatile read the compiler cannot merge with earlier ones): for values needed only
+// after a long loop, cheaper to recompute than to keep in a register ptxas might spill.
+AK_DEV int fresh_thread_index() {
+#ifdef AK_EMULATION
+  return int(threadIdx.x);
+#else
+  int r;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(r));
+  return r;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // mma.sync: d += a b for one 16x8 tile, a 16xK (row-major fragment), b Kx8 (column-major fragment), fp32 d.
 enum class MmaType : int { Bf16 = 1, F16 = 2, Tf32 = 3 };
