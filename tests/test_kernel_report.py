@@ -41,7 +41,9 @@ def report(tmp_path_factory):
            "--dims", ",".join(map(str, DIMS)), "--dtypes", ",".join(DTYPES), "--json", str(out / "report.json"),
            "--dump-cubins", str(out / "cubins"),
            "--jobs", str(max(2, os.cpu_count() or 2))]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    # from the repository root: `python -m` then imports the source tree, whose csrc/ the CUDA section compiles (an
+    # installed wheel has no csrc/)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=os.path.dirname(HERE))
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out / "report.json") as f:
         data = json.load(f)
