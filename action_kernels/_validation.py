@@ -1,8 +1,17 @@
 """Input checks of every public op: the one place that decides what is valid.
 
 One check function per op (check_soft_contrastive, check_hard_negative_topk, check_indexed_cosine,
-check_class_prototypes, check_class_graph_negatives, check_anatomical_contrast), built from the shared checks
-above them. Every error names the argument, what was expected, what came, and how to fix it.
+check_class_prototypes, check_class_graph_negatives, check_anatomical_contrast) and one per drop-in autograd
+Function over row views (check_soft_contrastive_views, check_topk_views, check_indexed_cosine_views), built from the
+shared checks above them. Every error names the argument, what was expected, what came, and how to fix it.
+
+Value checks (weights finite and >= 0, labels in range, indices in range, prototypes finite for sampling) run
+inside small torch.library ops (checked_floats, checked_labels, checked_indices): the compiler treats a library op
+as opaque, so the same check holds in eager mode and under torch.compile, with no graph break. Each costs one
+host synchronisation. check_dot_range is the value check of normalize=False, called inside the ops' library ops.
+
+Float inputs of one call may differ in dtype (a bf16 student under autocast with an fp32 bank): they are promoted
+to a common dtype (torch.promote_types), which the call then runs in; gradients come back in each input's dtype.
 """
 from __future__ import annotations
 
@@ -13,6 +22,13 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+# Below this temperature the logits cos/τ exceed 1e4: the float32 rounding of a cosine (~1e-7) then moves a logit
+# by more than 1e-3, and at τ ~ 1e-38 1/τ itself overflows float32 (τ = 1e-45 gave NaN on every backend).
+TAU_MIN = 1e-4
+# normalize=False: largest |logit| accepted, as a fraction of the work dtype's range. The softmax takes
+# differences of logits, the loss sums K terms and the reductions sum N rows: 2^-24 of the range leaves room
+# for all of them (float32: 2.0e31).
+DOT_RANGE_FRACTION = 2.0 ** -24
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,113 @@ class RowLayout:
         return self.batch * self.positions
 
 
+# -- value checks as library ops: the same check in eager mode and under torch.compile ----------------------------
+@torch.library.custom_op("action_kernels::checked_floats", mutates_args=())
+def checked_floats(x: torch.Tensor, name: str, nonnegative: bool) -> torch.Tensor:
+    """x (any shape) -> a copy of x, after checking every value is finite (and >= 0 when nonnegative)."""
+    ok = torch.isfinite(x) & (x >= 0) if nonnegative else torch.isfinite(x)
+    if x.numel() and not bool(ok.all()):
+        flat = x.reshape(-1)
+        first = int((~ok).reshape(-1).nonzero()[0])
+        what = "non-negative and finite" if nonnegative else "finite"
+        raise ValueError(f"{name} must be {what}, got {float(flat[first])} at flat index {first}")
+    return x.clone()
+
+
+@checked_floats.register_fake
+def _(x, name, nonnegative):
+    return torch.empty_like(x)
+
+
+checked_floats.register_autograd(lambda ctx, g: (g, None, None), setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("action_kernels::checked_labels", mutates_args=())
+def checked_labels(labels: torch.Tensor, name: str, num_classes: int, ignore_label: int,
+                   has_ignore: bool) -> torch.Tensor:
+    """labels: (n,) int64 -> a copy, after checking each is in [0, num_classes) or equal to ignore_label."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if has_ignore:
+        bad &= labels != ignore_label
+    if labels.numel() and bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise ValueError(f"{name} must be in [0, {num_classes}) (num_classes = {num_classes})"
+                         + (f" or ignore_label={ignore_label}" if has_ignore else "")
+                         + f", got {int(labels[first])} at index {first}")
+    return labels.clone()
+
+
+@checked_labels.register_fake
+def _(labels, name, num_classes, ignore_label, has_ignore):
+    return torch.empty_like(labels)
+
+
+@torch.library.custom_op("action_kernels::checked_indices", mutates_args=())
+def checked_indices(indices: torch.Tensor, name: str, num_keys: int) -> torch.Tensor:
+    """indices: (N, n) int64 -> a copy, after checking each is a key index in [0, num_keys) or -1 (padding)."""
+    bad = (indices < -1) | (indices >= num_keys)
+    if indices.numel() and bool(bad.any()):
+        value = int(indices[bad][0])
+        raise ValueError(f"{name} must be key indices in [0, K={num_keys}) or -1 for padding, got {value}")
+    return indices.clone()
+
+
+@checked_indices.register_fake
+def _(indices, name, num_keys):
+    return torch.empty_like(indices)
+
+
+def check_dot_range(op: str, named_rows: tuple[tuple[str, torch.Tensor, float], ...], keys: torch.Tensor,
+                    work: torch.dtype) -> None:
+    """normalize=False: raises unless every logit max||x|| max||k|| scale (x: each named (..., D) tensor with its
+    logit scale, e.g. 1/τ) and the student gradient scale max||k|| scale stay within DOT_RANGE_FRACTION of the work
+    dtype's range. Non-finite rows are left out (they give NaN by the NaN policy). One host synchronisation."""
+    limit = torch.finfo(work).max * DOT_RANGE_FRACTION
+    key_norm = _max_finite_norm(keys)
+    for name, x, scale in named_rows:
+        bound = _max_finite_norm(x) * key_norm * scale
+        if bound > limit or key_norm * scale > limit:
+            raise ValueError(
+                f"{op}: with normalize=False the logits {name}·keys{' / tau' if scale != 1.0 else ''} can reach "
+                f"{bound:.3g} (max ||{name}|| = {_max_finite_norm(x):.3g}, max ||keys|| = {key_norm:.3g}"
+                + (f", 1/tau = {scale:g}" if scale != 1.0 else "") + f"), beyond the {limit:.3g} that {work} "
+                f"arithmetic carries through the softmax and its gradient; use normalize=True (cosine logits), or "
+                f"scale the inputs down")
+
+
+@torch.library.custom_op("action_kernels::checked_dot_range", mutates_args=())
+def checked_dot_range(keys: torch.Tensor, rows: list[torch.Tensor], names: str, scales: list[float],
+                      op: str) -> torch.Tensor:
+    """check_dot_range as a library op (for the torch backend's traced path; names: comma-separated): returns a
+    copy of keys."""
+    check_dot_range(op, tuple(zip(names.split(","), rows, scales)), keys,
+                    torch.float64 if keys.dtype == torch.float64 else torch.float32)
+    return keys.clone()
+
+
+@checked_dot_range.register_fake
+def _(keys, rows, names, scales, op):
+    return torch.empty_like(keys)
+
+
+checked_dot_range.register_autograd(lambda ctx, g: (g, [None] * ctx.rows, None, None, None),
+                                    setup_context=lambda ctx, inputs, output: setattr(ctx, "rows", len(inputs[1])))
+
+
+def _max_finite_norm(x: torch.Tensor) -> float:
+    """max over the finite rows of ||x_row|| (float64, scaled per row, so no row overflows), 0 for no rows."""
+    if x.numel() == 0:
+        return 0.0
+    rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    finite = torch.isfinite(rows).all(dim=1)
+    rows = rows[finite]
+    if rows.numel() == 0:
+        return 0.0
+    m = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return float((torch.linalg.vector_norm(rows / m, dim=1) * m[:, 0]).max())
+
+
+# -- shared checks -------------------------------------------------------------------------------------------------
 def check_tensor(name: str, x, ndims: tuple[int, ...], what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {what}, got {type(x).__name__}")
@@ -50,8 +173,10 @@ def check_tau(name: str, tau) -> float:
         tau = float(tau)
     if not isinstance(tau, (int, float)) or isinstance(tau, bool):
         raise TypeError(f"{name} must be a positive float, got {type(tau).__name__}")
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"{name} must be a finite temperature > 0 (e.g. 0.1), got {tau}")
+    if not math.isfinite(tau) or tau < TAU_MIN:
+        raise ValueError(f"{name} must be a finite temperature >= {TAU_MIN:g} (e.g. 0.1), got {tau}"
+                         + (f"; below {TAU_MIN:g} the logits cos/{name} exceed {1 / TAU_MIN:g} and float32 rounding "
+                            f"of the cosines decides the result" if math.isfinite(tau) and tau > 0 else ""))
     return float(tau)
 
 
@@ -62,12 +187,24 @@ def check_reduction(reduction) -> str:
 
 
 def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Same device (dtypes may differ: see common_dtype)."""
     if x.device != ref.device:
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {x.device}; "
                          f"move it with .to({ref_name}.device)")
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {x.dtype}; "
-                        f"cast it with .to({ref_name}.dtype)")
+
+
+def common_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype a call runs in: torch's promotion of its float inputs (bf16 with fp32 -> fp32)."""
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def check_feature_size(name: str, x: torch.Tensor, ref_name: str, d: int) -> None:
+    if x.shape[-1] != d:
+        raise ValueError(f"{name} must have the feature size of {ref_name} (D={d}), got {name} of shape "
+                         f"{tuple(x.shape)}")
 
 
 def row_layout(name: str, x: torch.Tensor) -> RowLayout:
@@ -79,10 +216,18 @@ def row_layout(name: str, x: torch.Tensor) -> RowLayout:
     return RowLayout(x.shape[0], math.prod(spatial), x.shape[1], spatial)
 
 
+def check_keys(keys, ref_name: str, ref: torch.Tensor, d: int, allow_empty: bool) -> None:
+    check_tensor("keys", keys, (2,), f"(K, D={d})")
+    check_same("keys", keys, ref_name, ref)
+    check_feature_size("keys", keys, ref_name, d)
+    if not allow_empty and keys.shape[0] == 0:
+        raise ValueError(f"keys must hold at least one key (K >= 1), got an empty bank of shape {tuple(keys.shape)}")
+
+
 def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: bool = True,
                  ref_name: str = "student") -> torch.Tensor | None:
-    """weight: (N,) for rows, (B, *spatial) or (N,) for maps of `ref_name`; non-negative (one host sync, skipped
-    with check_values=False and under torch.compile). Returns it flattened to (N,), bool as float32."""
+    """weight: (N,) for rows, (B, *spatial) or (N,) for maps of `ref_name`; finite and non-negative (one host sync,
+    also under torch.compile; skipped with check_values=False). Returns it flattened to (N,), bool as float32."""
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
@@ -101,45 +246,17 @@ def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: boo
         weight = weight.to(torch.float32)
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating point or bool tensor (a mask is a weight), got {weight.dtype}")
-    # One host sync: a negative weight would silently turn the loss into a reward, so it is worth it in eager mode.
-    # Under torch.compile the check would be a data-dependent graph break, so it is skipped there.
-    if check_values and not torch.compiler.is_compiling() and weight.numel() and bool((weight < 0).any()):
-        raise ValueError(f"weight must be non-negative, got a minimum of {float(weight.min())}")
-    return weight.reshape(layout.rows)
-
-
-def check_soft_contrastive(student, teacher, keys, tau_student, tau_teacher, weight, reduction):
-    """Validates soft_contrastive_loss arguments; returns (layout, tau_s, tau_t, flat weight or None, reduction)."""
-    layout = row_layout("student", student)
-    check_tensor("teacher", teacher, (student.dim(),), f"{tuple(student.shape)} like student")
-    if teacher.shape != student.shape:
-        raise ValueError(f"teacher must have the shape of student {tuple(student.shape)}, got {tuple(teacher.shape)}")
-    check_same("teacher", teacher, "student", student)
-    check_tensor("keys", keys, (2,), f"(K, D={layout.features})")
-    check_same("keys", keys, "student", student)
-    if keys.shape[1] != layout.features:
-        raise ValueError(f"keys must have the same feature size as student (D={layout.features}), got keys of "
-                         f"shape {tuple(keys.shape)}")
-    if keys.shape[0] == 0:
-        raise ValueError(f"keys must hold at least one key (K >= 1), got an empty bank of shape {tuple(keys.shape)}")
-    if layout.features == 0:
-        raise ValueError(f"student must have a feature size D >= 1, got shape {tuple(student.shape)}")
-    if teacher.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "teacher must not require grad: the teacher's distribution is the target of the distillation; "
-            "pass teacher.detach() (the teacher is an EMA copy updated without gradients)"
-        )
-    tau_s = check_tau("tau_student", tau_student)
-    tau_t = check_tau("tau_teacher", tau_teacher)
-    w = check_weight(weight, layout, student)
-    return layout, tau_s, tau_t, w, check_reduction(reduction)
+    weight = weight.reshape(layout.rows)
+    # A negative weight turns the loss into a reward and a NaN one poisons the mean: refused, one host sync.
+    return checked_floats(weight, "weight", True) if check_values else weight
 
 
 def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: int | None = None,
                  ignore_label: int | None = None) -> torch.Tensor:
     """Integer labels with `count` elements (any shape) on ref's device -> flat contiguous int64.
 
-    With num_classes, every label must be in [0, num_classes) or equal ignore_label (one host sync).
+    With num_classes, every label must be in [0, num_classes) or equal ignore_label (one host sync, also under
+    torch.compile).
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(labels).__name__}")
@@ -150,48 +267,129 @@ def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: 
     if labels.device != ref.device:
         raise ValueError(f"{name} must be on {ref.device}, got {labels.device}")
     flat = labels.reshape(-1).to(torch.int64).contiguous()
-    if num_classes is not None and flat.numel() and not torch.compiler.is_compiling():
-        bad = (flat < 0) | (flat >= num_classes)
-        if ignore_label is not None:
-            bad &= flat != ignore_label
-        if bool(bad.any()):
-            value = int(flat[bad][0])
-            raise ValueError(f"{name} must be in [0, {num_classes}) (num_classes = {num_classes})"
-                             + (f" or ignore_label={ignore_label}" if ignore_label is not None else "")
-                             + f", got {value}")
+    if num_classes is not None:
+        flat = checked_labels(flat, name, num_classes, 0 if ignore_label is None else int(ignore_label),
+                              ignore_label is not None)
     return flat
 
 
-def check_hard_negative_topk(anchors, anchor_labels, keys, key_labels, k, ignore_label):
-    """Validates hard_negative_topk arguments; returns (layout, flat anchor labels, flat key labels, k,
-    ignore_label as int)."""
-    layout = row_layout("anchors", anchors)
-    check_tensor("keys", keys, (2,), f"(K, D={layout.features})")
-    check_same("keys", keys, "anchors", anchors)
-    if keys.shape[1] != layout.features:
-        raise ValueError(f"keys must have the feature size of anchors (D={layout.features}), got {tuple(keys.shape)}")
+def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int >= 1, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1 (the number of negatives per anchor), got {k}")
+    return k
+
+
+def check_ignore_label(ignore_label) -> int:
+    if isinstance(ignore_label, bool) or not isinstance(ignore_label, int):
+        raise TypeError(f"ignore_label must be an int, got {type(ignore_label).__name__}")
+    return ignore_label
+
+
+def check_teacher_grad(teacher: torch.Tensor, needs_grad: bool | None = None) -> None:
+    """needs_grad: whether the teacher would get a gradient (default: it requires grad and grad mode is on; an
+    autograd Function passes ctx.needs_input_grad, its forward running without grad mode)."""
+    if needs_grad is None:
+        needs_grad = teacher.requires_grad and torch.is_grad_enabled()
+    if needs_grad:
+        raise ValueError(
+            "teacher must not require grad: the teacher's distribution is the target of the distillation; "
+            "pass teacher.detach() (the teacher is an EMA copy updated without gradients)"
+        )
+
+
+# -- one check per op ----------------------------------------------------------------------------------------------
+def check_soft_contrastive(student, teacher, keys, tau_student, tau_teacher, weight, reduction):
+    """Validates soft_contrastive_loss arguments; returns (layout, tau_s, tau_t, flat weight or None, reduction,
+    the dtype the call runs in)."""
+    layout = row_layout("student", student)
+    check_tensor("teacher", teacher, (student.dim(),), f"{tuple(student.shape)} like student")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher must have the shape of student {tuple(student.shape)}, got {tuple(teacher.shape)}")
+    check_same("teacher", teacher, "student", student)
+    check_keys(keys, "student", student, layout.features, allow_empty=False)
+    if layout.features == 0:
+        raise ValueError(f"student must have a feature size D >= 1, got shape {tuple(student.shape)}")
+    check_teacher_grad(teacher)
+    tau_s = check_tau("tau_student", tau_student)
+    tau_t = check_tau("tau_teacher", tau_teacher)
+    w = check_weight(weight, layout, student)
+    return layout, tau_s, tau_t, w, check_reduction(reduction), common_dtype(student, teacher, keys)
+
+
+def check_row_views(name: str, x, ref_name: str | None = None, ref: torch.Tensor | None = None) -> None:
+    """A (B, P, D) row view (rows: x.unsqueeze(0); maps: x.flatten(2).transpose(1, 2)), as the Functions take."""
+    check_tensor(name, x, (3,), "(B, P, D) (rows: x.unsqueeze(0); maps: x.flatten(2).transpose(1, 2))")
+    if ref is not None:
+        if x.shape != ref.shape:
+            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+        check_same(name, x, ref_name, ref)
+
+
+def check_soft_contrastive_views(s, t, k, tau_s, tau_t, teacher_needs_grad: bool):
+    """Validates SoftContrastiveLossFunction.apply arguments (s, t: (B, P, D) views, k: (K, D)); returns (tau_s,
+    tau_t, the dtype the call runs in)."""
+    check_row_views("s", s)
+    check_row_views("t", t, "s", s)
+    check_keys(k, "s", s, s.shape[2], allow_empty=False)
+    if s.shape[2] == 0:
+        raise ValueError(f"s must have a feature size D >= 1, got shape {tuple(s.shape)}")
+    check_teacher_grad(t, teacher_needs_grad)
+    return check_tau("tau_s", tau_s), check_tau("tau_t", tau_t), common_dtype(s, t, k)
+
+
+def check_hard_negative_topk(anchors, anchor_labels, keys, key_labels, k, ignore_label):
+    """Validates hard_negative_topk arguments; returns (layout, flat anchor labels, flat key labels, k,
+    ignore_label as int, the dtype the call runs in)."""
+    layout = row_layout("anchors", anchors)
+    check_keys(keys, "anchors", anchors, layout.features, allow_empty=True)
+    k = check_k(k)
+    ignore_label = check_ignore_label(ignore_label)
     ya = check_labels("anchor_labels", anchor_labels, layout.rows, anchors)
     yk = check_labels("key_labels", key_labels, keys.shape[0], anchors)
-    return layout, ya, yk, k, int(ignore_label)
+    return layout, ya, yk, k, ignore_label, common_dtype(anchors, keys)
 
 
-def check_indexed_cosine(anchors, keys, indices) -> RowLayout:
-    """Validates indexed_cosine arguments (indices: (N, n) int64, each < K or -1; one host sync); returns the
-    anchors' layout."""
-    layout = row_layout("anchors", anchors)
-    check_same("keys", keys, "anchors", anchors)
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != layout.rows:
+def check_topk_views(anchors, anchor_labels, keys, key_labels, k, ignore_label):
+    """Validates HardNegativeTopkFunction.apply arguments (anchors: a (B, P, D) view); returns (flat anchor labels,
+    flat key labels, k, ignore_label, the dtype the call runs in)."""
+    check_row_views("anchors", anchors)
+    check_keys(keys, "anchors", anchors, anchors.shape[2], allow_empty=True)
+    k = check_k(k)
+    ignore_label = check_ignore_label(ignore_label)
+    ya = check_labels("anchor_labels", anchor_labels, anchors.shape[0] * anchors.shape[1], anchors)
+    yk = check_labels("key_labels", key_labels, keys.shape[0], anchors)
+    return ya, yk, k, ignore_label, common_dtype(anchors, keys)
+
+
+def check_indices(indices, rows: int, keys: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != rows:
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
-        raise ValueError(f"indices must have shape ({layout.rows}, n), one row per anchor, got {got}")
+        raise ValueError(f"indices must have shape ({rows}, n), one row per anchor, got {got}")
     if indices.dtype != torch.int64:
-        raise TypeError(f"indices must be int64, got {indices.dtype}")
-    if indices.numel() and not torch.compiler.is_compiling() and bool((indices >= keys.shape[0]).any()):
-        raise ValueError(f"indices must be < K={keys.shape[0]} (or -1 for padding), got {int(indices.max())}")
-    return layout
+        raise TypeError(f"indices must be int64, got {indices.dtype}; convert with indices.long()")
+    if indices.device != ref.device:
+        raise ValueError(f"indices must be on {ref.device}, got {indices.device}")
+    return checked_indices(indices, "indices", keys.shape[0])
+
+
+def check_indexed_cosine(anchors, keys, indices):
+    """Validates indexed_cosine arguments (keys (K, D); indices: (N, n) int64, each < K or -1; one host sync);
+    returns (the anchors' layout, checked indices, the dtype the call runs in)."""
+    layout = row_layout("anchors", anchors)
+    check_keys(keys, "anchors", anchors, layout.features, allow_empty=True)
+    idx = check_indices(indices, layout.rows, keys, anchors)
+    return layout, idx, common_dtype(anchors, keys)
+
+
+def check_indexed_cosine_views(anchors, keys, indices):
+    """Validates IndexedCosineFunction.apply arguments (anchors: a (B, P, D) view); returns (checked indices, the
+    dtype the call runs in)."""
+    check_row_views("anchors", anchors)
+    check_keys(keys, "anchors", anchors, anchors.shape[2], allow_empty=True)
+    idx = check_indices(indices, anchors.shape[0] * anchors.shape[1], keys, anchors)
+    return idx, common_dtype(anchors, keys)
 
 
 def check_class_prototypes(features, labels, num_classes, weight, ignore_label):
@@ -199,20 +397,26 @@ def check_class_prototypes(features, labels, num_classes, weight, ignore_label):
     layout = row_layout("features", features)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    y = check_labels("labels", labels, layout.rows, features, num_classes, ignore_label)
+    y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label))
     w = check_weight(weight, layout, features, ref_name="features")
     return layout, y, w
 
 
 def check_class_graph_negatives(prototypes, query_labels, key_labels, num_negatives, tau, ignore_label):
-    """Validates class_graph_negatives arguments; returns (flat query labels, flat key labels, tau as float)."""
+    """Validates class_graph_negatives arguments; returns (finite prototypes, flat query labels, flat key labels,
+    tau as float). The sampler draws from softmax(cos(μ_c, μ_v)/τ): a non-finite prototype leaves it undefined and
+    an integer index has no NaN, so finite prototypes are required (one host sync)."""
     check_tensor("prototypes", prototypes, (2,), "(C, D)")
     C = prototypes.shape[0]
+    for name, y in (("query_labels", query_labels), ("key_labels", key_labels)):
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name} must be an integer torch.Tensor, got {type(y).__name__}")
     yq = check_labels("query_labels", query_labels, query_labels.numel(), prototypes, C)
-    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, ignore_label)
+    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, check_ignore_label(ignore_label))
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
         raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
-    return yq, yk, check_tau("tau", tau)
+    protos = checked_floats(prototypes.detach(), "prototypes", False)
+    return protos, yq, yk, check_tau("tau", tau)
 
 
 NEGATIVE_MODES = ("topk", "class_graph")
@@ -227,10 +431,9 @@ def check_anatomical_contrast(queries, query_labels, prototypes, keys, key_label
     check_tensor("keys", keys, (2,), "(K, D)")
     for name, x in (("prototypes", prototypes), ("keys", keys)):
         check_same(name, x, "queries", queries)
-        if x.shape[1] != queries.shape[1]:
-            raise ValueError(f"{name} must have the feature size of queries (D={queries.shape[1]}), "
-                             f"got {tuple(x.shape)}")
+        check_feature_size(name, x, "queries", queries.shape[1])
     C = prototypes.shape[0]
+    ignore_label = check_ignore_label(ignore_label)
     yq = check_labels("query_labels", query_labels, queries.shape[0], queries, C)
     yk = check_labels("key_labels", key_labels, keys.shape[0], queries, C, ignore_label)
     tau = check_tau("tau", tau)

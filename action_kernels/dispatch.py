@@ -109,7 +109,8 @@ class Backend:
     arguments. dtypes: None for any. device: '' or why it cannot run on tensors of a device. cpu: how it runs on
     CPU tensors: "native", "emulated" (the CUDA kernels' logic on host threads) or "interpreted" (Triton's
     interpreter), the last two for tests only. limits: {op: {argument: largest value taken}}, e.g. {"k": 1024}.
-    ops: the ops it has kernels for (None: every op of OPS)."""
+    ops: the ops it has kernels for (None: every op of OPS). device_dtypes: {device type: (dtypes, why)} where the
+    backend takes fewer dtypes on one device type than `dtypes` says."""
 
     name: str
     package: str | None
@@ -118,6 +119,7 @@ class Backend:
     cpu: str
     limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     ops: tuple[str, ...] | None = None
+    device_dtypes: Mapping[str, tuple[tuple[torch.dtype, ...], str]] = field(default_factory=dict)
 
     def supports(self, op: str | None, device: torch.device, dtype: torch.dtype, **limits: int) -> str:
         """'' when this backend can run `op` (None: any op) on tensors of this device and dtype with these
@@ -133,6 +135,9 @@ class Backend:
         why = self.device(device)
         if why:
             return why
+        narrower, why = self.device_dtypes.get(device.type, (None, ""))
+        if narrower is not None and dtype not in narrower:
+            return f"{self.name} takes {_dtype_names(narrower)} on {device.type} tensors, got {dtype}: {why}"
         for arg, value in limits.items():
             top = self.limits.get(op, {}).get(arg) if op is not None else None
             if top is not None and value > top:
@@ -151,10 +156,18 @@ def _dtype_names(dtypes) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+# Why Triton takes no fp32 CUDA tensors (the kernel report measures it: `python -m action_kernels.kernel_report
+# --dtypes fp32`): its fp32 path (tf32x3 on tensor cores) holds the split operands in registers, and every fp32
+# launch-table entry but one spills to local memory on sm_80 and sm_90, several beyond a block's shared memory.
+TRITON_FP32_WHY = ("Triton's fp32 (tf32x3) kernels spill to local memory at every tile the kernel report tried, "
+                   "some beyond a block's shared memory (README, Known limits)")
+TRITON_FP32_REASON = (f"{TRITON_FP32_WHY}; fp32 CUDA tensors run on the cuda backend, or cast them to "
+                      f"bfloat16/float16 for Triton")
 REGISTRY: Mapping[str, Backend] = MappingProxyType({b.name: b for b in (
     Backend("torch", None, None, _anywhere, "native"),
     Backend("chunked", "action_kernels.chunked", FUSED_DTYPES + (torch.float64,), _anywhere, "native"),
-    Backend("triton", "action_kernels.triton", FUSED_DTYPES, _triton_device, "interpreted"),
+    Backend("triton", "action_kernels.triton", FUSED_DTYPES, _triton_device, "interpreted",
+            device_dtypes={"cuda": ((torch.float16, torch.bfloat16), TRITON_FP32_REASON)}),
     Backend("cuda", "action_kernels.cuda", FUSED_DTYPES, _extension_device, "emulated"),
 )})
 BACKENDS = tuple(REGISTRY)  # names
@@ -166,6 +179,19 @@ AUTO_ORDER_REASON: Mapping[str, str] = MappingProxyType({
     "cuda": ("triton before cuda: the CUDA extension's kernels are fp32 SIMT, with no tensor-core instructions "
              "(python -m action_kernels.kernel_report shows them), while the Triton kernels run on tensor cores"),
 })
+# where one op and dtype on a device type takes another order than AUTO_ORDER: {(device type, op, dtype): (order,
+# reason)}; op None: every op
+PREFERENCES: Mapping[tuple[str, str | None, torch.dtype], tuple[tuple[str, ...], str]] = MappingProxyType({
+    ("cuda", None, torch.float32): (("cuda", "chunked"), TRITON_FP32_WHY),
+})
+
+
+def auto_order(op: str | None, device_type: str, dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
+    """The automatic order of backends for `op` (None: any op) on tensors of this device type and dtype, and why."""
+    for key in ((device_type, op, dtype), (device_type, None, dtype)):
+        if key in PREFERENCES:
+            return PREFERENCES[key]
+    return AUTO_ORDER.get(device_type, ("chunked",)), AUTO_ORDER_REASON.get(device_type, "")
 
 
 # -- choosing --------------------------------------------------------------------------------------------------------
@@ -191,7 +217,7 @@ def select(op: str | None, backend: str | None, device: torch.device, dtype: tor
             raise RuntimeError(f"{label}: {source}{requested!r} cannot run here: {why}")
         return requested
     rejected = []
-    for name in AUTO_ORDER.get(device.type, ("chunked",)):
+    for name in auto_order(op, device.type, dtype)[0]:
         why = unavailable_reason(name, device, dtype, op, **limits)
         if not why:
             if rejected:

@@ -23,6 +23,9 @@ def lines() -> list[str]:
         out.append(f"kernel build for {dev} tensors: {flavour}")
     out.append(f"automatic order on CUDA tensors: {' > '.join(dispatch.AUTO_ORDER['cuda'])} "
                f"({dispatch.AUTO_ORDER_REASON['cuda']})")
+    for (dev, op, dtype), (order, why) in dispatch.PREFERENCES.items():
+        out.append(f"  except {op or 'every op'} on {str(dtype).replace('torch.', '')} {dev} tensors: "
+                   f"{' > '.join(order)} ({why})")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         out.append(f"backends for {dev.type} tensors (auto picks "

@@ -40,6 +40,35 @@ def _reduce_rows(loss: torch.Tensor, weight: torch.Tensor | None, reduction: str
     return total / denom.clamp_min(torch.finfo(loss.dtype).tiny)
 
 
+class _NanGrad(torch.autograd.Function):
+    """Identity whose gradient is NaN in the rows of `mask` (..., ) of x (..., D): the NaN policy for gradients
+    (a row that is non-finite or fed a NaN output gets a NaN gradient, whatever autograd would otherwise give)."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask[..., None], torch.full_like(g, float("nan")), g), None
+
+
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """F.normalize(x, dim=-1) (x / max(||x||, 1e-12)) without overflow for any finite row: each row is divided by a
+    power of two c within a factor 2 below max |x| first (exact), then x̂ = x' / max(||x'||, 1e-12 / c)."""
+    m = x.detach().abs().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    c = torch.ldexp(torch.ones_like(m), torch.frexp(m).exponent - 1)
+    xs = x / c
+    return xs / torch.maximum(torch.linalg.vector_norm(xs, dim=-1, keepdim=True), 1e-12 / c)
+
+
 def soft_contrastive_rows_ref(
     student: torch.Tensor, teacher: torch.Tensor, keys: torch.Tensor, tau_student: float, tau_teacher: float,
     normalize: bool = True,
@@ -47,14 +76,19 @@ def soft_contrastive_rows_ref(
     """student, teacher: (N, D) or (B, D, *spatial); keys: (K, D) -> (N,) per-row KL(p_t || p_s), computed in fp32+.
 
     p_t = softmax(n(t) n(K)^T / tau_teacher), p_s = softmax(n(s) n(K)^T / tau_student).
+    NaN policy: a row with a non-finite value in s or t, or any non-finite key, gives NaN (and a NaN student
+    gradient row; the key gradient is NaN when any row is).
     """
     work = _work_dtype(student)
     s, t, k = _to_rows(student).to(work), _to_rows(teacher).to(work), keys.to(work)
+    bad = _nonfinite_rows(s) | _nonfinite_rows(t) | _nonfinite_rows(k).any()
+    s, k = _NanGrad.apply(s, bad), _NanGrad.apply(k, bad.any().expand(k.shape[0]))
     if normalize:
-        s, t, k = F.normalize(s, dim=1), F.normalize(t, dim=1), F.normalize(k, dim=1)
+        s, t, k = _unit(s), _unit(t), _unit(k)
     log_q = torch.log_softmax(s @ k.T / tau_student, dim=1)
     log_p = torch.log_softmax(t @ k.T / tau_teacher, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    loss = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return torch.where(bad, torch.full_like(loss, float("nan")), loss)
 
 
 def soft_contrastive_loss_ref(
@@ -67,11 +101,6 @@ def soft_contrastive_loss_ref(
     return _reduce_rows(loss, w, reduction)
 
 
-def _normalized_rows(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    rows = _to_rows(x).to(_work_dtype(x))
-    return F.normalize(rows, dim=1) if normalize else rows
-
-
 def hard_negative_topk_ref(
     anchors: torch.Tensor, anchor_labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor, k: int,
     ignore_label: int = -1, normalize: bool = True,
@@ -81,11 +110,19 @@ def hard_negative_topk_ref(
     The k keys most similar (cosine) to each anchor among keys whose label differs from the anchor's and is not
     ignore_label; ties go to the lower index; rows with fewer candidates are padded with (-inf, -1). Materialises
     the N x K similarity matrix; values are differentiable.
+    NaN policy: a row whose anchor or any candidate key is non-finite gives values NaN and indices -1; its anchor
+    gradient is NaN, and so is the gradient of a non-finite key.
     """
-    a, kk = _normalized_rows(anchors, normalize), _normalized_rows(keys, normalize)
-    sim = a @ kk.T
+    a, kk = _to_rows(anchors).to(_work_dtype(anchors)), keys.to(_work_dtype(anchors))
     ya, yk = anchor_labels.reshape(-1, 1), key_labels.reshape(1, -1)
     allowed = (ya != yk) & (yk != ignore_label)
+    bad_a, bad_k = _nonfinite_rows(a), _nonfinite_rows(kk)
+    poisoned = bad_a | (allowed & bad_k[None, :]).any(dim=1)
+    a, kk = _NanGrad.apply(a, poisoned), _NanGrad.apply(kk, bad_k)
+    a, kk = torch.where(bad_a[:, None], 0.0, a), torch.where(bad_k[:, None], 0.0, kk)
+    if normalize:
+        a, kk = _unit(a), _unit(kk)
+    sim = a @ kk.T
     sim = sim.masked_fill(~allowed, float("-inf"))
     order = torch.sort(sim.detach(), dim=1, descending=True, stable=True).indices[:, :k]  # stable: lower index first
     values = sim.gather(1, order)
@@ -94,22 +131,27 @@ def hard_negative_topk_ref(
         values = F.pad(values, (0, pad), value=float("-inf"))
         order = F.pad(order, (0, pad), value=-1)
     order = order.masked_fill(torch.isinf(values), -1)
-    return values, order
+    values = torch.where(poisoned[:, None], torch.full_like(values, float("nan")), values)
+    return values, order.masked_fill(poisoned[:, None], -1)
 
 
 def class_prototypes_ref(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                          weight: torch.Tensor | None = None, ignore_label: int = -1):
-    """features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial) -> (C, D) weighted means, (C,) present."""
+    """features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial) -> (C, D) weighted means, (C,) present.
+    NaN policy: prototype c is NaN when a row labelled c (not ignore_label) is non-finite."""
     rows = _to_rows(features)
     y = labels.reshape(-1)
     w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else \
         weight.reshape(-1).to(rows.dtype)
     w = w * (y != ignore_label)
+    bad = _nonfinite_rows(rows)
     protos, present = [], []
     for c in range(num_classes):
-        m = (y == c).to(rows.dtype) * w
+        member = y == c
+        m = member.to(rows.dtype) * w
         total = m.sum()
-        protos.append((rows * m[:, None]).sum(0) / total.clamp_min(torch.finfo(rows.dtype).tiny))
+        mean = (rows[member & ~bad] * m[member & ~bad, None]).sum(0) / total.clamp_min(torch.finfo(rows.dtype).tiny)
+        protos.append(torch.where((member & bad).any(), torch.full_like(mean, float("nan")), mean))
         present.append(total > 0)
     return torch.stack(protos), torch.stack(present)
 

@@ -135,3 +135,22 @@ def test_a_backend_added_to_the_registry_alone_is_dispatched_to(monkeypatch):
     ya, yk = torch.randint(0, 3, (2, 3, 4), generator=g), torch.randint(-1, 3, (9,), generator=g)
     assert torch.equal(ak.hard_negative_topk(s, ya, k, yk, 4, backend="mirror")[1],
                        ak.hard_negative_topk(s, ya, k, yk, 4, backend="chunked")[1])
+
+
+def test_triton_refuses_fp32_cuda_tensors_with_the_reason_and_auto_picks_cuda(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(dispatch, "_triton_device", lambda dev: "")
+    triton = dataclasses.replace(dispatch.REGISTRY["triton"], device=lambda dev: "")
+    ext = dataclasses.replace(dispatch.REGISTRY["cuda"], device=lambda dev: "")
+    monkeypatch.setattr(dispatch, "REGISTRY", {**dispatch.REGISTRY, "triton": triton, "cuda": ext})
+    why = dispatch.unavailable_reason("triton", cuda, torch.float32, "soft_contrastive_loss")
+    assert "float16 and bfloat16 on cuda tensors" in why and "spill" in why
+    assert dispatch.unavailable_reason("triton", cuda, torch.bfloat16, "soft_contrastive_loss") == ""
+    # the interpreter on CPU tensors keeps fp32 (the kernels' logic is tested there)
+    assert dispatch.unavailable_reason("triton", torch.device("cpu"), torch.float32, "soft_contrastive_loss") == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a preference, not a fallback: no warning
+        assert dispatch.select("soft_contrastive_loss", None, cuda, torch.float32) == "cuda"
+        assert dispatch.select("hard_negative_topk", None, cuda, torch.bfloat16) == "triton"
+    with pytest.raises(RuntimeError, match="spill"):
+        dispatch.select("soft_contrastive_loss", "triton", cuda, torch.float32)

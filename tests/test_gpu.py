@@ -17,6 +17,9 @@ SHAPES = [((1000, 64), 4099), ((2, 130, 33, 17), 1023), ((2, 64, 5, 12, 13), 515
 
 
 def _need(backend, dtype=torch.float32):
+    narrower, by_design = dispatch.REGISTRY[backend].device_dtypes.get("cuda", (None, ""))
+    if narrower is not None and dtype not in narrower:
+        pytest.skip(f"{backend} takes no {dtype} CUDA tensors by design: {by_design}")
     why = dispatch.unavailable_reason(backend, torch.device("cuda"), dtype)
     if why:
         pytest.fail(f"backend {backend!r} should run on this GPU: {why}")
@@ -51,10 +54,12 @@ def test_fused_soft_contrastive_is_bitwise_deterministic_on_gpu(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 64, 512])
-def test_topk_on_gpu_matches_brute_force(backend, k):
-    _need(backend)
+def test_topk_on_gpu_matches_brute_force(backend, dtype, k):
+    _need(backend, dtype)
     a, ya, keys, yk = make_topk(3000, 5000, 128, 4, 99, skew=True)
+    a, keys = a.to(dtype), keys.to(dtype)  # the reference reads the same (rounded) inputs in float64
     v, i = ak.hard_negative_topk(a.cuda(), ya.cuda(), keys.cuda(), yk.cuda(), k, backend=backend)
     v0, i0 = hard_negative_topk_ref(a.double(), ya, keys.double(), yk, k)
     v, i = v.cpu(), i.cpu()
@@ -66,16 +71,19 @@ def test_topk_on_gpu_matches_brute_force(backend, k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_anatomical_contrast_on_gpu_matches_cpu(backend):
-    _need(backend)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_anatomical_contrast_on_gpu_matches_cpu(backend, dtype):
+    _need(backend, dtype)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1024, 256, generator=g)
+    q = torch.randn(1024, 256, generator=g).to(dtype)
     yq = torch.arange(1024) % 4
-    keys = torch.randn(8192, 256, generator=g)
+    keys = torch.randn(8192, 256, generator=g).to(dtype)
     yk = torch.randint(-1, 4, (8192,), generator=g)
     protos, _ = ak.class_prototypes(keys, yk, 4)
     cpu = ak.anatomical_contrast_loss(q, yq, protos, keys, yk, backend="chunked")
     qg = q.cuda().requires_grad_(True)
     gpu = ak.anatomical_contrast_loss(qg, yq.cuda(), protos.cuda(), keys.cuda(), yk.cuda(), backend=backend)
     gpu.backward()
-    assert abs(gpu.item() - cpu.item()) < 1e-4 and torch.isfinite(qg.grad).all()
+    # the same rounded inputs on both sides; a 16-bit loss is itself rounded to its dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-2 * max(1.0, abs(cpu.item()))
+    assert abs(gpu.item() - cpu.item()) < tol and torch.isfinite(qg.grad).all()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels._extension import host_module
+from action_kernels._extension import Buffer, check_buffers, host_module
 from action_kernels._rows import work_dtype as _work_dtype
 from action_kernels.chunked._chunking import row_chunks
 
@@ -52,7 +52,7 @@ def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int,
     k_t = (keys.to(work) * rk.to(work)[:, None]).T.contiguous()
     values = torch.full((N, k), float("-inf"), dtype=work, device=anchors.device)
     indices = torch.full((N, k), -1, dtype=torch.int64, device=anchors.device)
-    if N == 0:
+    if N == 0 or K == 0:  # no candidates at all: every row is padding, as on every other backend
         return values, indices
     ya, yk = anchor_labels.reshape(-1), key_labels.contiguous()
     native = _native(anchors)
@@ -61,9 +61,14 @@ def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int,
         r1 = r0 + ac.shape[0]
         sim = torch.mm(ac, k_t)
         if native is not None:
-            native.hard_negative_topk_rows_cpu(sim.data_ptr(), r1 - r0, K, ya[r0:r1].contiguous().data_ptr(),
-                                               yk.data_ptr(), ignore_label, k, values[r0:r1].data_ptr(),
-                                               indices[r0:r1].data_ptr(), torch.get_num_threads())
+            rows_y, out_v, out_i = ya[r0:r1].contiguous(), values[r0:r1], indices[r0:r1]
+            c, f32, i64 = r1 - r0, torch.float32, torch.int64
+            check_buffers("hard_negative_topk_rows_cpu", anchors.device, sim=Buffer(sim, (c, K), f32),
+                          row_labels=Buffer(rows_y, (c,), i64), key_labels=Buffer(yk, (K,), i64),
+                          values=Buffer(out_v, (c, k), f32), indices=Buffer(out_i, (c, k), i64))
+            native.hard_negative_topk_rows_cpu(sim.data_ptr(), r1 - r0, K, rows_y.data_ptr(), yk.data_ptr(),
+                                               ignore_label, k, out_v.data_ptr(), out_i.data_ptr(),
+                                               torch.get_num_threads())
         else:
             _select_torch(sim, ya[r0:r1], yk, ignore_label, k, values[r0:r1], indices[r0:r1])
     return values, indices

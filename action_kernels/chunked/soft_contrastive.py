@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels._extension import host_module
+from action_kernels._extension import Buffer, check_buffers, host_module
 
 # fp32 math for 16-bit inputs (bf16 GEMMs are also ~100x slower on CPUs); fp64 stays fp64
 from action_kernels._rows import work_dtype as _work_dtype
@@ -49,9 +49,13 @@ def _chunk_native(mod, buffers, sc, tc, k_t, loss, lse_s, lse_t, with_grad):
     sc, tc: rows already scaled by rs/τ_s and rt/τ_t. buffers: two reused (step, K) fp32 tensors (fresh ones per
     chunk cost page faults: ~15% measured).
     """
-    rows = sc.shape[0]
+    rows, K = sc.shape[0], k_t.shape[1]
     b = torch.mm(tc, k_t, out=buffers[1][:rows])
     a = torch.mm(sc, k_t, out=buffers[0][:rows])
+    f32 = torch.float32
+    check_buffers("soft_contrastive_rows_cpu", sc.device, a=Buffer(a, (rows, K), f32), b=Buffer(b, (rows, K), f32),
+                  loss=Buffer(loss, (rows,), f32), lse_a=Buffer(lse_s, (rows,), f32),
+                  lse_b=Buffer(lse_t, (rows,), f32))
     mod.soft_contrastive_rows_cpu(a.data_ptr(), b.data_ptr(), rows, a.shape[1], loss.data_ptr(), lse_s.data_ptr(),
                                   lse_t.data_ptr(), with_grad, torch.get_num_threads())
     return a

@@ -74,6 +74,9 @@ def triton_tables(sec: dict) -> list[str]:
         for k in r["kernels"]:
             head = [f"sm_{r['arch']}", r["op"], r["mode"] + (f" k={r['k']}" if r["k"] else ""), r["dtype"], str(r["D"])]
             lines.append("| " + " | ".join(head + _kernel_cells(k)) + " |")
+    if any(r["dtype"] == "fp32" for r in sec["rows"]):
+        from action_kernels.dispatch import TRITON_FP32_REASON
+        lines += ["", f"fp32 rows: not offered on CUDA tensors (dispatch refuses them: {TRITON_FP32_REASON})."]
     return lines + [""] + summary_table(sec["rows"], "Triton")
 
 

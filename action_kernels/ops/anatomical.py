@@ -14,26 +14,48 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels._rows import to_rows
-from action_kernels._validation import check_anatomical_contrast, check_class_graph_negatives, check_class_prototypes
+from action_kernels._rows import to_rows, work_dtype
+from action_kernels._validation import (
+    check_anatomical_contrast,
+    check_class_graph_negatives,
+    check_class_prototypes,
+    common_dtype,
+)
+from action_kernels.ops._autograd import no_autocast, once_differentiable
+from action_kernels.ops._normalization import inverse_norms, nonfinite_rows
 from action_kernels.ops.hard_negative_topk import hard_negative_topk, indexed_cosine
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      weight: torch.Tensor | None = None, ignore_label: int = -1):
     """Weighted class means. features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial); weight: optional
-    non-negative per-row weights -> prototypes (C, D) (zeros for absent classes), present (C,) bool.
-    Differentiable with respect to features (detach them for the reference setting)."""
+    non-negative, finite per-row weights -> prototypes (C, D) (zeros for absent classes), present (C,) bool.
+    Differentiable with respect to features (detach them for the reference setting).
+
+    NaN policy: prototype c is NaN when a row labelled c (not ignore_label, whatever its weight) is non-finite;
+    other classes are unaffected. The sums run on features divided by a power of two near their largest |value|
+    (exact), so means of values near the dtype's limit do not overflow."""
     _, y, weight = check_class_prototypes(features, labels, num_classes, weight, ignore_label)
-    rows = to_rows(features)
-    w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else weight.to(rows.dtype)
-    keep = y != ignore_label
-    w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    cls = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
-    sums = rows.new_zeros(num_classes, rows.shape[1]).index_add(0, cls, rows * w[:, None])
-    totals = rows.new_zeros(num_classes).index_add(0, cls, w)
-    present = totals > 0
-    return sums / totals.clamp_min(torch.finfo(rows.dtype).tiny)[:, None], present
+    with no_autocast(features.device):
+        rows = to_rows(features)
+        w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else weight.to(rows.dtype)
+        keep = y != ignore_label
+        zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+        bad = nonfinite_rows(rows)
+        w = torch.where(keep, w, zero)
+        cls = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+        clean = torch.where(bad[:, None], zero, rows)
+        m = clean.detach().abs().amax() if clean.numel() else zero
+        # a power of two within a factor 2 below max |x|: an exact division, sums of N rows then need N < 2^126
+        scale = torch.ldexp(torch.ones_like(m), torch.frexp(m).exponent - 1)
+        sums = rows.new_zeros(num_classes, rows.shape[1]).index_add(0, cls, (clean / scale) * w[:, None])
+        totals = rows.new_zeros(num_classes).index_add(0, cls, w)
+        bad_class = torch.zeros(num_classes, dtype=rows.dtype, device=rows.device).index_add(
+            0, cls, (bad & keep).to(rows.dtype)) > 0
+        present = totals > 0
+        protos = sums / totals.clamp_min(torch.finfo(rows.dtype).tiny)[:, None] * scale
+        return torch.where(bad_class[:, None], torch.tensor(float("nan"), dtype=rows.dtype, device=rows.device),
+                           protos), present
 
 
 def class_graph_negatives(prototypes: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
@@ -41,15 +63,23 @@ def class_graph_negatives(prototypes: torch.Tensor, query_labels: torch.Tensor, 
                           ignore_label: int = -1) -> torch.Tensor:
     """The reference code's negative sampling, vectorised on the device: for each query of class c, each negative's
     class v is drawn from softmax_v(cos(μ_c, μ_v) / tau) over the other classes present among the keys, and the key
-    uniformly within class v. prototypes: (C, D); query_labels: (Q,); key_labels: (K,) -> indices (Q, n) int64,
-    -1 where a query's class has no other class to draw from. Reproducible from `generator`."""
-    yq, yk, tau = check_class_graph_negatives(prototypes, query_labels, key_labels, num_negatives, tau, ignore_label)
+    uniformly within class v. prototypes: (C, D), finite (an integer index has no NaN: a non-finite prototype is an
+    error); query_labels: (Q,); key_labels: (K,) -> indices (Q, n) int64, -1 where a query's class has no other
+    class to draw from. Reproducible from `generator`."""
+    prototypes, yq, yk, tau = check_class_graph_negatives(prototypes, query_labels, key_labels, num_negatives, tau,
+                                                          ignore_label)
+    with no_autocast(prototypes.device):
+        return _class_graph_draws(prototypes, yq, yk, num_negatives, tau, generator, ignore_label)
+
+
+def _class_graph_draws(prototypes, yq, yk, num_negatives, tau, generator, ignore_label):
     C = prototypes.shape[0]
     device = prototypes.device
     valid_keys = yk != ignore_label
     counts = torch.zeros(C, dtype=torch.int64, device=device).index_add_(
         0, yk.clamp_min(0), valid_keys.to(torch.int64))
-    mu = torch.nn.functional.normalize(prototypes.detach().float(), dim=1)
+    protos = prototypes.detach().to(work_dtype(prototypes))
+    mu = protos * inverse_norms(protos, True)[:, None]
     logits = mu @ mu.T / tau
     allowed = (counts > 0)[None, :] & ~torch.eye(C, dtype=torch.bool, device=device)
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1).nan_to_num_(0.0)
@@ -100,27 +130,33 @@ def anatomical_contrast_loss(
     yq, yk, tau = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau, negatives,
                                             reduction, ignore_label)
     C = prototypes.shape[0]
-    if isinstance(negatives, torch.Tensor):
-        neg = indexed_cosine(queries, keys, negatives)
-    elif negatives == "topk":
-        neg = hard_negative_topk(queries, yq, keys, yk, num_negatives, ignore_label, backend=backend)[0]
-    else:  # "class_graph"
-        idx = class_graph_negatives(prototypes, yq, yk, num_negatives, tau, generator, ignore_label)
-        neg = indexed_cosine(queries, keys, idx)
-    work = neg.dtype
-    pos = torch.nn.functional.cosine_similarity(queries.to(work), prototypes.to(work)[yq], dim=1)
-    logits = torch.cat([pos[:, None], neg], dim=1) / tau
-    per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
-    if reduction == "none":
-        return per_query
-    return _reduce_per_class(per_query, yq, C)
+    dtype = common_dtype(queries, prototypes, keys)
+    with no_autocast(queries.device):
+        queries, prototypes, keys = queries.to(dtype), prototypes.to(dtype), keys.to(dtype)
+        if isinstance(negatives, torch.Tensor):
+            neg = indexed_cosine(queries, keys, negatives)
+        elif negatives == "topk":
+            neg = hard_negative_topk(queries, yq, keys, yk, num_negatives, ignore_label, backend=backend)[0]
+        else:  # "class_graph"
+            idx = class_graph_negatives(prototypes, yq, yk, num_negatives, tau, generator, ignore_label)
+            neg = indexed_cosine(queries, keys, idx)
+        work = neg.dtype
+        # cos(q, μ_y) on unit rows whose norms cannot overflow (F.cosine_similarity gives 0 at |x| ~ 1e30)
+        q, mu = queries.to(work), prototypes.to(work)[yq]
+        pos = ((q * inverse_norms(q, True)[:, None]) * (mu * inverse_norms(mu, True)[:, None])).sum(1)
+        logits = torch.cat([pos[:, None], neg], dim=1) / tau
+        per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+        if reduction == "none":
+            return per_query
+        return _reduce_per_class(per_query, yq, C)
 
 
 class AnatomicalContrastLossFunction(torch.autograd.Function):
     """anatomical_contrast_loss as a drop-in autograd Function, on the functional's own route: forward runs the
     functional (validation included) on detached inputs with their requires_grad kept, and keeps that graph;
     backward differentiates it (the top-k / indexed-cosine ops' registered backward, then the log-softmax), so
-    values and gradients are those of the functional. Once-differentiable.
+    values and gradients are those of the functional. Once differentiable (the functional itself is
+    differentiable to any order).
 
     Args: the functional's, positionally: queries, query_labels, prototypes, keys, key_labels, tau, negatives,
     num_negatives, generator, backend, reduction, ignore_label. Returns () or (Q,) as the functional.
@@ -135,14 +171,19 @@ class AnatomicalContrastLossFunction(torch.autograd.Function):
             loss = anatomical_contrast_loss(leaves[0], query_labels, leaves[1], leaves[2], key_labels, tau, negatives,
                                             num_negatives, generator, backend, reduction, ignore_label)
         ctx.graph = (loss, leaves)
+        ctx.inputs = (queries, prototypes, keys)  # only to reach the once-differentiable guard from them
         return loss.detach()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         loss, leaves = ctx.graph
         del ctx.graph
         wanted = [x for x in leaves if x.requires_grad]
         found = iter(torch.autograd.grad(loss, wanted, g, allow_unused=True))
         dq, dp, dk = (next(found) if x.requires_grad else None for x in leaves)
+        # its graph starts at detached copies of the inputs: a second derivative would silently miss every path
+        dq, dp, dk = once_differentiable("AnatomicalContrastLossFunction", "its backward differentiates a graph "
+                                         "built from detached copies of the inputs", "Use anatomical_contrast_loss "
+                                         "(the functional, differentiable to any order)", (dq, dp, dk),
+                                         ctx.inputs)
         return dq, None, dp, dk, None, None, None, None, None, None, None, None

@@ -13,15 +13,26 @@ import torch
 
 from action_kernels import dispatch
 from action_kernels._rows import as_row_view, reduce_rows, work_dtype
-from action_kernels._validation import check_soft_contrastive
-from action_kernels.ops._normalization import inverse_norms, through_normalization
+from action_kernels._validation import (
+    check_dot_range,
+    check_soft_contrastive,
+    check_soft_contrastive_views,
+    checked_dot_range,
+)
+from action_kernels.ops._autograd import no_autocast, once_differentiable
+from action_kernels.ops._normalization import inverse_norms, kernel_inputs, through_normalization
 
 OP = "soft_contrastive_loss"
 
 
-def _scales(s, t, k, normalize: bool):
-    """(rs (N,), rt (N,), rk (K,)): the inverse norms every backend takes (ones when not normalising)."""
-    return inverse_norms(s, normalize).reshape(-1), inverse_norms(t, normalize).reshape(-1), inverse_norms(k, normalize)
+def _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize):
+    """What the kernels read (rows in range, non-finite rows zeroed: ops/_normalization.kernel_inputs), their inverse
+    norms (ones when not normalising), and the rows whose loss is NaN by the NaN policy:
+    (s, t, k, (rs (N,), rt (N,), rk (K,)), bad (N,) bool). normalize=False: the logit range check."""
+    if not normalize:
+        check_dot_range(OP, (("student", s, inv_tau_s), ("teacher", t, inv_tau_t)), k, work_dtype(s))
+    (s, bad_s, rs), (t, bad_t, rt), (k, bad_k, rk) = kernel_inputs(normalize, s, t, k)
+    return s, t, k, (rs.reshape(-1), rt.reshape(-1), rk), (bad_s | bad_t).reshape(-1) | bad_k.any()
 
 
 @torch.library.custom_op("action_kernels::soft_contrastive_rows", mutates_args=())
@@ -33,11 +44,17 @@ def soft_contrastive_rows(
 
     Normalisation (when asked) is fused: the kernels scale logits by per-row and per-key inverse norms instead of
     reading normalised copies. ds0 is dL/dŝ per unit upstream gradient, formed in the forward pass when with_grad.
+    NaN policy: a row with a non-finite value in s or t, or any non-finite key, has loss NaN and ds0 row NaN.
     """
-    with torch.no_grad():
-        rs, rt, rk = _scales(s, t, k, normalize)
-        return dispatch.kernels(OP, backend).soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t,
-                                                                      with_grad)
+    with torch.no_grad(), no_autocast(s.device):
+        s, t, k, (rs, rt, rk), bad = _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize)
+        loss, lse_s, lse_t, ds0 = dispatch.kernels(OP, backend).soft_contrastive_forward(
+            s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad)
+        nan = torch.tensor(float("nan"), dtype=loss.dtype, device=loss.device)
+        loss = torch.where(bad, nan, loss)
+        if with_grad:
+            ds0 = torch.where(bad[:, None], nan, ds0)
+        return loss, lse_s, lse_t, ds0
 
 
 @soft_contrastive_rows.register_fake
@@ -53,12 +70,16 @@ def soft_contrastive_key_grad(
     s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, normalize: bool,
     loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, g: torch.Tensor, backend: str,
 ) -> torch.Tensor:
-    """dL/dk (K, D) (through the normalisation) given the forward's loss, lse_s, lse_t and the upstream g (N,)."""
-    with torch.no_grad():
-        rs, rt, rk = _scales(s, t, k, normalize)
+    """dL/dk (K, D) (through the normalisation) given the forward's loss, lse_s, lse_t and the upstream g (N,).
+    NaN policy: all NaN when any row or key is non-finite (every key reads every row)."""
+    with torch.no_grad(), no_autocast(s.device):
+        rk_raw = inverse_norms(k, normalize)
+        k_raw = k
+        s, t, k, (rs, rt, rk), bad = _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize)
         dk_hat = dispatch.kernels(OP, backend).soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t,
                                                                          loss, lse_s, lse_t, g)
-        return through_normalization(k, rk, dk_hat) if normalize else dk_hat
+        dk = through_normalization(k_raw, rk_raw, dk_hat) if normalize else dk_hat
+        return torch.where(bad.any(), torch.tensor(float("nan"), dtype=dk.dtype, device=dk.device), dk)
 
 
 @soft_contrastive_key_grad.register_fake
@@ -71,17 +92,21 @@ def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, normalize, backend, g_loss, 
     s, t, k, loss, lse_s, lse_t, ds0 = saved
     ds = dk = None
     g = g_loss.to(loss.dtype)
-    if need_s:
-        if ds0.numel() == 0 and s.numel() != 0:
-            raise RuntimeError("soft_contrastive_rows was called with with_grad=False but student needs a gradient")
-        ds_hat = g.view(*s.shape[:2], 1) * ds0.view(s.shape)
-        if normalize:
-            ds_hat = through_normalization(s, inverse_norms(s, True), ds_hat)
-        ds = ds_hat.to(s.dtype)
-    if need_k:
-        dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g,
-                                       backend).to(k.dtype)
-    return ds, dk
+    with torch.no_grad(), no_autocast(s.device):
+        if need_s:
+            if ds0.numel() == 0 and s.numel() != 0:
+                raise RuntimeError("soft_contrastive_rows was called with with_grad=False but student needs a "
+                                   "gradient")
+            ds_hat = g.view(*s.shape[:2], 1) * ds0.view(s.shape)
+            if normalize:
+                ds_hat = through_normalization(s, inverse_norms(s, True), ds_hat)
+            ds = ds_hat.to(s.dtype)
+        if need_k:
+            dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g,
+                                           backend).to(k.dtype)
+    return once_differentiable(f"{OP} on backend {backend!r}", "its backward runs fused kernels",
+                               "Use backend='torch' (the materialising reference, differentiable to any order) for "
+                               "higher-order gradients", (ds, dk), (s, k))
 
 
 # -- the autograd route: the library op registers these; SoftContrastiveLossFunction calls them -------------------
@@ -104,18 +129,31 @@ def _backward(ctx, g_loss, _g_lse_s=None, _g_lse_t=None, _g_ds0=None):
 soft_contrastive_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fused_backend(backend, device: torch.device, dtype: torch.dtype, d: int) -> str:
+    """The Functions run a fused backend: one of dispatch.FUSED that can run here (else a clear error)."""
+    if backend not in dispatch.FUSED:
+        raise ValueError(f"backend must be one of {dispatch.FUSED} (the Function runs a fused backend's kernels; "
+                         f"for the materialising reference call soft_contrastive_loss(..., backend='torch')), "
+                         f"got {backend!r}")
+    return dispatch.select(OP, backend, device, dtype, D=d)
+
+
 class SoftContrastiveLossFunction(torch.autograd.Function):
     """Per-row loss as a drop-in autograd Function: the library op's forward and its registered backward, for code
-    that composes its own autograd (no validation: arguments as below).
+    that composes its own autograd. Validated like soft_contrastive_loss (shapes, devices, temperatures, backend;
+    mixed float dtypes promoted).
 
     Args: s, t: (B, P, D) views (rows: x.unsqueeze(0); maps: x.flatten(2).transpose(1, 2)), k: (K, D),
     tau_s, tau_t: temperatures, normalize: fuse the L2 normalisation, backend: a name of dispatch.FUSED.
-    Returns (B * P,) fp32 per-row losses.
+    Returns (B * P,) fp32 per-row losses. Once differentiable (see ops/_autograd.py).
     """
 
     @staticmethod
     def forward(ctx, s, t, k, tau_s: float, tau_t: float, normalize: bool, backend: str):
-        inputs = (s, t, k, 1.0 / tau_s, 1.0 / tau_t, normalize, backend, ctx.needs_input_grad[0])
+        tau_s, tau_t, dtype = check_soft_contrastive_views(s, t, k, tau_s, tau_t, ctx.needs_input_grad[1])
+        backend = _fused_backend(backend, s.device, dtype, s.shape[2])
+        s, t, k = s.to(dtype), t.to(dtype), k.to(dtype)
+        inputs = (s, t, k, 1.0 / tau_s, 1.0 / tau_t, bool(normalize), backend, ctx.needs_input_grad[0])
         output = soft_contrastive_rows(*inputs)
         _save(ctx, inputs, output)
         return output[0]
@@ -144,22 +182,33 @@ def soft_contrastive_loss(
         dispatch.FUSED ("chunked", "triton", "cuda").
 
     Gradients flow to student and, when keys.requires_grad, to keys. teacher must not require grad.
-    Non-finite inputs are not checked (a check would synchronise the device): they make the affected rows NaN.
+    student, teacher and keys may differ in float dtype (a bf16 student with an fp32 bank): they are promoted.
+    The same answer inside and outside torch.autocast. Once differentiable on the fused backends (double backward
+    raises; backend="torch" is differentiable to any order).
+    NaN policy (README, "NaN and Inf"): a non-finite value in a student or teacher row makes that row's loss NaN,
+    one in keys every row's; its gradient rows are NaN likewise (the key gradient when any row is NaN).
 
     Raises:
-        ValueError / TypeError: shapes, feature sizes, dtypes or devices that do not match, tau <= 0, negative
-        weights, an empty bank, a teacher that requires grad. RuntimeError: a forced backend that cannot run.
+        ValueError / TypeError: shapes, feature sizes, dtypes or devices that do not match, tau < 1e-4, negative
+        or non-finite weights, an empty bank, a teacher that requires grad, normalize=False with logits beyond
+        the float32 range. RuntimeError: a forced backend that cannot run.
 
     Example:
         >>> s, t = torch.randn(2, 64, 32, 32, requires_grad=True), torch.randn(2, 64, 32, 32)
         >>> soft_contrastive_loss(s, t, torch.randn(512, 64)).backward()
     """
-    layout, tau_s, tau_t, w, reduction = check_soft_contrastive(
+    layout, tau_s, tau_t, w, reduction, dtype = check_soft_contrastive(
         student, teacher, keys, tau_student, tau_teacher, weight, reduction)
-    name = dispatch.select(OP, backend, student.device, student.dtype, D=layout.features)
-    if name == "torch":
-        return dispatch.reference(OP)(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
-    s, t = as_row_view(student, layout), as_row_view(teacher, layout)
-    with_grad = torch.is_grad_enabled() and s.requires_grad
-    loss = soft_contrastive_rows(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, normalize, name, with_grad)[0]
-    return reduce_rows(loss, w, reduction)
+    name = dispatch.select(OP, backend, student.device, dtype, D=layout.features)
+    with no_autocast(student.device):
+        student, teacher, keys = student.to(dtype), teacher.to(dtype), keys.to(dtype)
+        if name == "torch":
+            if not normalize:  # the fused backends check this inside their library op (_prepared)
+                views = [as_row_view(x.detach(), layout) for x in (student, teacher)]
+                keys = checked_dot_range(keys, views, "student,teacher",
+                                         [1.0 / tau_s, 1.0 / tau_t], OP)
+            return dispatch.reference(OP)(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
+        s, t = as_row_view(student, layout), as_row_view(teacher, layout)
+        with_grad = torch.is_grad_enabled() and s.requires_grad
+        loss = soft_contrastive_rows(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, bool(normalize), name, with_grad)[0]
+        return reduce_rows(loss, w, reduction)

@@ -7,14 +7,15 @@
 // Three sweeps over a row (max; exponentials and sums; q - p) that stay in L2 (a row is 2 x 4 K bytes). Reductions
 // keep V independent partial sums so they vectorise without -ffast-math (measured at c = 512, K = 8192 on 2 AVX2
 // cores: 9.2 ms a chunk, against 15.1 ms with one accumulator and a run-time `grad` branch in the loop).
-// Rows are split across threads; each row is reduced by one thread in a fixed order: deterministic.
+// Rows are split across threads (parallel_rows.h); each row is reduced by one thread in a fixed order: deterministic.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
-#include <vector>
+#include <stdexcept>
+#include <string>
 
 #include "../launchers.h"
+#include "parallel_rows.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define AK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -101,22 +102,19 @@ void rows_range(float* a, float* b, int64_t r0, int64_t r1, int64_t K, float* lo
 
 void soft_contrastive_rows_cpu(uintptr_t a, uintptr_t b, int64_t rows, int64_t K, uintptr_t loss, uintptr_t lse_a,
                                uintptr_t lse_b, bool grad, int threads) {
-  if (rows <= 0) return;
-  const int64_t n = threads < 1 ? 1 : (threads > rows ? rows : threads);
+  // Buffer sizes were checked by the Python caller (action_kernels._extension.check_buffers); these are the checks
+  // a raw-pointer entry point can make itself. std::invalid_argument reaches Python as ValueError.
+  if (rows < 0 || K < 1)
+    throw std::invalid_argument("soft_contrastive_rows_cpu: expected rows >= 0 and K >= 1, got rows=" +
+                                std::to_string(rows) + ", K=" + std::to_string(K));
+  if (rows > 0 && (a == 0 || b == 0 || loss == 0 || lse_a == 0 || lse_b == 0))
+    throw std::invalid_argument("soft_contrastive_rows_cpu: a null buffer pointer");
   auto* pa = reinterpret_cast<float*>(a);
   auto* pb = reinterpret_cast<float*>(b);
   auto* pl = reinterpret_cast<float*>(loss);
   auto* pla = reinterpret_cast<float*>(lse_a);
   auto* plb = reinterpret_cast<float*>(lse_b);
-  if (n == 1) {
-    rows_range(pa, pb, 0, rows, K, pl, pla, plb, grad);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(n);
-  for (int64_t t = 0; t < n; ++t)
-    pool.emplace_back(rows_range, pa, pb, rows * t / n, rows * (t + 1) / n, K, pl, pla, plb, grad);
-  for (auto& th : pool) th.join();
+  parallel_rows(rows, threads, [&](int64_t r0, int64_t r1) { rows_range(pa, pb, r0, r1, K, pl, pla, plb, grad); });
 }
 
 }  // namespace ak

@@ -1,0 +1,31 @@
+"""The layering that docs/architecture.md promises, read from the source: reference.py (the ground truth) imports
+nothing of the package, and no production module imports it (the torch backend reaches it only through
+dispatch.reference; the package __init__ re-exports it for users)."""
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "action_kernels"
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_reference_imports_nothing_of_the_package():
+    modules = _imported_modules(PACKAGE / "reference.py")
+    assert not [m for m in modules if m.startswith(("action_kernels", "action."))], modules
+
+
+def test_no_production_module_imports_the_reference():
+    offenders = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                 if path.name != "reference.py" and path != PACKAGE / "__init__.py"
+                 and "action_kernels.reference" in _imported_modules(path)]
+    assert not offenders, f"production modules importing the reference: {offenders}"
