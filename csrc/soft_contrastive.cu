@@ -1,179 +1,562 @@
-// Soft-label contrastive distillation loss: fused forward, row-gradient and key-gradient kernels (fp32, SIMT).
+// Soft-label contrastive distillation loss on tensor cores: forward statistics, row gradient and key gradient,
+// FlashAttention-2-shaped (a warp owns 16 rows, key tiles stream through double-buffered shared memory, online
+// statistics in registers), deterministic (every output element written once, by one warp, in a fixed order).
 //
 // Normalisation is fused as scales: ŝ_i = rs_i s_i, t̂_i = rt_i t_i, k̂_j = rk_j k_j (inverse norms, or ones).
 //   a_ij = ŝ_i·k̂_j / τ_s,  b_ij = t̂_i·k̂_j / τ_t,  q_i = softmax_j(a_ij),  p_i = softmax_j(b_ij)
 //   loss_i = KL(p_i || q_i) = Σ_j p_ij (b_ij - a_ij) - lse_t,i + lse_s,i
 //   ds0_i  = (q_i - p_i) K̂ / τ_s                                    (dL/dŝ_i = g_i ds0_i)
 //   dK̂_j   = Σ_i g_i [ (q_ij - p_ij) ŝ_i / τ_s + p_ij (log p_ij - log q_ij - loss_i) t̂_i / τ_t ]
+// The kernels work in base 2 with the scales folded: x = s·k rs rk log2(e) / τ_s, so softmax terms are exp2(x - m)
+// (one MUFU.EX2 per term) and lse = ln 2 (m + log2 l).
 //
-// Tiles of BM rows x BN keys; D streamed through shared memory in BK chunks. 128 threads: thread (r, g) with
-// r = tid / 4 owns tile row r and keys g*8 .. g*8+7, and keeps its own online softmax statistics over those keys;
-// the four partial statistics of a row are merged once at the end, so the key loop needs no cross-thread step.
-// Every output element is written by one block in a fixed order: deterministic, no atomics.
+// Three kernels, 9 GEMM-equivalents for forward + backward (the 5 of the floor plus recomputation):
+//   soft_forward_kernel   row-owned: a, b tiles (2 GEMMs), online (m, l) for q and p and the KL accumulator
+//                         Σ p̃ (x_t - x_s); stores loss, lse_s, lse_t (12 bytes a row).
+//   soft_row_grad_kernel  row-owned: recomputes a, b (2 GEMMs), z = (q - p) rk / τ_s in fp32 from the stored lse
+//                         (no cancellation before rounding), then ds0 += z K (1 GEMM) with z as the A operand
+//                         straight from the logits' accumulator registers.
+//   soft_key_grad_kernel  key-owned (no atomics): recomputes aᵀ, bᵀ for its keys against streamed row tiles
+//                         (2 GEMMs), z_s = g rs (q - p) / τ_s, z_t = g rt p (ln p - ln q - loss) / τ_t, then
+//                         dK̂ += z_s S + z_t T (2 GEMMs).
+// Per-CTA tiles and shared memory come from rows_cfg / keys_cfg (one place, also read by launch_plans).
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "cuda_compat.h"
+#include "launch_plans.h"
 #include "launchers.h"
-#include "tiles.cuh"
+#include "tc_tiles.cuh"
 
 namespace ak {
-namespace {
 
-struct Stats {
-  float m_s, l_s, m_t, l_t, acc;
+struct SoftParams {
+  Src s, t, k;
+  const float *rs, *rt, *rk;  // inverse norms (N,), (N,), (K,)
+  int64_t N, K;
+  int D;                      // real feature size (tiles are zero beyond it)
+  float cs, ct;               // log2(e) / τ_s, log2(e) / τ_t
+  float inv_tau_s, inv_tau_t;
+  float *loss, *lse_s, *lse_t;  // written by the forward, read by the gradients
+  float* ds0;                   // (N, D) row gradient
+  const float* g;               // (N,) upstream gradient of the per-row losses
+  float* dk;                    // (K, D) key gradient
 };
 
-// Merges (m, l) softmax partials; an empty partial has l == 0 and m == -inf.
-__device__ __forceinline__ void merge(float& m, float& l, float& acc, float m2, float l2, float acc2) {
-  if (l2 == 0.f) return;
-  if (l == 0.f) { m = m2; l = l2; acc = acc2; return; }
-  const float mx = fmaxf(m, m2), e1 = expf(m - mx), e2 = expf(m2 - mx);
-  l = l * e1 + l2 * e2;
-  acc = acc * e1 + acc2 * e2;
-  m = mx;
+// Row-owned kernels: BM rows resident (student and teacher tiles), BN keys per streamed tile (with their inverse
+// norms), STAGES buffers.
+struct RowsCfg {
+  int bm, bn, stages;
+};
+template <class T, int D>
+AK_HD_CONSTEXPR RowsCfg rows_cfg() {
+  if constexpr (!is_f32<T>) return D <= 128 ? RowsCfg{64, 64, 2} : D == 256 ? RowsCfg{48, 32, 2} : RowsCfg{32, 16, 2};
+  else return D == 64 ? RowsCfg{64, 32, 2} : D == 128 ? RowsCfg{48, 32, 2} : D == 256 ? RowsCfg{32, 16, 2} : RowsCfg{16, 8, 2};
+}
+template <class T, int D>
+AK_HD_CONSTEXPR int64_t rows_smem() {
+  constexpr RowsCfg c = rows_cfg<T, D>();
+  return 2 * tile_bytes<T, D>(c.bm) + c.stages * (tile_bytes<T, D>(c.bn) + 4 * c.bn) + kMaxTileRows * 8;
 }
 
-__global__ void forward_kernel(Rows S, Rows T, Keys Kb, Scales sc, int64_t N, int64_t K, int64_t D, float inv_tau_s,
-                               float inv_tau_t, float* loss, float* lse_s, float* lse_t) {
-  __shared__ Tiles sh;
-  __shared__ Stats part[THREADS];
-  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
-  const int64_t row0 = int64_t(blockIdx.x) * BM, n = row0 + r;
-  const float cs = n < N ? sc.rs[n] * inv_tau_s : 0.f, ct = n < N ? sc.rt[n] * inv_tau_t : 0.f;
-  float as[KPT], at[KPT];
-  float m_s = -INFINITY, l_s = 0.f, m_t = -INFINITY, l_t = 0.f, acc = 0.f, unused = 0.f;
-  for (int64_t key0 = 0; key0 < K; key0 += BN) {
-    tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
-    for (int c = 0; c < KPT; ++c) {
-      const int64_t j = key0 + g * KPT + c;
-      if (j >= K) break;
-      const float a = as[c] * cs * sc.rk[j], b = at[c] * ct * sc.rk[j];
-      merge(m_s, l_s, unused, a, 1.f, 0.f);
-      merge(m_t, l_t, acc, b, 1.f, b - a);
-    }
-  }
-  part[tid] = Stats{m_s, l_s, m_t, l_t, acc};
-  __syncthreads();
-  if (g == 0 && n < N) {
-    for (int o = 1; o < LANES; ++o) {
-      const Stats& p = part[tid + o];
-      merge(m_s, l_s, unused, p.m_s, p.l_s, 0.f);
-      merge(m_t, l_t, acc, p.m_t, p.l_t, p.acc);
-    }
-    const float ls = m_s + logf(l_s), lt = m_t + logf(l_t);
-    loss[n] = acc / l_t - lt + ls;
-    lse_s[n] = ls;
-    lse_t[n] = lt;
-  }
+// Key-owned kernel: BK keys resident, BM rows per streamed tile (student + teacher + kRowVecs per-row floats).
+struct KeysCfg {
+  int bk, bm, stages;
+};
+template <class T, int D>
+AK_HD_CONSTEXPR KeysCfg keys_cfg() {
+  if constexpr (!is_f32<T>) return D <= 128 ? KeysCfg{64, 64, 2} : D == 256 ? KeysCfg{32, 32, 2} : KeysCfg{32, 16, 2};
+  else return D == 64 ? KeysCfg{64, 64, 2} : D == 128 ? KeysCfg{32, 32, 2} : D == 256 ? KeysCfg{32, 16, 2} : KeysCfg{16, 8, 2};
+}
+// per streamed row i: rs_i log2(e)/τ_s, rt_i log2(e)/τ_t, lse_s,i log2(e), lse_t,i log2(e), g_i rs_i/τ_s,
+// g_i rt_i ln(2)/τ_t, loss_i log2(e)
+constexpr int kRowVecs = 7;
+template <class T, int D>
+AK_HD_CONSTEXPR int64_t keys_smem() {
+  constexpr KeysCfg c = keys_cfg<T, D>();
+  return tile_bytes<T, D>(c.bk) + c.stages * (2 * tile_bytes<T, D>(c.bm) + kRowVecs * 4 * c.bm) + kMaxTileRows * 8;
 }
 
-__global__ void row_grad_kernel(Rows S, Rows T, Keys Kb, Scales sc, int64_t N, int64_t K, int64_t D, float inv_tau_s,
-                                float inv_tau_t, const float* lse_s, const float* lse_t, float* ds0) {
-  __shared__ Tiles sh;
-  __shared__ float z[BM][BN + 1];
-  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
-  const int64_t row0 = int64_t(blockIdx.x) * BM, n = row0 + r;
-  const float ls = n < N ? lse_s[n] : 0.f, lt = n < N ? lse_t[n] : 0.f;
-  const float cs = n < N ? sc.rs[n] * inv_tau_s : 0.f, ct = n < N ? sc.rt[n] * inv_tau_t : 0.f;
-  float as[KPT], at[KPT];
-  for (int64_t key0 = 0; key0 < K; key0 += BN) {
-    tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
-    for (int c = 0; c < KPT; ++c) {
-      const int64_t j = key0 + g * KPT + c;
-      const float rk = j < K ? sc.rk[j] : 0.f;
-      // z = (q - p) rk / τ_s: the rk turns the raw key rows read below into k̂
-      z[r][g * KPT + c] = (n < N && j < K)
-          ? (expf(as[c] * cs * rk - ls) - expf(at[c] * ct * rk - lt)) * inv_tau_s * rk : 0.f;
-    }
+// Gradient outputs are computed in slices of DO features (grid.y): a 16 x DO fp32 accumulator per warp is
+// 64 registers at DO = 128; wider slices would spill.
+template <int D>
+AK_HD_CONSTEXPR int out_slice() {
+  return D < 128 ? D : 128;
+}
+
+template <class T, int D>
+AK_HD_CONSTEXPR bool fits() {
+  return rows_smem<T, D>() <= kSmemLimit && keys_smem<T, D>() <= kSmemLimit;
+}
+static_assert(fits<Bf16, 64>() && fits<Bf16, 128>() && fits<Bf16, 256>() && fits<Bf16, 512>(), "bf16 tiles");
+static_assert(fits<F32, 64>() && fits<F32, 128>() && fits<F32, 256>() && fits<F32, 512>(), "fp32 tiles");
+
+// A logit of a column past K: finite, so that 0 * (masked - masked) stays 0, and far below every real logit.
+constexpr float kMasked = -1e30f;
+
+// The streamed key tile j: keys and their inverse norms (0 past K) into stage s.
+template <class T, int D, int BN, int THREADS>
+AK_DEV void stage_keys(const SoftParams& p, typename T::Elem* sK, float* sRk, int s, int j) {
+  constexpr int LD = D + T::kPad;
+  const int64_t key0 = int64_t(j) * BN;
+  stream_tile<T, BN, D, THREADS>(sK + s * BN * LD, p.k, key0, p.K, p.D);
+  static_assert(BN <= THREADS, "one thread per key");
+  const int c = threadIdx.x;
+  if (c < BN) sRk[s * BN + c] = key0 + c < p.K ? p.rk[key0 + c] : 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward statistics. Per lane: rows h = 0, 1 (g and g + 8 of its warp's 16), columns 2t, 2t + 1 of each 8-key
+// block. With y = s·k rk (the key factor only), the base-2 logit is x = c y, c = rs log2(e)/τ > 0, so the tile max
+// is c max(y), the softmax terms exp2(c y - m) are one FFMA and one MUFU each, and
+//   Σ p̃ (x_t - x_s) = Σ p̃ (u_t - u_s) + (m_t - m_s) Σ p̃,   u = x - m (the exp2 arguments, already computed).
+// The row max is quad-uniform after each tile (quad_max); the sums stay per lane until the end.
+template <class T, int D>
+__global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(SoftParams p) {
+  constexpr RowsCfg C = rows_cfg<T, D>();
+  constexpr int BM = C.bm, BN = C.bn, ST = C.stages, THREADS = BM * 2, NB = BN / 8, LD = D + T::kPad;
+  static_assert(ST == 2, "the pipeline below is written for two stages");
+  using E = typename T::Elem;
+  AK_DYNAMIC_SMEM(smem);
+  E* sS = reinterpret_cast<E*>(smem);
+  E* sT = sS + BM * LD;
+  E* sK = sT + BM * LD;
+  float* sRk = reinterpret_cast<float*>(sK + ST * BN * LD);
+  int64_t* bases = reinterpret_cast<int64_t*>(sRk + ST * BN);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+  const int64_t row0 = int64_t(blockIdx.x) * BM, myrow = row0 + 16 * warp + (lane >> 2);
+  const int tiles = int(ceil_div(p.K, BN));
+#pragma unroll 1
+  for (int w = 0; w < 2; ++w) load_tile<T, BM, D, THREADS>(w ? sT : sS, w ? p.t : p.s, row0, p.N, p.D, bases);
+
+  float cs[2], ct[2], m_s[2], l_s[2], m_t[2], l_t[2], kl[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = myrow + 8 * h;
+    cs[h] = n < p.N ? p.rs[n] * p.cs : 0.f;
+    ct[h] = n < p.N ? p.rt[n] * p.ct : 0.f;
+    m_s[h] = m_t[h] = -INFINITY;
+    l_s[h] = l_t[h] = kl[h] = 0.f;
+  }
+  const E* const a[2] = {sS + 16 * warp * LD, sT + 16 * warp * LD};
+
+  // j = -1 only issues tile 0 (with the row tiles in the same group): one load site per tile shape keeps the
+  // code small. At j >= 0: tile j has landed for every thread and every warp is done with the buffer tile j + 1
+  // goes to, which then streams in while tile j is computed.
+  for (int j = -1; j < tiles; ++j) {
+    if (j >= 0) cp_async_wait<0>();
     __syncthreads();
-    if (n < N) {
-      const int64_t kmax = K - key0 < BN ? K - key0 : BN;
-      for (int64_t d = g; d < D; d += LANES) {
-        float sum = 0.f;
-        for (int64_t c = 0; c < kmax; ++c) sum += z[r][c] * Kb.at(key0 + c, d);
-        ds0[n * D + d] += sum;
+    if (j + 1 < tiles) stage_keys<T, D, BN, THREADS>(p, sK, sRk, (j + 1) % ST, j + 1);
+    cp_async_commit();
+    if (j < 0) continue;
+
+    float f[2][NB][4] = {};
+    warp_logits<T, D, NB, 2>(a, sK + (j % ST) * BN * LD, f);
+    const int valid = p.K - int64_t(j) * BN < BN ? int(p.K - int64_t(j) * BN) : BN;
+    float rk[NB][2], bias[NB][2];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 8 * nb + 2 * t + e;
+        rk[nb][e] = sRk[(j % ST) * BN + c];
+        bias[nb][e] = c < valid ? 0.f : kMasked;
       }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float ys[NB][2], yt[NB][2], my_s = kMasked, my_t = kMasked;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          ys[nb][e] = fmaf(f[0][nb][2 * h + e], rk[nb][e], bias[nb][e]);
+          yt[nb][e] = fmaf(f[1][nb][2 * h + e], rk[nb][e], bias[nb][e]);
+          my_s = fmaxf(my_s, ys[nb][e]);
+          my_t = fmaxf(my_t, yt[nb][e]);
+        }
+      // every tile holds a valid key for every row, so the running maxima are finite from the first tile on
+      const float ms = fmaxf(m_s[h], cs[h] * quad_max(my_s)), mt = fmaxf(m_t[h], ct[h] * quad_max(my_t));
+      float sum_s = 0.f, sum_t = 0.f, cross = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float us = fmaf(ys[nb][e], cs[h], -ms), ut = fmaf(yt[nb][e], ct[h], -mt);
+          const float pt = fast_exp2(ut);
+          sum_s += fast_exp2(us);
+          sum_t += pt;
+          cross = fmaf(pt, ut - us, cross);
+        }
+      const float alpha_s = fast_exp2(m_s[h] - ms), alpha_t = fast_exp2(m_t[h] - mt);
+      l_s[h] = fmaf(l_s[h], alpha_s, sum_s);
+      l_t[h] = fmaf(l_t[h], alpha_t, sum_t);
+      kl[h] = fmaf(kl[h], alpha_t, fmaf(mt - ms, sum_t, cross));
+      m_s[h] = ms;
+      m_t[h] = mt;
     }
-    __syncthreads();
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float ls = quad_sum(l_s[h]), lt = quad_sum(l_t[h]), kq = quad_sum(kl[h]);
+    // the row index from a fresh read of the thread index: kept live across the key loop, ptxas spilled it to the
+    // stack (fp32 D = 64, 256 on sm_90)
+    const int tid = fresh_thread_index();
+    const int64_t n = row0 + 16 * (tid >> 5) + ((tid & 31) >> 2) + 8 * h;
+    if (t == 0 && n < p.N) {
+      const float lse_s2 = m_s[h] + log2f(ls), lse_t2 = m_t[h] + log2f(lt);
+      p.lse_s[n] = lse_s2 * kLn2;
+      p.lse_t[n] = lse_t2 * kLn2;
+      p.loss[n] = (div_normal(kq, lt) - lse_t2 + lse_s2) * kLn2;  // lt >= 1: its largest term is 1
+    }
   }
 }
 
-__global__ void key_grad_kernel(Rows S, Rows T, Keys Kb, Scales sc, int64_t N, int64_t K, int64_t D, float inv_tau_s,
-                                float inv_tau_t, const float* loss, const float* lse_s, const float* lse_t,
-                                const float* gr, float* dk) {
-  __shared__ Tiles sh;
-  __shared__ float zs[BM][BN + 1];
-  __shared__ float zt[BM][BN + 1];
-  const int tid = threadIdx.x, r = tid / LANES, g = tid % LANES;
-  const int64_t key0 = int64_t(blockIdx.x) * BN;
-  float as[KPT], at[KPT];
-  for (int64_t row0 = 0; row0 < N; row0 += BM) {
-    tile_dots(S, T, Kb, row0, N, key0, K, D, sh, as, at);
-    const int64_t n = row0 + r;
-    const bool row_ok = n < N;
-    const float gn = row_ok ? gr[n] : 0.f, ls = row_ok ? lse_s[n] : 0.f, lt = row_ok ? lse_t[n] : 0.f;
-    const float ln = row_ok ? loss[n] : 0.f;
-    const float rs = row_ok ? sc.rs[n] : 0.f, rt = row_ok ? sc.rt[n] : 0.f;
-    for (int c = 0; c < KPT; ++c) {
-      const int64_t j = key0 + g * KPT + c;
-      const bool ok = row_ok && j < K;
-      const float rk = j < K ? sc.rk[j] : 0.f;
-      const float log_q = as[c] * rs * inv_tau_s * rk - ls, log_p = at[c] * rt * inv_tau_t * rk - lt;
-      const float p = expf(log_p);
-      // the rs, rt factors turn the raw rows read below into ŝ, t̂
-      zs[r][g * KPT + c] = ok ? (expf(log_q) - p) * gn * inv_tau_s * rs : 0.f;
-      zt[r][g * KPT + c] = ok ? p * (log_p - log_q - ln) * gn * inv_tau_t * rt : 0.f;
-    }
+// ---------------------------------------------------------------------------------------------------------------
+// Row gradient: ds0[rows, c0 .. c0 + DO) where c0 = blockIdx.y DO. q = exp2(c_s y_s - lse_s log2 e), likewise p.
+template <class T, int D>
+__global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kernel(SoftParams p) {
+  constexpr RowsCfg C = rows_cfg<T, D>();
+  constexpr int BM = C.bm, BN = C.bn, ST = C.stages, THREADS = BM * 2, NB = BN / 8, LD = D + T::kPad;
+  constexpr int DO = out_slice<D>(), NO = DO / 8;
+  static_assert(ST == 2, "the pipeline below is written for two stages");
+  using E = typename T::Elem;
+  AK_DYNAMIC_SMEM(smem);
+  E* sS = reinterpret_cast<E*>(smem);
+  E* sT = sS + BM * LD;
+  E* sK = sT + BM * LD;
+  float* sRk = reinterpret_cast<float*>(sK + ST * BN * LD);
+  int64_t* bases = reinterpret_cast<int64_t*>(sRk + ST * BN);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+  const int64_t row0 = int64_t(blockIdx.x) * BM, myrow = row0 + 16 * warp + (lane >> 2);
+  const int c0 = int(blockIdx.y) * DO;
+  const int tiles = int(ceil_div(p.K, BN));
+#pragma unroll 1
+  for (int w = 0; w < 2; ++w) load_tile<T, BM, D, THREADS>(w ? sT : sS, w ? p.t : p.s, row0, p.N, p.D, bases);
+
+  float cs[2], ct[2], ls[2], lt[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = myrow + 8 * h;
+    const bool ok = n < p.N;  // rows past N: q = p = 1 below, so z = 0
+    cs[h] = ok ? p.rs[n] * p.cs : 0.f;
+    ct[h] = ok ? p.rt[n] * p.ct : 0.f;
+    ls[h] = ok ? p.lse_s[n] * kLog2e : 0.f;
+    lt[h] = ok ? p.lse_t[n] * kLog2e : 0.f;
+  }
+  const E* const a[2] = {sS + 16 * warp * LD, sT + 16 * warp * LD};
+  float o[NO][4] = {};
+  ScaleF16 range;
+
+  for (int j = -1; j < tiles; ++j) {  // as in the forward
+    if (j >= 0) cp_async_wait<0>();
     __syncthreads();
-    // thread (c, lane): key c = tid / LANES, features lane, lane + LANES, ...
-    const int64_t j = key0 + r;
-    if (j < K) {
-      const int64_t rmax = N - row0 < BM ? N - row0 : BM;
-      for (int64_t d = g; d < D; d += LANES) {
-        float sum = 0.f;
-        for (int64_t i = 0; i < rmax; ++i) sum += zs[i][r] * S.at(row0 + i, d) + zt[i][r] * T.at(row0 + i, d);
-        dk[j * D + d] += sum;
+    if (j + 1 < tiles) stage_keys<T, D, BN, THREADS>(p, sK, sRk, (j + 1) % ST, j + 1);
+    cp_async_commit();
+    if (j < 0) continue;
+    const E* kt = sK + (j % ST) * BN * LD;
+
+    float f[2][NB][4] = {};
+    warp_logits<T, D, NB, 2>(a, kt, f);
+    float rk[NB][2], bound = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        rk[nb][e] = sRk[(j % ST) * BN + 8 * nb + 2 * t + e];  // 0 past K: z = 0 there
+        bound = fmaxf(bound, rk[nb][e]);
       }
-    }
-    __syncthreads();
+    // fp16: |z| <= rk / τ_s (|q - p| <= 1), so the range scale is known before z, and z is rounded as it is made
+    const float zf = p.inv_tau_s * (is_f16<T> ? range.update(bound * p.inv_tau_s, o) : 1.f);
+    float z[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float rz = rk[nb][e] * zf;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float q = fast_exp2(fmaf(f[0][nb][2 * h + e] * rk[nb][e], cs[h], -ls[h]));
+          const float pp = fast_exp2(fmaf(f[1][nb][2 * h + e] * rk[nb][e], ct[h], -lt[h]));
+          z[nb][2 * h + e] = (q - pp) * rz;  // the difference in fp32, before any rounding
+        }
+      }
+    warp_values<T, D, BN, NO>(z, 1.f, kt, c0, o);
+  }
+  cp_async_wait<0>();
+  const float unscale = is_f16<T> ? range.unscale() : 1.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = myrow + 8 * h;
+    if (n >= p.N) continue;
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = c0 + 8 * nb + 2 * t + e;
+        if (d < p.D) p.ds0[n * p.D + d] = o[nb][2 * h + e] * unscale;
+      }
   }
 }
 
-Scales scales_of(const ScalesArg& a) {
-  return Scales{reinterpret_cast<const float*>(a.rs), reinterpret_cast<const float*>(a.rt),
-                reinterpret_cast<const float*>(a.rk)};
+// ---------------------------------------------------------------------------------------------------------------
+// Key gradient: dk[keys, c0 .. c0 + DO). The warp's 16 keys are the rows of its accumulators (h = 0, 1: keys g and
+// g + 8), the streamed rows its columns: x_q = y_s c_s - lse_s log2 e with y = s·k rk, likewise x_p, and
+// ln p - ln q - loss = ln 2 (x_p - x_q - loss log2 e).
+template <class T, int D>
+__global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kernel(SoftParams p) {
+  constexpr KeysCfg C = keys_cfg<T, D>();
+  constexpr int BK = C.bk, BM = C.bm, ST = C.stages, THREADS = BK * 2, NB = BM / 8, LD = D + T::kPad;
+  constexpr int DO = out_slice<D>(), NO = DO / 8;
+  constexpr int64_t STAGE = 2 * tile_bytes<T, D>(BM) + kRowVecs * 4 * BM;  // bytes
+  static_assert(ST == 2, "the pipeline below is written for two stages");
+  using E = typename T::Elem;
+  AK_DYNAMIC_SMEM(smem);
+  E* sK = reinterpret_cast<E*>(smem);
+  unsigned char* stages = smem + tile_bytes<T, D>(BK);
+  int64_t* bases = reinterpret_cast<int64_t*>(stages + ST * STAGE);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+  const int64_t key0 = int64_t(blockIdx.x) * BK, mykey = key0 + 16 * warp + (lane >> 2);
+  const int c0 = int(blockIdx.y) * DO;
+  const int tiles = int(ceil_div(p.N, BM));
+
+  // Stage s: student tile, teacher tile, then the per-row factors (plain stores).
+  auto stage_rows = [&](int s, int it) {
+    unsigned char* base = stages + s * STAGE;
+    const int64_t r0 = int64_t(it) * BM;
+#pragma unroll 1
+    for (int w = 0; w < 2; ++w)
+      stream_tile<T, BM, D, THREADS>(reinterpret_cast<E*>(base + w * tile_bytes<T, D>(BM)), w ? p.t : p.s, r0, p.N, p.D);
+    float* v = reinterpret_cast<float*>(base + 2 * tile_bytes<T, D>(BM));
+    static_assert(BM <= THREADS, "one thread per row");
+    if (const int r = threadIdx.x; r < BM) {
+      const int64_t i = r0 + r;
+      const bool ok = i < p.N;  // rows past N get zero weights, so they contribute nothing
+      const float rs = ok ? p.rs[i] : 0.f, rt = ok ? p.rt[i] : 0.f, gi = ok ? p.g[i] : 0.f;
+      v[0 * BM + r] = rs * p.cs;
+      v[1 * BM + r] = rt * p.ct;
+      v[2 * BM + r] = ok ? p.lse_s[i] * kLog2e : 0.f;
+      v[3 * BM + r] = ok ? p.lse_t[i] * kLog2e : 0.f;
+      v[4 * BM + r] = gi * rs * p.inv_tau_s;
+      v[5 * BM + r] = gi * rt * p.inv_tau_t * kLn2;
+      v[6 * BM + r] = ok ? p.loss[i] * kLog2e : 0.f;
+    }
+  };
+
+  load_tile<T, BK, D, THREADS>(sK, p.k, key0, p.K, p.D, bases);
+  float rk[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) rk[h] = mykey + 8 * h < p.K ? p.rk[mykey + 8 * h] : 0.f;
+  float o[NO][4] = {};
+  ScaleF16 range;
+
+  for (int it = -1; it < tiles; ++it) {  // it = -1 only stages row tile 0 (see the forward)
+    if (it >= 0) cp_async_wait<0>();
+    __syncthreads();
+    if (it + 1 < tiles) stage_rows((it + 1) % ST, it + 1);
+    cp_async_commit();
+    if (it < 0) continue;
+    unsigned char* base = stages + (it % ST) * STAGE;
+    const E* sS = reinterpret_cast<const E*>(base);
+    const E* sT = reinterpret_cast<const E*>(base + tile_bytes<T, D>(BM));
+    const float* v = reinterpret_cast<const float*>(base + 2 * tile_bytes<T, D>(BM));
+
+    float f[2][NB][4] = {};
+    const E* const b[2] = {sS, sT};
+    warp_logits_2b<T, D, NB>(sK + 16 * warp * LD, b, f);
+    float zs[NB][4], zt[NB][4], absmax = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const int r = 8 * nb + 2 * t;  // this lane's two columns r, r + 1: one 8-byte load per factor
+      const float2 c_s = *reinterpret_cast<const float2*>(v + r), c_t = *reinterpret_cast<const float2*>(v + BM + r);
+      const float2 l_q = *reinterpret_cast<const float2*>(v + 2 * BM + r);
+      const float2 l_p = *reinterpret_cast<const float2*>(v + 3 * BM + r);
+      const float2 w_s = *reinterpret_cast<const float2*>(v + 4 * BM + r);
+      const float2 w_t = *reinterpret_cast<const float2*>(v + 5 * BM + r);
+      const float2 l_2 = *reinterpret_cast<const float2*>(v + 6 * BM + r);
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float xq = fmaf(f[0][nb][2 * h + e] * rk[h], e ? c_s.y : c_s.x, -(e ? l_q.y : l_q.x));
+          const float xp = fmaf(f[1][nb][2 * h + e] * rk[h], e ? c_t.y : c_t.x, -(e ? l_p.y : l_p.x));
+          const float q = fast_exp2(xq), pp = fast_exp2(xp);
+          const float a_s = (e ? w_s.y : w_s.x) * (q - pp);
+          const float a_t = (e ? w_t.y : w_t.x) * pp * (xp - xq - (e ? l_2.y : l_2.x));
+          zs[nb][2 * h + e] = a_s;
+          zt[nb][2 * h + e] = a_t;
+          if constexpr (is_f16<T>) absmax = fmaxf(absmax, fmaxf(fabsf(a_s), fabsf(a_t)));
+        }
+    }
+    float scale = 1.f;
+    if constexpr (is_f16<T>) scale = range.update(absmax, o);
+    warp_values<T, D, BM, NO>(zs, scale, sS, c0, o);
+    warp_values<T, D, BM, NO>(zt, scale, sT, c0, o);
+  }
+  cp_async_wait<0>();
+  const float unscale = is_f16<T> ? range.unscale() : 1.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j = mykey + 8 * h;
+    if (j >= p.K) continue;
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = c0 + 8 * nb + 2 * t + e;
+        if (d < p.D) p.dk[j * p.D + d] = o[nb][2 * h + e] * unscale;
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Plans and launches.
+namespace {
+
+enum class Kind { Forward, RowGrad, KeyGrad };
+
+template <class T, int D>
+LaunchPlan plan_of(Kind kind, int64_t N, int64_t K) {
+  const std::string args = std::string("<") + T::name + ", " + std::to_string(D) + ">(ak::SoftParams)";
+  // loops per CTA: the streamed tiles, then the logits' feature loop inside each where it stays a loop
+  auto trips = [](int64_t tiles) {
+    constexpr int k = logits_loop_trips<T, D>();
+    return k > 1 ? std::vector<int64_t>{tiles, k} : std::vector<int64_t>{tiles};
+  };
+  if (kind == Kind::KeyGrad) {
+    constexpr KeysCfg c = keys_cfg<T, D>();
+    return LaunchPlan{"void ak::soft_key_grad_kernel" + args, ceil_div(K, c.bk), unsigned(D / out_slice<D>()),
+                      unsigned(c.bk * 2), keys_smem<T, D>(), trips(ceil_div(N, c.bm))};
+  }
+  constexpr RowsCfg c = rows_cfg<T, D>();
+  const bool fwd = kind == Kind::Forward;
+  return LaunchPlan{std::string(fwd ? "void ak::soft_forward_kernel" : "void ak::soft_row_grad_kernel") + args,
+                    ceil_div(N, c.bm), fwd ? 1u : unsigned(D / out_slice<D>()), unsigned(c.bm * 2),
+                    rows_smem<T, D>(), trips(ceil_div(K, c.bn))};
+}
+
+template <class T>
+LaunchPlan plan_for_d(Kind kind, int64_t N, int64_t K, int64_t D) {
+  switch (feature_bucket(D)) {
+    case 64: return plan_of<T, 64>(kind, N, K);
+    case 128: return plan_of<T, 128>(kind, N, K);
+    case 256: return plan_of<T, 256>(kind, N, K);
+    case 512: return plan_of<T, 512>(kind, N, K);
+  }
+  throw std::invalid_argument("soft_contrastive CUDA kernels support D <= 512 features, got D = " +
+                              std::to_string(D) + " (use backend 'triton' or 'chunked')");
+}
+
+LaunchPlan plan_for(Kind kind, const std::string& dtype, int64_t N, int64_t K, int64_t D) {
+  if (dtype == "bf16") return plan_for_d<Bf16>(kind, N, K, D);
+  if (dtype == "fp16") return plan_for_d<F16>(kind, N, K, D);
+  if (dtype == "fp32") return plan_for_d<F32>(kind, N, K, D);
+  throw std::invalid_argument("dtype must be 'bf16', 'fp16' or 'fp32', got '" + dtype + "'");
+}
+
+template <class T, int D>
+void launch_one(Kind kind, const SoftParams& p, cudaStream_t stream) {
+  const LaunchPlan plan = plan_of<T, D>(kind, p.N, p.K);
+  const dim3 grid(plan.grid_x, plan.grid_y), block(plan.block);
+  const size_t smem = size_t(plan.dynamic_smem);
+  void (*kernel)(SoftParams) = kind == Kind::Forward   ? soft_forward_kernel<T, D>
+                                : kind == Kind::RowGrad ? soft_row_grad_kernel<T, D>
+                                                        : soft_key_grad_kernel<T, D>;
+  AK_LAUNCH(kernel, grid, block, smem, stream, p);
+  check_launch(plan.kernel.c_str());
+}
+
+template <class T>
+void launch_d(Kind kind, const SoftParams& p, cudaStream_t stream) {
+  switch (feature_bucket(p.D)) {
+    case 64: return launch_one<T, 64>(kind, p, stream);
+    case 128: return launch_one<T, 128>(kind, p, stream);
+    case 256: return launch_one<T, 256>(kind, p, stream);
+    case 512: return launch_one<T, 512>(kind, p, stream);
+  }
+  throw std::invalid_argument("soft_contrastive CUDA kernels support D <= 512 features, got D = " +
+                              std::to_string(p.D) + " (use backend 'triton' or 'chunked')");
+}
+
+void launch(Kind kind, const std::string& dtype, const SoftParams& p, uintptr_t stream) {
+  // the operands a kernel streams in its main loop must take the cp.async path (csrc/tc_tiles.cuh stream_tile)
+  const bool streamed_ok = kind == Kind::KeyGrad ? p.s.uniform && p.t.uniform : p.k.uniform;
+  if (!streamed_ok)
+    throw std::invalid_argument(std::string(kind == Kind::KeyGrad ? "rows s and t" : "keys k") +
+                                " must be uniform rows (feature stride 1, 16-byte aligned rows at one stride) for "
+                                "this kernel: pass a padded copy (see uniform_rows)");
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype == "bf16") launch_d<Bf16>(kind, p, s);
+  else if (dtype == "fp16") launch_d<F16>(kind, p, s);
+  else if (dtype == "fp32") launch_d<F32>(kind, p, s);
+  else throw std::invalid_argument("dtype must be 'bf16', 'fp16' or 'fp32', got '" + dtype + "'");
+}
+
+SoftParams params(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg sc, int64_t N, int64_t K,
+                  int64_t D, float inv_tau_s, float inv_tau_t) {
+  const int bytes = dtype == "fp32" ? 4 : 2;
+  SoftParams p{};
+  p.s = src_of(s, N, bytes);
+  p.t = src_of(t, N, bytes);
+  p.k = src_of(k, K, bytes);
+  p.rs = reinterpret_cast<const float*>(sc.rs);
+  p.rt = reinterpret_cast<const float*>(sc.rt);
+  p.rk = reinterpret_cast<const float*>(sc.rk);
+  p.N = N;
+  p.K = K;
+  p.D = int(D);
+  p.cs = kLog2e * inv_tau_s;
+  p.ct = kLog2e * inv_tau_t;
+  p.inv_tau_s = inv_tau_s;
+  p.inv_tau_t = inv_tau_t;
+  return p;
 }
 
 }  // namespace
 
-void soft_contrastive_forward(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
-                              int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
+std::vector<LaunchPlan> soft_contrastive_plans(const std::string& mode, const std::string& dtype, int64_t N,
+                                               int64_t K, int64_t D) {
+  if (N == 0 || K == 0) return {};
+  if (mode == "key_grad") return {plan_for(Kind::KeyGrad, dtype, N, K, D)};
+  std::vector<LaunchPlan> plans{plan_for(Kind::Forward, dtype, N, K, D)};
+  if (mode == "forward_grad") plans.push_back(plan_for(Kind::RowGrad, dtype, N, K, D));
+  return plans;
+}
+
+void soft_contrastive_forward(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales, int64_t N,
+                              int64_t K, int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
                               uintptr_t lse_t, uintptr_t stream) {
-  if (N == 0) return;
-  AK_LAUNCH(forward_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
-            rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<float>(loss), out<float>(lse_s),
-            out<float>(lse_t));
-  check_launch("soft_contrastive forward_kernel");
-}
-
-void soft_contrastive_row_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
-                               int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t lse_s, uintptr_t lse_t,
-                               uintptr_t ds0, uintptr_t stream) {
-  if (N == 0) return;
-  AK_LAUNCH(row_grad_kernel, dim3(blocks(N, BM)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
-            rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(lse_s),
-            out<const float>(lse_t), out<float>(ds0));
-  check_launch("soft_contrastive row_grad_kernel");
-}
-
-void soft_contrastive_key_grad(RowsArg s, RowsArg t, uintptr_t k, int64_t k_sk, int64_t k_sd, ScalesArg scales, int64_t N, int64_t K,
-                               int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
-                               uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream) {
   if (N == 0 || K == 0) return;
-  AK_LAUNCH(key_grad_kernel, dim3(blocks(K, BN)), dim3(THREADS), reinterpret_cast<cudaStream_t>(stream), rows_of(s),
-            rows_of(t), keys_of(k, k_sk, k_sd), scales_of(scales), N, K, D, inv_tau_s, inv_tau_t, out<const float>(loss),
-            out<const float>(lse_s), out<const float>(lse_t), out<const float>(g), out<float>(dk));
-  check_launch("soft_contrastive key_grad_kernel");
+  SoftParams p = params(dtype, s, t, k, scales, N, K, D, inv_tau_s, inv_tau_t);
+  p.loss = reinterpret_cast<float*>(loss);
+  p.lse_s = reinterpret_cast<float*>(lse_s);
+  p.lse_t = reinterpret_cast<float*>(lse_t);
+  launch(Kind::Forward, dtype, p, stream);
+}
+
+void soft_contrastive_row_grad(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales,
+                               int64_t N, int64_t K, int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t lse_s,
+                               uintptr_t lse_t, uintptr_t ds0, uintptr_t stream) {
+  if (N == 0 || K == 0) return;
+  SoftParams p = params(dtype, s, t, k, scales, N, K, D, inv_tau_s, inv_tau_t);
+  p.lse_s = reinterpret_cast<float*>(lse_s);
+  p.lse_t = reinterpret_cast<float*>(lse_t);
+  p.ds0 = reinterpret_cast<float*>(ds0);
+  launch(Kind::RowGrad, dtype, p, stream);
+}
+
+void soft_contrastive_key_grad(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales,
+                               int64_t N, int64_t K, int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss,
+                               uintptr_t lse_s, uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream) {
+  if (N == 0 || K == 0) return;
+  SoftParams p = params(dtype, s, t, k, scales, N, K, D, inv_tau_s, inv_tau_t);
+  p.loss = reinterpret_cast<float*>(loss);
+  p.lse_s = reinterpret_cast<float*>(lse_s);
+  p.lse_t = reinterpret_cast<float*>(lse_t);
+  p.g = reinterpret_cast<const float*>(g);
+  p.dk = reinterpret_cast<float*>(dk);
+  launch(Kind::KeyGrad, dtype, p, stream);
 }
 
 }  // namespace ak

@@ -1,23 +1,26 @@
 """CUDA (csrc/soft_contrastive.cu) launchers of the soft-label contrastive loss: Python allocates, C++ computes.
 
-The kernels are fp32 SIMT: 16-bit inputs are read after an upcast (an O(N D) copy, never O(N K)).
+The kernels read bf16 / fp16 / fp32 rows and keys natively (no copies, any strides) and run on tensor cores: bf16
+and fp16 on m16n8k16 mma with fp32 accumulation, fp32 on tf32 mma split three ways (about fp32 accuracy). Rows
+and keys must share one dtype; the inverse norms and all outputs are fp32.
 """
 from __future__ import annotations
 
 import torch
 
 from action_kernels.cuda import launch_context, rows_arg
+from action_kernels.cuda._operands import check_feature_size, dtype_name, keys_arg, streamable
 
 
 def _args(mod, s, t, k, scales, inv_tau_s, inv_tau_t):
     B, P, D = s.shape
-    return dict(s=rows_arg(mod, s), t=rows_arg(mod, t), k=k.data_ptr(), k_sk=k.stride(0), k_sd=k.stride(1),
+    return dict(dtype=dtype_name(s, t, k), s=rows_arg(mod, s), t=rows_arg(mod, t), k=keys_arg(mod, k),
                 scales=mod.Scales(*(x.data_ptr() for x in scales)), N=B * P, K=k.shape[0], D=D,
                 inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t)
 
 
 def _fp32(*xs):
-    return tuple(x.float().contiguous() if x.dim() == 1 else x.float() for x in xs)
+    return tuple(x.float().contiguous() for x in xs)
 
 
 def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, with_grad: bool):
@@ -25,12 +28,14 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
 
     The contract of action_kernels/chunked/soft_contrastive.py; ds0 is empty when not with_grad.
     """
-    s, t, k, rs, rt, rk = _fp32(s, t, k, rs, rt, rk)
+    check_feature_size("soft_contrastive_loss", s.shape[2])
+    rs, rt, rk = _fp32(rs, rt, rk)
     B, P, D = s.shape
     loss = torch.empty(B * P, dtype=torch.float32, device=s.device)
     lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
-    ds0 = torch.zeros((B * P, D) if with_grad else (0,), dtype=torch.float32, device=s.device)
+    ds0 = torch.empty((B * P, D) if with_grad else (0,), dtype=torch.float32, device=s.device)
     mod, stream, guard = launch_context(s.device)
+    k = streamable(mod, k, dtype_name(s, t, k), keys=True)  # the row kernels stream the keys
     args = _args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t)
     with guard:
         mod.soft_contrastive_forward(**args, loss=loss.data_ptr(), lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(),
@@ -43,9 +48,14 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
 
 def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, g):
     """dL/dk̂ (K, D) fp32 from the forward's loss, lse_s, lse_t (N,) and the upstream per-row gradient g (N,)."""
-    s, t, k, rs, rt, rk, g = _fp32(s, t, k, rs, rt, rk, g)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    check_feature_size("soft_contrastive_loss", s.shape[2])
+    rs, rt, rk, g, loss, lse_s, lse_t = _fp32(rs, rt, rk, g, loss, lse_s, lse_t)
+    n_rows = s.shape[0] * s.shape[1]
+    # the kernel writes every element when there are rows; with none, the gradient is zero
+    dk = (torch.empty if n_rows else torch.zeros)(k.shape, dtype=torch.float32, device=k.device)
     mod, stream, guard = launch_context(s.device)
+    name = dtype_name(s, t, k)
+    s, t = streamable(mod, s, name), streamable(mod, t, name)  # the key-owned kernel streams the rows
     with guard:
         mod.soft_contrastive_key_grad(**_args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t), loss=loss.data_ptr(),
                                       lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), g=g.data_ptr(),
