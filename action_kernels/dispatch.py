@@ -5,10 +5,11 @@ OPS), the dtypes it takes, whether it can run on a device, how it runs on CPU te
 op files, tests and benchmarks read their backend lists from here.
 
 Order of choice: the explicit `backend=` argument, then the ACTION_KERNELS_BACKEND environment variable, then
-automatic by device (AUTO_ORDER): on CUDA tensors Triton, then the CUDA extension, then the chunked torch path
-(AUTO_ORDER_REASON says why Triton comes first); on CPU the chunked torch path. A forced backend that cannot run
-raises with every reason; an automatic choice that skips the device's first preference warns once per (op, device
-type, reason).
+automatic (auto_order): on CUDA tensors the CUDA extension, then Triton, then the chunked torch path, except where
+PREFERENCES picks Triton first for an op, dtype and feature size (the kernel report's static estimates; the reasons
+are in AUTO_ORDER_REASON and PREFERENCES, printed by env_report); on CPU the chunked torch path. A forced backend
+that cannot run raises with every reason; an automatic choice that skips the device's first preference warns once
+per (op, device type, reason).
 """
 from __future__ import annotations
 
@@ -172,25 +173,47 @@ REGISTRY: Mapping[str, Backend] = MappingProxyType({b.name: b for b in (
 )})
 BACKENDS = tuple(REGISTRY)  # names
 FUSED = tuple(name for name, b in REGISTRY.items() if b.package is not None)  # backends with kernels of their own
-# automatic order by device type (any other device type: chunked); the torch reference is the last resort
-AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("triton", "cuda", "chunked"),
+# Automatic order by device type (any other device type: chunked); the torch reference is the last resort.
+# On CUDA tensors the order follows the kernel report's static ESTIMATES (sm_90, N = K = 65,536; the table per op,
+# dtype and D is in docs/cuda_kernels.md), until a GPU run in benchmarks/RESULTS.md measures otherwise.
+AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("cuda", "triton", "chunked"),
                                                               "cpu": ("chunked",)})
 AUTO_ORDER_REASON: Mapping[str, str] = MappingProxyType({
-    "cuda": ("triton before cuda: the CUDA extension's kernels are fp32 SIMT, with no tensor-core instructions "
-             "(python -m action_kernels.kernel_report shows them), while the Triton kernels run on tensor cores"),
-})
-# where one op and dtype on a device type takes another order than AUTO_ORDER: {(device type, op, dtype): (order,
-# reason)}; op None: every op
-PREFERENCES: Mapping[tuple[str, str | None, torch.dtype], tuple[tuple[str, ...], str]] = MappingProxyType({
-    ("cuda", None, torch.float32): (("cuda", "chunked"), TRITON_FP32_WHY),
+    "cuda": ("cuda before triton: by the kernel report's static estimates (docs/cuda_kernels.md) the CUDA "
+             "tensor-core kernels are faster for top-k and the anatomical top-k at every dtype (1.1-11x), for the "
+             "soft loss at D > 128 (1.35-2.0x at 16-bit D >= 256) and in fp32 (Triton takes no fp32 CUDA tensors)"),
+    "cpu": "the chunked path's native CPU kernels (triton and cuda run on CPU only interpreted or emulated, for tests)",
 })
 
 
-def auto_order(op: str | None, device_type: str, dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
-    """The automatic order of backends for `op` (None: any op) on tensors of this device type and dtype, and why."""
-    for key in ((device_type, op, dtype), (device_type, None, dtype)):
-        if key in PREFERENCES:
-            return PREFERENCES[key]
+@dataclass(frozen=True)
+class Preference:
+    """Another automatic order for one op and dtype on one device type, for feature sizes D <= max_D."""
+
+    order: tuple[str, ...]
+    max_D: int
+    why: str
+
+
+PREFERENCES: Mapping[tuple[str, str, torch.dtype], Preference] = MappingProxyType({
+    ("cuda", "soft_contrastive_loss", torch.bfloat16): Preference(
+        ("triton", "cuda", "chunked"), 128,
+        "triton for the bf16 soft loss at D <= 128: estimated 6-7% faster (forward + backward at D = 128, "
+        "N = K = 65,536: triton 11.18 ms, cuda 11.95 ms)"),
+    ("cuda", "soft_contrastive_loss", torch.float16): Preference(
+        ("triton", "cuda", "chunked"), 128,
+        "triton for the fp16 soft loss at D <= 128: estimated 28-30% faster (forward + backward at D = 128, "
+        "N = K = 65,536: triton 11.18 ms, cuda 14.32 ms)"),
+})
+
+
+def auto_order(op: str | None, device_type: str, dtype: torch.dtype,
+               D: int | None = None) -> tuple[tuple[str, ...], str]:
+    """The automatic order of backends for `op` (None: any op) on tensors of this device type and dtype with
+    feature size D (None: unknown, the device's order), and why."""
+    pref = PREFERENCES.get((device_type, op, dtype))
+    if pref is not None and D is not None and D <= pref.max_D:
+        return pref.order, pref.why
     return AUTO_ORDER.get(device_type, ("chunked",)), AUTO_ORDER_REASON.get(device_type, "")
 
 
@@ -217,7 +240,7 @@ def select(op: str | None, backend: str | None, device: torch.device, dtype: tor
             raise RuntimeError(f"{label}: {source}{requested!r} cannot run here: {why}")
         return requested
     rejected = []
-    for name in auto_order(op, device.type, dtype)[0]:
+    for name in auto_order(op, device.type, dtype, limits.get("D"))[0]:
         why = unavailable_reason(name, device, dtype, op, **limits)
         if not why:
             if rejected:

@@ -21,11 +21,11 @@ def lines() -> list[str]:
         out.append(f"triton: not available: {why}")
     for dev, flavour in _extension.flavours().items():
         out.append(f"kernel build for {dev} tensors: {flavour}")
-    out.append(f"automatic order on CUDA tensors: {' > '.join(dispatch.AUTO_ORDER['cuda'])} "
-               f"({dispatch.AUTO_ORDER_REASON['cuda']})")
-    for (dev, op, dtype), (order, why) in dispatch.PREFERENCES.items():
-        out.append(f"  except {op or 'every op'} on {str(dtype).replace('torch.', '')} {dev} tensors: "
-                   f"{' > '.join(order)} ({why})")
+    for dev, order in dispatch.AUTO_ORDER.items():
+        out.append(f"automatic order on {dev} tensors: {' > '.join(order)} ({dispatch.AUTO_ORDER_REASON[dev]})")
+    for (dev, op, dtype), pref in dispatch.PREFERENCES.items():
+        out.append(f"  except {op} on {str(dtype).replace('torch.', '')} {dev} tensors with D <= {pref.max_D}: "
+                   f"{' > '.join(pref.order)} ({pref.why})")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         out.append(f"backends for {dev.type} tensors (auto picks "

@@ -44,15 +44,22 @@ def test_triton_on_cpu_without_interpreter_explains_how_to_enable_it(monkeypatch
     assert "need CUDA tensors" in why and "TRITON_INTERPRET=1" in why
 
 
-def test_cuda_tensors_prefer_triton_while_the_cuda_kernels_have_no_tensor_cores(monkeypatch):
+def test_cuda_tensors_follow_the_static_estimates_per_op_dtype_and_feature_size(monkeypatch):
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, dev, dt, op=None, **kw: "")
+    cuda, soft, topk = torch.device("cuda"), "soft_contrastive_loss", "hard_negative_topk"
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16) == "triton"
-    assert dispatch.AUTO_ORDER["cuda"][:2] == ("triton", "cuda")
-    assert "tensor-core" in dispatch.AUTO_ORDER_REASON["cuda"]
+        warnings.simplefilter("error")  # preferences, not fallbacks: no warning
+        assert dispatch.select(soft, None, cuda, torch.float16, D=128) == "triton"
+        assert dispatch.select(soft, None, cuda, torch.bfloat16, D=64) == "triton"
+        assert dispatch.select(soft, None, cuda, torch.bfloat16, D=256) == "cuda"
+        assert dispatch.select(soft, None, cuda, torch.float32, D=64) == "cuda"
+        assert dispatch.select(topk, None, cuda, torch.bfloat16, k=64, D=128) == "cuda"
+        assert dispatch.select(soft, None, torch.device("cpu"), torch.bfloat16, D=128) == "chunked"
+    assert dispatch.AUTO_ORDER["cuda"][:2] == ("cuda", "triton")
     from action_kernels import env_report
-    assert any(dispatch.AUTO_ORDER_REASON["cuda"] in line for line in env_report.lines())
+    text = "\n".join(env_report.lines())
+    assert dispatch.AUTO_ORDER_REASON["cuda"] in text
+    assert all(p.why in text for p in dispatch.PREFERENCES.values())
 
 
 def test_cuda_tensors_fall_back_with_one_warning_when_triton_is_missing(monkeypatch):
@@ -60,10 +67,10 @@ def test_cuda_tensors_fall_back_with_one_warning_when_triton_is_missing(monkeypa
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, dev, dt, op=None, **kw: reasons.get(name, ""))
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(UserWarning, match="using backend 'cuda' because triton: not importable"):
-        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16) == "cuda"
+        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16, D=128) == "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16) == "cuda"
+        assert dispatch.select("soft_contrastive_loss", None, torch.device("cuda"), torch.float16, D=128) == "cuda"
 
 
 def test_report_lists_every_backend():
@@ -150,7 +157,6 @@ def test_triton_refuses_fp32_cuda_tensors_with_the_reason_and_auto_picks_cuda(mo
     assert dispatch.unavailable_reason("triton", torch.device("cpu"), torch.float32, "soft_contrastive_loss") == ""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a preference, not a fallback: no warning
-        assert dispatch.select("soft_contrastive_loss", None, cuda, torch.float32) == "cuda"
-        assert dispatch.select("hard_negative_topk", None, cuda, torch.bfloat16) == "triton"
+        assert dispatch.select("soft_contrastive_loss", None, cuda, torch.float32, D=128) == "cuda"
     with pytest.raises(RuntimeError, match="spill"):
         dispatch.select("soft_contrastive_loss", "triton", cuda, torch.float32)
