@@ -337,6 +337,29 @@ def test_native_buffers_are_checked_before_their_pointers_reach_native_code():
         _extension.check_buffers("op", torch.device("meta"), a=B(ok, (4, 8), torch.float32))
 
 
+def test_cuda_launchers_check_their_buffers_before_the_kernels_read_them():
+    """The CUDA launchers (run here through the emulation build) refuse a buffer that does not match the launch:
+    a teacher with fewer rows than the student, an inverse-norm vector one short, labels of another length."""
+    helpers.require("cuda")
+    from action_kernels.cuda import hard_negative_topk as ctopk
+    from action_kernels.cuda import soft_contrastive as csoft
+    g = torch.Generator().manual_seed(3)
+    s, t, k = torch.randn(1, 12, 16, generator=g), torch.randn(1, 12, 16, generator=g), torch.randn(9, 16, generator=g)
+    rs, rk = torch.ones(12), torch.ones(9)
+    csoft.soft_contrastive_forward(s, t, k, rs, rs, rk, 5.0, 10.0, True)  # the matching launch runs
+    with pytest.raises(ValueError, match="buffer 't' must hold the 12 rows of 's'"):
+        csoft.soft_contrastive_forward(s, t[:, :3], k, rs, rs, rk, 5.0, 10.0, True)
+    with pytest.raises(ValueError, match=r"soft_contrastive_forward: buffer 'rk' must have shape \(9,\)"):
+        csoft.soft_contrastive_forward(s, t, k, rs, rs, rk[:8], 5.0, 10.0, False)
+    loss, lse_s, lse_t, _ = csoft.soft_contrastive_forward(s, t, k, rs, rs, rk, 5.0, 10.0, False)
+    with pytest.raises(ValueError, match=r"soft_contrastive_key_grad: buffer 'g' must have shape \(12,\)"):
+        csoft.soft_contrastive_key_grad(s, t, k, rs, rs, rk, 5.0, 10.0, loss, lse_s, lse_t, torch.ones(11))
+    ya, yk = torch.zeros(12, dtype=torch.int64), torch.ones(9, dtype=torch.int64)
+    ctopk.hard_negative_topk(s, ya, k, yk, rs, rk, 4, -1)
+    with pytest.raises(ValueError, match=r"hard_negative_topk: buffer 'key_labels' must have shape \(9,\)"):
+        ctopk.hard_negative_topk(s, ya, k, yk[:5], rs, rk, 4, -1)
+
+
 _LIMITED = """
 import resource, torch
 from action_kernels._extension import host_module

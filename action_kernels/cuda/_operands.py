@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels._extension import rows_arg
+from action_kernels._extension import Buffer, check_buffers, rows_arg
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 MAX_FEATURES = 512  # the largest feature bucket the kernels are instantiated for (csrc/tc_tiles.cuh feature_bucket)
@@ -48,3 +48,16 @@ def check_feature_size(op: str, d: int) -> None:
         raise NotImplementedError(
             f"{op}: the CUDA kernels hold whole rows in shared memory and are built for D <= {MAX_FEATURES} "
             f"features, got D = {d}; use backend='triton' or backend='chunked'")
+
+
+def check_soft_buffers(entry: str, s, t, k, f32: dict) -> None:
+    """check_buffers for a soft-contrastive launch: s, t (B, P, D) views (each its own B, P: a streamable copy is
+    (1, N, D)) of N rows and k (K, D), strided in one dtype, and the dense fp32 buffers named in f32
+    {name: (tensor, shape)}."""
+    n, D = s.shape[0] * s.shape[1], s.shape[2]
+    if t.dim() != 3 or t.shape[0] * t.shape[1] != n:
+        raise ValueError(f"{entry}: buffer 't' must hold the {n} rows of 's', got shape {tuple(t.shape)}")
+    check_buffers(entry, s.device, s=Buffer(s, tuple(s.shape), s.dtype, "strided"),
+                  t=Buffer(t, (t.shape[0], t.shape[1], D), s.dtype, "strided"),
+                  k=Buffer(k, (k.shape[0], D), s.dtype, "strided"),
+                  **{name: Buffer(x, shape, torch.float32) for name, (x, shape) in f32.items()})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from action_kernels._extension import Buffer, check_buffers
 from action_kernels.cuda import launch_context, rows_arg
 from action_kernels.cuda._operands import check_feature_size, dtype_name, keys_arg, streamable
 
@@ -22,6 +23,11 @@ def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int,
     ya, yk = anchor_labels.reshape(-1).contiguous(), key_labels.contiguous()
     mod, stream, guard = launch_context(anchors.device)
     keys = streamable(mod, keys, dtype_name(anchors, keys), keys=True)  # streamed in the main loop
+    f32, i64 = torch.float32, torch.int64
+    check_buffers("hard_negative_topk", anchors.device, anchors=Buffer(anchors, (B, P, D), anchors.dtype, "strided"),
+                  keys=Buffer(keys, (K, D), anchors.dtype, "strided"), ra=Buffer(ra, (N,), f32),
+                  rk=Buffer(rk, (K,), f32), anchor_labels=Buffer(ya, (N,), i64), key_labels=Buffer(yk, (K,), i64),
+                  values=Buffer(values, (N, k), f32), indices=Buffer(indices, (N, k), i64))
     with guard:
         mod.hard_negative_topk(dtype=dtype_name(anchors, keys), a=rows_arg(mod, anchors), k=keys_arg(mod, keys),
                                ra=ra.data_ptr(), rk=rk.data_ptr(), ya=ya.data_ptr(), yk=yk.data_ptr(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from action_kernels.cuda import launch_context, rows_arg
-from action_kernels.cuda._operands import check_feature_size, dtype_name, keys_arg, streamable
+from action_kernels.cuda._operands import check_feature_size, check_soft_buffers, dtype_name, keys_arg, streamable
 
 
 def _args(mod, s, t, k, scales, inv_tau_s, inv_tau_t):
@@ -36,6 +36,10 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
     ds0 = torch.empty((B * P, D) if with_grad else (0,), dtype=torch.float32, device=s.device)
     mod, stream, guard = launch_context(s.device)
     k = streamable(mod, k, dtype_name(s, t, k), keys=True)  # the row kernels stream the keys
+    N, K = B * P, k.shape[0]
+    check_soft_buffers("soft_contrastive_forward", s, t, k, dict(
+        rs=(rs, (N,)), rt=(rt, (N,)), rk=(rk, (K,)), loss=(loss, (N,)), lse_s=(lse_s, (N,)), lse_t=(lse_t, (N,)),
+        ds0=(ds0, (N, D) if with_grad else (0,))))
     args = _args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t)
     with guard:
         mod.soft_contrastive_forward(**args, loss=loss.data_ptr(), lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(),
@@ -56,6 +60,10 @@ def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: 
     mod, stream, guard = launch_context(s.device)
     name = dtype_name(s, t, k)
     s, t = streamable(mod, s, name), streamable(mod, t, name)  # the key-owned kernel streams the rows
+    N, K = n_rows, k.shape[0]
+    check_soft_buffers("soft_contrastive_key_grad", s, t, k, dict(
+        rs=(rs, (N,)), rt=(rt, (N,)), rk=(rk, (K,)), loss=(loss, (N,)), lse_s=(lse_s, (N,)), lse_t=(lse_t, (N,)),
+        g=(g, (N,)), dk=(dk, (K, k.shape[1]))))
     with guard:
         mod.soft_contrastive_key_grad(**_args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t), loss=loss.data_ptr(),
                                       lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), g=g.data_ptr(),
