@@ -170,16 +170,27 @@ def main() -> int:
             plans.append(("nccl-2ranks", dict(base, stage="pretrain-local"), 2, {}, "acc2"))
         plans.append(("syncbn-2ranks", dict(base, stage="supervised", sync_bn=True), 2,
                       {"ACTION_DIST_BACKEND": "gloo"}, "plain"))
-    results, failed, seconds = [], False, {}
+    results, seconds = [], {}
+
+    def save(complete: bool) -> None:
+        """ddp_check.json, rewritten after every run: a time limit that stops the check keeps what finished."""
+        with open(os.path.join(args.out, "ddp_check.json"), "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                       "torch": torch.__version__, "complete": complete, "results": results,
+                       "reference_seconds": {k: v for k, v in seconds.items() if k in refs}}, fh, indent=1)
+
     for ref_name in dict.fromkeys(plan[4] for plan in plans):  # only the references a plan uses (CPU: acc2)
         values, ranks, env = refs[ref_name]
-        out = os.path.join(work, ref_name)
         start = time.perf_counter()
-        done = run(dict(values, out=out), ranks, env)
+        done = run(dict(values, out=os.path.join(work, ref_name)), ranks, env)
         seconds[ref_name] = time.perf_counter() - start
         if done.returncode:
             print(f"reference {ref_name} failed:\n{done.stderr[-3000:]}")
+            save(False)
             return 1
+        print(f"reference {ref_name}: {seconds[ref_name]:.0f} s", flush=True)
+    # each row as its run finishes (flushed), so a time limit keeps the rows above it
+    print(f"{'run':<16}{'max |loss diff|':>18}{'max |weight diff|':>20}  within allowance  seconds", flush=True)
     for name, values, ranks, env, ref_name in plans:
         out = os.path.join(work, name)
         start = time.perf_counter()
@@ -187,27 +198,17 @@ def main() -> int:
         seconds[name] = time.perf_counter() - start
         if done.returncode:
             results.append({"run": name, "ok": False, "error": done.stderr[-2000:], "seconds": seconds[name]})
-            failed = True
             print(f"{name}: FAILED to run\n{done.stderr[-2000:]}")
-            continue
-        result = dict(compare(name, out, os.path.join(work, ref_name)), seconds=seconds[name])
-        results.append(result)
-        failed |= not result["ok"]
-    shutil.rmtree(work, ignore_errors=True)
-    with open(os.path.join(args.out, "ddp_check.json"), "w") as fh:
-        json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                   "torch": torch.__version__, "results": results,
-                   "reference_seconds": {k: v for k, v in seconds.items() if k in refs}}, fh, indent=1)
-    print(f"{'run':<16}{'max |loss diff|':>18}{'max |weight diff|':>20}  within allowance  seconds")
-    for r in results:
-        if "error" in r:
-            print(f"{r['run']:<16}{'did not run':>18}{'':>20}  {'False':<16}  {r['seconds']:.0f}")
+            print(f"{name:<16}{'did not run':>18}{'':>20}  {'False':<16}  {seconds[name]:.0f}", flush=True)
         else:
-            print(f"{r['run']:<16}{r['max_loss_diff']:>18.3e}{r['max_weight_diff']:>20.3e}  {r['ok']!s:<16}  "
-                  f"{r['seconds']:.0f}")
-    print("references: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k in refs))
-    return 1 if failed else 0
-
+            r = dict(compare(name, out, os.path.join(work, ref_name)), seconds=seconds[name])
+            results.append(r)
+            print(f"{name:<16}{r['max_loss_diff']:>18.3e}{r['max_weight_diff']:>20.3e}  {r['ok']!s:<16}  "
+                  f"{r['seconds']:.0f}", flush=True)
+        save(False)
+    shutil.rmtree(work, ignore_errors=True)
+    save(True)
+    return 0 if all(r["ok"] for r in results) else 1
 
 if __name__ == "__main__":
     sys.exit(main())
