@@ -8,16 +8,18 @@ outside its allowance.
     python benchmarks/ddp_check.py --out DIR --device cpu # gloo only (what the CPU can check; CI runs
                                                           # tests/test_distributed.py instead)
 
-Runs (4 iterations each, fp32: --amp off and NVIDIA_TF32_OVERRIDE=0, so equal math gives equal numbers up to
-summation order), each compared with its reference on losses (train.csv) and weights (last.pt):
+Runs, in this order (4 iterations each, fp32: --amp off and NVIDIA_TF32_OVERRIDE=0, so equal math gives equal
+numbers up to summation order), each compared with its reference on losses (train.csv) and weights (last.pt); a
+reference runs just before the first run that needs it, each row is printed and ddp_check.json rewritten as its run
+finishes (a time limit keeps what finished):
 
-    gloo-2ranks     torchrun 2 ranks (ACTION_DIST_BACKEND=gloo; on one GPU both ranks share it, which NCCL refuses)
-                    of pretrain-local  vs one process with --accumulate 2           (allowances ranks_losses/_weights)
     nccl-1rank      one rank in an NCCL process group (DDP's all-reduce over NCCL) of supervised
-                    vs the plain single-process run
-    nccl-2ranks     torchrun 2 ranks over NCCL, only with 2 or more GPUs
+                    vs the plain single-process run                              (allowances ranks_losses/_weights)
     syncbn-2ranks   torchrun 2 ranks (gloo) with --sync-bn, supervised vs one process with --accumulate 1: BatchNorm
                     statistics over both ranks' shards equal the whole batch's
+    gloo-2ranks     torchrun 2 ranks (ACTION_DIST_BACKEND=gloo; on one GPU both ranks share it, which NCCL refuses)
+                    of pretrain-local  vs one process with --accumulate 2 (the only run with --device cpu)
+    nccl-2ranks     torchrun 2 ranks over NCCL, only with 2 or more GPUs
 """
 from __future__ import annotations
 
@@ -158,18 +160,20 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="ddp_check_")
     data = make_dataset(os.path.join(work, "data"))
     base = dict(SMALL, data=data, device=args.device)
-    plans = []  # (name, values, ranks, env, reference name)
+    # (name, values, ranks, env, reference name), in this order: under a time limit (gpu_check) the checks only a GPU
+    # can make come first (NCCL, SyncBatchNorm), each reference runs just before the first run that needs it
+    plans = []
     refs = {"acc2": (dict(base, stage="pretrain-local", accumulate=2), 0, {}),
             "plain": (dict(base, stage="supervised"), 0, {})}
-    plans.append(("gloo-2ranks", dict(base, stage="pretrain-local"), 2, {"ACTION_DIST_BACKEND": "gloo"}, "acc2"))
     if args.device == "cuda":
         plans.append(("nccl-1rank", dict(base, stage="supervised"), 0,
                       {"CHECK_INIT_NCCL": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "plain"))
-        if torch.cuda.device_count() >= 2:
-            plans.append(("nccl-2ranks", dict(base, stage="pretrain-local"), 2, {}, "acc2"))
         plans.append(("syncbn-2ranks", dict(base, stage="supervised", sync_bn=True), 2,
                       {"ACTION_DIST_BACKEND": "gloo"}, "plain"))
+    plans.append(("gloo-2ranks", dict(base, stage="pretrain-local"), 2, {"ACTION_DIST_BACKEND": "gloo"}, "acc2"))
+    if args.device == "cuda" and torch.cuda.device_count() >= 2:
+        plans.append(("nccl-2ranks", dict(base, stage="pretrain-local"), 2, {}, "acc2"))
     results, seconds = [], {}
 
     def save(complete: bool) -> None:
@@ -179,19 +183,19 @@ def main() -> int:
                        "torch": torch.__version__, "complete": complete, "results": results,
                        "reference_seconds": {k: v for k, v in seconds.items() if k in refs}}, fh, indent=1)
 
-    for ref_name in dict.fromkeys(plan[4] for plan in plans):  # only the references a plan uses (CPU: acc2)
-        values, ranks, env = refs[ref_name]
-        start = time.perf_counter()
-        done = run(dict(values, out=os.path.join(work, ref_name)), ranks, env)
-        seconds[ref_name] = time.perf_counter() - start
-        if done.returncode:
-            print(f"reference {ref_name} failed:\n{done.stderr[-3000:]}")
-            save(False)
-            return 1
-        print(f"reference {ref_name}: {seconds[ref_name]:.0f} s", flush=True)
     # each row as its run finishes (flushed), so a time limit keeps the rows above it
     print(f"{'run':<16}{'max |loss diff|':>18}{'max |weight diff|':>20}  within allowance  seconds", flush=True)
     for name, values, ranks, env, ref_name in plans:
+        if ref_name not in seconds:  # only the references a plan uses (CPU: acc2)
+            ref_values, ref_ranks, ref_env = refs[ref_name]
+            start = time.perf_counter()
+            done = run(dict(ref_values, out=os.path.join(work, ref_name)), ref_ranks, ref_env)
+            seconds[ref_name] = time.perf_counter() - start
+            if done.returncode:
+                print(f"reference {ref_name} failed:\n{done.stderr[-3000:]}")
+                save(False)
+                return 1
+            print(f"(reference {ref_name}: {seconds[ref_name]:.0f} s)", flush=True)
         out = os.path.join(work, name)
         start = time.perf_counter()
         done = run(dict(values, out=out), ranks, env)
@@ -209,6 +213,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     save(True)
     return 0 if all(r["ok"] for r in results) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())
