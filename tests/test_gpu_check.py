@@ -1,6 +1,6 @@
 """The GPU check cannot misfire: its rehearsal runs every step on this CPU, and the interpreter stays off on a GPU.
 
-The dry run takes about 80 s on 2 cores (a kernel-report compile, the GPU tests skipping, a tiny benchmark, the gloo
+The dry run takes 64-82 s on 2 shared cores (a kernel-report compile, the GPU tests skipping, a tiny benchmark, the gloo
 part of ddp_check with nibabel unimportable, about 16 s of it), so the first real run of benchmarks/gpu_check.sh on
 a lent GPU is not its first run; the budget test takes about 8 s.
 """
