@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call on a lent GPU (about 7 of the 8 minutes it may take; every step has its own
-# time limit): environment, CUDA extension build, the static kernel report (triton as installed there), the GPU
-# tests, the benchmark with its two measured ceilings, then a short table. Each step writes its results under
-# $OUT as soon as it finishes, so a timeout still returns what ran. At most 8 files land in $OUT (the device
-# tool's limit): summary.md, steps.log, env.txt, kernel_report.json, kernel_report.txt, tests.log,
-# bench_results.tar.gz.
+# The whole GPU check in one call on a lent GPU, within 8 minutes of device time (GPU_CHECK_BUDGET_S, 470 s of
+# steps + the table; call it with timeout_s=480): environment, CUDA extension build, the static kernel report
+# (triton as installed there), the GPU tests, the benchmark with its two measured ceilings, the multi-process check
+# (DDP over NCCL, gloo on CUDA tensors, SyncBatchNorm), then a short table. Every step has its own time limit, cut
+# to what is left of the budget (a step with nothing left is not run and says so), so the table always comes. Each
+# step writes its results under $OUT as soon as it finishes, so a timeout still returns what ran. At most 8 files
+# land in $OUT (the device tool's limit): summary.md, steps.log, env.txt, kernel_report.json, kernel_report.txt,
+# tests.log, bench_results.tar.gz, ddp.log.
 #   device run:  bash benchmarks/gpu_check.sh             (through the device tool; torch, triton, pybind11, pytest)
 #   rehearsal:   bash benchmarks/gpu_check.sh --dry-run   (this CPU: every step and output file at tiny sizes)
 set -uo pipefail
@@ -29,17 +31,27 @@ SUMMARY="$OUT/summary.md"
 printf '| step | exit | seconds | limit |\n|---|---|---|---|\n' > "$SUMMARY"
 
 # step NAME LIMIT_S COMMAND...: runs it with a time limit (the real run's; the rehearsal allows SCALE times more,
-# for a shared 2-core CPU), its output appended to steps.log, one summary row
+# for a shared 2-core CPU) cut to what is left of BUDGET_S since the start, its output appended to steps.log, one
+# summary row
 SCALE=$([ $DRY = 1 ] && echo 4 || echo 1)
+BUDGET_S=$(( ${GPU_CHECK_BUDGET_S:-470} * SCALE ))
+T0=$(date +%s)
 step() {
-  local name=$1 limit=$(( $2 * SCALE )) start rc
+  local name=$1 limit=$(( $2 * SCALE )) start rc left note=""
   shift 2
+  left=$(( BUDGET_S - ( $(date +%s) - T0 ) ))
+  if [ $left -lt 1 ]; then
+    echo "== $name: not run, nothing left of the ${BUDGET_S} s budget" | tee -a "$STEPS"
+    echo "| $name | not run (budget spent) | 0 | 0 of $limit |" >> "$SUMMARY"
+    return 124
+  fi
+  if [ $left -lt $limit ]; then note=" of $limit (budget)"; limit=$left; fi
   start=$(date +%s)
-  echo "== $name (limit ${limit} s): $*" | tee -a "$STEPS"
+  echo "== $name (limit ${limit} s$note): $*" | tee -a "$STEPS"
   timeout "$limit" "$@" >> "$STEPS" 2>&1
   rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$STEPS"
-  echo "| $name | $rc$([ $rc = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $limit |" >> "$SUMMARY"
+  echo "| $name | $rc$([ $rc = 124 ] && echo ' (time limit)') | $(( $(date +%s) - start )) | $limit$note |" >> "$SUMMARY"
   return $rc
 }
 
@@ -79,7 +91,23 @@ step bench_soft 150 $PY benchmarks/bench_loss.py "${BENCH_SOFT[@]}" --out "$BENC
 step bench_topk 90 $PY benchmarks/bench_loss.py "${BENCH_REST[@]}" --out "$BENCH"
 tar -czf "$OUT/bench_results.tar.gz" -C "$BENCH" . && rm -rf "$BENCH"
 
-# 5. the short table, last
+# 5. multi-process training (benchmarks/ddp_check.py: 4 fp32 iterations per run against one process, about 2
+#    minutes on a GPU: an estimate, not yet timed on one; rows as runs finish). The rehearsal runs its gloo part on
+#    this CPU (about 25 s on 2 cores) with nibabel made unimportable, as it is on the lent machine.
+DDP=$(mktemp -d)
+if [ $DRY = 1 ]; then
+  mkdir -p "$DDP/no_nibabel/nibabel"
+  echo "raise ImportError('nibabel is not installed on the lent GPU machine (gpu_check --dry-run)')" \
+    > "$DDP/no_nibabel/nibabel/__init__.py"
+  step ddp 150 env PYTHONPATH="$DDP/no_nibabel${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/ddp_check.py --device cpu \
+    --out "$DDP/out"
+else
+  step ddp 150 $PY benchmarks/ddp_check.py --out "$DDP/out"
+fi
+{ sed -n '/^== ddp /,/^== ddp: /p' "$STEPS"; cat "$DDP/out/ddp_check.json" 2>/dev/null; } > "$OUT/ddp.log"
+rm -rf "$DDP"
+
+# 6. the short table, last
 {
   echo
   echo "## results ($([ $DRY = 1 ] && echo 'DRY RUN, CPU' || echo 'GPU'))"
@@ -92,5 +120,8 @@ tar -czf "$OUT/bench_results.tar.gz" -C "$BENCH" . && rm -rf "$BENCH"
     "$OUT/kernel_report.txt" | grep -E "^\|( arch|---)|\| bf16 \|" | head -n 16
   echo
   echo "tests: $(tail -n 1 "$OUT/tests.log")"
+  echo
+  echo "multi-process check (max |difference| from one process computing the same step):"
+  grep -E "^(run  |(gloo|nccl|syncbn)-[0-9a-z]+ )" "$OUT/ddp.log"
 } >> "$SUMMARY"
 cat "$SUMMARY"

@@ -1,7 +1,8 @@
 """The GPU check cannot misfire: its rehearsal runs every step on this CPU, and the interpreter stays off on a GPU.
 
-The dry run takes about a minute on 2 idle cores (a kernel-report compile, the GPU tests skipping, a tiny
-benchmark), so the first real run of benchmarks/gpu_check.sh on a lent GPU is not its first run.
+The dry run takes 64-82 s on 2 shared cores (a kernel-report compile, the GPU tests skipping, a tiny benchmark, the gloo
+part of ddp_check with nibabel unimportable, about 16 s of it), so the first real run of benchmarks/gpu_check.sh on
+a lent GPU is not its first run; the budget test takes about 8 s.
 """
 import json
 import os
@@ -11,9 +12,9 @@ import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-STEPS = ("build", "kernel_report", "gpu_tests", "bench_soft", "bench_topk")
+STEPS = ("build", "kernel_report", "gpu_tests", "bench_soft", "bench_topk", "ddp")
 FILES = {"summary.md", "steps.log", "env.txt", "kernel_report.json", "kernel_report.txt", "tests.log",
-         "bench_results.tar.gz"}
+         "bench_results.tar.gz", "ddp.log"}
 
 
 def test_gpu_check_dry_run_runs_every_step_and_writes_every_file(tmp_path):
@@ -34,6 +35,23 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_every_file(tmp_path):
     # the short table comes last, with the benchmark rows and the report's estimates
     assert done.stdout.rstrip().endswith((tmp_path / "summary.md").read_text().rstrip().splitlines()[-1])
     assert "DRY RUN" in summary and "soft       chunked" in summary and "| bf16 |" in summary
+    # the multi-process check's gloo part ran (nibabel unimportable, as on the lent machine) and agreed
+    ddp = (tmp_path / "ddp.log").read_text()
+    assert '"complete": true' in ddp and "nibabel" in ddp
+    assert any(line.startswith("gloo-2ranks ") and line.split()[3] == "True" for line in summary.splitlines())
+
+
+def test_gpu_check_cuts_step_limits_to_its_budget_and_still_writes_the_table(tmp_path):
+    # a 2 s budget (x4 in the rehearsal): the build step gets at most 8 s, every step after the budget is spent is
+    # not run and says so, and the short table still comes last
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1", PYTHON=sys.executable, GPU_CHECK_BUDGET_S="2")
+    done = subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "of 480 (budget) |" in summary.splitlines()[2], summary  # the build row: limit cut from 120 x 4
+    for step in STEPS[2:]:
+        assert f"| {step} | not run (budget spent) |" in summary, summary
+    assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
 
 
 def test_gpu_check_turns_the_interpreter_off_and_rejects_unknown_arguments():
