@@ -286,18 +286,7 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
   }
   cp_async_wait<0>();
   const float unscale = is_f16<T> ? range.unscale() : 1.f;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t n = myrow + 8 * h;
-    if (n >= p.N) continue;
-#pragma unroll
-    for (int nb = 0; nb < NO; ++nb)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = c0 + 8 * nb + 2 * t + e;
-        if (d < p.D) p.ds0[n * p.D + d] = o[nb][2 * h + e] * unscale;
-      }
-  }
+  store_values<NO>(o, unscale, p.ds0, myrow, p.N, p.D, c0);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -396,18 +385,7 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
   }
   cp_async_wait<0>();
   const float unscale = is_f16<T> ? range.unscale() : 1.f;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t j = mykey + 8 * h;
-    if (j >= p.K) continue;
-#pragma unroll
-    for (int nb = 0; nb < NO; ++nb)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = c0 + 8 * nb + 2 * t + e;
-        if (d < p.D) p.dk[j * p.D + d] = o[nb][2 * h + e] * unscale;
-      }
-  }
+  store_values<NO>(o, unscale, p.dk, mykey, p.K, p.D, c0);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -390,6 +390,27 @@ constexpr float kLn2 = 0.6931471805599453f;
 // sm_89, e.g. L40; A100 and H100 allow more), so one plan runs on every sm_80+ GPU.
 constexpr int64_t kSmemLimit = 99 * 1024;
 
+// Stores the warp's value accumulators o[16 x 8 NO] times `unscale` into out (fp32, rows of D, row-major): lane
+// (g, t) holds rows row + 0 / + 8 (row = the warp's first row + g), columns c0 + 8 nb + 2t, + 1 (the m16n8
+// accumulator layout); rows >= nrows and columns >= D are skipped.
+template <int NO>
+AK_DEV void store_values(const float (&o)[NO][4], float unscale, float* out, int64_t row, int64_t nrows, int D,
+                         int c0) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = row + 8 * h;
+    if (n >= nrows) continue;
+#pragma unroll
+    for (int nb = 0; nb < NO; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = c0 + 8 * nb + 2 * t + e;
+        if (d < D) out[n * D + d] = o[nb][2 * h + e] * unscale;
+      }
+  }
+}
+
 template <class T, int D>
 AK_HD_CONSTEXPR int64_t tile_bytes(int rows) {
   return int64_t(rows) * (D + T::kPad) * T::kBytes;
