@@ -20,6 +20,7 @@
 //                         (2 GEMMs), z_s = g rs (q - p) / τ_s, z_t = g rt p (ln p - ln q - loss) / τ_t, then
 //                         dK̂ += z_s S + z_t T (2 GEMMs).
 // Per-CTA tiles and shared memory come from rows_cfg / keys_cfg (one place, also read by launch_plans).
+#include <cfloat>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -186,7 +187,9 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
           const float pt = fast_exp2(ut);
           sum_s += fast_exp2(us);
           sum_t += pt;
-          cross = fmaf(pt, ut - us, cross);
+          // a masked column has us = ut = -inf once kMasked * c overflows (tiny rows: c = rs log2(e) / τ is large);
+          // fmaxf drops the NaN of -inf - (-inf) (CUDA's fmaxf returns the other operand), so pt = 0 adds 0
+          cross = fmaf(pt, fmaxf(ut - us, -FLT_MAX), cross);
         }
       const float alpha_s = fast_exp2(m_s[h] - ms), alpha_t = fast_exp2(m_t[h] - mt);
       l_s[h] = fmaf(l_s[h], alpha_s, sum_s);

@@ -185,6 +185,17 @@ def test_fp16_key_gradient_keeps_its_range_for_tiny_upstream_gradients():
     assert_close(f"fp16 key grad at g = 1e-8 [seed={seed}]", out[0].double(), out[1], torch.float16, 0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_rows_keep_the_masked_key_columns_out_of_the_loss(dtype):
+    """Rows of norm ~1e-9 make the folded scale c = rs log2(e) / τ about 1e10, so the mask of the key columns past K
+    (-1e30) times c overflowed to -inf for student and teacher alike, and -inf - (-inf) made every row's loss NaN."""
+    require("cuda", dtype=dtype)
+    seed = fresh_seed()
+    s, t, k = _soft_case((37, 24), 45, torch.float32, seed)  # K = 45: a ragged last key tile
+    s, t, k = (x * 1e-10 for x in (s, t, k))
+    _soft_check(s.to(dtype), t.to(dtype), k.to(dtype), (0.05, 0.01), dtype, f"tiny rows {dtype} seed={seed}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_soft_kernels_three_runs_bitwise_equal(dtype):
     require("cuda", dtype=dtype)
