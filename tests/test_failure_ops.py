@@ -383,7 +383,10 @@ def _limited(K: int, k: int) -> subprocess.CompletedProcess:
     if _extension.host_module() is None:
         pytest.skip("the host build _C_cpu is not built")
     script = textwrap.dedent(_LIMITED.format(K=K, k=k))
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # from tests/, not the repository root: `python -c` puts its working directory first on sys.path, and the root's
+    # source tree (no compiled modules in a non-editable install, as in CI) would shadow the installed package
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_native_topk_allocation_failure_in_a_worker_thread_is_a_python_exception():
