@@ -132,13 +132,13 @@ class Backend:
         if self.dtypes is not None and dtype not in self.dtypes:
             others = [b.name for b in REGISTRY.values() if b.dtypes is None or dtype in b.dtypes]
             hint = f"; use backend={' or '.join(repr(o) for o in others)}" if others else ""
-            return f"{self.name} supports {_dtype_names(self.dtypes)}, got {dtype}{hint}"
+            return f"{self.name} supports {dtype_names(self.dtypes)}, got {dtype}{hint}"
         why = self.device(device)
         if why:
             return why
         narrower, why = self.device_dtypes.get(device.type, (None, ""))
         if narrower is not None and dtype not in narrower:
-            return f"{self.name} takes {_dtype_names(narrower)} on {device.type} tensors, got {dtype}: {why}"
+            return f"{self.name} takes {dtype_names(narrower)} on {device.type} tensors, got {dtype}: {why}"
         for arg, value in limits.items():
             top = self.limits.get(op, {}).get(arg) if op is not None else None
             if top is not None and value > top:
@@ -152,7 +152,8 @@ class Backend:
         return importlib.import_module(f"{self.package}.{OPS[op]}")
 
 
-def _dtype_names(dtypes) -> str:
+def dtype_names(dtypes) -> str:
+    """(torch.float16, torch.bfloat16) -> "float16 and bfloat16" (how messages and env_report name dtypes)."""
     names = [str(d).replace("torch.", "") for d in dtypes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 

@@ -93,7 +93,9 @@ AK_HD_CONSTEXPR bool fits() {
 static_assert(fits<Bf16, 64>() && fits<Bf16, 128>() && fits<Bf16, 256>() && fits<Bf16, 512>(), "bf16 tiles");
 static_assert(fits<F32, 64>() && fits<F32, 128>() && fits<F32, 256>() && fits<F32, 512>(), "fp32 tiles");
 
-// A logit of a column past K: finite, so that 0 * (masked - masked) stays 0, and far below every real logit.
+// A logit of a column past K: finite and far below every real logit. Scaled by a large c = rs log2(e) / τ (tiny
+// rows) it can become -inf; the one place that subtracts two masked values, the forward's KL cross term, guards
+// against that -inf - (-inf).
 constexpr float kMasked = -1e30f;
 
 // The streamed key tile j: keys and their inverse norms (0 past K) into stage s.
