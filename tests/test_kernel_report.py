@@ -189,6 +189,43 @@ def test_estimate_counts_each_instruction_by_its_innermost_loop():
     assert est["bound"] == "issue"
 
 
+def test_branch_regions_count_at_the_plans_rate_or_not_behind_a_zero_trip_loop():
+    # loop 0x10..0xc0: a vote-skipped append (0x30..0x40 behind the BRA at 0x20), a fallback (0x60..0x90 behind
+    # the BRA at 0x50, holding the 0-trip loop 0x70..0x80), a plain guarded branch over an FADD (0xa0 -> 0xb0)
+    code = [_ins(0x00, "MOV"), _ins(0x10, "FSETP"), _ins(0x20, "BRA", "0x50", True), _ins(0x30, "ATOMG"),
+            _ins(0x40, "STG"), _ins(0x50, "BRA", "0xa0", True), _ins(0x60, "IADD3"), _ins(0x70, "LOP3"),
+            _ins(0x80, "BRA", "0x70", True), _ins(0x90, "SEL"), _ins(0xa0, "BRA", "0xc0", True), _ins(0xb0, "FADD"),
+            _ins(0xc0, "BRA", "0x10", True), _ins(0xd0, "EXIT")]
+    loops = sass.loops(code)
+    regions = estimate.branch_regions(code, loops, [100, 0], {"ATOMG": 0.25})
+    by_addr = {code[i].addr: r for i, r in regions.items()}
+    assert by_addr == {0x30: ("ATOMG", 0.25), 0x40: ("ATOMG", 0.25), 0x60: ("a 0-trip loop", 0.0),
+                       0x70: ("a 0-trip loop", 0.0), 0x80: ("a 0-trip loop", 0.0), 0x90: ("a 0-trip loop", 0.0)}
+    dev = device(90)
+    est = estimate.estimate(dev, code, [100, 0], grid=dev.sms, num_warps=4, dram_bytes=0,
+                            branch_rates={"ATOMG": 0.25})
+    clk = dev.clock_ghz * 1e6
+    # issue: MOV + EXIT once; FSETP, 4 BRA, FADD 100 times; ATOMG, STG 25 times; the fallback never
+    assert est["pipes_ms"]["issue"] == pytest.approx((2 + 6 * 100 + 2 * 25) * 4 / dev.issue_warps / clk)
+    assert "counted at rate 0.250" in est["note"] and "0-trip loop" in est["note"]
+    plain = estimate.estimate(dev, code, [100, 0], grid=dev.sms, num_warps=4, dram_bytes=0)
+    # without rates only the 0-trip rule applies: ATOMG and STG count 100 times
+    assert plain["pipes_ms"]["issue"] == pytest.approx((2 + 8 * 100) * 4 / dev.issue_warps / clk)
+
+
+def test_topk_model_follows_the_kernels_overflow_rule():
+    from action_kernels.kernel_report.topk_model import simulate
+    few = simulate(128, 64, 64, 64, 256)  # two tiles fit in 256 slots: no prune, every lane group appends
+    assert few["merges"] == 0 and few["tiles"] == 2 and few["append_rate"] > 0.9
+    runs = {W: simulate(8192, 64, 64, 64, W) for W in (128, 256, 512)}
+    for W, r in runs.items():  # each prune runs its tile again; a tail tile is padded
+        assert r["tiles"] == 8192 // 64 + r["merges"], (W, r)
+        assert 0 < r["append_rate"] < 1
+    assert runs[128]["merges"] > runs[256]["merges"] > runs[512]["merges"] >= 1
+    ragged = simulate(8192 + 5, 64, 64, 64, 256)
+    assert ragged["tiles"] == 8192 // 64 + 1 + ragged["merges"]
+
+
 def test_tensor_work_comes_from_the_instruction_shapes():
     kind, flops, smem = sass.mma_work(_ins(0, "HGMMA.64x128x16.F32.BF16", "R24, gdesc[UR4], R24"))
     assert (kind, flops, smem) == ("16", 2 * 64 * 128 * 16, (128 + 64) * 16 * 2)

@@ -32,6 +32,39 @@ def test_topk_stays_exact_through_many_prunes(ttk, monkeypatch):
         _assert_topk_equal(got, hard_negative_topk_ref(a, ya, kk, yk, 20), f"prunes skew={skew} seed={seed}")
 
 
+def test_topk_stays_exact_when_tiles_overflow_and_run_again(ttk, monkeypatch):
+    # keys in increasing similarity to every anchor up to a cut, then dissimilar ones: every key before the cut beats
+    # the threshold, so a tile overflows a row's 128 slots every few tiles; its appends must be dropped before the
+    # prune and the tile run again. Checked on the scan's own slots (each key at most once, the k best all there)
+    # and on the result.
+    from action_kernels.triton import _common
+    monkeypatch.setitem(ttk.BUFFERS, 64, (128, 8))
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    d, n, m, k = 16, 40, 610, 20
+    base = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    a = base + 0.001 * torch.randn(n, d, generator=g)
+    side = torch.randn(m, d, generator=g)
+    side = torch.nn.functional.normalize(side - (side @ base)[:, None] * base, dim=1)
+    ya, yk = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    for cut in (400, 432, 464, 496):
+        theta = torch.cat([torch.linspace(3.0, 0.05, cut), torch.empty(m - cut).uniform_(1.6, 3.0, generator=g)])
+        keys = torch.cos(theta)[:, None] * base + torch.sin(theta)[:, None] * side
+        want = hard_negative_topk_ref(a, ya, keys, yk, k)
+        values, indices = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
+        ra, rk = 1 / a.norm(dim=1), 1 / keys.norm(dim=1)
+        scan, select = ttk.topk_launches(a[None], ya, keys, yk, ra, rk, k, -1, values, indices)
+        _common.launch(scan)
+        buf, cnt = scan.args["Buf"], scan.args["Cnt"]
+        assert int(cnt.max()) <= 128, f"cut={cut}: a count past W after the scan: {int(cnt.max())}"
+        for i in range(n):
+            live = (buf[i, :int(cnt[i])] & 0xFFFFFFFF).tolist()
+            assert len(live) == len(set(live)), f"cut={cut} row {i}: a key twice in the slots: {sorted(live)}"
+            assert set(want[1][i].tolist()) <= set(live), f"cut={cut} row {i}: a best key missing from the slots"
+        _common.launch(select)
+        _assert_topk_equal((values, indices), want, f"cut={cut} seed={seed}")
+
+
 def test_topk_exact_ties_beyond_the_buffer_go_to_the_lower_indices(ttk):
     # every key equal: each row's similarities all tie, the bisection cannot separate them, the exact select runs
     g = torch.Generator().manual_seed(0)

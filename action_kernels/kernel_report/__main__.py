@@ -63,6 +63,10 @@ def _kernel_cells(k: dict) -> list[str]:
             str(k["ffma"]), str(k["mufu"]), f"{k['estimate_ms']:.3f} ({k['bound']})"]
 
 
+def _mode(r: dict) -> str:
+    return r["mode"] + (f" k={r['k']}" if r["k"] else "")
+
+
 def triton_tables(sec: dict) -> list[str]:
     if sec["skipped"]:
         return [f"Triton kernels: not compiled: {sec['skipped']}"]
@@ -72,8 +76,12 @@ def triton_tables(sec: dict) -> list[str]:
              "|" + "---|" * 16]
     for r in sec["rows"]:
         for k in r["kernels"]:
-            head = [f"sm_{r['arch']}", r["op"], r["mode"] + (f" k={r['k']}" if r["k"] else ""), r["dtype"], str(r["D"])]
+            head = [f"sm_{r['arch']}", r["op"], _mode(r), r["dtype"], str(r["D"])]
             lines.append("| " + " | ".join(head + _kernel_cells(k)) + " |")
+    notes = [f"- sm_{r['arch']} {r['op']} {_mode(r)} {r['dtype']} D={r['D']} {k['kernel']}: {k['estimate_note']}"
+             for r in sec["rows"] for k in r["kernels"] if k.get("estimate_note")]
+    if notes:
+        lines += ["", "Estimate notes (the model's assumptions for these launches, docs/kernel_report.md):", *notes]
     if any(r["dtype"] == "fp32" for r in sec["rows"]):
         from action_kernels.dispatch import TRITON_FP32_REASON
         lines += ["", f"fp32 rows: not offered on CUDA tensors (dispatch refuses them: {TRITON_FP32_REASON})."]
@@ -86,7 +94,7 @@ def summary_table(rows: list[dict], what: str) -> list[str]:
              "| arch | op | mode | dtype | D | N | K | est. ms | floor ms (GEMMs) | est./floor |",
              "|" + "---|" * 10]
     for r in rows:
-        mode = r["mode"] + (f" k={r['k']}" if r["k"] else "")
+        mode = _mode(r)
         est = _fmt(r["estimate_ms"]) if r.get("estimate_ms") is not None else (r.get("note") or "-")
         lines.append(f"| sm_{r['arch']} | {r['op']} | {mode} | {r['dtype']} | {r['D']} | {r['N']:,} | {r['K']:,} | "
                      f"{est} | {r['floor_ms']:.3f} ({r.get('gemm_equivalents', '')}) | "
@@ -129,8 +137,10 @@ def manifest(result: dict) -> dict:
                     files[os.path.basename(c["cubin"])]["uses"].append(dict(
                         op=r["op"], mode=r["mode"], dtype=r["dtype"], D=r["D"], N=r["N"], K=r["K"], k=r["k"],
                         launch=dict(tiles=k["tiles"], num_warps=k["num_warps"], num_stages=k["num_stages"],
-                                    grid=k["grid"], trips=k["trips"]),
+                                    grid=k["grid"], trips=k["trips"], branch_rates=k["branch_rates"],
+                                    notes=k["notes"]),
                         occupancy=k["occupancy"], estimate_ms=k["estimate_ms"], bound=k["bound"],
+                        estimate_note=k.get("estimate_note", ""),
                         mode_estimate_ms=r["estimate_ms"], mode_floor_ms=r["floor_ms"], mode_ratio=r["ratio"]))
     for k in result["cuda"].get("kernels", []):
         if "cubin" not in k:

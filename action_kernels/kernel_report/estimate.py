@@ -8,8 +8,15 @@ ordered by start address, outermost first) or once if it is in no loop; per warp
     time = max over pipes of  ceil(CTAs / SMs) x (work of one CTA on that pipe) / (per-SM rate x clock)
 
 with DRAM as one more pipe (the launch's compulsory bytes over the bandwidth). Ignored: latency and imperfect
-overlap between pipes (max over pipes is optimistic), forward branches (every instruction of a loop body is
-counted each trip, a rarely taken branch pessimistically), caches other than perfect L2 reuse, clock changes.
+overlap between pipes (max over pipes is optimistic), caches other than perfect L2 reuse, clock changes.
+Forward branches: every instruction of a loop body is counted each trip (a rarely taken branch pessimistically),
+except code that a guarded forward branch skips (`branch_regions`) when either
+  - the launch plan gives a rate for it (`branch_rates`, {marker opcode: rate}) and the skipped code holds the
+    marker, all in the branch's loop (e.g. "ATOMG": the top-k's append, skipped by a warp vote): it counts `rate`
+    of its loop's trips. The rate comes from a simulation of the data (the top-k: kernel_report.topk_model), so
+    such an estimate holds for data like the simulated ones;
+  - or the skipped code holds a loop the plan gives 0 trips (a fallback the modelled data never take, e.g. the
+    top-k's exact tie-break): the code around that loop counts 0 times, like the loop.
 """
 from __future__ import annotations
 
@@ -34,14 +41,48 @@ def occupancy(dev: Device, registers: int, num_warps: int, shared_bytes: int) ->
     return dict(ctas_per_sm=ctas, warps_per_sm=ctas * num_warps, limited_by=why)
 
 
-def _executions(n: int, loop_bodies: list[list[int]], trips: list[int]) -> list[int]:
-    """Runs per CTA of each instruction: the trips of the innermost (smallest) loop holding it, else 1."""
-    runs, size = [1] * n, [n + 1] * n
-    for body, t in zip(loop_bodies, trips):
+def _innermost(n: int, loop_bodies: list[list[int]]) -> list[int]:
+    """Index of the innermost (smallest) loop holding each instruction, -1 for none."""
+    owner, size = [-1] * n, [n + 1] * n
+    for li, body in enumerate(loop_bodies):
         for i in body:
             if len(body) < size[i]:
-                runs[i], size[i] = t, len(body)
-    return runs
+                owner[i], size[i] = li, len(body)
+    return owner
+
+
+def _executions(n: int, loop_bodies: list[list[int]], trips: list[int]) -> list[int]:
+    """Runs per CTA of each instruction: the trips of the innermost (smallest) loop holding it, else 1."""
+    return [trips[li] if li >= 0 else 1 for li in _innermost(n, loop_bodies)]
+
+
+def branch_regions(instrs: list[sass.Instr], loop_bodies: list[list[int]], trips: list[int],
+                   markers) -> dict[int, tuple[str, float]]:
+    """{instruction index: (why, rate)} for code that a guarded forward branch skips, where the branch and its target
+    are in one innermost loop, when the skipped code
+      - holds a loop given 0 trips (and otherwise only code of that loop and the branch's): rate 0, the plan says
+        the path into that loop is not taken on the modelled data;
+      - holds a `markers` opcode, all in the branch's loop: rate markers[opcode]."""
+    owner = _innermost(len(instrs), loop_bodies)
+    by_addr = {ins.addr: i for i, ins in enumerate(instrs)}
+    zero = {li for li, t in enumerate(trips) if t == 0}
+    out = {}
+    for i, ins in enumerate(instrs):
+        if ins.base != "BRA" or not ins.guarded or owner[i] < 0:
+            continue
+        target = sass.branch_target(ins)
+        t = by_addr.get(target) if target is not None else None
+        if t is None or t <= i + 1 or owner[t] != owner[i]:
+            continue
+        inner = {owner[j] for j in range(i + 1, t)}
+        if inner == {owner[i]}:
+            held = sorted({instrs[j].base for j in range(i + 1, t)} & set(markers))
+            if held:
+                out.update((j, (held[0], markers[held[0]])) for j in range(i + 1, t) if j not in out)
+        elif inner - {owner[i]} <= zero and inner & zero and all(
+                set(loop_bodies[li]) <= set(range(i + 1, t)) for li in inner - {owner[i]}):
+            out.update((j, ("a 0-trip loop", 0.0)) for j in range(i + 1, t))
+    return out
 
 
 def map_trips(loop_bodies: list[list[int]], instrs: list[sass.Instr], trips: list[int]) -> tuple[list, str]:
@@ -60,7 +101,7 @@ def map_trips(loop_bodies: list[list[int]], instrs: list[sass.Instr], trips: lis
     return [top if h else 1 for h in hot], note
 
 
-def pipe_work(instrs: list[sass.Instr], runs: list[int], num_warps: int) -> dict:
+def pipe_work(instrs: list[sass.Instr], runs: list[float], num_warps: int) -> dict:
     """Per-CTA work by pipe: lane-instructions, issue slots (warp instructions), shared bytes, tensor flops."""
     w = dict(issue=0.0, fma=0.0, alu=0.0, imad=0.0, mufu=0.0, conv=0.0, shared_bytes=0.0, tensor={})
     groups = num_warps / 4
@@ -89,11 +130,19 @@ def pipe_work(instrs: list[sass.Instr], runs: list[int], num_warps: int) -> dict
 
 
 def estimate(dev: Device, instrs: list[sass.Instr], trips: list[int], grid: int, num_warps: int,
-             dram_bytes: float) -> dict:
+             dram_bytes: float, branch_rates: dict | None = None) -> dict:
     """{"ms", "bound", "pipes_ms": {pipe: ms}, "note"} for one launch of `grid` CTAs."""
     loop_bodies = sass.loops(instrs)
     mapped, note = map_trips(loop_bodies, instrs, trips)
-    w = pipe_work(instrs, _executions(len(instrs), loop_bodies, mapped), num_warps)
+    runs = _executions(len(instrs), loop_bodies, mapped)
+    regions = branch_regions(instrs, loop_bodies, mapped, branch_rates or {})
+    for j, (_, rate) in regions.items():
+        runs[j] *= rate
+    for why, rate in sorted(set(regions.values())):
+        n = sum(1 for r in regions.values() if r == (why, rate))
+        note = "; ".join(filter(None, [note, f"{n} instructions in branch regions holding {why} counted at rate "
+                                             f"{rate:.3f}"]))
+    w = pipe_work(instrs, runs, num_warps)
     clk = dev.clock_ghz * 1e9
     waves = math.ceil(grid / dev.sms)
     per_sm_clocks = {

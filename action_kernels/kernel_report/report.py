@@ -30,7 +30,8 @@ def _launch_summary(launch) -> dict:
     tiles = ("KP", "W", "MERGE_ROWS", "RELOAD")
     cfg = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in tiles}
     return dict(kernel=launch.name, dot=launch.dot, grid=int(launch.grid[0]), num_warps=launch.num_warps,
-                num_stages=launch.num_stages, tiles=cfg, trips=list(launch.trips), notes=dict(launch.notes))
+                num_stages=launch.num_stages, tiles=cfg, trips=list(launch.trips), notes=dict(launch.notes),
+                branch_rates=dict(launch.branch_rates))
 
 
 def _dram_bytes(launch) -> float:
@@ -85,7 +86,8 @@ def triton_section(entries, archs, out_dir, workers) -> dict:
             k.update({n: c[n] for n in ("registers", "stack", "static_shared", "dynamic_shared", "ldl", "stl",
                                         "ffma", "mufu", "tensor", "tensor_instructions")})
             k["occupancy"] = estimate.occupancy(dev, c["registers"], launch.num_warps, shared)
-            est = estimate.estimate(dev, c["_instrs"], launch.trips, k["grid"], launch.num_warps, _dram_bytes(launch))
+            est = estimate.estimate(dev, c["_instrs"], launch.trips, k["grid"], launch.num_warps, _dram_bytes(launch),
+                                    launch.branch_rates)
             k["estimate_ms"], k["bound"], k["pipes_ms"] = est["ms"], est["bound"], est["pipes_ms"]
             if est["note"]:
                 k["estimate_note"] = est["note"]

@@ -62,6 +62,12 @@ def disassemble(cuobjdump: str, cubin: str) -> dict[str, list[Instr]]:
     return out
 
 
+def branch_target(ins: Instr) -> int | None:
+    """The address a BRA jumps to, None when it has no literal target."""
+    m = _TARGET.search(ins.operands)
+    return int(m.group(1), 16) if m else None
+
+
 def _blocks(instrs: list[Instr]):
     """Basic blocks as index ranges [start, end) and their successor blocks."""
     by_addr = {ins.addr: i for i, ins in enumerate(instrs)}

@@ -93,7 +93,7 @@ def tune(args) -> int:
             shared = n["static_shared"] + res["dynamic_shared"]
             occ = estimate.occupancy(dev, n["registers"], launch.num_warps, shared)
             est = estimate.estimate(dev, n["_instrs"], launch.trips, int(launch.grid[0]), launch.num_warps,
-                                    report._dram_bytes(launch))
+                                    report._dram_bytes(launch), launch.branch_rates)
             clean = n["stack"] == 0 and n["ldl"] == 0 and n["stl"] == 0 and occ["ctas_per_sm"] > 0
             rows.append((not clean, est["ms"], cand, n, occ, est))
     rows.sort(key=lambda r: (r[0], r[1]))

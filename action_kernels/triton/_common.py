@@ -69,8 +69,9 @@ def aligned(x: torch.Tensor) -> torch.Tensor:
     return x.clone()
 
 
-def padded_rows(x: torch.Tensor, dtype: torch.dtype, width: int) -> torch.Tensor:
-    """x: (..., D) rows in any layout -> (R, width) contiguous, aligned, zero-padded to `width` columns, in dtype.
+def padded_rows(x: torch.Tensor, dtype: torch.dtype, width: int, row_multiple: int = 1) -> torch.Tensor:
+    """x: (..., D) rows in any layout -> (R, width) contiguous, aligned, zero-padded to `width` columns (and with
+    zero rows to a multiple of `row_multiple` rows), in dtype.
 
     The kernels read rows only as dense (R, BLOCK_D) tiles: one layout and one compiled variant per BLOCK_D, int32
     offsets and 128-bit loads. Channel-first maps and ragged D pay one copy of O(R * width), about 0.1% of the
@@ -78,10 +79,11 @@ def padded_rows(x: torch.Tensor, dtype: torch.dtype, width: int) -> torch.Tensor
     """
     D = x.shape[-1]
     rows = x.reshape(-1, D)
-    if D == width and rows.dtype == dtype and rows.is_contiguous():
+    R = -(-rows.shape[0] // row_multiple) * row_multiple
+    if D == width and R == rows.shape[0] and rows.dtype == dtype and rows.is_contiguous():
         return aligned(rows)
-    out = rows.new_zeros((rows.shape[0], width), dtype=dtype)
-    out[:, :D] = rows
+    out = rows.new_zeros((R, width), dtype=dtype)
+    out[:rows.shape[0], :D] = rows
     return out
 
 
@@ -106,6 +108,9 @@ class Launch:
     trips: list                  # trip counts of the kernel's loops per program, outermost first
     notes: dict = dataclasses.field(default_factory=dict)
     dot: bool = True             # the kernel computes dot products (so it must issue tensor-core instructions)
+    # {marker opcode: rate}: forward-branch regions holding the marker run this fraction of their loop's trips
+    # (kernel_report.estimate.branch_regions); from a simulation of the data, never a guess
+    branch_rates: dict = dataclasses.field(default_factory=dict)
 
 
 _captured: list | None = None

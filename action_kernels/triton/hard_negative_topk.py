@@ -4,20 +4,23 @@ One program per BLOCK_M anchors streams key tiles against a per-row threshold in
 (the previous design's per-tile bitonic tl.topk cost about ten GEMMs):
   scan    sim = (a·k) rk on tensor cores; a candidate is a key of another class with sim > thr_i, thr_i a lower
           bound of row i's k-th best. Candidates are appended to the row's slot buffer in global memory (W slots,
-          (key index, value bits) pairs) at positions taken from a per-row counter.
-  prune   when a row's buffer might overflow (more than W - BLOCK_N used), each row's threshold rises to about its
-          k-th best (a bisection on the values, no sort) and the slots below it are dropped (compaction). Rows
-          whose survivors would still not fit (massive exact ties) get the exact k-th by a radix select instead.
-          After the first tiles the threshold rejects almost every key: about 7 prunes per program at K = 65,536,
-          k = 64, on random unit vectors.
+          (key index, value bits) pairs) at positions taken from a per-row counter; a warp skips the append of an
+          accumulator register unless one of its 32 elements there is a candidate (a vote).
+  prune   when a tile overflows a row's W slots (its count passes W; slots past W are not written), every row's
+          count goes back to before the tile, each row's threshold rises to about its k-th best (a bisection on
+          the values, no sort), the slots below it are dropped (compaction) and the tile runs again. Rows whose
+          survivors would still not fit (massive exact ties) get the exact k-th by a radix select instead.
+          After the first tiles the threshold rejects almost every key: about 6 prunes per program at K = 65,536,
+          k = 64, on random unit vectors (kernel_report.topk_model).
   final   one tl.topk per row over what remains (packed int64: value order, ties to the lower index), writing
           values (times the anchor's inverse norm) and indices.
 Exact and deterministic whatever order the buffer was filled in (prune and final see sets). Labels arrive as
-dense int32 class ids (an exact, sync-free renumbering in the launcher) and ignored keys as a NaN scale (NaN is
-never above a threshold), so a candidate costs one integer and one float comparison.
-On a GPU the append is four lines of predicated PTX (atomic slot, store); under TRITON_INTERPRET=1 the same
-slots come from a cumsum, and the final selection takes KP maxima (the interpreter runs tl.topk element by
-element); a test runs the tl.topk path there too.
+dense int32 class ids (an exact, sync-free renumbering in the launcher), keys padded to whole tiles, and ignored
+or padding keys as a NaN scale (NaN is never above a threshold), so a candidate costs one integer and one float
+comparison and the scan has no masked tail.
+On a GPU the append is a few lines of PTX (vote, atomic slot, store); under TRITON_INTERPRET=1 the same slots
+come from a cumsum, and the final selection takes KP maxima (the interpreter runs tl.topk element by element); a
+test runs the tl.topk path there too.
 """
 from __future__ import annotations
 
@@ -30,16 +33,17 @@ from action_kernels.triton import _common as C
 OP = "hard_negative_topk"
 MAX_K = 512
 # (arch, "16" | "32" input bits, BLOCK_D, KP) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, RELOAD]), chosen among
-# the configurations without local memory by the kernel report's static estimate (kernel_report.tune); entries not
-# retuned yet (fp32, D = 512) still show local memory in the report and are listed in README's Known limits.
+# the configurations without local memory by the kernel report's static estimate (kernel_report.tune; 16-bit entries
+# retuned for the overflow-and-rerun scan, every D). The fp32 entries were not retuned: fp32 CUDA tensors never reach
+# this kernel (dispatch.TRITON_FP32_REASON); the report still compiles them.
 CONFIGS = {
-    (90, "16", 64, 64): (64, 64, 4, 2), (90, "16", 128, 64): (64, 64, 4, 2), (90, "16", 256, 64): (64, 64, 4, 2),
-    (90, "16", 512, 64): (32, 64, 8, 2), (90, "16", 64, 512): (64, 64, 4, 2), (90, "16", 128, 512): (64, 64, 4, 2),
-    (90, "16", 256, 512): (64, 32, 4, 2), (90, "16", 512, 512): (64, 64, 8, 2),
-    (80, "16", 64, 64): (32, 64, 4, 2), (80, "16", 128, 64): (32, 64, 4, 2), (80, "16", 256, 64): (32, 32, 4, 2),
-    (80, "16", 512, 64): (64, 64, 4, 2), (80, "16", 64, 512): (32, 32, 4, 2),
-    (80, "16", 128, 512): (32, 32, 4, 2, True), (80, "16", 256, 512): (32, 64, 8, 2),
-    (80, "16", 512, 512): (64, 64, 4, 2),
+    (90, "16", 64, 64): (128, 64, 4, 2), (90, "16", 128, 64): (128, 64, 4, 2), (90, "16", 256, 64): (32, 128, 8, 2),
+    (90, "16", 512, 64): (32, 64, 8, 2), (90, "16", 64, 512): (128, 64, 8, 2), (90, "16", 128, 512): (128, 64, 8, 2),
+    (90, "16", 256, 512): (128, 64, 8, 2), (90, "16", 512, 512): (64, 64, 8, 2),
+    (80, "16", 64, 64): (32, 128, 4, 2), (80, "16", 128, 64): (32, 128, 8, 2),
+    (80, "16", 256, 64): (32, 64, 4, 2, True), (80, "16", 512, 64): (32, 64, 4, 2, True),
+    (80, "16", 64, 512): (32, 128, 4, 2, True), (80, "16", 128, 512): (32, 64, 4, 2, True),
+    (80, "16", 256, 512): (32, 128, 8, 2, True), (80, "16", 512, 512): (32, 128, 8, 2, True),
     (90, "32", 64, 64): (64, 64, 4, 2), (90, "32", 128, 64): (64, 64, 4, 2), (90, "32", 256, 64): (64, 32, 4, 2),
     (90, "32", 512, 64): (64, 32, 4, 1), (90, "32", 64, 512): (64, 64, 4, 2), (90, "32", 128, 512): (64, 64, 4, 2),
     (90, "32", 256, 512): (64, 32, 4, 2), (90, "32", 512, 512): (64, 32, 4, 1),
@@ -51,6 +55,9 @@ CONFIGS = {
 # packed keys are 64 registers a thread at 4 warps)
 BUFFERS = {64: (256, 8), 512: (1024, 4)}
 SELECT_ROWS = {64: 16, 512: 2}   # rows per program of the selection kernel: 64 registers of packed keys a thread
+# the prune's bisection rounds (unrolled): its threshold is within (max - min) / 64 of the k-th best, a few slots
+# more than k survive; 8 rounds kept fewer but cost more than the prunes they saved (kernel report estimate)
+BISECT_ROUNDS = tl.constexpr(6)
 INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "RELOAD": False}
 # see the module docstring; a test sets this False to run the tl.topk selection under the interpreter
 INTERPRETER_SELECT_BY_MAX = True
@@ -77,19 +84,25 @@ def config(arch: int, dtype: torch.dtype, BLOCK_D: int, k: int) -> dict:
 
 
 # Append, one element: a candidate (another class, value above the row's threshold) takes a slot from its row's
-# counter and stores (key index, value bits) there. Predicated, no branch: at the candidate densities here a warp
-# vote would take the slow path for most groups anyway. The output is a dummy (inline asm must return something).
+# counter and stores (key index, value bits) there, if the slot is below W (the count goes on: an overflow). The
+# warp votes first and skips the rest unless one of its lanes has a candidate in this register: on random data
+# about 1 register in 5 over a whole scan (kernel_report.topk_model), so most elements cost the two compares, the
+# vote and the branch. The output is a dummy (inline asm must return something).
 _APPEND = tl.constexpr("""{
-.reg .pred p;
+.reg .pred p, any;
 .reg .u32 pos;
 .reg .u64 addr;
 setp.ne.s32 p, $3, $4;
 setp.gt.and.f32 p, $1, $2, p;
+vote.sync.any.pred any, p, -1;
+@!any bra.uni SKIP;
 @p atom.global.add.u32 pos, [$5], $9;
+setp.lt.and.u32 p, pos, $10, p;
 mad.wide.u32 addr, pos, $7, $6;
 @p st.global.v2.b32 [addr], {$8, $1};
+SKIP:
 }""")
-_APPEND_CONSTRAINTS = tl.constexpr("=r,r,r,r,r,l,l,r,r,r")
+_APPEND_CONSTRAINTS = tl.constexpr("=r,r,r,r,r,l,l,r,r,r,r")
 
 
 @triton.jit
@@ -108,20 +121,15 @@ def _unsorted(key):
 
 
 @triton.jit
-def _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs, RK, YK, j0, K, thr, buf_row, cnt_row, Buf, Cnt, rows, eight, one,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr,
-               APPEND_ASM: tl.constexpr, RELOAD: tl.constexpr):
+def _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs, RK, YK, j0, thr, buf_row, cnt_row, Buf, Cnt, rows, eight, one,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, APPEND_ASM: tl.constexpr,
+               RELOAD: tl.constexpr):
     if RELOAD:  # the anchor tile from L2 every tile instead of registers (mma.sync, tf32x3: see soft_contrastive)
         a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
     cols = j0 + tl.arange(0, BLOCK_N)
-    if MASKED:  # keys past K: NaN scale, never a candidate
-        kt = tl.load(k_ptrs, mask=(cols < K)[:, None], other=0.0)
-        rk = tl.load(RK + cols, mask=cols < K, other=float("nan"))
-        yk = tl.load(YK + cols, mask=cols < K, other=0)
-    else:
-        kt = tl.load(k_ptrs)
-        rk = tl.load(RK + cols)
-        yk = tl.load(YK + cols)
+    kt = tl.load(k_ptrs)  # keys padded to whole tiles: rows past K are zeros with a NaN scale (never candidates)
+    rk = tl.load(RK + cols)
+    yk = tl.load(YK + cols)
     # the anchor's inverse norm is positive: ordering by (a·k) rk is ordering by cosine; it is applied at the end
     sim = tl.dot(a, tl.trans(kt), input_precision=PRECISION) * rk[None, :]
     if APPEND_ASM:
@@ -131,14 +139,15 @@ def _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs, RK, YK, j0, K, thr, buf_row, cnt
              tl.broadcast_to(yk[None, :], sim.shape), tl.broadcast_to(cnt_row[:, None], sim.shape),
              # eight: a register multiplier (one IMAD.WIDE)
              tl.broadcast_to(buf_row[:, None], sim.shape), tl.full(sim.shape, 0, tl.int32) + eight,
-             tl.broadcast_to(cols[None, :], sim.shape), tl.full(sim.shape, 0, tl.int32) + one],
+             tl.broadcast_to(cols[None, :], sim.shape), tl.full(sim.shape, 0, tl.int32) + one,
+             tl.full(sim.shape, 0, tl.int32) + (eight * (W // 8))],  # W in a register
             dtype=tl.int8, is_pure=False, pack=1)
     else:
         cand = ((sim > thr[:, None]) & (yk[None, :] != ya[:, None])).to(tl.int32)
         cnt = tl.load(Cnt + rows)
         pos = cnt[:, None] + tl.cumsum(cand, axis=1) - cand
         raw = (sim.to(tl.int32, bitcast=True).to(tl.int64) << 32) | cols[None, :].to(tl.int64)
-        tl.store(Buf + rows.to(tl.int64)[:, None] * W + pos, raw, mask=cand != 0)
+        tl.store(Buf + rows.to(tl.int64)[:, None] * W + pos, raw, mask=(cand != 0) & (pos < W))
         tl.store(Cnt + rows, cnt + tl.sum(cand, axis=1))
 
 
@@ -160,7 +169,7 @@ def _best(key, KP: tl.constexpr, BY_MAX: tl.constexpr):
 def _prune(Buf, Cnt, Thr, row0, N, k_out, W: tl.constexpr, LIMIT: tl.constexpr, MERGE_ROWS: tl.constexpr,
            BLOCK_M: tl.constexpr, ROUNDS: tl.constexpr):
     # per row: thr = t with at least k_out used slots >= t, found by bisection on the values (t is within
-    # range / 2^BISECT_ROUNDS below the k-th best; no sort: Triton's tl.topk costs about 400 instructions a slot
+    # (max - min) / 2^ROUNDS below the k-th best; no sort: Triton's tl.topk costs about 400 instructions a slot
     # here), and the slots >= t compacted at the front; their exact order is the final selection's business
     tl.debug_barrier()
     slots = tl.arange(0, W)
@@ -168,12 +177,12 @@ def _prune(Buf, Cnt, Thr, row0, N, k_out, W: tl.constexpr, LIMIT: tl.constexpr, 
         rr = row0 + r0 + tl.arange(0, MERGE_ROWS)
         used = tl.minimum(tl.load(Cnt + rr, cache_modifier=".cg"), W)
         live = slots[None, :] < used[:, None]
-        raw = tl.load(Buf + rr.to(tl.int64)[:, None] * W + slots[None, :], mask=live, other=0,
-                      cache_modifier=".cg")
+        # unmasked (slots past `used` are stale but inside the buffer; `live` masks them below): vector loads
+        raw = tl.load(Buf + rr.to(tl.int64)[:, None] * W + slots[None, :], cache_modifier=".cg")
         value = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         lo = tl.where(used > 0, tl.min(tl.where(live, value, float("inf")), axis=1), 0.0)
         hi = tl.where(used > 0, tl.max(tl.where(live, value, float("-inf")), axis=1), 0.0)
-        for _ in range(ROUNDS):  # invariant: at least k_out used slots >= lo
+        for _ in tl.static_range(ROUNDS):  # unrolled; invariant: at least k_out used slots >= lo
             mid = lo + (hi - lo) * 0.5
             enough = tl.sum((live & (value >= mid[:, None])).to(tl.int32), axis=1) >= k_out
             lo = tl.where(enough, mid, lo)
@@ -243,32 +252,38 @@ def _scan_kernel(A, Kp, RK, YA, YK, Buf, Cnt, Thr, N, K, k_out,
     cnt_row = (Cnt + rows).to(tl.int64, bitcast=True)
     thr = tl.where(row_mask, float("-inf"), float("inf"))  # rows past N never take a candidate
     k_ptrs = Kp + tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + d[None, :]
-    n_full = K // BLOCK_N
-    eight = (n_full >> 31) + 8  # 8 and 1 in registers (see the append): K >= 0, the compiler cannot know
+    n_tiles = (K + BLOCK_N - 1) // BLOCK_N  # the launcher pads the keys to whole tiles (NaN scale: no candidates)
+    eight = (n_tiles >> 31) + 8  # 8 and 1 in registers (see the append): K >= 0, the compiler cannot know
     one = eight >> 3
+    # A tile appends freely; a candidate whose slot would be past W is not stored but still counted, so a row
+    # overflowed when its count passes W. Then every row's count goes back to before the tile (its appends are
+    # dropped), the rows are pruned (the threshold rises) and the tile runs again: at most W - BLOCK_N slots
+    # survive a prune, so the rerun fits. One prune per run of the outer loop but the last.
+    saved = tl.zeros([BLOCK_M], tl.int32)  # each row's count before the current tile
     jt = 0
-    while jt < n_full:
-        used = 0
-        while (jt < n_full) & (used <= W - BLOCK_N):
-            _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, YK, jt * BLOCK_N, K, thr,
-                       buf_row, cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, False, APPEND_ASM, RELOAD)
-            jt += 1
+    while jt < n_tiles:
+        over = 0
+        while (jt < n_tiles) & (over == 0):
+            _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs + jt * (BLOCK_N * BLOCK_D), RK, YK, jt * BLOCK_N, thr,
+                       buf_row, cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, APPEND_ASM, RELOAD)
             tl.debug_barrier()
-            used = tl.max(tl.load(Cnt + rows, cache_modifier=".cg"), axis=0)
-        if used > W - BLOCK_N:
-            _prune(Buf, Cnt, Thr, row0, N, k_out, W, W - BLOCK_N, MERGE_ROWS, BLOCK_M, 8)
+            now = tl.load(Cnt + rows, cache_modifier=".cg")
+            over = (tl.max(now, axis=0) > W).to(tl.int32)
+            jt += 1 - over
+            saved = tl.where(over != 0, saved, now)
+        if over != 0:
+            tl.store(Cnt + rows, saved)
+            _prune(Buf, Cnt, Thr, row0, N, k_out, W, W - BLOCK_N, MERGE_ROWS, BLOCK_M, BISECT_ROUNDS)
             thr = tl.load(Thr + rows, cache_modifier=".cg")
-    if n_full * BLOCK_N < K:
-        _scan_tile(a, a_ptrs, row_mask, ya, k_ptrs + n_full * (BLOCK_N * BLOCK_D), RK, YK, n_full * BLOCK_N, K, thr,
-                   buf_row, cnt_row, Buf, Cnt, rows, eight, one, PRECISION, BLOCK_N, W, True, APPEND_ASM, RELOAD)
+            saved = tl.load(Cnt + rows, cache_modifier=".cg")
     tl.debug_barrier()
 
 
-def expected_merges(K: int, k: int, BLOCK_N: int) -> int:
-    """Prunes per program for the kernel report's estimate (the data decide the real number): simulated with the
-    kernel's rule on random data (kernel_report.topk_model)."""
-    from action_kernels.kernel_report.topk_model import merges
-    return merges(K, k, BLOCK_N, BUFFERS[kept(k)][0])
+def simulated(K: int, k: int, BLOCK_M: int, BLOCK_N: int) -> dict:
+    """Prunes per program and the append's warp rate, for the kernel report's estimate (the data decide the real
+    numbers): simulated with the kernel's rule on random data (kernel_report.topk_model)."""
+    from action_kernels.kernel_report.topk_model import simulate
+    return simulate(K, k, BLOCK_M, BLOCK_N, BUFFERS[kept(k)][0])
 
 
 def dense_labels(anchor_labels: torch.Tensor, key_labels: torch.Tensor):
@@ -296,28 +311,37 @@ def topk_launches(anchors, anchor_labels, keys, key_labels, ra, rk, k, ignore_la
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = triton.cdiv(N, bm)
     merge_rows = min(merge_rows, bm)
+    # a prune leaves at most W - BLOCK_N slots (k of them at least), so an overflowed tile fits when it runs again
+    assert KP <= W - bn, f"launch table: BLOCK_N {bn} leaves fewer than k = {KP} slots of W = {W} after a prune"
     dev = anchors.device
     buf = torch.empty((grid * bm, W), dtype=torch.int64, device=dev)
     cnt = torch.zeros(grid * bm, dtype=torch.int32, device=dev)
     thr = torch.empty(grid * bm, dtype=torch.float32, device=dev)
     a2 = C.padded_rows(anchors, dtype, BD)
-    k2 = C.padded_rows(keys, dtype, BD)
+    # keys in whole tiles (zero rows past K, one copy when K is ragged, like the feature padding), so the scan
+    # has no masked tail; an ignored or padding key gets a NaN scale: NaN is never above a threshold
+    k2 = C.padded_rows(keys, dtype, BD, row_multiple=bn)
     ya, yk = dense_labels(anchor_labels, key_labels)
-    # an ignored key gets a NaN scale: NaN similarities are never above a threshold
-    rk_eff = torch.where(key_labels.reshape(-1) == ignore_label, float("nan"), rk.float())
-    scan_args = dict(A=a2, Kp=k2, RK=C.aligned(rk_eff.contiguous()), YA=C.aligned(ya), YK=C.aligned(yk), Buf=buf,
-                     Cnt=cnt, Thr=thr, N=N, K=K, k_out=k)
-    merges = expected_merges(K, k, bn) if C.capturing() else 0
+    rk_eff = torch.full((k2.shape[0],), float("nan"), dtype=torch.float32, device=dev)
+    rk_eff[:K] = torch.where(key_labels.reshape(-1) == ignore_label, float("nan"), rk.float())
+    yk_pad = torch.zeros(k2.shape[0], dtype=torch.int32, device=dev)
+    yk_pad[:K] = yk
+    scan_args = dict(A=a2, Kp=k2, RK=rk_eff, YA=C.aligned(ya), YK=yk_pad, Buf=buf, Cnt=cnt, Thr=thr, N=N, K=K,
+                     k_out=k)
+    model = simulated(K, k, bm, bn) if C.capturing() else dict(merges=0, tiles=k2.shape[0] // bn, append_rate=1.0)
+    merges = model["merges"]
     chunks = bm // merge_rows
-    # loops, outermost first: prune loop (merges + 1 runs), scan (every full tile), the prune's row steps, its 8
-    # bisection rounds, the exact select's 64 bit steps (a fallback, not run on data without massive ties)
+    # loops, outermost first: prune loop (merges + 1 runs), scan (every tile, reruns included), the prune's row
+    # steps, the exact select's 64 bit steps (a fallback, not run on data without massive ties); the append's
+    # warp rate weighs its branch (kernel_report.estimate.branch_regions)
     scan = C.Launch(OP, "topk_scan", _scan_kernel, (grid,), scan_args,
                     dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, W=W,
                          MERGE_ROWS=merge_rows, APPEND_ASM=not C.interpreting(), RELOAD=cfg["RELOAD"]),
                     cfg["num_warps"], cfg["num_stages"],
-                    trips=[merges + 1, K // bn, merges * chunks, merges * chunks * 8, 0],
-                    notes=dict(merges=merges, dram_bytes=float(a2.numel() * a2.element_size()
-                                                               + k2.numel() * k2.element_size())))
+                    trips=[merges + 1, model["tiles"], merges * chunks, 0],
+                    notes=dict(merges=merges, append_rate=model["append_rate"],
+                               dram_bytes=float(a2.numel() * a2.element_size() + k2.numel() * k2.element_size())),
+                    branch_rates={"ATOMG": model["append_rate"]})
     rows = SELECT_ROWS[KP]
     select = C.Launch(OP, "topk_select", _select_kernel, (triton.cdiv(grid * bm, rows),),
                       dict(Buf=buf, Cnt=cnt, RA=C.aligned(ra.float().contiguous()), Values=values, Indices=indices,
