@@ -6,10 +6,10 @@ op files, tests and benchmarks read their backend lists from here.
 
 Order of choice: the explicit `backend=` argument, then the ACTION_KERNELS_BACKEND environment variable, then
 automatic (auto_order): on CUDA tensors the CUDA extension, then Triton, then the chunked torch path, except where
-PREFERENCES picks Triton first for an op, dtype and feature size (the kernel report's static estimates; the reasons
-are in AUTO_ORDER_REASON and PREFERENCES, printed by env_report); on CPU the chunked torch path. A forced backend
-that cannot run raises with every reason; an automatic choice that skips the device's first preference warns once
-per (op, device type, reason).
+PREFERENCES picks Triton first for an op, dtype, feature size and top-k k (the kernel report's static estimates; the
+reasons are in AUTO_ORDER_REASON and PREFERENCES, printed by env_report); on CPU the chunked torch path. A forced
+backend that cannot run raises with every reason; an automatic choice that skips the device's first preference warns
+once per (op, device type, reason).
 """
 from __future__ import annotations
 
@@ -181,19 +181,22 @@ AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("cuda", "
                                                               "cpu": ("chunked",)})
 AUTO_ORDER_REASON: Mapping[str, str] = MappingProxyType({
     "cuda": ("cuda before triton: by the kernel report's static estimates (docs/cuda_kernels.md) the CUDA "
-             "tensor-core kernels are faster for top-k and the anatomical top-k at every dtype (1.1-11x), for the "
-             "soft loss at D > 128 (1.35-2.0x at 16-bit D >= 256) and in fp32 (Triton takes no fp32 CUDA tensors)"),
+             "tensor-core kernels are faster for top-k with k > 64 and the anatomical top-k at every dtype "
+             "(1.3-7x), for top-k at D > 256, for the soft loss at D > 128 (1.35-2.0x at 16-bit D >= 256) and in "
+             "fp32 (Triton takes no fp32 CUDA tensors)"),
     "cpu": "the chunked path's native CPU kernels (triton and cuda run on CPU only interpreted or emulated, for tests)",
 })
 
 
 @dataclass(frozen=True)
 class Preference:
-    """Another automatic order for one op and dtype on one device type, for feature sizes D <= max_D."""
+    """Another automatic order for one op and dtype on one device type, for feature sizes D <= max_D (and, when
+    max_k is set, k <= max_k)."""
 
     order: tuple[str, ...]
     max_D: int
     why: str
+    max_k: int | None = None
 
 
 PREFERENCES: Mapping[tuple[str, str, torch.dtype], Preference] = MappingProxyType({
@@ -205,15 +208,24 @@ PREFERENCES: Mapping[tuple[str, str, torch.dtype], Preference] = MappingProxyTyp
         ("triton", "cuda", "chunked"), 128,
         "triton for the fp16 soft loss at D <= 128: estimated 29-32% faster (forward + backward at D = 128, "
         "N = K = 65,536: triton 11.18 ms, cuda 14.47 ms)"),
+    ("cuda", "hard_negative_topk", torch.bfloat16): Preference(
+        ("triton", "cuda", "chunked"), 256,
+        "triton for the bf16 top-k at k <= 64, D <= 256: estimated 15-28% faster (N = K = 65,536, k = 64: "
+        "D = 128 triton 1.96 ms, cuda 2.66 ms; D = 256 3.11 and 4.33 ms)", max_k=64),
+    ("cuda", "hard_negative_topk", torch.float16): Preference(
+        ("triton", "cuda", "chunked"), 256,
+        "triton for the fp16 top-k at k <= 64, D <= 256: estimated 15-28% faster (N = K = 65,536, k = 64: "
+        "D = 128 triton 1.96 ms, cuda 2.66 ms; D = 256 3.11 and 4.33 ms)", max_k=64),
 })
 
 
-def auto_order(op: str | None, device_type: str, dtype: torch.dtype,
-               D: int | None = None) -> tuple[tuple[str, ...], str]:
+def auto_order(op: str | None, device_type: str, dtype: torch.dtype, D: int | None = None,
+               k: int | None = None) -> tuple[tuple[str, ...], str]:
     """The automatic order of backends for `op` (None: any op) on tensors of this device type and dtype with
-    feature size D (None: unknown, the device's order), and why."""
+    feature size D and, for the top-k, k (None: unknown, the device's order), and why."""
     pref = PREFERENCES.get((device_type, op, dtype))
-    if pref is not None and D is not None and D <= pref.max_D:
+    if (pref is not None and D is not None and D <= pref.max_D
+            and (pref.max_k is None or (k is not None and k <= pref.max_k))):
         return pref.order, pref.why
     return AUTO_ORDER.get(device_type, ("chunked",)), AUTO_ORDER_REASON.get(device_type, "")
 
@@ -241,7 +253,7 @@ def select(op: str | None, backend: str | None, device: torch.device, dtype: tor
             raise RuntimeError(f"{label}: {source}{requested!r} cannot run here: {why}")
         return requested
     rejected = []
-    for name in auto_order(op, device.type, dtype, limits.get("D"))[0]:
+    for name in auto_order(op, device.type, dtype, limits.get("D"), limits.get("k"))[0]:
         why = unavailable_reason(name, device, dtype, op, **limits)
         if not why:
             if rejected:

@@ -24,7 +24,8 @@ def lines() -> list[str]:
     for dev, order in dispatch.AUTO_ORDER.items():
         out.append(f"automatic order on {dev} tensors: {' > '.join(order)} ({dispatch.AUTO_ORDER_REASON[dev]})")
     for (dev, op, dtype), pref in dispatch.PREFERENCES.items():
-        out.append(f"  except {op} on {dispatch.dtype_names((dtype,))} {dev} tensors with D <= {pref.max_D}: "
+        k = f" and k <= {pref.max_k}" if pref.max_k is not None else ""
+        out.append(f"  except {op} on {dispatch.dtype_names((dtype,))} {dev} tensors with D <= {pref.max_D}{k}: "
                    f"{' > '.join(pref.order)} ({pref.why})")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:

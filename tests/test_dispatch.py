@@ -53,7 +53,11 @@ def test_cuda_tensors_follow_the_static_estimates_per_op_dtype_and_feature_size(
         assert dispatch.select(soft, None, cuda, torch.bfloat16, D=64) == "triton"
         assert dispatch.select(soft, None, cuda, torch.bfloat16, D=256) == "cuda"
         assert dispatch.select(soft, None, cuda, torch.float32, D=64) == "cuda"
-        assert dispatch.select(topk, None, cuda, torch.bfloat16, k=64, D=128) == "cuda"
+        assert dispatch.select(topk, None, cuda, torch.bfloat16, k=64, D=128) == "triton"
+        assert dispatch.select(topk, None, cuda, torch.float16, k=16, D=256) == "triton"
+        assert dispatch.select(topk, None, cuda, torch.bfloat16, k=65, D=128) == "cuda"   # the k = 512 kernels
+        assert dispatch.select(topk, None, cuda, torch.bfloat16, k=64, D=512) == "cuda"
+        assert dispatch.select(topk, None, cuda, torch.bfloat16, D=128) == "cuda"          # k unknown
         assert dispatch.select(soft, None, torch.device("cpu"), torch.bfloat16, D=128) == "chunked"
     assert dispatch.AUTO_ORDER["cuda"][:2] == ("cuda", "triton")
     from action_kernels import env_report
