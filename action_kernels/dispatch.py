@@ -182,7 +182,7 @@ AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("cuda", "
 AUTO_ORDER_REASON: Mapping[str, str] = MappingProxyType({
     "cuda": ("cuda before triton: by the kernel report's static estimates (docs/cuda_kernels.md) the CUDA "
              "tensor-core kernels are faster for top-k with k > 64 and the anatomical top-k at every dtype "
-             "(1.3-7x), for top-k at D > 256, for the soft loss at D > 128 (1.35-2.0x at 16-bit D >= 256) and in "
+             "(1.7-7x), for top-k at D > 256, for the soft loss at D > 128 (1.35-2.0x at 16-bit D >= 256) and in "
              "fp32 (Triton takes no fp32 CUDA tensors)"),
     "cpu": "the chunked path's native CPU kernels (triton and cuda run on CPU only interpreted or emulated, for tests)",
 })
@@ -210,12 +210,12 @@ PREFERENCES: Mapping[tuple[str, str, torch.dtype], Preference] = MappingProxyTyp
         "N = K = 65,536: triton 11.18 ms, cuda 14.47 ms)"),
     ("cuda", "hard_negative_topk", torch.bfloat16): Preference(
         ("triton", "cuda", "chunked"), 256,
-        "triton for the bf16 top-k at k <= 64, D <= 256: estimated 15-28% faster (N = K = 65,536, k = 64: "
-        "D = 128 triton 1.96 ms, cuda 2.66 ms; D = 256 3.11 and 4.33 ms)", max_k=64),
+        "triton for the bf16 top-k at k <= 64, D <= 256: estimated 8-23% faster (N = K = 65,536, k = 64: "
+        "D = 128 triton 2.08 ms, cuda 2.66 ms; D = 256 3.42 and 4.33 ms)", max_k=64),
     ("cuda", "hard_negative_topk", torch.float16): Preference(
         ("triton", "cuda", "chunked"), 256,
-        "triton for the fp16 top-k at k <= 64, D <= 256: estimated 15-28% faster (N = K = 65,536, k = 64: "
-        "D = 128 triton 1.96 ms, cuda 2.66 ms; D = 256 3.11 and 4.33 ms)", max_k=64),
+        "triton for the fp16 top-k at k <= 64, D <= 256: estimated 8-23% faster (N = K = 65,536, k = 64: "
+        "D = 128 triton 2.06 ms, cuda 2.66 ms; D = 256 3.42 and 4.33 ms)", max_k=64),
 })
 
 
