@@ -77,8 +77,8 @@ def _blocks(instrs: list[Instr]):
         if ins.base in ("BRA", "EXIT", "RET", "BRX", "JMP", "KILL"):
             if i + 1 < len(instrs):
                 leaders.add(i + 1)
-            if ins.base == "BRA" and (m := _TARGET.search(ins.operands)) and int(m.group(1), 16) in by_addr:
-                targets[i] = by_addr[int(m.group(1), 16)]
+            if ins.base == "BRA" and (t := branch_target(ins)) in by_addr:
+                targets[i] = by_addr[t]
                 leaders.add(targets[i])
     starts = sorted(leaders)
     block_of = {}

@@ -10,7 +10,7 @@ estimate:
                append is skipped by a warp vote unless one of the 32 elements a warp holds in that register is a
                candidate. In the mma accumulator layout (mma.sync m16n8 and wgmma alike) one register of a warp
                holds 8 consecutive rows x 4 columns two apart.
-For keys in random order both depend only on the ranks, so the simulation draws i.i.d. normal similarities (the
+For keys in random order all three depend only on the ranks, so the simulation draws i.i.d. normal similarities (the
 same ranks as random unit vectors) with the labels of the benchmark (4 classes, 80% of the keys in one).
 Keys sorted by increasing similarity would append nearly every element and prune every few tiles: the estimate
 states the model, it is no bound.

@@ -282,8 +282,9 @@ def _scan_kernel(A, Kp, RK, YA, YK, Buf, Cnt, Thr, N, K, k_out,
 
 
 def simulated(K: int, k: int, BLOCK_M: int, BLOCK_N: int) -> dict:
-    """Prunes per program and the append's warp rate, for the kernel report's estimate (the data decide the real
-    numbers): simulated with the kernel's rule on random data (kernel_report.topk_model)."""
+    """Prunes, tiles run (reruns included) and the append's warp rate per program, for the kernel report's
+    estimate (the data decide the real numbers): simulated with the kernel's rule on random data
+    (kernel_report.topk_model)."""
     from action_kernels.kernel_report.topk_model import simulate
     return simulate(K, k, BLOCK_M, BLOCK_N, BUFFERS[kept(k)][0])
 
@@ -341,7 +342,7 @@ def topk_launches(anchors, anchor_labels, keys, key_labels, ra, rk, k, ignore_la
                          MERGE_ROWS=merge_rows, APPEND_ASM=not C.interpreting(), RELOAD=cfg["RELOAD"]),
                     cfg["num_warps"], cfg["num_stages"],
                     trips=[merges + 1, model["tiles"], merges * chunks, 0],
-                    notes=dict(merges=merges, append_rate=model["append_rate"],
+                    notes=dict(merges=merges,
                                dram_bytes=float(a2.numel() * a2.element_size() + k2.numel() * k2.element_size())),
                     branch_rates={"ATOMG": model["append_rate"]})
     rows = SELECT_ROWS[KP]
