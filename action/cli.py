@@ -56,6 +56,10 @@ def _optional_int(text: str):
     return None if text.lower() == "none" else int(text)
 
 
+def _optional_float(text: str):
+    return None if text.lower() == "none" else float(text)
+
+
 def _json_of(kind: type, what: str):
     def parse(text: str):
         try:
@@ -72,7 +76,7 @@ def _json_of(kind: type, what: str):
 
 _optional_int.__name__, _bool.__name__ = "integer (or none)", "true/false"
 # per declared field type: the flag's parser and its metavar in --help
-_FLAG_TYPES = {"int | None": (_optional_int, "N"), "str | None": (str, None), "bool": (_bool, "{true,false}"),
+_FLAG_TYPES = {"int | None": (_optional_int, "N"), "float | None": (_optional_float, "X"), "str | None": (str, None), "bool": (_bool, "{true,false}"),
                "dict": (_json_of(dict, "a JSON object"), "JSON"), "list": (_json_of(list, "a JSON list"), "JSON"),
                "float": (float, "X"), "int": (int, "N"), "str": (str, None)}
 

@@ -19,6 +19,7 @@ from action.data.augment import AugmentConfig
 DEFAULT_ACDC = os.environ.get("ACTION_ACDC", os.path.join("..", "shared", "data", "acdc"))
 
 
+UNSUP_LOSSES = ("ce", "dice", "ce+dice")
 STAGES = ("supervised", "pretrain-global", "pretrain-local", "finetune", "pipeline")
 PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
 
@@ -43,8 +44,9 @@ class TrainConfig:
                                      "test.list); default $ACTION_ACDC, else ../shared/data/acdc")
     out: str = option("runs/supervised", "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, "
                                          "test/")
-    labelled_patients: int | None = option(3, "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training "
-                                              "slices)")
+    labelled_patients: int | None = option(3, "labelled split: the first N patients of the training list (ACDC: "
+                                              "every slice of the first N patients in train_slices.list order, the "
+                                              "reference mapping: 3 / 7 -> 68 / 136 slices; 1 -> its first 23 lines)")
     max_train_slices: int | None = option(None, "use only the first N labelled and N unlabelled slices (quick checks, "
                                                 "smoke tests; 2D only)")
     size: int = option(256, "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it "
@@ -97,12 +99,29 @@ class TrainConfig:
     unsup_weight: float = option(1.0, "weight of the pseudo-label loss (stage iii)")
     unsup_rampup: int = option(0, "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) "
                                   "(0: none)")
-    unsup_mask: str = option("image", "pseudo-label loss: 'image' weights each image's pixels by its confident "
-                                      "fraction (docs/method.md section 5), 'pixel' counts only pixels with "
-                                      "confidence >= strong_threshold")
-    teacher_bn: str = option("batch", "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: "
-                                      "'batch' uses that batch's statistics (the ReCo code's EMA model runs in train "
-                                      "mode), 'running' its running statistics")
+    unsup_mask: str = option("image", "pseudo-label CE: 'image' weights each image's pixels by its confident "
+                                      "fraction (docs/method.md section 5), 'pixel' averages over the confident "
+                                      "pixels only (confidence >= pseudo_threshold)")
+    unsup_loss: str = option("ce", "stage iii pseudo-label loss: 'ce' (masked by unsup_mask), 'dice' (Dice over all "
+                                   "classes on the confident pixels), 'ce+dice' (0.5 (ce + dice), the form of L_sup)")
+    pseudo_threshold: float | None = option(None, "teacher confidence at which an unlabelled pixel's pseudo-label "
+                                                  "counts in the pseudo-label loss (default: strong_threshold, as "
+                                                  "the reference)")
+    unlabelled_view: str = option("weak", "stage iii: the student's view of the unlabelled images: 'weak' (the "
+                                          "augmentation the teacher's pseudo-labels move with) or 'strong' (then "
+                                          "a strong photometric pass on the student's images alone: "
+                                          "strong_augmentation)")
+    strong_augmentation: dict = option({}, "JSON object overriding the strong view's photometric settings "
+                                           "(action.data.augment.STRONG_PHOTOMETRIC; fields of AugmentConfig)")
+    audit_pseudo_labels: bool = option(False, "research use: when the unlabelled images carry ground truth (the "
+                                              "ACDC HDF5 files do), log the teacher's pseudo-label Dice against it "
+                                              "(train.csv audit_* columns); the ground truth never reaches a loss. "
+                                              "2D HDF5 data only")
+    teacher_bn: str = option("batch", "the EMA teacher's BatchNorm (every teacher stage): 'batch' normalises each "
+                                      "teacher forward with its batch's statistics (the ReCo / ACTION code runs its "
+                                      "EMA model in train mode) and keeps the teacher's own running statistics "
+                                      "from those forwards (its eval-mode validation uses them); 'running' runs "
+                                      "it in eval mode on running statistics copied from the student")
     split_bn: bool = option(True, "stage iii: the student sees labelled and unlabelled images in separate forwards, "
                                   "so BatchNorm normalises each kind with its own statistics (as the ReCo code "
                                   "does); false: one mixed forward")
@@ -125,6 +144,10 @@ class TrainConfig:
     rep_dim: int = option(512, "representation head output size (anatomical contrast embeddings)")
     rep_stride: int = option(4, "anatomical contrast on a grid of size / rep_stride pixels per side")
     cutmix_p: float = option(0.5, "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)")
+    cutmix_pairing: str = option("random", "cutmix partners: 'random' (a random permutation: an image may be its "
+                                           "own partner) or 'derangement' (never itself)")
+    cutmix_area: list = option([0.1, 0.5], "cutmix box area as a fraction of the image, [low, high] (per-axis "
+                                           "fractions drawn so that their product lies in it)")
     # ACTION++ (docs/method.md section 7): SAACL and the anatomical-aware temperature scheduler (ATS)
     plusplus: bool = option(False, "ACTION++: add the supervised adaptive anatomical contrast (SAACL) in "
                                    "fine-tuning")
@@ -172,6 +195,16 @@ class TrainConfig:
             ("accumulate", self.accumulate >= 1, ">= 1"),
             ("unsup_rampup", self.unsup_rampup >= 0, ">= 0 (0: no ramp-up)"),
             ("unsup_mask", self.unsup_mask in ("image", "pixel"), "'image' or 'pixel'"),
+            ("unsup_loss", self.unsup_loss in UNSUP_LOSSES, f"one of {UNSUP_LOSSES}"),
+            ("pseudo_threshold", self.pseudo_threshold is None or 0 <= self.pseudo_threshold <= 1,
+             "None (strong_threshold) or in [0, 1]"),
+            ("unlabelled_view", self.unlabelled_view in ("weak", "strong"), "'weak' or 'strong'"),
+            ("cutmix_pairing", self.cutmix_pairing in ("random", "derangement"), "'random' or 'derangement'"),
+            ("cutmix_area", len(self.cutmix_area) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                               for a in self.cutmix_area)
+             and 0 < self.cutmix_area[0] <= self.cutmix_area[1] <= 1, "[low, high] with 0 < low <= high <= 1"),
+            ("audit_pseudo_labels", not self.audit_pseudo_labels or self.dims == 2,
+             "false with dims 3 (the audit reads the unlabelled slices' ground truth: 2D HDF5 data only)"),
             ("bn_recalibrate", self.bn_recalibrate >= 0, ">= 0 (0: off)"),
             ("teacher_bn", self.teacher_bn in ("batch", "running"), "'batch' or 'running'"),
             ("dims", self.dims in (2, 3), "2 or 3"),
@@ -207,7 +240,7 @@ class TrainConfig:
             ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
              and all(_whole(v) and v >= 1 for v in self.stage_iterations.values()),
              f"a mapping of {PIPELINE} to iteration counts >= 1"),
-            ("labelled_patients", self.labelled_patients in (1, 3, 7), "1, 3 or 7 (the reference splits)"),
+            ("labelled_patients", self.labelled_patients is None or self.labelled_patients >= 1, "None or >= 1"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("poly_power", self.poly_power >= 0, ">= 0"),
@@ -230,6 +263,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"config {name}: expected {expected}, got {getattr(self, name)!r}")
         self.augmentation = check_augmentation(self.augmentation)
+        self.strong_augmentation = check_augmentation(self.strong_augmentation, "strong_augmentation")
         return self
 
     def to_json(self) -> str:
@@ -273,17 +307,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def check_augmentation(values: dict) -> dict:
-    """The augmentation overrides checked against AugmentConfig: known keys, each of its field's type (pairs as
-    two numbers low <= high), probabilities (keys ending in _p) in [0, 1], magnitudes >= 0."""
+def check_augmentation(values: dict, option: str = "augmentation") -> dict:
+    """The augmentation overrides of `option` checked against AugmentConfig: known keys, each of its field's type
+    (pairs as two numbers low <= high), probabilities (keys ending in _p) in [0, 1], magnitudes >= 0."""
     known = {f.name: str(f.type) for f in fields(AugmentConfig)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"config augmentation: unknown keys {unknown}{_did_you_mean(unknown, known)}; valid keys "
+        raise ValueError(f"config {option}: unknown keys {unknown}{_did_you_mean(unknown, known)}; valid keys "
                          f"are {list(known)}")
     out = {}
     for key, value in values.items():
-        name = f"augmentation.{key}"
+        name = f"{option}.{key}"
         if known[key].startswith("tuple"):
             if not (isinstance(value, (list, tuple)) and len(value) == 2):
                 raise ValueError(f"config {name}: expected a pair [low, high], got {_kind(value)}")

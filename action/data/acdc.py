@@ -3,8 +3,9 @@
 Layout (a folder, e.g. ../shared/data/acdc): `data/<name>.h5` with datasets `image` (float, [0, 1]) and `label`
 (integers 0 background, 1 RV, 2 myocardium, 3 LV); `train_slices.list` (one 2D training slice per line:
 `patient<NNN>_frame<FF>_slice_<Z>`), `val.list` and `test.list` (one 3D volume per line: `patient<NNN>_frame<FF>`).
-The labelled set for 1 / 3 / 7 labelled patients is the first 23 / 68 / 136 lines of train_slices.list (the
-reference mapping); the remaining slices are the unlabelled set. The HDF5 files carry no voxel spacing.
+The labelled set for N labelled patients is every slice of the first N patients of train_slices.list (for 3 / 7:
+its first 68 / 136 lines, the reference mapping; for 1 the reference's first 23 lines); the remaining slices are
+the unlabelled set. The HDF5 files carry no voxel spacing.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from action.data.checks import finite_image, label_map, labels_in_range
 
 CLASSES = ("background", "RV", "Myo", "LV")
 LABELLED_SLICES = {1: 23, 3: 68, 7: 136}
+
+
+def patient_of(name: str) -> str:
+    """The patient of a slice or volume name: `patient<NNN>_frame<FF>[_slice_<Z>]` -> `patient<NNN>`."""
+    return name.split("_", 1)[0]
 
 
 def _read_list(path: str) -> list[str]:
@@ -82,17 +88,26 @@ class AcdcLayout:
         return _read_list(os.path.join(self.root, "test.list"))
 
     def split(self, labelled_patients: int | None = None, labelled: list[str] | None = None):
-        """(labelled slice names, unlabelled slice names): by number of labelled patients (1, 3 or 7: the first
-        23 / 68 / 136 lines of train_slices.list) or by an explicit list of slice names."""
+        """(labelled slice names, unlabelled slice names): by number of labelled patients N (every slice of the
+        first N patients of train_slices.list, in order of first appearance: the reference's 68 / 136 slices for
+        3 / 7; N = 1 keeps the reference's first 23 lines, LABELLED_SLICES) or by an explicit list of slice names."""
         names = self.train_slices
         if (labelled_patients is None) == (labelled is None):
-            raise ValueError("give exactly one of labelled_patients (1, 3 or 7) and labelled (a list of slice names)")
+            raise ValueError("give exactly one of labelled_patients (a number of patients >= 1) and labelled (a list "
+                             "of slice names)")
         if labelled_patients is not None:
-            if labelled_patients not in LABELLED_SLICES:
-                raise ValueError(f"labelled_patients must be one of {sorted(LABELLED_SLICES)} (the reference "
-                                 f"splits), got {labelled_patients}; pass labelled=[...] for another split")
-            n = LABELLED_SLICES[labelled_patients]
-            return names[:n], names[n:]
+            if isinstance(labelled_patients, bool) or not isinstance(labelled_patients, int) or labelled_patients < 1:
+                raise ValueError(f"labelled_patients must be a number of patients >= 1, got {labelled_patients!r}")
+            if labelled_patients in LABELLED_SLICES:
+                n = LABELLED_SLICES[labelled_patients]
+                return names[:n], names[n:]
+            patients = list(dict.fromkeys(patient_of(n) for n in names))
+            if labelled_patients >= len(patients):
+                raise ValueError(f"labelled_patients={labelled_patients}: train_slices.list of {self.root} has "
+                                 f"{len(patients)} patients, and at least one must stay unlabelled; choose at most "
+                                 f"{len(patients) - 1}")
+            chosen = set(patients[:labelled_patients])
+            return [n for n in names if patient_of(n) in chosen], [n for n in names if patient_of(n) not in chosen]
         chosen = set(labelled)
         unknown = sorted(chosen - set(names))
         if unknown:

@@ -190,12 +190,26 @@ def _mix(mask, image, label, confidence, perm):
     return image, label, confidence
 
 
-def cutmix(image, label=None, confidence=None, *, generator, p=0.5, area=(0.1, 0.5)):
-    """Per sample b with probability p: a box of sample perm[b] (perm: a random permutation of the batch) pasted
+def partners(batch: int, generator: torch.Generator, device, pairing: str = "random") -> torch.Tensor:
+    """(batch,) int64: the mixing partner of each sample. "random": a random permutation (a sample is its own
+    partner with probability 1/batch); "derangement": a random cyclic order, each sample paired with the next, so
+    no sample is its own partner (a batch of one is). Both draw one randperm from `generator`."""
+    if pairing not in ("random", "derangement"):
+        raise ValueError(f"pairing must be 'random' or 'derangement', got {pairing!r}")
+    perm = torch.randperm(batch, generator=generator, device=generator.device).to(device)
+    if pairing == "random":
+        return perm
+    partner = torch.empty_like(perm)
+    partner[perm] = perm.roll(-1)
+    return partner
+
+
+def cutmix(image, label=None, confidence=None, *, generator, p=0.5, area=(0.1, 0.5), pairing="random"):
+    """Per sample b with probability p: a box of sample perm[b] (perm: its partner, `partners(pairing)`) pasted
     into sample b, in image, label and confidence alike. Returns (image, label, confidence, mask, perm)."""
     _check(image, label, confidence)
     B, dev = image.shape[0], image.device
-    perm = torch.randperm(B, generator=generator, device=generator.device).to(dev)
+    perm = partners(B, generator, dev, pairing)
     apply = _uniform((B,), 0, 1, generator, dev) < p
     mask = _boxes(image.shape, generator, dev, area) & _bcast(apply, image[:, 0])
     return (*_mix(mask, image, label, confidence, perm), mask, perm)
@@ -236,6 +250,14 @@ class AugmentConfig:
     cutout_p: float = 0.0
     cutout_area: tuple[float, float] = (0.02, 0.2)
     ignore_index: int = 255
+
+
+# the strong view of stage iii's unlabelled images (FixMatch / UniMatch style: the student sees a strongly perturbed
+# copy of what the teacher labelled): photometric only, so the pseudo-labels stay pixel-aligned; geometric fields
+# off. Overridden by the strong_augmentation option.
+STRONG_PHOTOMETRIC = {"flip_p": 0.0, "rot90": False, "affine_p": 0.0, "intensity_p": 0.8, "brightness": 0.3,
+                      "contrast": (0.6, 1.4), "gamma": (0.6, 1.6), "blur_p": 0.5, "blur_sigma": (0.1, 1.5),
+                      "noise_p": 0.5, "noise_std": 0.05}
 
 
 class Augment:

@@ -25,8 +25,9 @@ def acdc_names(cfg: TrainConfig):
 
 class SliceData:
     """The training slices of an ACDC folder in memory at the training size: labelled images (N_l, 1, S, S) with
-    labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them); names and
-    unlabelled_names: the slices in that order (errors about a batch name its files)."""
+    labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them) and, for
+    --audit-pseudo-labels only, their ground truth unlabelled_truth (N_u, S, S); names and unlabelled_names: the
+    slices in that order (errors about a batch name its files)."""
 
     def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
         labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
@@ -36,10 +37,13 @@ class SliceData:
         size = (cfg.size, cfg.size)
         self.images, self.labels, self.names = load_slices(
             AcdcSlices(cfg.data, labelled, size, num_classes=cfg.num_classes), "labelled slices", progress)
-        self.unlabelled, self.unlabelled_names = None, []
+        self.unlabelled, self.unlabelled_names, self.unlabelled_truth = None, [], None
         if need_unlabelled:
-            self.unlabelled, _, self.unlabelled_names = load_slices(
-                AcdcSlices(cfg.data, unlabelled, size, labels=False), "unlabelled slices", progress)
+            # the ground truth of the unlabelled slices only for --audit-pseudo-labels (logged, never in a loss)
+            audit = cfg.audit_pseudo_labels
+            self.unlabelled, self.unlabelled_truth, self.unlabelled_names = load_slices(
+                AcdcSlices(cfg.data, unlabelled, size, labels=audit, num_classes=cfg.num_classes if audit else None),
+                "unlabelled slices", progress)
 
     def cases(self, names):
         """The validation or test volumes `names` as action.data.cases.Case records."""
@@ -103,6 +107,10 @@ def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True
     (uses_unlabelled) or the config asks for an unlabelled batch."""
     need_unlabelled = uses_unlabelled or cfg.unlabelled_batch > 0
     if detect_layout(cfg.data) != "hdf5":  # a NIfTI dataset folder (action.data.layouts)
+        if cfg.audit_pseudo_labels:
+            raise ValueError(f"--audit-pseudo-labels needs unlabelled images that carry ground truth (the ACDC HDF5 "
+                             f"layout); {cfg.data} is a NIfTI dataset whose unlabelled images have none: drop the "
+                             f"option")
         from action.data.nifti_training import nifti_training_data
 
         return nifti_training_data(cfg, need_unlabelled, progress)

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 
-def dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1e-5) -> torch.Tensor:
-    """probs (B, C, *S) softmax output, target (B, *S) int64 -> scalar: mean over the C classes of 1 - Dice."""
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1e-5,
+              per_class: bool = False) -> torch.Tensor:
+    """probs (B, C, *S) softmax output, target (B, *S) int64 -> scalar: mean over the C classes of 1 - Dice
+    (per_class: the (C,) terms before the mean)."""
     C = probs.shape[1]
     valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)
     onehot = F.one_hot(target.clamp(0, C - 1) * (target != ignore_index), C).movedim(-1, 1).to(probs.dtype)
@@ -19,7 +21,8 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = 255
     p, y = probs * valid, onehot * valid
     inter = (p * y).sum(dims)
     denom = (p * p).sum(dims) + (y * y).sum(dims)
-    return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
+    terms = 1.0 - (2.0 * inter + eps) / (denom + eps)
+    return terms if per_class else terms.mean()
 
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> dict[str, torch.Tensor]:
