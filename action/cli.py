@@ -76,7 +76,8 @@ def _json_of(kind: type, what: str):
 
 _optional_int.__name__, _bool.__name__ = "integer (or none)", "true/false"
 # per declared field type: the flag's parser and its metavar in --help
-_FLAG_TYPES = {"int | None": (_optional_int, "N"), "float | None": (_optional_float, "X"), "str | None": (str, None), "bool": (_bool, "{true,false}"),
+_FLAG_TYPES = {"int | None": (_optional_int, "N"), "float | None": (_optional_float, "X"), "str | None": (str, None),
+               "bool": (_bool, "{true,false}"),
                "dict": (_json_of(dict, "a JSON object"), "JSON"), "list": (_json_of(list, "a JSON list"), "JSON"),
                "float": (float, "X"), "int": (int, "N"), "str": (str, None)}
 

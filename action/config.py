@@ -102,12 +102,13 @@ class TrainConfig:
     unsup_mask: str = option("image", "pseudo-label CE: 'image' weights each image's pixels by its confident "
                                       "fraction (docs/method.md section 5), 'pixel' averages over the confident "
                                       "pixels only (confidence >= pseudo_threshold)")
-    unsup_loss: str = option("ce", "stage iii pseudo-label loss: 'ce' (masked by unsup_mask), 'dice' (Dice over all "
-                                   "classes on the confident pixels), 'ce+dice' (0.5 (ce + dice), the form of L_sup)")
-    pseudo_threshold: float | None = option(None, "teacher confidence at which an unlabelled pixel's pseudo-label "
-                                                  "counts in the pseudo-label loss (default: strong_threshold, as "
-                                                  "the reference)")
-    unlabelled_view: str = option("weak", "stage iii: the student's view of the unlabelled images: 'weak' (the "
+    unsup_loss: str = option("ce+dice", "stage iii pseudo-label loss: 'ce' (masked by unsup_mask), 'dice' (Dice over "
+                                        "all classes on the confident pixels), 'ce+dice' (0.5 (ce + dice), the form "
+                                        "of L_sup)")
+    pseudo_threshold: float | None = option(0.95, "teacher confidence at which an unlabelled pixel's pseudo-label "
+                                                  "counts in the pseudo-label loss (none: strong_threshold, as the "
+                                                  "reference)")
+    unlabelled_view: str = option("strong", "stage iii: the student's view of the unlabelled images: 'weak' (the "
                                           "augmentation the teacher's pseudo-labels move with) or 'strong' (then "
                                           "a strong photometric pass on the student's images alone: "
                                           "strong_augmentation)")
@@ -143,8 +144,8 @@ class TrainConfig:
                                     "sampling)")
     rep_dim: int = option(512, "representation head output size (anatomical contrast embeddings)")
     rep_stride: int = option(4, "anatomical contrast on a grid of size / rep_stride pixels per side")
-    cutmix_p: float = option(0.5, "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)")
-    cutmix_pairing: str = option("random", "cutmix partners: 'random' (a random permutation: an image may be its "
+    cutmix_p: float = option(1.0, "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)")
+    cutmix_pairing: str = option("derangement", "cutmix partners: 'random' (a random permutation: an image may be its "
                                            "own partner) or 'derangement' (never itself)")
     cutmix_area: list = option([0.1, 0.5], "cutmix box area as a fraction of the image, [low, high] (per-axis "
                                            "fractions drawn so that their product lies in it)")
@@ -348,11 +349,19 @@ RESUME_NEUTRAL = frozenset({"out", "device", "threads", "tensorboard", "log_ever
                             "val_volumes", "test_at_end", "init", "accumulate"})
 
 
+# options added after runs existed, with the behaviour a run of before them had: a checkpoint that predates one of
+# them ran with this value, not with today's default (the stage iii recipe changed the defaults when it came)
+PREDATING = {"unsup_loss": "ce", "pseudo_threshold": None, "unlabelled_view": "weak", "strong_augmentation": {},
+             "cutmix_pairing": "random", "cutmix_area": [0.1, 0.5], "audit_pseudo_labels": False}
+
+
 def resume_differences(saved_json: str, cfg: "TrainConfig") -> dict:
     """{option: (checkpoint's value, this run's)} for every option outside RESUME_NEUTRAL that differs between a
-    checkpoint's stored config (JSON) and cfg; an option the checkpoint predates counts as its default."""
+    checkpoint's stored config (JSON) and cfg; an option the checkpoint predates counts as the behaviour it had
+    (PREDATING), else as its default."""
     saved, now = json.loads(saved_json or "{}"), json.loads(cfg.to_json())
     defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cfg)}
+    defaults.update(PREDATING)
     out = {}
     for key, value in now.items():
         before = saved.get(key, json.loads(json.dumps(defaults[key])))
@@ -382,20 +391,17 @@ PRESETS: dict[str, dict] = {
     # cores; labelled batch 8 as the baseline's, validation (and best.pt) on BatchNorm statistics re-estimated on
     # 50 clean unlabelled batches: the running ones are too noisy to select on (README, Results)
     "action-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 8, "unlabelled_batch": 4, "val_every": 300,
-                   "checkpoint_every": 300, "unsup_rampup": 200, "unsup_mask": "pixel", "bn_recalibrate": 50,
+                   "checkpoint_every": 300, "bn_recalibrate": 50,
                    "stage_iterations": {"pretrain-global": 100, "pretrain-local": 1200, "finetune": 600}},
-    # ACTION++ as measured in the README: the earlier action-cpu recipe (batch 4 + 4, 100 + 1,500 + 600 iterations,
-    # validation on running statistics) with SAACL and the temperature scheduler in fine-tuning
+    # ACTION++: the earlier action-cpu schedule (batch 4 + 4, 100 + 1,500 + 600 iterations, validation on running
+    # statistics) with SAACL and the temperature scheduler in fine-tuning
     "actionpp-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 150,
-                     "checkpoint_every": 150, "unsup_rampup": 200, "unsup_mask": "pixel",
-                     "plusplus": True, "ats": True,
+                     "checkpoint_every": 150, "plusplus": True, "ats": True,
                      "stage_iterations": {"pretrain-global": 100, "pretrain-local": 1500, "finetune": 600}},
-    # stage iii alone on a supervised checkpoint (README: test 0.688, against 0.682 for the same wall time of
-    # supervised training from the same checkpoint):
-    # action train --preset finetune-cpu --init runs/baseline-3p/best.pt
+    # stage iii alone on a supervised checkpoint, with the stage iii recipe of benchmarks/ssl_protocol.py (the
+    # defaults): action train --preset finetune-cpu --init runs/baseline-3p/best.pt
     "finetune-cpu": {"stage": "finetune", "size": 128, "labelled_batch": 8, "unlabelled_batch": 4, "iterations": 300,
-                     "val_every": 100, "checkpoint_every": 100, "unsup_rampup": 100, "unsup_mask": "pixel",
-                     "bn_recalibrate": 50},
+                     "val_every": 100, "checkpoint_every": 100, "bn_recalibrate": 50},
     # the 3D path: volumes assembled from the ACDC slices, UNet3D on 16 x 96 x 96 patches, sliding-window evaluation
     "acdc-3d-cpu": {"dims": 3, "size": 128, "patch": [16, 96, 96], "base_channels": 8, "iterations": 1000,
                     "labelled_batch": 2, "val_every": 250, "checkpoint_every": 250},

@@ -127,15 +127,12 @@ def evaluate_argv(s: Settings, checkpoint: str, out: str, overlays: int = 3) -> 
 
 
 def action_argv(s: Settings, data: str, out: str, stage_iterations: dict) -> list[str]:
-    """The action-cpu pipeline (ACTION run 4's recipe) at --size, with its stage iterations and pseudo-label ramp-up
-    scaled to the plan; validation every 1/validations of stage iii (stage i never validates)."""
-    from action.config import PRESETS
-
-    preset = PRESETS["action-cpu"]
-    ramp = round(preset["unsup_rampup"] * stage_iterations["finetune"] / preset["stage_iterations"]["finetune"])
+    """The action-cpu pipeline at --size with the stage iii recipe (the defaults chosen by benchmarks/ssl_protocol.py:
+    Dice + CE on confident pseudo-labels, a strong unlabelled view, cutmix on every deranged pair, no ramp-up), with
+    the plan's stage iterations; validation every 1/validations of stage iii (stage i never validates)."""
     every = max(1, math.ceil(stage_iterations["finetune"] / s.validations))
     return ["train", "--preset", "action-cpu", *common_options(s, data, out), "--stage-iterations",
-            json.dumps(stage_iterations), "--unsup-rampup", str(ramp), "--val-every", str(every),
+            json.dumps(stage_iterations), "--val-every", str(every),
             "--checkpoint-every", str(max(stage_iterations.values()))]
 
 

@@ -57,11 +57,13 @@ def test_dry_run_settings_cap_the_plan_at_max_iterations():
     assert set(plan["stage_iterations"].values()) == {gpu_train.DRY["max_iterations"]}
 
 
-def test_action_argv_scales_the_presets_ramp_up_and_is_what_the_cli_parses():
+def test_action_argv_runs_the_stage_iii_recipe_and_is_what_the_cli_parses():
     s = gpu_train.Settings()
     argv = gpu_train.action_argv(s, "data", "out", {"pretrain-global": 10, "pretrain-local": 120, "finetune": 60})
     cfg = gpu_train.config_from_argv(argv)
-    assert cfg.stage == "pipeline" and cfg.size == 256 and cfg.unsup_rampup == 20  # 200 of 600 in the preset
+    assert cfg.stage == "pipeline" and cfg.size == 256 and cfg.unsup_rampup == 0
+    assert (cfg.unsup_loss, cfg.unlabelled_view, cfg.cutmix_p, cfg.cutmix_pairing) == ("ce+dice", "strong", 1.0,
+                                                                                       "derangement")
     assert cfg.stage_iterations == {"pretrain-global": 10, "pretrain-local": 120, "finetune": 60}
     assert cfg.bn_recalibrate == 50 and cfg.val_every == 30 and cfg.labelled_batch == 8
     sup = gpu_train.config_from_argv(gpu_train.supervised_argv(s, "data", "out", 100))

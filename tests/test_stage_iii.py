@@ -200,3 +200,18 @@ def test_ssl_protocol_dry_run_runs_every_arm_and_writes_the_table(tmp_path):
                 "| sup (BN on labelled slices) |", "| running | 1 |", "| batch | 1 |"):
         assert arm in table, arm
     assert (out / "1" / "iii-recipe" / "train.csv").read_text().startswith("iteration,loss,sup,unsup,anco,pl_")
+
+
+def test_resuming_a_run_from_before_the_recipe_lists_the_changed_behaviour():
+    import json
+
+    from action.config import TrainConfig, resume_differences
+
+    old = json.loads(TrainConfig().to_json())
+    for key in ("unsup_loss", "pseudo_threshold", "unlabelled_view", "strong_augmentation", "cutmix_pairing",
+                "cutmix_area", "audit_pseudo_labels"):
+        del old[key]  # a checkpoint written before these options existed
+    changed = resume_differences(json.dumps(old), TrainConfig())
+    assert changed["unsup_loss"] == ("ce", "ce+dice") and changed["unlabelled_view"] == ("weak", "strong")
+    assert changed["pseudo_threshold"] == (None, 0.95) and changed["cutmix_pairing"] == ("random", "derangement")
+    assert "cutmix_area" not in changed and "audit_pseudo_labels" not in changed
