@@ -11,9 +11,9 @@ with DRAM as one more pipe (the launch's compulsory bytes over the bandwidth). I
 overlap between pipes (max over pipes is optimistic), caches other than perfect L2 reuse, clock changes.
 Forward branches: every instruction of a loop body is counted each trip (a rarely taken branch pessimistically),
 except code that a guarded forward branch skips (`branch_regions`) when either
-  - the launch plan gives a rate for it (`branch_rates`, {marker opcode: rate}) and the skipped code holds the
-    marker, all in the branch's loop (e.g. "ATOMG": the top-k's append, skipped by a warp vote): it counts `rate`
-    of its loop's trips. The rate comes from a simulation of the data (the top-k: kernel_report.topk_model), so
+  - the launch's model gives a rate for it (`branch_rates`, {marker opcode: rate}; launch_model) and the skipped
+    code holds the marker, all in the branch's loop (e.g. "ATOMG": the top-k's append, skipped by a warp vote): it
+    counts `rate` of its loop's trips. The rate comes from a simulation of the data (the top-k: topk_model), so
     such an estimate holds for data like the simulated ones;
   - or the skipped code holds a loop the plan gives 0 trips (a fallback the modelled data never take, e.g. the
     top-k's exact tie-break): the code around that loop counts 0 times, like the loop.
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 
-from action_kernels.kernel_report import sass
-from action_kernels.kernel_report.devices import TENSOR_RATE, Device
+from tools.kernel_report import sass
+from tools.kernel_report.devices import TENSOR_RATE, Device
 
 
 def occupancy(dev: Device, registers: int, num_warps: int, shared_bytes: int) -> dict:

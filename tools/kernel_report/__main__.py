@@ -1,4 +1,4 @@
-"""python -m action_kernels.kernel_report [--arch sm_80,sm_90] [--json FILE] [--dump-cubins DIR] [...]
+"""python -m tools.kernel_report [--arch sm_80,sm_90] [--json FILE] [--dump-cubins DIR] [...]
 
 Compiles, ahead of time and without a GPU, the kernels and launch configurations the launchers would run for each
 op x dtype x feature size x mode, and the CUDA kernels of csrc/, and reports what the cubins say: registers, stack
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from action_kernels.kernel_report import matrix, report
+from tools.kernel_report import matrix, report
 
 
 def _archs(text: str) -> list[int]:
@@ -30,7 +30,7 @@ def _archs(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m action_kernels.kernel_report", description=__doc__.split("\n\n")[1],
+    ap = argparse.ArgumentParser(prog="python -m tools.kernel_report", description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_80,sm_90", help="target architectures (default sm_80,sm_90)")
     ap.add_argument("--json", help="write the whole report as JSON to this file")
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # kernels defined under the interpreter cannot be compiled: rerun this command with it off
         env = dict(os.environ, TRITON_INTERPRET="0")
-        return subprocess.run([sys.executable, "-m", "action_kernels.kernel_report", *(argv or sys.argv[1:])],
+        return subprocess.run([sys.executable, "-m", "tools.kernel_report", *(argv or sys.argv[1:])],
                               env=env).returncode
     archs = _archs(args.arch)
     entries = matrix.entries(tuple(d.strip() for d in args.dtypes.split(",")),

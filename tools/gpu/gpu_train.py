@@ -1,11 +1,11 @@
 """The GPU training check: the supervised baseline and the ACTION pipeline on ACDC (3 labelled patients, 256x256)
 in a few minutes of a lent GPU, scored on the 40 test volumes with the README's BatchNorm protocol.
 
-    bash benchmarks/gpu_train.sh [--budget 300]     # on a lent GPU (the device tool; README "GPU training check")
-    bash benchmarks/gpu_train.sh --dry-run          # the whole script on a CPU at tiny sizes (what CI runs)
+    bash tools/gpu/gpu_train.sh [--budget 300]     # on a lent GPU (the device tool; README "GPU training check")
+    bash tools/gpu/gpu_train.sh --dry-run          # the whole script on a CPU at tiny sizes (what CI runs)
 
 Steps, each writing its result under --out ($OUT on the device machine) as soon as it finishes:
-  1. data   the compact ACDC copy (benchmarks/gpu_data.py; prepared before the call and carried, or a tiny one in
+  1. data   the compact ACDC copy (tools/gpu/gpu_data.py; prepared before the call and carried, or a tiny one in
             the dry run) and the check that what the call carries stays under the 64 MiB limit
   2. probe  a subprocess builds each stage's trainer from exactly the command-line options of the runs below,
             times training steps after warm-up, one validation, the BatchNorm re-estimation and the test
@@ -39,8 +39,8 @@ import tarfile
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tools", "gpu"))
 sys.path.insert(0, REPO)
 
 import gpu_data  # noqa: E402
@@ -508,7 +508,7 @@ def main(argv=None) -> int:
                          f"{manifest['source_counts']['test']}; prepare it again without --test")
     if size["exact"] and not size["under_limit"]:
         log("the working tree and the data exceed what a device call carries: prepare a smaller copy "
-            "(python benchmarks/gpu_data.py prepare --target-mib 56)")
+            "(python tools/gpu/gpu_data.py prepare --target-mib 56)")
         write_json(plan_path, state)
         return 1
     write_json(plan_path, state)
