@@ -162,7 +162,7 @@ def dtype_names(dtypes) -> str:
 # `--dtypes fp32`): its fp32 path (tf32x3 on tensor cores) holds the split operands in registers, and every fp32
 # launch-table entry but one spills to local memory on sm_80 and sm_90, several beyond a block's shared memory.
 TRITON_FP32_WHY = ("Triton's fp32 (tf32x3) kernels spill to local memory at every tile the kernel report tried, "
-                   "some beyond a block's shared memory (README, Known limits)")
+                   "some beyond a block's shared memory (docs/known-limits.md)")
 TRITON_FP32_REASON = (f"{TRITON_FP32_WHY}; fp32 CUDA tensors run on the cuda backend, or cast them to "
                       f"bfloat16/float16 for Triton")
 REGISTRY: Mapping[str, Backend] = MappingProxyType({b.name: b for b in (

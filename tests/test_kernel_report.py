@@ -21,7 +21,7 @@ from tools.kernel_report.devices import device
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWN_LIMITS = os.path.join(HERE, "kernel_known_limits.json")
 ARCHS = (80, 90)
-# the bar holds for D <= 256; D = 512 is in the README's Known limits with its measured spill bytes (the full
+# the bar holds for D <= 256; D = 512 is in docs/known-limits.md with its measured spill bytes (the full
 # report, `--dims 64,128,256,512`, prints it)
 DIMS = (64, 128, 256)
 # fp16 takes bf16's table entries (the launch tables are keyed by "16" / "32" bits: same tiles, warps, stages and

@@ -203,7 +203,7 @@ class Finetuner(_TeacherStage):
     terms through more_losses (ACTION++: PlusPlusFinetuner). BatchNorm as in the ReCo code this stage follows: the
     teacher labels the clean unlabelled batch with that batch's statistics (teacher_bn "batch"), the student sees
     labelled and unlabelled images in separate forwards (split_bn); with running statistics and one mixed forward
-    the loop collapsed on this project's CPU runs (README, the stage iii diagnostics)."""
+    the loop collapsed on this project's CPU runs (benchmarks/RESULTS.md, the stage iii diagnostics)."""
 
     stage = "finetune"
 

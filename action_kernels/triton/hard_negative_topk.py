@@ -36,7 +36,7 @@ MAX_K = 512
 # the configurations without local memory by the kernel report's static estimate (its tuner, docs/kernel-report.md).
 # 16-bit entries: retuned for the overflow-and-rerun scan, every D, as the best configuration without local memory
 # under both triton 3.8.0 (CI) and 3.6.0 (the lent GPU's), by the larger of the two estimates; where none is clean
-# under both ((90, 64, 512), (90, 512, 512), (80, 64, 512)) the best under 3.8.0 (README, Known limits). The fp32
+# under both ((90, 64, 512), (90, 512, 512), (80, 64, 512)) the best under 3.8.0 (docs/known-limits.md). The fp32
 # entries were not retuned: fp32 CUDA tensors never reach this kernel (dispatch.TRITON_FP32_REASON); the report
 # still compiles them.
 CONFIGS = {

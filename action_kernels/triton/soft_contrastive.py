@@ -23,7 +23,7 @@ OP = "soft_contrastive"
 # (kernel, arch, "16" | "32" input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, RELOAD]). Chosen
 # by the static estimate of the kernel report among the configurations that compile with no local memory
 # (its tuner, docs/kernel-report.md); where the tuner found none, or the entry is not retuned yet (the
-# fp32 entries), the report shows its local memory and README's Known limits lists it. arch 80 is used for sm_8x,
+# fp32 entries), the report shows its local memory and docs/known-limits.md lists it. arch 80 is used for sm_8x,
 # 90 for sm_90 and newer. RELOAD
 # re-reads the loop-invariant operand tile (rows; keys in the key gradient) every iteration instead of holding it:
 # mma.sync (sm_80) takes its A operand from registers, D/4 of them per operand at 16 bits, and tf32x3 splits fp32
