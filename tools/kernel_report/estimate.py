@@ -1,6 +1,6 @@
 """The static time estimate of one compiled kernel launch, and its occupancy (an estimate, never a measurement).
 
-Model (docs/kernel_report.md): each SASS instruction executes once per run of the innermost loop that holds it
+Model (docs/kernel-report.md): each SASS instruction executes once per run of the innermost loop that holds it
 (loops are found from backward branches; `trips[i]` is how many times loop i's body runs per CTA in total, loops
 ordered by start address, outermost first) or once if it is in no loop; per warp, times the warps of a CTA
 (warpgroup tensor instructions once per 4 warps). The work of a CTA is split into pipes, and
