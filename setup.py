@@ -3,7 +3,8 @@
 ACTION_KERNELS_BUILD selects what is built:
   auto (default)  `_C` with nvcc when nvcc is found (CUDA kernels), plus `_C_cpu`, the host build: the same .cu
                   sources compiled by the host C++ compiler under csrc/emulation.h (the kernels' logic on CPU
-                  threads, for tests) and the native CPU kernels of csrc/cpu/ (used by the chunked CPU path);
+                  threads, for tests; with the primitive self-tests of csrc/selftest.cu, which `_C` leaves out)
+                  and the native CPU kernels of csrc/cpu/ (used by the chunked CPU path);
                   only `_C_cpu` when there is no nvcc; nothing when there is no C++ compiler either.
   cuda            both, and fail when nvcc is missing.
   cpu             `_C_cpu` only.
@@ -26,6 +27,9 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 CU_SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+# the primitive self-test kernels (tests/test_cuda_primitives.py) go into the emulation/test module `_C_cpu` only
+SELFTEST = os.path.join(CSRC, "selftest.cu")
+CUDA_SOURCES = [s for s in CU_SOURCES if s != SELFTEST]
 CPU_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))  # native CPU kernels, host build only
 BINDINGS = os.path.join(CSRC, "bindings.cpp")
 MODES = ("auto", "cuda", "cpu", "none")
@@ -122,7 +126,7 @@ class BuildKernels(build_ext):
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
         objs, jobs = [], []
-        for src in sorted(CU_SOURCES, key=os.path.getsize, reverse=True):  # the long compiles start first
+        for src in sorted(CUDA_SOURCES, key=os.path.getsize, reverse=True):  # the long compiles start first
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             objs.append(obj)
             jobs.append([nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I" + CSRC, *gencode, "-c", src,

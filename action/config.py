@@ -168,7 +168,7 @@ class TrainConfig:
     stage_iterations: dict = option({"pretrain-global": 30000, "pretrain-local": 30000, "finetune": 30000},
                                     "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
                                     "\"pretrain-local\": 600, \"finetune\": 2000}'")
-    # NIfTI data and multi-process training (issue 17; README, Coming from MONAI / nnU-Net)
+    # NIfTI data and multi-process training (issue 17; docs/data.md, Coming from MONAI / nnU-Net)
     intensity: str = option("minmax", "per-volume intensity normalisation of NIfTI training images and of every "
                                       "inference input: minmax (to [0, 1]: how the HDF5 layout stores its images), "
                                       "zscore (nnU-Net's default for non-CT), none; stored in each checkpoint")
@@ -379,7 +379,7 @@ def _spacing_ok(text: str) -> bool:
 PRESETS: dict[str, dict] = {
     # the reference setting of the supervised baseline (docs/method.md section 6): 256x256, 30k iterations
     "acdc-2d": {"size": 256, "iterations": 30000, "labelled_batch": 12, "val_every": 500, "checkpoint_every": 500},
-    # the project's CPU baseline (README): 3 labelled patients at 128x128, ~40 minutes on 2 cores
+    # the project's CPU baseline (benchmarks/RESULTS.md): 3 labelled patients at 128x128, ~40 minutes on 2 cores
     "acdc-cpu": {"size": 128, "iterations": 3000, "labelled_batch": 8, "val_every": 250, "checkpoint_every": 250,
                  "lr": 0.01},
     # the reference ACTION pipeline (docs/method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
@@ -387,9 +387,10 @@ PRESETS: dict[str, dict] = {
     "action-2d": {"stage": "pipeline", "size": 256, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 500,
                   "checkpoint_every": 500, "stage_iterations": {"pretrain-global": 30000, "pretrain-local": 30000,
                                                                 "finetune": 30000}},
-    # the project's CPU ACTION pipeline (README, run 4): same data and resolution as acdc-cpu, about an hour on 2
-    # cores; labelled batch 8 as the baseline's, validation (and best.pt) on BatchNorm statistics re-estimated on
-    # 50 clean unlabelled batches: the running ones are too noisy to select on (README, Results)
+    # the project's CPU ACTION pipeline (benchmarks/RESULTS.md, run 4): same data and resolution as acdc-cpu, about
+    # an hour on 2 cores; labelled batch 8 as the baseline's, validation (and best.pt) on BatchNorm statistics
+    # re-estimated on 50 clean unlabelled batches: the running ones are too noisy to select on (benchmarks/RESULTS.md,
+    # Segmentation)
     "action-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 8, "unlabelled_batch": 4, "val_every": 300,
                    "checkpoint_every": 300, "bn_recalibrate": 50,
                    "stage_iterations": {"pretrain-global": 100, "pretrain-local": 1200, "finetune": 600}},

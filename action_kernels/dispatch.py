@@ -158,11 +158,11 @@ def dtype_names(dtypes) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-# Why Triton takes no fp32 CUDA tensors (the kernel report measures it: `python -m action_kernels.kernel_report
-# --dtypes fp32`): its fp32 path (tf32x3 on tensor cores) holds the split operands in registers, and every fp32
+# Why Triton takes no fp32 CUDA tensors (the kernel report measures it: docs/kernel-report.md,
+# `--dtypes fp32`): its fp32 path (tf32x3 on tensor cores) holds the split operands in registers, and every fp32
 # launch-table entry but one spills to local memory on sm_80 and sm_90, several beyond a block's shared memory.
 TRITON_FP32_WHY = ("Triton's fp32 (tf32x3) kernels spill to local memory at every tile the kernel report tried, "
-                   "some beyond a block's shared memory (README, Known limits)")
+                   "some beyond a block's shared memory (docs/known-limits.md)")
 TRITON_FP32_REASON = (f"{TRITON_FP32_WHY}; fp32 CUDA tensors run on the cuda backend, or cast them to "
                       f"bfloat16/float16 for Triton")
 REGISTRY: Mapping[str, Backend] = MappingProxyType({b.name: b for b in (

@@ -1,9 +1,16 @@
 """Test setup: Triton's interpreter for CPU tensors when torch sees no CUDA device (it must be set before triton is
 imported; on a GPU the kernels run compiled), and small Triton tiles for the interpreter. Shared helpers of the
-test files (backend lists from the registry, input makers, data locations) are in helpers.py."""
+test files (backend lists from the registry, input makers, data locations) are in helpers.py. The checkout's root goes
+at the end of sys.path, for the tests of tools/."""
 import os
+import sys
 
 import torch
+
+# The developer tools (tools/: the kernel report, the GPU harnesses) are not installed: their tests import them from
+# this checkout. Appended, not prepended, so that `action_kernels` and `action` still resolve to the installed
+# packages (a non-editable install's source tree has no compiled modules).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -84,6 +84,12 @@ def test_every_planned_kernel_is_in_the_built_cubins_with_tensor_cores_and_no_st
                     assert got["stack"] == 0, f"{where}: {got['stack']} bytes of stack (spills)"
 
 
+def test_cuda_module_holds_no_primitive_selftest_kernels(cubins):
+    """csrc/selftest.cu builds into the emulation/test module _C_cpu only (setup.py, CMakeLists.txt)."""
+    for arch, kernels in cubins.items():
+        assert not [name for name in kernels if "selftest" in name], f"{arch}: self-test kernels in _C"
+
+
 @pytest.mark.parametrize("op,mode", MODES)
 def test_launch_plans_are_well_formed(op, mode):
     mod = _host()

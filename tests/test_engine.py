@@ -129,7 +129,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 @needs_acdc
 def test_every_documented_hook_is_called_by_the_loop(tmp_path):
-    """The hooks of action/engine/trainer.py's docstring (and the README), each overridden: all take effect."""
+    """The hooks of action/engine/trainer.py's docstring (and docs/training.md), each overridden: all take effect."""
     calls = []
 
     class Recording(Trainer):

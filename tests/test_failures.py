@@ -1,4 +1,4 @@
-"""Failure behaviour of the training package (README "Failure behaviour"): bad data, bad values and faults give a
+"""Failure behaviour of the training package (docs/failure-behaviour.md): bad data, bad values and faults give a
 clear error naming the file, the option or the iteration, and lose nothing. Each test is named after the
 behaviour; every one failed on the code before issue 15 was fixed. About 60 s in all on 2 cores (the three
 signal tests run a training subprocess each)."""

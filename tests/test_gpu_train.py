@@ -1,4 +1,4 @@
-"""The GPU training check (benchmarks/gpu_train.sh, gpu_train.py, gpu_data.py) on this CPU: the whole dry run end
+"""The GPU training check (tools/gpu/gpu_train.sh, gpu_train.py, gpu_data.py) on this CPU: the whole dry run end
 to end (data copy, size check, probe, plan, both runs through the CLI, tests, table), the planner, the compact copy's
 encoding, and the carried-size check."""
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "tools", "gpu"))
 import gpu_data  # noqa: E402
 import gpu_train  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_dry_run_runs_every_step_writes_every_file_and_prints_the_per_class_tabl
     fail in the first probe and the runs use the chunked backend, as they would after a kernel failure on a GPU."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = {**os.environ, "PYTHON": sys.executable, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_train.sh"), "--dry-run", "--backend",
+    proc = subprocess.run(["bash", os.path.join(REPO, "tools", "gpu", "gpu_train.sh"), "--dry-run", "--backend",
                            "triton", "--out", str(out), "--runs", str(runs), "--source", ACDC],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

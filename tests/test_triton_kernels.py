@@ -132,7 +132,8 @@ def test_launch_capture_records_the_launchers_decisions_without_running(monkeypa
     fwd = launches[0]
     assert fwd.args["S"].shape == (1000, 128) and fwd.constexprs["BLOCK_D"] == 128  # D = 96 padded to 128
     cfg = tsc.config("forward", 90, torch.bfloat16, 128)
-    assert fwd.constexprs["BLOCK_M"] == cfg["BLOCK_M"] and fwd.trips == [700 // fwd.constexprs["BLOCK_N"]]
+    assert fwd.constexprs["BLOCK_M"] == cfg["BLOCK_M"] and fwd.constexprs["BLOCK_N"] == cfg["BLOCK_N"]
+    assert fwd.args["N"] == 1000 and fwd.args["K"] == 700
 
 
 def test_soft_contrastive_ragged_feature_size_is_padded_not_misread():

@@ -211,7 +211,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches) -> torch.nn.Module:
     (an iterable of input tensors (B, C, *S)), every other weight unchanged; the copy is returned in eval mode.
 
     Why: a network trained on augmented, mixed (labelled + cutmixed unlabelled) batches keeps running statistics
-    of those batches; evaluated on clean images they can be far off (README, the stage iii diagnostics)."""
+    of those batches; evaluated on clean images they can be far off (benchmarks/RESULTS.md, the stage iii
+    diagnostics)."""
     import copy
 
     from torch.nn.modules.batchnorm import _BatchNorm

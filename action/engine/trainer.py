@@ -18,7 +18,7 @@ global RNG (dropout) are re-seeded from run_seed(seed, t) at every iteration. A 
 iteration t therefore computes exactly the iterations an uninterrupted run would have. Checkpoints (atomic,
 weights_only) hold model, optimizer, scheduler, extra state, iteration and the best validation score.
 
-Faults (README "Failure behaviour"): every file the run will read (training slices, validation and test volumes) is
+Faults (docs/failure-behaviour.md): every file the run will read (training slices, validation and test volumes) is
 read and checked before iteration 0. A non-finite loss term or gradient stops the step before any state changes:
 the BatchNorm buffers its forward moved are put back, gradients and deferred bank updates dropped, so the
 optimizer, scheduler, scaler, EMA teacher and banks are those before the iteration; that state is saved (when it

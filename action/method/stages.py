@@ -221,7 +221,7 @@ class Finetuner(_TeacherStage):
     terms through more_losses (ACTION++: PlusPlusFinetuner). BatchNorm as in the ReCo code this stage follows: the
     teacher labels the clean unlabelled batch with that batch's statistics (teacher_bn "batch"), the student sees
     labelled and unlabelled images in separate forwards (split_bn); with running statistics and one mixed forward
-    the loop collapsed on this project's CPU runs (docs/training.md). The pseudo-label loss (unsup_loss, on pixels
+    the loop collapsed on this project's CPU runs (benchmarks/RESULTS.md). The pseudo-label loss (unsup_loss, on pixels
     whose confidence >= pseudo_threshold), the student's unlabelled view (unlabelled_view "strong": a strong
     photometric pass after the joint augmentation) and cutmix (cutmix_p, cutmix_pairing, cutmix_area) are options;
     every log step records what the pseudo-labels give (pseudo_label_diagnostics; with audit_pseudo_labels, their

@@ -185,7 +185,7 @@ def soft_contrastive_loss(
     student, teacher and keys may differ in float dtype (a bf16 student with an fp32 bank): they are promoted.
     The same answer inside and outside torch.autocast. Once differentiable on the fused backends (double backward
     raises; backend="torch" is differentiable to any order).
-    NaN policy (README, "NaN and Inf"): a non-finite value in a student or teacher row makes that row's loss NaN,
+    NaN policy (docs/failure-behaviour.md): a non-finite value in a student or teacher row makes that row's loss NaN,
     one in keys every row's; its gradient rows are NaN likewise (the key gradient when any row is NaN).
 
     Raises:

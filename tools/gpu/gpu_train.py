@@ -1,11 +1,12 @@
 """The GPU training check: the supervised baseline and the ACTION pipeline on ACDC (3 labelled patients, 256x256)
-in a few minutes of a lent GPU, scored on the 40 test volumes with the README's BatchNorm protocol.
+in a few minutes of a lent GPU, scored on the 40 test volumes with the CPU results' BatchNorm protocol
+(benchmarks/RESULTS.md).
 
-    bash benchmarks/gpu_train.sh [--budget 300]     # on a lent GPU (the device tool; README "GPU training check")
-    bash benchmarks/gpu_train.sh --dry-run          # the whole script on a CPU at tiny sizes (what CI runs)
+    bash tools/gpu/gpu_train.sh [--budget 300]     # on a lent GPU (the device tool; docs/gpu-check.md)
+    bash tools/gpu/gpu_train.sh --dry-run          # the whole script on a CPU at tiny sizes (what CI runs)
 
 Steps, each writing its result under --out ($OUT on the device machine) as soon as it finishes:
-  1. data   the compact ACDC copy (benchmarks/gpu_data.py; prepared before the call and carried, or a tiny one in
+  1. data   the compact ACDC copy (tools/gpu/gpu_data.py; prepared before the call and carried, or a tiny one in
             the dry run) and the check that what the call carries stays under the 64 MiB limit
   2. probe  a subprocess builds each stage's trainer from exactly the command-line options of the runs below,
             times training steps after warm-up, one validation, the BatchNorm re-estimation and the test
@@ -39,8 +40,8 @@ import tarfile
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tools", "gpu"))
 sys.path.insert(0, REPO)
 
 import gpu_data  # noqa: E402
@@ -56,7 +57,7 @@ class Settings:
     device: str = "cuda"
     amp: str = "on"  # bf16 autocast on the GPU
     size: int = 256
-    bn_batches: int = 50  # --bn-recalibrate: the README's protocol
+    bn_batches: int = 50  # --bn-recalibrate: the CPU results' protocol
     budget_s: float = 300.0  # wall time of the whole script (the device call's timeout_s should leave room above)
     warm_steps: int = 3  # probe: steps before timing (cuDNN, Triton compilation)
     probe_steps: int = 10
@@ -112,7 +113,7 @@ def common_options(s: Settings, data: str, out: str) -> list[str]:
 
 def supervised_argv(s: Settings, data: str, out: str, iterations: int) -> list[str]:
     """The acdc-cpu baseline at --size; --unlabelled-batch 4 only loads the unlabelled slices (a supervised step
-    draws none) so that validation and test re-estimate BatchNorm on them, as the README's comparison does."""
+    draws none) so that validation and test re-estimate BatchNorm on them, as the CPU results' comparison does."""
     every = max(1, math.ceil(iterations / s.validations))
     return ["train", "--preset", "acdc-cpu", *common_options(s, data, out), "--iterations", str(iterations),
             "--unlabelled-batch", "4", "--val-every", str(every), "--checkpoint-every", str(iterations),
@@ -120,7 +121,7 @@ def supervised_argv(s: Settings, data: str, out: str, iterations: int) -> list[s
 
 
 def evaluate_argv(s: Settings, checkpoint: str, out: str, overlays: int = 3) -> list[str]:
-    """The README's test of a checkpoint on the fair BatchNorm protocol (statistics re-estimated on the unlabelled
+    """The CPU results' test of a checkpoint on the fair BatchNorm protocol (statistics re-estimated on the unlabelled
     slices whatever the stage); 3 overlays as the in-training test writes."""
     return ["evaluate", "--checkpoint", checkpoint, "--bn-recalibrate", str(s.bn_batches), "--bn-source",
             "unlabelled", "--device", s.device, "--out", out, "--overlays", str(overlays)]
@@ -505,7 +506,7 @@ def main(argv=None) -> int:
                          f"{manifest['source_counts']['test']}; prepare it again without --test")
     if size["exact"] and not size["under_limit"]:
         log("the working tree and the data exceed what a device call carries: prepare a smaller copy "
-            "(python benchmarks/gpu_data.py prepare --target-mib 56)")
+            "(python tools/gpu/gpu_data.py prepare --target-mib 56)")
         write_json(plan_path, state)
         return 1
     write_json(plan_path, state)
@@ -602,7 +603,7 @@ def main(argv=None) -> int:
     write_json(os.path.join(args.out, "supervised.json"), sup)
     log(f"supervised: training {res['status']} in {res['wall_s']:.0f} s (predicted "
         f"{plan['predicted_s']['supervised']:.0f}); best val {sup.get('best_val')}")
-    # its test, the README's command, runs beside ACTION's training (mostly CPU work: the surface distances)
+    # its test, the CPU results' command, runs beside ACTION's training (mostly CPU work: the surface distances)
     sup_eval = None
     if os.path.isfile(os.path.join(sup_dir, "best.pt")):
         ev_argv = evaluate_argv(s, os.path.join(sup_dir, "best.pt"), os.path.join(sup_dir, "test"))
@@ -643,7 +644,7 @@ def main(argv=None) -> int:
     elif sup["status"] == "ok":
         sup["status"] = "no best.pt"
 
-    if s.dry_run and "test" in act:  # ACTION's in-training test is the README's `action evaluate` protocol
+    if s.dry_run and "test" in act:  # ACTION's in-training test is the CPU results' `action evaluate` protocol
         ev_dir = os.path.join(runs_dir, "action-evaluate")
         ev_argv = evaluate_argv(s, os.path.join(act_dir, "finetune", "best.pt"), ev_dir, overlays=0)
         ev = Child(["-m", "action.cli", *ev_argv], os.path.join(runs_dir, "action-evaluate.log"), env).wait(

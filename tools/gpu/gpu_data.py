@@ -1,8 +1,8 @@
 """A compact copy of ACDC that travels with a device call (the 64 MiB carry limit, repository included).
 
-    python benchmarks/gpu_data.py prepare                       # ../shared/data/acdc -> gpu_data/acdc (ignored)
-    python benchmarks/gpu_data.py check --data gpu_data/acdc    # what a call would carry, against 64 MiB
-    python benchmarks/gpu_data.py compare --data gpu_data/acdc  # short CPU runs: compact copy vs the original
+    python tools/gpu/gpu_data.py prepare                       # ../shared/data/acdc -> gpu_data/acdc (ignored)
+    python tools/gpu/gpu_data.py check --data gpu_data/acdc    # what a call would carry, against 64 MiB
+    python tools/gpu/gpu_data.py compare --data gpu_data/acdc  # short CPU runs: compact copy vs the original
 
 The copy keeps the HDF5 layout the loaders read (data/<name>.h5 with `image` and `label`, train_slices.list,
 val.list, test.list), so action.data reads it unchanged:
@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_SOURCE = os.environ.get("ACTION_ACDC", os.path.join(REPO, "..", "shared", "data", "acdc"))
 DEFAULT_OUT = os.path.join(REPO, "gpu_data", "acdc")
 MIB = 1 << 20
@@ -108,7 +108,7 @@ def carried_size(repo: str, carry: list[str]) -> dict:
         top = os.path.join(repo, c)
         if not os.path.lexists(top):
             raise FileNotFoundError(f"carry path {c!r} does not exist under {repo}; prepare it first "
-                                    f"(python benchmarks/gpu_data.py prepare)")
+                                    f"(python tools/gpu/gpu_data.py prepare)")
         total = 0
         walk = [(top, [], [""])] if os.path.isfile(top) else os.walk(top)
         for root, _, names in walk:
@@ -226,7 +226,7 @@ def load_manifest(data: str) -> dict:
     path = os.path.join(data, "manifest.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{data} is not a finished compact copy (no manifest.json); run "
-                                f"`python benchmarks/gpu_data.py prepare --out {data}` first")
+                                f"`python tools/gpu/gpu_data.py prepare --out {data}` first")
     with open(path) as fh:
         return json.load(fh)
 

@@ -12,8 +12,8 @@ import glob
 import os
 import subprocess
 
-from action_kernels.kernel_report import estimate, tools
-from action_kernels.kernel_report.devices import device
+from tools.kernel_report import estimate, tools
+from tools.kernel_report.devices import device
 
 NVCC_FLAGS = ["-O3", "-std=c++17"]   # as setup.py's _build_cuda, plus -I csrc -arch=sm_XX -cubin
 NO_PLAN = "no launch plan exposed by the extension (action_kernels._C_cpu.launch_plans)"

@@ -8,13 +8,15 @@ count once. Usage (docs/cuda_kernels.md, Static estimates):
 
     git worktree add --detach /tmp/before c796c29 && cd /tmp/before && git merge wip/k13
     python -m action_kernels.kernel_report --no-triton --arch sm_90 --dims 128 --dtypes bf16 --dump-cubins /tmp/cubins
-    python benchmarks/cuda_before_estimate.py /tmp/cubins     (from this branch)
+    python -m tools.kernel_report.cuda_before_estimate /tmp/cubins     (from this checkout's root)
+
+(the report lived in the package, action_kernels/kernel_report/, at that commit)
 """
 import glob
 import sys
 
-from action_kernels.kernel_report import cuda_aot, estimate, sass, tools
-from action_kernels.kernel_report.devices import device
+from tools.kernel_report import cuda_aot, estimate, sass, tools
+from tools.kernel_report.devices import device
 
 cu = tools.cuobjdump()[0]
 dev = device(90)

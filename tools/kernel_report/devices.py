@@ -54,5 +54,5 @@ def device(arch: int) -> Device:
     if arch not in DEVICES:
         raise ValueError(f"--arch: sm_{arch} is not in the device table (known: "
                          f"{', '.join(f'sm_{a}' for a in sorted(DEVICES))}); add it to "
-                         f"action_kernels/kernel_report/devices.py")
+                         f"tools/kernel_report/devices.py")
     return DEVICES[arch]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import collections
 
-from action_kernels.kernel_report import cuda_aot, estimate, matrix, sass, tools, triton_aot
-from action_kernels.kernel_report.devices import device
+from tools.kernel_report import cuda_aot, estimate, launch_model, matrix, sass, tools, triton_aot
+from tools.kernel_report.devices import device
 
 TENSOR_KEYS = ("HGMMA", "HMMA", "IGMMA", "IMMA")
 
@@ -26,18 +26,20 @@ def cubin_numbers(cuobjdump: str, cubin: str, symbol: str | None = None) -> dict
     return out
 
 
-def _launch_summary(launch) -> dict:
+def _launch_summary(launch, lm: launch_model.LaunchModel) -> dict:
     tiles = ("KP", "W", "MERGE_ROWS", "RELOAD")
     cfg = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k in tiles}
     return dict(kernel=launch.name, dot=launch.dot, grid=int(launch.grid[0]), num_warps=launch.num_warps,
-                num_stages=launch.num_stages, tiles=cfg, trips=list(launch.trips), notes=dict(launch.notes),
-                branch_rates=dict(launch.branch_rates))
+                num_stages=launch.num_stages, tiles=cfg, trips=list(lm.trips), dram_bytes=lm.dram_bytes,
+                notes=dict(lm.notes), branch_rates=dict(lm.branch_rates))
 
 
-def _dram_bytes(launch) -> float:
-    if "dram_bytes" in launch.notes:
-        return float(launch.notes["dram_bytes"])
-    return float(sum(v.numel() * v.element_size() for v in launch.args.values() if hasattr(v, "element_size")))
+def estimate_launch(dev, instrs, launch) -> dict:
+    """estimate.estimate of one captured Triton launch, with its trips, DRAM bytes and branch rates derived by
+    launch_model from the launch itself."""
+    lm = launch_model.model(launch)
+    return estimate.estimate(dev, instrs, lm.trips, int(launch.grid[0]), launch.num_warps, lm.dram_bytes,
+                             lm.branch_rates)
 
 
 def triton_section(entries, archs, out_dir, workers) -> dict:
@@ -77,7 +79,7 @@ def triton_section(entries, archs, out_dir, workers) -> dict:
         kernels, total, ok = [], 0.0, True
         for launch, key in items:
             c = cubins[key]
-            k = dict(_launch_summary(launch), cubin_key=key)
+            k = dict(_launch_summary(launch, launch_model.model(launch)), cubin_key=key)
             if "error" in c:
                 k["error"], ok = c["error"], False
                 kernels.append(k)
@@ -86,8 +88,7 @@ def triton_section(entries, archs, out_dir, workers) -> dict:
             k.update({n: c[n] for n in ("registers", "stack", "static_shared", "dynamic_shared", "ldl", "stl",
                                         "ffma", "mufu", "tensor", "tensor_instructions")})
             k["occupancy"] = estimate.occupancy(dev, c["registers"], launch.num_warps, shared)
-            est = estimate.estimate(dev, c["_instrs"], launch.trips, k["grid"], launch.num_warps, _dram_bytes(launch),
-                                    launch.branch_rates)
+            est = estimate_launch(dev, c["_instrs"], launch)
             k["estimate_ms"], k["bound"], k["pipes_ms"] = est["ms"], est["bound"], est["pipes_ms"]
             if est["note"]:
                 k["estimate_note"] = est["note"]

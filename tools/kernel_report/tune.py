@@ -1,7 +1,7 @@
 """Choosing the launch tables: compile candidate configurations of one Triton kernel and rank them by the static
 estimate, keeping only those without local memory that can launch (how the CONFIGS tables were filled).
 
-    python -m action_kernels.kernel_report.tune --op soft_contrastive --kernel forward --arch 90 --dtype bf16 --dim 128
+    python -m tools.kernel_report.tune --op soft_contrastive --kernel forward --arch 90 --dtype bf16 --dim 128
 
 Prints one line per candidate (best first) and the table entry to paste. A ranking by a static estimate, not a
 measurement: on a GPU, benchmarks/bench_loss.py decides.
@@ -13,8 +13,8 @@ import itertools
 import os
 import tempfile
 
-from action_kernels.kernel_report import estimate, matrix, report, tools, triton_aot
-from action_kernels.kernel_report.devices import device
+from tools.kernel_report import estimate, matrix, report, tools, triton_aot
+from tools.kernel_report.devices import device
 
 MODE_OF = {"forward": "forward", "row_grad": "forward_grad", "key_grad": "key_grad", "topk_scan": "topk"}
 
@@ -92,8 +92,7 @@ def tune(args) -> int:
             n = report.cubin_numbers(cuobjdump, res["cubin"], res["symbol"])[res["symbol"]]
             shared = n["static_shared"] + res["dynamic_shared"]
             occ = estimate.occupancy(dev, n["registers"], launch.num_warps, shared)
-            est = estimate.estimate(dev, n["_instrs"], launch.trips, int(launch.grid[0]), launch.num_warps,
-                                    report._dram_bytes(launch), launch.branch_rates)
+            est = report.estimate_launch(dev, n["_instrs"], launch)
             clean = n["stack"] == 0 and n["ldl"] == 0 and n["stl"] == 0 and occ["ctas_per_sm"] > 0
             rows.append((not clean, est["ms"], cand, n, occ, est))
     rows.sort(key=lambda r: (r[0], r[1]))

@@ -5,7 +5,7 @@ own code, mma products as the PTX ISA defines them; on a GPU pass --device cuda)
 same rounded inputs, and prints the largest error of the per-row loss, the row and the key gradient relative to
 the largest reference magnitude, next to the torch backend in the same dtype for comparison:
 
-    python benchmarks/cuda_precision.py -N 256 -K 1024 -D 128
+    python tools/gpu/cuda_precision.py -N 256 -K 1024 -D 128
 """
 from __future__ import annotations
 

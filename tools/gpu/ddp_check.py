@@ -4,8 +4,8 @@ small synthetic one in the ACDC HDF5 layout: h5py only, so it runs where nibabel
 machine) and about 2 minutes on a GPU (an estimate: not yet timed on one). Exit status 1 when a comparison is
 outside its allowance.
 
-    python benchmarks/ddp_check.py --out DIR              # CUDA: every run below
-    python benchmarks/ddp_check.py --out DIR --device cpu # gloo only (what the CPU can check; CI runs
+    python tools/gpu/ddp_check.py --out DIR              # CUDA: every run below
+    python tools/gpu/ddp_check.py --out DIR --device cpu # gloo only (what the CPU can check; CI runs
                                                           # tests/test_distributed.py instead)
 
 Runs, in this order (4 iterations each, fp32: --amp off and NVIDIA_TF32_OVERRIDE=0, so equal math gives equal
@@ -37,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from action.data.acdc import LABELLED_SLICES  # noqa: E402

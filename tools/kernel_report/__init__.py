@@ -1,2 +1,2 @@
 """Static kernel report: ahead-of-time compilation of the launchers' kernels, their cubins' numbers, and a static
-time estimate. Run `python -m action_kernels.kernel_report --help`; the model is in docs/kernel_report.md."""
+time estimate. Run `python -m tools.kernel_report --help`; the model is in docs/kernel-report.md."""

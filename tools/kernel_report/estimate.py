@@ -1,6 +1,6 @@
 """The static time estimate of one compiled kernel launch, and its occupancy (an estimate, never a measurement).
 
-Model (docs/kernel_report.md): each SASS instruction executes once per run of the innermost loop that holds it
+Model (docs/kernel-report.md): each SASS instruction executes once per run of the innermost loop that holds it
 (loops are found from backward branches; `trips[i]` is how many times loop i's body runs per CTA in total, loops
 ordered by start address, outermost first) or once if it is in no loop; per warp, times the warps of a CTA
 (warpgroup tensor instructions once per 4 warps). The work of a CTA is split into pipes, and
@@ -11,9 +11,9 @@ with DRAM as one more pipe (the launch's compulsory bytes over the bandwidth). I
 overlap between pipes (max over pipes is optimistic), caches other than perfect L2 reuse, clock changes.
 Forward branches: every instruction of a loop body is counted each trip (a rarely taken branch pessimistically),
 except code that a guarded forward branch skips (`branch_regions`) when either
-  - the launch plan gives a rate for it (`branch_rates`, {marker opcode: rate}) and the skipped code holds the
-    marker, all in the branch's loop (e.g. "ATOMG": the top-k's append, skipped by a warp vote): it counts `rate`
-    of its loop's trips. The rate comes from a simulation of the data (the top-k: kernel_report.topk_model), so
+  - the launch's model gives a rate for it (`branch_rates`, {marker opcode: rate}; launch_model) and the skipped
+    code holds the marker, all in the branch's loop (e.g. "ATOMG": the top-k's append, skipped by a warp vote): it
+    counts `rate` of its loop's trips. The rate comes from a simulation of the data (the top-k: topk_model), so
     such an estimate holds for data like the simulated ones;
   - or the skipped code holds a loop the plan gives 0 trips (a fallback the modelled data never take, e.g. the
     top-k's exact tie-break): the code around that loop counts 0 times, like the loop.
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 
-from action_kernels.kernel_report import sass
-from action_kernels.kernel_report.devices import TENSOR_RATE, Device
+from tools.kernel_report import sass
+from tools.kernel_report.devices import TENSOR_RATE, Device
 
 
 def occupancy(dev: Device, registers: int, num_warps: int, shared_bytes: int) -> dict:

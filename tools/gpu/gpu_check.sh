@@ -7,16 +7,16 @@
 # step writes its results under $OUT as soon as it finishes, so a timeout still returns what ran. At most 8 files
 # land in $OUT (the device tool's limit): summary.md, steps.log, env.txt, kernel_report.json, kernel_report.txt,
 # tests.log, bench_results.tar.gz, ddp.log.
-#   device run:  bash benchmarks/gpu_check.sh             (through the device tool; torch, triton, pybind11, pytest)
-#   rehearsal:   bash benchmarks/gpu_check.sh --dry-run   (this CPU: every step and output file at tiny sizes)
+#   device run:  bash tools/gpu/gpu_check.sh             (through the device tool; torch, triton, pybind11, pytest)
+#   rehearsal:   bash tools/gpu/gpu_check.sh --dry-run   (this CPU: every step and output file at tiny sizes)
 set -uo pipefail
 DRY=0
 case "${1:-}" in
   --dry-run) DRY=1 ;;
   "") ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+  *) echo "usage: bash tools/gpu/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -78,7 +78,7 @@ if [ $? != 0 ] && [ $DRY = 0 ]; then echo "BUILD FAILED: later steps use what is
 $PY -m action_kernels.env_report >> "$OUT/env.txt" 2>&1
 
 # 2. the static kernel report, compiled by the triton installed here (the device's, on a real run)
-step kernel_report 90 $PY -m action_kernels.kernel_report "${REPORT_ARGS[@]}" --json "$OUT/kernel_report.json" \
+step kernel_report 90 $PY -m tools.kernel_report "${REPORT_ARGS[@]}" --json "$OUT/kernel_report.json" \
   --markdown "$OUT/kernel_report.txt"
 
 # 3. GPU tests (skip themselves without a CUDA device)
@@ -91,7 +91,7 @@ step bench_soft 150 $PY benchmarks/bench_loss.py "${BENCH_SOFT[@]}" --out "$BENC
 step bench_topk 90 $PY benchmarks/bench_loss.py "${BENCH_REST[@]}" --out "$BENCH"
 tar -czf "$OUT/bench_results.tar.gz" -C "$BENCH" . && rm -rf "$BENCH"
 
-# 5. multi-process training (benchmarks/ddp_check.py: 4 fp32 iterations per run against one process, about 2
+# 5. multi-process training (tools/gpu/ddp_check.py: 4 fp32 iterations per run against one process, about 2
 #    minutes on a GPU: an estimate, not yet timed on one; rows as runs finish). The rehearsal runs its gloo part on
 #    this CPU (about 25 s on 2 cores) with nibabel made unimportable, as it is on the lent machine.
 DDP=$(mktemp -d)
@@ -99,10 +99,10 @@ if [ $DRY = 1 ]; then
   mkdir -p "$DDP/no_nibabel/nibabel"
   echo "raise ImportError('nibabel is not installed on the lent GPU machine (gpu_check --dry-run)')" \
     > "$DDP/no_nibabel/nibabel/__init__.py"
-  step ddp 150 env PYTHONPATH="$DDP/no_nibabel${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/ddp_check.py --device cpu \
+  step ddp 150 env PYTHONPATH="$DDP/no_nibabel${PYTHONPATH:+:$PYTHONPATH}" $PY tools/gpu/ddp_check.py --device cpu \
     --out "$DDP/out"
 else
-  step ddp 150 $PY benchmarks/ddp_check.py --out "$DDP/out"
+  step ddp 150 $PY tools/gpu/ddp_check.py --out "$DDP/out"
 fi
 { sed -n '/^== ddp /,/^== ddp: /p' "$STEPS"; cat "$DDP/out/ddp_check.json" 2>/dev/null; } > "$OUT/ddp.log"
 rm -rf "$DDP"

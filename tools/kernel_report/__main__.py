@@ -1,9 +1,9 @@
-"""python -m action_kernels.kernel_report [--arch sm_80,sm_90] [--json FILE] [--dump-cubins DIR] [...]
+"""python -m tools.kernel_report [--arch sm_80,sm_90] [--json FILE] [--dump-cubins DIR] [...]
 
 Compiles, ahead of time and without a GPU, the kernels and launch configurations the launchers would run for each
 op x dtype x feature size x mode, and the CUDA kernels of csrc/, and reports what the cubins say: registers, stack
 (local memory), local loads/stores, shared memory, occupancy, tensor-core against FFMA instructions, and a static
-time ESTIMATE next to the floor (GEMM-equivalents at the published dense peak). docs/kernel_report.md explains the
+time ESTIMATE next to the floor (GEMM-equivalents at the published dense peak). docs/kernel-report.md explains the
 numbers and the estimate's model.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from action_kernels.kernel_report import matrix, report
+from tools.kernel_report import matrix, report
 
 
 def _archs(text: str) -> list[int]:
@@ -30,7 +30,7 @@ def _archs(text: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m action_kernels.kernel_report", description=__doc__.split("\n\n")[1],
+    ap = argparse.ArgumentParser(prog="python -m tools.kernel_report", description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="sm_80,sm_90", help="target architectures (default sm_80,sm_90)")
     ap.add_argument("--json", help="write the whole report as JSON to this file")
@@ -81,7 +81,7 @@ def triton_tables(sec: dict) -> list[str]:
     notes = [f"- sm_{r['arch']} {r['op']} {_mode(r)} {r['dtype']} D={r['D']} {k['kernel']}: {k['estimate_note']}"
              for r in sec["rows"] for k in r["kernels"] if k.get("estimate_note")]
     if notes:
-        lines += ["", "Estimate notes (the model's assumptions for these launches, docs/kernel_report.md):", *notes]
+        lines += ["", "Estimate notes (the model's assumptions for these launches, docs/kernel-report.md):", *notes]
     if any(r["dtype"] == "fp32" for r in sec["rows"]):
         from action_kernels.dispatch import TRITON_FP32_REASON
         lines += ["", f"fp32 rows: not offered on CUDA tensors (dispatch refuses them: {TRITON_FP32_REASON})."]
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # kernels defined under the interpreter cannot be compiled: rerun this command with it off
         env = dict(os.environ, TRITON_INTERPRET="0")
-        return subprocess.run([sys.executable, "-m", "action_kernels.kernel_report", *(argv or sys.argv[1:])],
+        return subprocess.run([sys.executable, "-m", "tools.kernel_report", *(argv or sys.argv[1:])],
                               env=env).returncode
     archs = _archs(args.arch)
     entries = matrix.entries(tuple(d.strip() for d in args.dtypes.split(",")),
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
             with open(os.path.join(out_dir, "manifest.json"), "w") as f:
                 json.dump(manifest(result), f, indent=1)
     text = "\n".join(triton_tables(result["triton"]) + [""] + cuda_tables(result["cuda"]))
-    text += f"\n\n({result['seconds']} s; all times are static estimates, see docs/kernel_report.md)"
+    text += f"\n\n({result['seconds']} s; all times are static estimates, see docs/kernel-report.md)"
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
