@@ -9,6 +9,7 @@ import signal
 import sys
 from dataclasses import MISSING, fields
 
+from action import __version__
 from action.config import PRESETS, STAGES, TrainConfig, build_config
 
 
@@ -292,6 +293,7 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="action", description="ACTION / ACTION++ semi-supervised segmentation: "
                                  "train, evaluate, predict, convert data.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__} (action-kernels)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (a stage of the pipeline)",

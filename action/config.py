@@ -20,8 +20,11 @@ DEFAULT_ACDC = os.environ.get("ACTION_ACDC", os.path.join("..", "shared", "data"
 
 
 UNSUP_LOSSES = ("ce", "dice", "ce+dice")
-STAGES = ("supervised", "pretrain-global", "pretrain-local", "finetune", "pipeline")
+# the stage list, written only here: ACTION's stages i, ii, iii in the order the pipeline runs them; every stage a
+# Trainer runs (action.method.stages.STAGE_TRAINERS, keyed by the classes' `stage`); cfg.stage's choices
 PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
+TRAINED_STAGES = ("supervised", *PIPELINE)
+STAGES = (*TRAINED_STAGES, "pipeline")
 
 
 def option(default, help: str):
@@ -165,7 +168,7 @@ class TrainConfig:
     tau_max: float = option(1.0, "ATS maximum temperature")
     ats_period: int | None = option(None, "ATS period in iterations (default: the stage's iterations)")
     # the pipeline (stage "pipeline"): iterations per stage, run in order into <out>/<stage>/
-    stage_iterations: dict = option({"pretrain-global": 30000, "pretrain-local": 30000, "finetune": 30000},
+    stage_iterations: dict = option(dict.fromkeys(PIPELINE, 30000),
                                     "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
                                     "\"pretrain-local\": 600, \"finetune\": 2000}'")
     # NIfTI data and multi-process training (issue 17; docs/data.md, Coming from MONAI / nnU-Net)
@@ -385,8 +388,7 @@ PRESETS: dict[str, dict] = {
     # the reference ACTION pipeline (docs/method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
     # pre-training)
     "action-2d": {"stage": "pipeline", "size": 256, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 500,
-                  "checkpoint_every": 500, "stage_iterations": {"pretrain-global": 30000, "pretrain-local": 30000,
-                                                                "finetune": 30000}},
+                  "checkpoint_every": 500, "stage_iterations": dict.fromkeys(PIPELINE, 30000)},
     # the project's CPU ACTION pipeline (benchmarks/RESULTS.md, run 4): same data and resolution as acdc-cpu, about
     # an hour on 2 cores; labelled batch 8 as the baseline's, validation (and best.pt) on BatchNorm statistics
     # re-estimated on 50 clean unlabelled batches: the running ones are too noisy to select on (benchmarks/RESULTS.md,

@@ -10,6 +10,7 @@ Public API:
                                                              the ops as drop-in autograd Functions
     *_ref                                                    materialising plain-torch references
 """
+from action_kernels._version import __version__
 from action_kernels.nn import AnatomicalContrastLoss, HardNegativeMiner, SoftContrastiveLoss
 from action_kernels.ops.anatomical import (
     AnatomicalContrastLossFunction,
@@ -31,7 +32,6 @@ from action_kernels.reference import (
     soft_contrastive_loss_ref,
 )
 
-__version__ = "0.2.0"
 __all__ = ["AnatomicalContrastLoss", "AnatomicalContrastLossFunction", "HardNegativeMiner", "HardNegativeTopkFunction",
            "IndexedCosineFunction", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
            "anatomical_contrast_loss", "anatomical_contrast_loss_ref", "class_graph_negatives", "class_prototypes",

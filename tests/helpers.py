@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,13 +16,27 @@ import torch
 import action_kernels as ak
 from action_kernels import dispatch
 
-# -- data: ../shared/data beside the repository (CI provides it), or $ACDC_ROOT ----------------------------------------
+# -- data: $ACTION_ACDC (the variable the CLI reads), else ../shared/data beside the repository (CI provides it) -------
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
-ACDC = os.environ.get("ACDC_ROOT", os.path.join(SHARED, "acdc"))
+
+
+def acdc_root(environ=os.environ) -> str:
+    """The ACDC HDF5 folder the tests read: $ACTION_ACDC, else $ACDC_ROOT (the tests' old variable: accepted with a
+    FutureWarning, ignored when ACTION_ACDC is set), else ../shared/data/acdc beside the repository."""
+    if environ.get("ACTION_ACDC"):
+        return environ["ACTION_ACDC"]
+    if environ.get("ACDC_ROOT"):
+        warnings.warn(f"ACDC_ROOT={environ['ACDC_ROOT']} is deprecated: set ACTION_ACDC, the variable the tests and "
+                      f"the `action` command both read", FutureWarning, stacklevel=2)
+        return environ["ACDC_ROOT"]
+    return os.path.join(SHARED, "acdc")
+
+
+ACDC = acdc_root()
 NIFTI = os.path.join(SHARED, "nifti")
 needs_acdc = pytest.mark.skipif(not os.path.isdir(os.path.join(ACDC, "data")),
                                 reason=f"ACDC HDF5 data not found at {ACDC} (CI provides ../shared/data/acdc; "
-                                       f"or set ACDC_ROOT)")
+                                       f"or set ACTION_ACDC)")
 needs_nifti = pytest.mark.skipif(not os.path.isdir(NIFTI), reason=f"real NIfTI fixtures not found at {NIFTI}")
 
 # -- backends, from the registry -----------------------------------------------------------------------------------

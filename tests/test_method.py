@@ -280,3 +280,17 @@ def test_batch_statistics_normalises_with_the_batch_and_restores_the_module():
     assert not torch.allclose(inside, net(x))  # outside: the running statistics again
     assert not net[1].training
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_every_stage_of_the_config_has_the_trainer_registered_under_its_name():
+    from action.config import PIPELINE, STAGES, TRAINED_STAGES, build_config
+    from action.method import trainer_class
+
+    assert tuple(s for s in STAGE_TRAINERS if "+" not in s) == TRAINED_STAGES
+    assert STAGES == (*TRAINED_STAGES, "pipeline") and set(PIPELINE) < set(TRAINED_STAGES)
+    assert all(cls.stage == key.split("+")[0] for key, cls in STAGE_TRAINERS.items())
+    for stage in TRAINED_STAGES:
+        assert trainer_class(build_config(overrides={"stage": stage})) is STAGE_TRAINERS[stage]
+    assert trainer_class(build_config(overrides={"stage": "finetune", "plusplus": True})).__name__ == \
+        "PlusPlusFinetuner"
+    assert list(build_config().stage_iterations) == list(PIPELINE)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from action.data.hdf5_training import SliceData, VolumeData
 from action.data.layouts import NiftiLayout
 from action.data.preprocessing import (
     Preprocessing,
@@ -21,7 +22,6 @@ from action.data.preprocessing import (
     resampled_size,
     sample_values,
 )
-from action.data.training import SliceData, VolumeData
 
 
 def training_spacing(spec: str | None, spacings: list[tuple[float, float]]) -> tuple[float, float] | None:

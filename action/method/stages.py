@@ -394,8 +394,8 @@ class PlusPlusFinetuner(Finetuner):
 
 
 # stage -> Trainer class; "<stage>+<variant>" -> a variant of that stage, chosen by the config switch of its name
-STAGE_TRAINERS = {"supervised": Trainer, "pretrain-global": GlobalPretrainer, "pretrain-local": LocalPretrainer,
-                  "finetune": Finetuner, "finetune+plusplus": PlusPlusFinetuner}
+STAGE_TRAINERS = {**{cls.stage: cls for cls in (Trainer, GlobalPretrainer, LocalPretrainer, Finetuner)},
+                  f"{PlusPlusFinetuner.stage}+plusplus": PlusPlusFinetuner}  # keys: action.config.TRAINED_STAGES
 VARIANTS = ("plusplus",)  # config switches (bool fields of TrainConfig) that select a registered variant
 
 

@@ -46,7 +46,9 @@ sys.path.insert(0, REPO)
 
 import gpu_data  # noqa: E402
 
-KINDS = ("supervised", "pretrain-global", "pretrain-local", "finetune")
+from action.config import PIPELINE, TRAINED_STAGES  # noqa: E402
+
+KINDS = TRAINED_STAGES
 CLASS_ORDER = ("RV", "Myo", "LV")
 
 
@@ -519,7 +521,7 @@ def main(argv=None) -> int:
                 "test_probe_volumes": s.test_probe_volumes,
                 "supervised": supervised_argv(s, data, os.path.join(runs_dir, "probe"), 1000),
                 "action": action_argv(s, data, os.path.join(runs_dir, "probe"),
-                                      {"pretrain-global": 1000, "pretrain-local": 1000, "finetune": 1000}),
+                                      dict.fromkeys(PIPELINE, 1000)),
                 "result": os.path.join(runs_dir, f"probe-{backend_name}.json")}
         spec_path = os.path.join(runs_dir, f"probe-{backend_name}-spec.json")
         write_json(spec_path, spec)
