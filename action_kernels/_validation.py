@@ -466,3 +466,35 @@ def check_anatomical_contrast(queries, query_labels, prototypes, keys, key_label
         raise ValueError(f"negatives must be 'topk', 'class_graph' or a (Q, n) int64 index tensor, got {negatives!r}")
     w = check_weight(weight, layout, queries, ref_name="queries")
     return layout, yq, yk, tau, reduction, w
+
+
+def check_bank_push(features, labels, mask, dim: int, num_classes: int | None, ignore_label: int):
+    """Validates MemoryBank.push arguments (plain tensors: the bank unwraps subclasses first): features (n, D) rows or
+    a (B, D, *S) map with D = the bank's dim; labels (one per row, per_row_shapes) in [0, num_classes) or
+    ignore_label, required exactly when the bank stores labels; mask None or one value per row (any dtype, kept
+    where non-zero). Returns (layout, flat int64 labels or None, flat bool mask or None)."""
+    layout = row_layout("features", features)
+    if layout.features != dim:
+        raise ValueError(f"features must have the bank's feature size D={dim} (rows (n, {dim}) or a channel-first map "
+                         f"(B, {dim}, *S)), got shape {tuple(features.shape)}")
+    y = None
+    if num_classes is not None:
+        if labels is None:
+            raise ValueError(f"labels are required: this MemoryBank stores labels (num_classes={num_classes}); pass "
+                             f"one label per row of features {tuple(features.shape)}")
+        y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label),
+                         layout, "features")
+    elif labels is not None:
+        raise ValueError("labels given to a MemoryBank built without num_classes, which stores no labels; build it "
+                         "with num_classes=C to keep them, or choose the rows to push with mask=")
+    keep = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if tuple(mask.shape) not in per_row_shapes(layout):
+            raise ValueError(f"mask must have shape {_shape_choices(layout)} (one value per row of features, whose "
+                             f"shape is {tuple(features.shape)}), got {tuple(mask.shape)}; nothing is resized")
+        if mask.device != features.device:
+            raise ValueError(f"mask must be on {features.device} like features, got {mask.device}")
+        keep = mask.reshape(-1) != 0
+    return layout, y, keep
