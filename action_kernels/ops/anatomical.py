@@ -148,8 +148,8 @@ def anatomical_contrast_loss(
     Example:
         >>> loss = anatomical_contrast_loss(emb_map, label_map, protos.detach(), bank.keys(), bank.labels())
     """
-    layout, yq, yk, tau, reduction, w = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels,
-                                                                  tau, negatives, reduction, ignore_label, weight)
+    _, yq, yk, tau, reduction, w = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau,
+                                                             negatives, reduction, ignore_label, weight)
     C = prototypes.shape[0]
     dtype = common_dtype(queries, prototypes, keys)
     with no_autocast(queries.device):
