@@ -5,12 +5,14 @@ Public API:
     hard_negative_topk(anchors, labels, keys, key_labels, k) the k most similar other-class keys per anchor
     anatomical_contrast_loss(queries, labels, prototypes, keys, key_labels, ...)   ACTION's anatomical InfoNCE
     class_prototypes, class_graph_negatives, indexed_cosine  the helpers of that loss
+    MemoryBank(size, dim, num_classes=None)                  a ring buffer of keys (and labels) for the ops
     SoftContrastiveLoss, HardNegativeMiner, AnatomicalContrastLoss   nn.Module forms
     SoftContrastiveLossFunction, HardNegativeTopkFunction, IndexedCosineFunction, AnatomicalContrastLossFunction
                                                              the ops as drop-in autograd Functions
     *_ref                                                    materialising plain-torch references
 """
 from action_kernels._version import __version__
+from action_kernels.bank import MemoryBank
 from action_kernels.nn import AnatomicalContrastLoss, HardNegativeMiner, SoftContrastiveLoss
 from action_kernels.ops.anatomical import (
     AnatomicalContrastLossFunction,
@@ -33,7 +35,7 @@ from action_kernels.reference import (
 )
 
 __all__ = ["AnatomicalContrastLoss", "AnatomicalContrastLossFunction", "HardNegativeMiner", "HardNegativeTopkFunction",
-           "IndexedCosineFunction", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
+           "IndexedCosineFunction", "MemoryBank", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
            "anatomical_contrast_loss", "anatomical_contrast_loss_ref", "class_graph_negatives", "class_prototypes",
            "class_prototypes_ref", "hard_negative_topk", "hard_negative_topk_ref", "indexed_cosine",
            "soft_contrastive_loss", "soft_contrastive_loss_ref", "__version__"]

@@ -224,21 +224,33 @@ def check_keys(keys, ref_name: str, ref: torch.Tensor, d: int, allow_empty: bool
         raise ValueError(f"keys must hold at least one key (K >= 1), got an empty bank of shape {tuple(keys.shape)}")
 
 
+def per_row_shapes(layout: RowLayout) -> list[tuple[int, ...]]:
+    """The shapes a per-row tensor (weights, masks, labels) of a rows or map input may have: (N,) always; for a map
+    (B, D, *spatial) also (B, *spatial) and MONAI's channel-first (B, 1, *spatial). Nothing is ever resized."""
+    shapes = [(layout.rows,)]
+    if layout.spatial:
+        shapes += [(layout.batch, *layout.spatial), (layout.batch, 1, *layout.spatial)]
+    return shapes
+
+
+def _shape_choices(layout: RowLayout) -> str:
+    return " or ".join(str(a) for a in per_row_shapes(layout))
+
+
 def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: bool = True,
                  ref_name: str = "student") -> torch.Tensor | None:
-    """weight: (N,) for rows, (B, *spatial) or (N,) for maps of `ref_name`; finite and non-negative (one host sync,
-    also under torch.compile; skipped with check_values=False). Returns it flattened to (N,), bool as float32."""
+    """weight: (N,) for rows, (B, *spatial), (B, 1, *spatial) or (N,) for maps of `ref_name`; finite and
+    non-negative (one host sync, also under torch.compile; skipped with check_values=False). Returns it flattened
+    to (N,), bool as float32."""
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    allowed = [(layout.rows,)]
-    if layout.spatial:
-        allowed.append((layout.batch, *layout.spatial))
-    if tuple(weight.shape) not in allowed:
+    if tuple(weight.shape) not in per_row_shapes(layout):
         raise ValueError(
-            f"weight must have shape {' or '.join(str(a) for a in allowed)} (one weight per row of {ref_name}), "
-            f"got {tuple(weight.shape)}"
+            f"weight must have shape {_shape_choices(layout)} (one weight per row of {ref_name}, whose shape is "
+            f"{tuple(ref.shape)}), got {tuple(weight.shape)}; nothing is resized: bring the mask to the feature grid "
+            f"first (e.g. F.interpolate(mask.float(), size=..., mode='nearest'))"
         )
     if weight.device != ref.device:
         raise ValueError(f"weight must be on {ref.device} like {ref_name}, got {weight.device}")
@@ -252,8 +264,10 @@ def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: boo
 
 
 def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: int | None = None,
-                 ignore_label: int | None = None) -> torch.Tensor:
-    """Integer labels with `count` elements (any shape) on ref's device -> flat contiguous int64.
+                 ignore_label: int | None = None, layout: RowLayout | None = None,
+                 ref_name: str = "") -> torch.Tensor:
+    """Integer labels on ref's device -> flat contiguous int64. With the layout of a map `ref_name` (B, D, *S):
+    shape (B, *S), (B, 1, *S) or (N,) exactly (nothing is resized); otherwise any shape with `count` elements.
 
     With num_classes, every label must be in [0, num_classes) or equal ignore_label (one host sync, also under
     torch.compile).
@@ -262,6 +276,11 @@ def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: 
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class labels, got {labels.dtype}; convert with {name}.long()")
+    if layout is not None and layout.spatial and tuple(labels.shape) not in per_row_shapes(layout):
+        raise ValueError(f"{name} must have shape {_shape_choices(layout)} (one label per location of {ref_name}, "
+                         f"whose shape is {tuple(ref.shape)}), got {tuple(labels.shape)}; nothing is resized: bring "
+                         f"the labels to the feature grid first (e.g. nearest-neighbour F.interpolate, or strided "
+                         f"slicing)")
     if labels.numel() != count:
         raise ValueError(f"{name} must have {count} elements (one per row), got shape {tuple(labels.shape)}")
     if labels.device != ref.device:
@@ -346,7 +365,7 @@ def check_hard_negative_topk(anchors, anchor_labels, keys, key_labels, k, ignore
     check_keys(keys, "anchors", anchors, layout.features, allow_empty=True)
     k = check_k(k)
     ignore_label = check_ignore_label(ignore_label)
-    ya = check_labels("anchor_labels", anchor_labels, layout.rows, anchors)
+    ya = check_labels("anchor_labels", anchor_labels, layout.rows, anchors, layout=layout, ref_name="anchors")
     yk = check_labels("key_labels", key_labels, keys.shape[0], anchors)
     return layout, ya, yk, k, ignore_label, common_dtype(anchors, keys)
 
@@ -397,22 +416,25 @@ def check_class_prototypes(features, labels, num_classes, weight, ignore_label):
     layout = row_layout("features", features)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label))
+    y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label), layout,
+                     "features")
     w = check_weight(weight, layout, features, ref_name="features")
     return layout, y, w
 
 
 def check_class_graph_negatives(prototypes, query_labels, key_labels, num_negatives, tau, ignore_label):
     """Validates class_graph_negatives arguments; returns (finite prototypes, flat query labels, flat key labels,
-    tau as float). The sampler draws from softmax(cos(μ_c, μ_v)/τ): a non-finite prototype leaves it undefined and
-    an integer index has no NaN, so finite prototypes are required (one host sync)."""
+    tau as float). Query and key labels are in [0, C) or ignore_label. The sampler draws from softmax(cos(μ_c,
+    μ_v)/τ): a non-finite prototype leaves it undefined and an integer index has no NaN, so finite prototypes are
+    required (one host sync)."""
     check_tensor("prototypes", prototypes, (2,), "(C, D)")
     C = prototypes.shape[0]
     for name, y in (("query_labels", query_labels), ("key_labels", key_labels)):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be an integer torch.Tensor, got {type(y).__name__}")
-    yq = check_labels("query_labels", query_labels, query_labels.numel(), prototypes, C)
-    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, check_ignore_label(ignore_label))
+    ignore_label = check_ignore_label(ignore_label)
+    yq = check_labels("query_labels", query_labels, query_labels.numel(), prototypes, C, ignore_label)
+    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, ignore_label)
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
         raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
     protos = checked_floats(prototypes.detach(), "prototypes", False)
@@ -423,22 +445,56 @@ NEGATIVE_MODES = ("topk", "class_graph")
 
 
 def check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau, negatives, reduction,
-                              ignore_label):
-    """Validates anatomical_contrast_loss arguments (an index tensor of negatives is checked by indexed_cosine);
-    returns (flat query labels, flat key labels, tau as float)."""
-    check_tensor("queries", queries, (2,), "(Q, D)")
+                              ignore_label, weight):
+    """Validates anatomical_contrast_loss arguments (an index tensor of negatives is checked by indexed_cosine):
+    queries (Q, D) rows or a (B, D, *S) map with query_labels of its per-row shapes (per_row_shapes), in [0, C) or
+    ignore_label; returns (the queries' layout, flat query labels, flat key labels, tau as float, reduction, flat
+    weight or None)."""
+    layout = row_layout("queries", queries)
     check_tensor("prototypes", prototypes, (2,), "(C, D)")
     check_tensor("keys", keys, (2,), "(K, D)")
     for name, x in (("prototypes", prototypes), ("keys", keys)):
         check_same(name, x, "queries", queries)
-        check_feature_size(name, x, "queries", queries.shape[1])
+        check_feature_size(name, x, "queries", layout.features)
     C = prototypes.shape[0]
     ignore_label = check_ignore_label(ignore_label)
-    yq = check_labels("query_labels", query_labels, queries.shape[0], queries, C)
+    yq = check_labels("query_labels", query_labels, layout.rows, queries, C, ignore_label, layout, "queries")
     yk = check_labels("key_labels", key_labels, keys.shape[0], queries, C, ignore_label)
     tau = check_tau("tau", tau)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    reduction = check_reduction(reduction)
     if not isinstance(negatives, torch.Tensor) and negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be 'topk', 'class_graph' or a (Q, n) int64 index tensor, got {negatives!r}")
-    return yq, yk, tau
+    w = check_weight(weight, layout, queries, ref_name="queries")
+    return layout, yq, yk, tau, reduction, w
+
+
+def check_bank_push(features, labels, mask, dim: int, num_classes: int | None, ignore_label: int):
+    """Validates MemoryBank.push arguments (plain tensors: the bank unwraps subclasses first): features (n, D) rows or
+    a (B, D, *S) map with D = the bank's dim; labels (one per row, per_row_shapes) in [0, num_classes) or
+    ignore_label, required exactly when the bank stores labels; mask None or one value per row (any dtype, kept
+    where non-zero). Returns (layout, flat int64 labels or None, flat bool mask or None)."""
+    layout = row_layout("features", features)
+    if layout.features != dim:
+        raise ValueError(f"features must have the bank's feature size D={dim} (rows (n, {dim}) or a channel-first map "
+                         f"(B, {dim}, *S)), got shape {tuple(features.shape)}")
+    y = None
+    if num_classes is not None:
+        if labels is None:
+            raise ValueError(f"labels are required: this MemoryBank stores labels (num_classes={num_classes}); pass "
+                             f"one label per row of features {tuple(features.shape)}")
+        y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label),
+                         layout, "features")
+    elif labels is not None:
+        raise ValueError("labels given to a MemoryBank built without num_classes, which stores no labels; build it "
+                         "with num_classes=C to keep them, or choose the rows to push with mask=")
+    keep = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if tuple(mask.shape) not in per_row_shapes(layout):
+            raise ValueError(f"mask must have shape {_shape_choices(layout)} (one value per row of features, whose "
+                             f"shape is {tuple(features.shape)}), got {tuple(mask.shape)}; nothing is resized")
+        if mask.device != features.device:
+            raise ValueError(f"mask must be on {features.device} like features, got {mask.device}")
+        keep = mask.reshape(-1) != 0
+    return layout, y, keep

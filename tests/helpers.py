@@ -56,6 +56,15 @@ def require(backend: str, device: str = "cpu", dtype=torch.float32) -> None:
         pytest.skip(f"backend {backend!r} unavailable on {device}: {why}")
 
 
+def free_port() -> int:
+    """A TCP port free at the moment, for a torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def fresh_seed() -> int:
     """A new seed per run (printed in failure messages): inputs are fresh random tensors every time."""
     return time.time_ns() % (2**31)

@@ -4,7 +4,6 @@ that leaves parameters unused, with accumulation inside each rank (no_sync); ran
 resumes in one process. SyncBatchNorm is refused on CPU with the reason."""
 import csv
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import torch
 
 from action.engine import load_checkpoint
 from action_kernels.testing import assert_allowed
-from helpers import ACDC, SMALL, needs_acdc
+from helpers import ACDC, SMALL, free_port, needs_acdc
 
 SCRIPT = """
 import sys
@@ -25,12 +24,6 @@ overrides = dict({small!r}, out=sys.argv[1], stage=stage, iterations=4, checkpoi
                  labelled_batch=batch, unlabelled_batch=batch, accumulate=int(sys.argv[2]))
 STAGE_TRAINERS[stage](build_config("smoke", overrides=overrides), progress=False).fit(resume="auto")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rows(path):

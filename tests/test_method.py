@@ -12,18 +12,18 @@ from action.engine.evaluate import acdc_cases
 from action.engine.inference import predict_slices, recalibrate_batchnorm
 from action.method import (
     STAGE_TRAINERS,
-    FifoBank,
     anatomical_term,
     pseudo_label_loss,
     run_pipeline,
     sample_hard_queries,
+    teacher_bank,
 )
 from action.models import UNet2D
 from helpers import ACDC, SMALL, kill_after_checkpoint, needs_acdc, stage_config
 
 
-def test_fifo_bank_wraps_in_order():
-    bank = FifoBank(4, 2)
+def test_teacher_bank_wraps_in_order():
+    bank = teacher_bank(4, 2)
     assert bank.keys().shape == (0, 2)
     bank.push(torch.arange(6.0).view(3, 2))
     bank.push(torch.arange(6.0, 12.0).view(3, 2))

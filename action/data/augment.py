@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from action.data.labels import IGNORE_INDEX
+
 
 def _uniform(shape, lo, hi, g: torch.Generator, device) -> torch.Tensor:
     return (torch.rand(shape, generator=g, device=g.device) * (hi - lo) + lo).to(device)
@@ -168,7 +170,7 @@ def _boxes(shape, generator, device, area):
     return mask
 
 
-def cutout(image, label=None, confidence=None, *, generator, p=0.5, area=(0.02, 0.2), ignore_index=255):
+def cutout(image, label=None, confidence=None, *, generator, p=0.5, area=(0.02, 0.2), ignore_index=IGNORE_INDEX):
     """Per sample with probability p: a box (area fraction in `area`) set to 0 in the image, `ignore_index` in the
     label and 0 in the confidence."""
     _check(image, label, confidence)
@@ -249,7 +251,7 @@ class AugmentConfig:
     noise_std: float = 0.03
     cutout_p: float = 0.0
     cutout_area: tuple[float, float] = (0.02, 0.2)
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
 
 
 # the strong view of stage iii's unlabelled images (FixMatch / UniMatch style: the student sees a strongly perturbed

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import action_kernels as ak
+
 
 def ats_temperature(t: int, period: int, tau_min: float = 0.1, tau_max: float = 1.0) -> float:
     """The ACTION++ temperature at iteration t (cosine, one period of `period` iterations, starts at tau_max)."""
@@ -115,8 +117,9 @@ def saacl_loss(queries: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor,
 
 
 class SaaclState(nn.Module):
-    """Running class means phi (C, d), the centres psi (C, d) and a labelled feature queue, as buffers (saved in
-    checkpoints)."""
+    """Running class means phi (C, d), the centres psi (C, d) and a labelled feature queue (queue_bank, an
+    ak.MemoryBank: queue / queue_labels are its filled rows), as buffers (saved in checkpoints; those of the former
+    queue / queue_labels / ptr buffers load too)."""
 
     def __init__(self, num_classes: int, dim: int, queue_size: int, centres: torch.Tensor, eta: float = 0.1):
         super().__init__()
@@ -124,9 +127,28 @@ class SaaclState(nn.Module):
         self.register_buffer("centres", centres.clone())
         self.register_buffer("phi", torch.zeros(num_classes, dim))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("queue", torch.zeros(queue_size, dim))
-        self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        # gather=False: the Trainer all-gathers the deferred rows itself (action.engine.distributed.gather_in_order)
+        self.queue_bank = ak.MemoryBank(queue_size, dim, num_classes, gather=False)
+
+    @property
+    def queue(self) -> torch.Tensor:
+        """(k, d) the unit teacher features in the queue, k <= queue_size."""
+        return self.queue_bank.keys()
+
+    @property
+    def queue_labels(self) -> torch.Tensor:
+        """(k,) their labels."""
+        return self.queue_bank.labels()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "queue"
+        if old in state_dict and prefix + "queue_bank.bank" not in state_dict:  # a checkpoint of the former layout
+            labels = state_dict.pop(prefix + "queue_labels")
+            state_dict[prefix + "queue_bank.bank"] = state_dict.pop(old)
+            state_dict[prefix + "queue_bank.bank_labels"] = labels
+            state_dict[prefix + "queue_bank.ptr"] = state_dict.pop(prefix + "ptr")
+            state_dict[prefix + "queue_bank.filled"] = (labels >= 0).sum()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update_means(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -145,12 +167,8 @@ class SaaclState(nn.Module):
 
     @torch.no_grad()
     def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        K = self.queue.shape[0]
-        features, labels = features[-K:], labels[-K:]
-        pos = (int(self.ptr) + torch.arange(features.shape[0], device=features.device)) % K
-        self.queue[pos] = F.normalize(features.float(), dim=1)
-        self.queue_labels[pos] = labels
-        self.ptr.fill_((int(self.ptr) + features.shape[0]) % K)
+        """features (n, d), labels (n,) in [0, C): their unit rows into the queue (the oldest overwritten)."""
+        self.queue_bank.push(F.normalize(features.float(), dim=1), labels)
 
     def assignment(self) -> torch.Tensor:
         return assign_centres(self.phi, self.centres)

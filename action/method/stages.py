@@ -31,13 +31,13 @@ from action.engine.checkpoint import load_checkpoint
 from action.engine.losses import supervised_loss
 from action.engine.trainer import Trainer
 from action.method.losses import (
-    FifoBank,
     anatomical_term,
     distillation_loss,
     pseudo_label_audit,
     pseudo_label_diagnostics,
     pseudo_label_terms,
     sample_hard_queries,
+    teacher_bank,
 )
 from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
 from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead, build_network
@@ -129,7 +129,7 @@ class GlobalPretrainer(_TeacherStage):
         return {"proj": ProjectionHead(self.bottleneck, d, d), "pred": PredictorHead(d, d)}
 
     def build_banks(self) -> dict:
-        return {"global": FifoBank(self.cfg.global_bank, self.cfg.global_dim)}
+        return {"global": teacher_bank(self.cfg.global_bank, self.cfg.global_dim)}
 
     def prepare(self, batch, generator):
         """Two views per image: one geometric augmentation shared (maps stay pixel-aligned), photometric per view."""
@@ -175,7 +175,7 @@ class LocalPretrainer(GlobalPretrainer):
                                                                      dims=self.cfg.dims)}
 
     def build_banks(self) -> dict:
-        return {**super().build_banks(), "local": FifoBank(self.cfg.local_bank, self.cfg.local_dim)}
+        return {**super().build_banks(), "local": teacher_bank(self.cfg.local_bank, self.cfg.local_dim)}
 
     def local_grid_shape(self, spatial) -> tuple[int, ...]:
         """The local embedding map's size: local_grid x local_grid in-plane; in 3D the depth scaled alike (at

@@ -171,7 +171,8 @@ def soft_contrastive_loss(
     """Soft-label contrastive distillation loss (ACTION's global and local distillation).
 
     Shapes: student, teacher: (N, D) rows or channel-first maps (B, D, H, W) / (B, D, Z, H, W), read in place;
-    keys: (K, D); weight: None, (N,) or (B, *spatial), non-negative (a bool mask is a weight).
+    keys: (K, D); weight: None, (N,), (B, *spatial) or MONAI's (B, 1, *spatial), non-negative (a bool mask is a
+    weight; nothing resized: a mask off the feature grid is an error naming both shapes).
     Returns: () fp32 for "mean" (weighted mean) and "sum"; (N,) fp32 per row, in the input's row order, for "none"
     (multiplied by the weight when given). fp64 inputs give fp64 results on the torch and chunked backends.
 
