@@ -123,9 +123,9 @@ class TrainConfig:
                                               "2D HDF5 data only")
     teacher_bn: str = option("batch", "the EMA teacher's BatchNorm (every teacher stage): 'batch' normalises each "
                                       "teacher forward with its batch's statistics (the ReCo / ACTION code runs its "
-                                      "EMA model in train mode) and keeps the teacher's own running statistics "
-                                      "from those forwards (its eval-mode validation uses them); 'running' runs "
-                                      "it in eval mode on running statistics copied from the student")
+                                      "EMA model in train mode), its running statistics (eval-mode validation) an "
+                                      "EMA of the student's like its weights; 'running' runs it in eval mode on "
+                                      "running statistics copied from the student")
     split_bn: bool = option(True, "stage iii: the student sees labelled and unlabelled images in separate forwards, "
                                   "so BatchNorm normalises each kind with its own statistics (as the ReCo code "
                                   "does); false: one mixed forward")

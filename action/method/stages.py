@@ -9,8 +9,9 @@ registry, and the pipeline that runs the stages in order.
 Views: one geometric augmentation per image shared by student and teacher (so maps stay pixel-aligned for the
 local loss), independent photometric augmentation per view. Teachers are EMA copies (of the network and of the
 heads whose outputs they provide), updated once per iteration under no_grad; with teacher_bn "batch" (the default)
-every teacher forward normalises with its batch's statistics and the teacher keeps running statistics of its own
-(eval mode, for validation, uses them), with "running" it runs in eval mode on statistics copied from the student.
+every teacher forward normalises with its batch's statistics and the teacher's running statistics (for its
+eval-mode validation) are an EMA of the student's, with "running" it runs in eval mode on statistics copied from the
+student.
 Banks are FIFO buffers pushed after the optimizer step. Each stage initialises from the previous stage's checkpoint
 (--init); fine-tuning initialises student and teacher from the pre-trained student.
 """
@@ -68,14 +69,15 @@ class _TeacherStage(Trainer):
 
     def setup(self) -> None:
         self.teacher = EMATeacher(self._teacher_source(), self.cfg.ema_decay,
-                                  copy_buffers=self.cfg.teacher_bn == "running").to(self.device)
+                                  buffers="copy" if self.cfg.teacher_bn == "running" else "ema").to(self.device)
         self.banks = nn.ModuleDict(self.build_banks()).to(self.device)
 
     def teacher_statistics(self):
-        """The context of every teacher forward: with teacher_bn "batch", BatchNorm on the batch's statistics, the
-        teacher's own running statistics updated; with "running", nothing (eval mode, the student's copied)."""
+        """The context of every teacher forward: with teacher_bn "batch", BatchNorm on the batch's statistics (the
+        teacher's running statistics, an EMA of the student's, serve its eval-mode validation only); with
+        "running", nothing (eval mode on statistics copied from the student)."""
         if self.cfg.teacher_bn == "batch":
-            return batch_statistics(self.teacher.module, track=True)
+            return batch_statistics(self.teacher.module)
         return contextlib.nullcontext()
 
     def build_banks(self) -> dict:
