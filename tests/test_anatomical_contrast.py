@@ -9,6 +9,8 @@ from action_kernels.reference import anatomical_contrast_loss_ref, class_prototy
 from action_kernels.testing import assert_allowed
 from helpers import FUSED, fresh_seed, require
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
+
 
 def _problem(Q=60, K=120, D=16, C=4, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)

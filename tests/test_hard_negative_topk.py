@@ -7,6 +7,8 @@ from action_kernels.reference import hard_negative_topk_ref
 from action_kernels.testing import ALLOWANCES, assert_allowed
 from helpers import FAST_ON_CPU, INTERPRETED_ON_CPU, fresh_seed, make_topk, require
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
+
 TIE = ALLOWANCES["topk_values_fp32"].atol  # fp32 cosines closer than this to the reference's are ties
 
 
