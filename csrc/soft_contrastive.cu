@@ -269,9 +269,10 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        rk[nb][e] = sRk[(j % ST) * BN + 8 * nb + 2 * t + e];  // 0 past K: z = 0 there
+        rk[nb][e] = sRk[(j % ST) * BN + 8 * nb + 2 * t + e];  // 0 past K (z is zeroed there below)
         bound = fmaxf(bound, rk[nb][e]);
       }
+    const int valid = p.K - int64_t(j) * BN < BN ? int(p.K - int64_t(j) * BN) : BN;
     // fp16: |z| <= rk / τ_s (|q - p| <= 1), so the range scale is known before z, and z is rounded as it is made
     const float zf = p.inv_tau_s * (is_f16<T> ? range.update(bound * p.inv_tau_s, o) : 1.f);
     float z[NB][4];
@@ -287,6 +288,18 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
           z[nb][2 * h + e] = (q - pp) * rz;  // the difference in fp32, before any rounding
         }
       }
+    // Columns past K (the ragged last tile only: a block-uniform branch) contribute exactly 0. Their logit reads 0, so
+    // q = exp2(-lse_s log2 e), which overflows to inf once lse < -88.7 (every logit of the row below about -87), and
+    // (inf - p) * 0 would be NaN.
+    if (valid < BN) {
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            if (8 * nb + 2 * t + e >= valid) z[nb][2 * h + e] = 0.f;
+    }
     warp_values<T, D, BN, NO>(z, 1.f, kt, c0, o);
   }
   cp_async_wait<0>();
@@ -342,6 +355,7 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
   float rk[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) rk[h] = mykey + 8 * h < p.K ? p.rk[mykey + 8 * h] : 0.f;
+  const bool ragged = key0 + BK > p.K;  // the last key block: some of its keys are past K
   float o[NO][4] = {};
   ScaleF16 range;
 
@@ -359,7 +373,7 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
     float f[2][NB][4] = {};
     const E* const b[2] = {sS, sT};
     warp_logits_2b<T, D, NB>(sK + 16 * warp * LD, b, f);
-    float zs[NB][4], zt[NB][4], absmax = 0.f;
+    float zs[NB][4], zt[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
       const int r = 8 * nb + 2 * t;  // this lane's two columns r, r + 1: one 8-byte load per factor
@@ -380,11 +394,29 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
           const float a_t = (e ? w_t.y : w_t.x) * pp * (xp - xq - (e ? l_2.y : l_2.x));
           zs[nb][2 * h + e] = a_s;
           zt[nb][2 * h + e] = a_t;
-          if constexpr (is_f16<T>) absmax = fmaxf(absmax, fmaxf(fabsf(a_s), fabsf(a_t)));
         }
     }
+    // Keys past K (the ragged last key block only: a block-uniform branch) contribute exactly 0: their logits read 0,
+    // so q = exp2(-lse_s log2 e) can be inf (every logit of a row below about -87), and their rows of z would be inf
+    // or NaN (harmless for their own output rows, which are not stored, but not for fp16's shared range scale).
+    if (ragged) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (mykey + 8 * h >= p.K)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) zs[nb][2 * h + e] = zt[nb][2 * h + e] = 0.f;
+    }
     float scale = 1.f;
-    if constexpr (is_f16<T>) scale = range.update(absmax, o);
+    if constexpr (is_f16<T>) {
+      float absmax = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) absmax = fmaxf(absmax, fmaxf(fabsf(zs[nb][i]), fabsf(zt[nb][i])));
+      scale = range.update(absmax, o);
+    }
     warp_values<T, D, BM, NO>(zs, scale, sS, c0, o);
     warp_values<T, D, BM, NO>(zt, scale, sT, c0, o);
   }

@@ -9,7 +9,7 @@ import torch
 import action_kernels as ak
 from action_kernels.ops.soft_contrastive import SoftContrastiveLossFunction, soft_contrastive_rows
 from action_kernels.reference import soft_contrastive_loss_ref
-from action_kernels.testing import assert_allowed, assert_close
+from action_kernels.testing import assert_allowed, assert_close, tolerance
 from helpers import FUSED, fresh_seed, make_soft, require, run_soft
 
 pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
@@ -167,3 +167,40 @@ def test_torch_compile_keeps_the_op_in_one_graph():
     graph.backward()
     assert torch.allclose(eager, graph) and torch.allclose(s1.grad, s2.grad)
 
+
+def _extreme_case(kind: str, n: int, num_keys: int, d: int, seed: int):
+    """Rows and keys whose logits at tau = 0.01 are all below -87 ("below": keys opposite the rows, cosines near -1),
+    all above +87 ("above": keys along the rows) or both across rows ("mixed"): q = exp(logit - lse) with lse beyond
+    the fp32 exponent range of exp once a masked column reads a logit of 0."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    sign = {"below": -torch.ones(n), "above": torch.ones(n),
+            "mixed": torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)}[kind]
+    rows = sign[:, None] * u + 0.02 * torch.randn(n, d, generator=g)
+    s = rows + 0.02 * torch.randn(n, d, generator=g)
+    keys = u + 0.05 * torch.randn(num_keys, d, generator=g)
+    return s.requires_grad_(True), rows, keys.requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_extreme_logits_give_finite_losses_and_gradients_on_every_backend(backend):
+    # every row's logits below -87, above +87, or mixed across rows; K = 1, 2 (padded tails in every tile shape) and
+    # a ragged K; tau_s <= 1e-3 makes the student's lse reach -1000. The loss is finite there, so are its gradients.
+    require(backend)
+    seed = fresh_seed()
+    for i, (kind, num_keys, taus) in enumerate([("below", 1, (0.01, 0.01)), ("below", 2, (1e-3, 0.01)),
+                                                ("below", 36, (0.1, 0.01)), ("above", 2, (0.01, 0.01)),
+                                                ("above", 37, (1e-3, 1e-3)), ("mixed", 2, (1e-3, 0.01)),
+                                                ("mixed", 33, (0.01, 1e-3))]):
+        dtype = (torch.float32, torch.float16, torch.bfloat16)[i % 3]
+        s, t, k = (x.detach().to(dtype).requires_grad_(x.requires_grad) for x in
+                   _extreme_case(kind, 6, num_keys, 16, seed + i))
+        got = run_soft(backend, s, t, k, taus, None, "mean")
+        ref = run_soft("torch", s.double(), t.double(), k.double(), taus, None, "mean")
+        where = f"{backend} {kind} K={num_keys} taus={taus} {dtype} seed={seed + i}"
+        for name, x, r in zip(("loss", "student grad", "keys grad"), got, ref):
+            assert torch.isfinite(x).all(), f"{name} not finite [{where}]"
+            # relative to max(|ref|, 1): with K = 1 the loss and its gradients are exactly 0, and what is left is
+            # the rounding of logits of size 1/tau
+            err = (x.double() - r).abs().max().item() / max(r.abs().max().item(), 1.0)
+            assert err <= tolerance(dtype, min(taus)), f"{name}: error {err:.2e} [{where}]"

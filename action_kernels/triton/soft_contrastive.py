@@ -168,7 +168,7 @@ def _row_grad_tile(s, t, s_ptrs, t_ptrs, row_mask, k_ptrs, RK, j0, K, cs, ct, ls
         s = tl.load(s_ptrs, mask=row_mask[:, None], other=0.0)
         t = tl.load(t_ptrs, mask=row_mask[:, None], other=0.0)
     cols = j0 + tl.arange(0, BLOCK_N)
-    if MASKED:  # rk = 0 past K zeroes those keys' weights
+    if MASKED:
         kt = tl.load(k_ptrs, mask=(cols < K)[:, None], other=0.0)
         rk = tl.load(RK + cols, mask=cols < K, other=0.0)
     else:
@@ -179,6 +179,8 @@ def _row_grad_tile(s, t, s_ptrs, t_ptrs, row_mask, k_ptrs, RK, j0, K, cs, ct, ls
     q = tl.exp2(a * cs[:, None] - ls2[:, None])
     p = tl.exp2(b * ct[:, None] - lt2[:, None])
     dz = (q - p) * rk[None, :]
+    if MASKED:  # keys past K contribute exactly 0: their logit reads 0, so q = 2^(-lse_s log2 e) overflows to inf
+        dz = tl.where((cols < K)[None, :], dz, 0.0)  # once lse_s < -88.7, and (inf - p) * 0 would be NaN
     return tl.dot(dz.to(kt.dtype), kt, acc, input_precision=PRECISION)
 
 
