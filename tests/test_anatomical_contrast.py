@@ -34,6 +34,40 @@ def test_class_prototypes_match_reference_for_rows_and_maps():
     assert not present[3] and torch.equal(protos[3], torch.zeros(8))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_class_prototypes_count_and_sum_16_bit_rows_beyond_the_dtypes_integer_range(dtype):
+    # 11,064 rows of one class: a bf16 count saturates at 256 (fp16: 2,048), which made the prototype 43x the mean
+    g = torch.Generator().manual_seed(fresh_seed())
+    labels = torch.cat([torch.zeros(11064, dtype=torch.int64), torch.ones(3000, dtype=torch.int64)])
+    feats = (torch.randn(labels.numel(), 8, generator=g) * 0.1 + torch.arange(1, 9)).to(dtype)
+    protos, present = ak.class_prototypes(feats, labels, 2)
+    assert protos.dtype == dtype and present.tolist() == [True, True]
+    for c in (0, 1):
+        want = feats[labels == c].double().mean(0)
+        assert torch.allclose(protos[c].double(), want, rtol=2 ** -7, atol=0), (c, protos[c], want)
+
+
+def test_rows_that_do_not_count_leave_every_class_mean_alone():
+    # an ignored row of 3e38 (and a zero-weight one) among rows of ~1e-6 set the power-of-two scale of every class:
+    # the other classes' means were 27% off; in fp16 one 6e4 value in class 0 put class 1 off by 31%
+    g = torch.Generator().manual_seed(fresh_seed())
+    feats = torch.rand(600, 4, generator=g) * 1e-6 + 1e-6
+    labels = torch.arange(600) % 3
+    labels[5], labels[7] = -1, 1
+    feats[5], feats[7] = 3e38, -3e38
+    weight = torch.ones(600)
+    weight[7] = 0.0
+    protos, _ = ak.class_prototypes(feats, labels, 3, weight=weight)
+    ref, _ = class_prototypes_ref(feats.double(), labels, 3, weight=weight.double())
+    assert torch.allclose(protos.double(), ref, rtol=1e-5, atol=0), (protos, ref)
+    h = torch.rand(4000, 4, generator=g) * 1e-3 + 1e-3
+    y = torch.arange(4000) % 2
+    h[0] = 6e4
+    protos, _ = ak.class_prototypes(h.half(), y, 2)
+    ref, _ = class_prototypes_ref(h.half().double(), y, 2)
+    assert torch.allclose(protos.double(), ref, rtol=2 ** -10, atol=0), (protos, ref)
+
+
 def test_class_prototypes_reject_out_of_range_labels():
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
         ak.class_prototypes(torch.randn(4, 2), torch.tensor([0, 1, 3, 0]), 3)

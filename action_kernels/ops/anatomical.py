@@ -33,29 +33,36 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     Differentiable with respect to features (detach them for the reference setting).
 
     NaN policy: prototype c is NaN when a row labelled c (not ignore_label, whatever its weight) is non-finite;
-    other classes are unaffected. The sums run on features divided by a power of two near their largest |value|
-    (exact), so means of values near the dtype's limit do not overflow."""
+    other classes are unaffected. Counts and sums run in fp32 (fp64 for fp64 features: a bf16 count saturates at
+    256, an fp16 one at 2,048), on each class's counted rows divided by a power of two near that class's largest
+    |value| (exact), so means of values near the dtype's limit do not overflow; rows that do not count (ignored,
+    weight 0) take no part, not even in the scale. Returned in the features' dtype."""
     _, y, weight = check_class_prototypes(features, labels, num_classes, weight, ignore_label)
     with no_autocast(features.device):
         rows = to_rows(features)
-        w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else weight.to(rows.dtype)
+        work = work_dtype(rows)
+        x = rows.to(work)
+        w = torch.ones(y.shape, dtype=work, device=x.device) if weight is None else weight.to(work)
         keep = y != ignore_label
-        zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
-        bad = nonfinite_rows(rows)
+        zero = torch.zeros((), dtype=work, device=x.device)
+        bad = nonfinite_rows(x)
         w = torch.where(keep, w, zero)
         cls = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
-        clean = torch.where(bad[:, None], zero, rows)
-        m = clean.detach().abs().amax() if clean.numel() else zero
-        # a power of two within a factor 2 below max |x|: an exact division, sums of N rows then need N < 2^126
-        scale = torch.ldexp(torch.ones_like(m), torch.frexp(m).exponent - 1)
-        sums = rows.new_zeros(num_classes, rows.shape[1]).index_add(0, cls, (clean / scale) * w[:, None])
-        totals = rows.new_zeros(num_classes).index_add(0, cls, w)
-        bad_class = torch.zeros(num_classes, dtype=rows.dtype, device=rows.device).index_add(
-            0, cls, (bad & keep).to(rows.dtype)) > 0
+        counted = keep & (w > 0) & ~bad
+        clean = torch.where(counted[:, None], x, zero)  # rows that do not count are an exact 0, however large
+        row_max = clean.detach().abs().amax(dim=1) if x.shape[1] else torch.zeros_like(w)
+        class_max = torch.zeros(num_classes, dtype=work, device=x.device).scatter_reduce(0, cls, row_max, "amax")
+        # per class, a power of two within a factor 2 below its max |x|: an exact division, sums of N rows then
+        # need N < 2^126, and one class's magnitude does not push another's values below the range
+        scale = torch.ldexp(torch.ones_like(class_max), torch.frexp(class_max).exponent - 1)
+        sums = x.new_zeros(num_classes, x.shape[1]).index_add(0, cls, (clean / scale[cls, None]) * w[:, None])
+        totals = x.new_zeros(num_classes).index_add(0, cls, w)  # a non-finite row counts here: its class is NaN
+        bad_class = torch.zeros(num_classes, dtype=work, device=x.device).index_add(
+            0, cls, (bad & keep).to(work)) > 0
         present = totals > 0
-        protos = sums / totals.clamp_min(torch.finfo(rows.dtype).tiny)[:, None] * scale
-        return torch.where(bad_class[:, None], torch.tensor(float("nan"), dtype=rows.dtype, device=rows.device),
-                           protos), present
+        protos = sums / totals.clamp_min(torch.finfo(work).tiny)[:, None] * scale[:, None]
+        protos = torch.where(bad_class[:, None], torch.tensor(float("nan"), dtype=work, device=x.device), protos)
+        return protos.to(rows.dtype), present
 
 
 def class_graph_negatives(prototypes: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
