@@ -120,9 +120,13 @@ def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bo
                 ic, gc = idx[r0:r0 + step].clamp_min(0), g[r0:r0 + step]
                 block = gc.new_zeros(ic.shape[0], k_hat.shape[0]).scatter_add_(1, ic, gc)
                 dk.addmm_(block.T, a_hat[r0:r0 + step])
-        else:
-            rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
-            dk = torch.zeros_like(k_hat).index_add_(0, idx[valid], g[valid][:, None] * a_hat[rows])
+        else:  # row chunks like the forward: the (c, n, D) weighted rows of one chunk at a time, never (N, n, D)
+            dk = torch.zeros_like(k_hat)
+            step = _row_chunk(idx.shape[1], a_hat.shape[1])
+            for r0 in range(0, idx.shape[0], step):
+                ic, vc = idx[r0:r0 + step], valid[r0:r0 + step]
+                rows = torch.arange(r0, r0 + ic.shape[0], device=idx.device)[:, None].expand_as(ic)[vc]
+                dk.index_add_(0, ic[vc], g[r0:r0 + step][vc][:, None] * a_hat[rows])
         if normalize:
             dk = through_normalization(keys, rk, dk)
         # keys that fed a NaN output: index_add of the NaN outputs' counts (no host sync)
