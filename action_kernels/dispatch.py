@@ -42,15 +42,19 @@ class SoftContrastiveKernels(Protocol):
 
     def soft_contrastive_forward(self, s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, rs: torch.Tensor,
                                  rt: torch.Tensor, rk: torch.Tensor, inv_tau_s: float, inv_tau_t: float,
-                                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) -> loss (N,), lse_s (N,), lse_t (N,), and
-        ds0 (N, D) = dL/dŝ per unit upstream gradient when with_grad, else an empty (0,) tensor."""
+                                 with_grad: bool) -> tuple[torch.Tensor, ...]:
+        """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) -> loss (N,), lse_s (N,), lse_t (N,),
+        pivot (N,) int32, pivot_r (N,), and ds0 (N, D) = dL/dŝ per unit upstream gradient when with_grad, else an
+        empty (0,) tensor. pivot_i: the index of row i's largest teacher logit (the first among ties); pivot_r_i:
+        (log p - log q)_i,pivot - loss_i, accumulated without cancellation (docs/kernels.md, op 1); a backend whose
+        key gradient recomputes them returns -1 and 0."""
 
     def soft_contrastive_key_grad(self, s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, rs: torch.Tensor,
                                   rt: torch.Tensor, rk: torch.Tensor, inv_tau_s: float, inv_tau_t: float,
-                                  loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
-                                  g: torch.Tensor) -> torch.Tensor:
-        """The forward's inputs, its loss, lse_s, lse_t (N,) and the upstream g (N,) -> dL/dk̂ (K, D)."""
+                                  loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, pivot: torch.Tensor,
+                                  pivot_r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The forward's inputs, its loss, lse_s, lse_t, pivot, pivot_r (N,) and the upstream g (N,) -> dL/dk̂
+        (K, D)."""
 
 
 class HardNegativeTopkKernels(Protocol):

@@ -62,16 +62,16 @@ PYBIND11_MODULE(AK_MODULE, m) {
       .def(py::init(&scales), py::arg("rs"), py::arg("rt"), py::arg("rk"));
   m.def("soft_contrastive_forward", &ak::soft_contrastive_forward, py::arg("dtype"), py::arg("s"), py::arg("t"),
         py::arg("k"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
-        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("pivot"),
+        py::arg("pivot_r"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("soft_contrastive_row_grad", &ak::soft_contrastive_row_grad, py::arg("dtype"), py::arg("s"), py::arg("t"),
         py::arg("k"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
         py::arg("inv_tau_t"), py::arg("lse_s"), py::arg("lse_t"), py::arg("ds0"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("soft_contrastive_key_grad", &ak::soft_contrastive_key_grad, py::arg("dtype"), py::arg("s"), py::arg("t"),
         py::arg("k"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
-        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("g"), py::arg("dk"),
-        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("pivot"),
+        py::arg("pivot_r"), py::arg("g"), py::arg("dk"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("hard_negative_topk", &ak::hard_negative_topk, py::arg("dtype"), py::arg("a"), py::arg("k"), py::arg("ra"),
         py::arg("rk"), py::arg("ya"), py::arg("yk"), py::arg("ignore_label"), py::arg("N"), py::arg("K"),
         py::arg("D"), py::arg("k_out"), py::arg("values"), py::arg("indices"), py::arg("stream"),

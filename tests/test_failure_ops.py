@@ -351,9 +351,9 @@ def test_cuda_launchers_check_their_buffers_before_the_kernels_read_them():
         csoft.soft_contrastive_forward(s, t[:, :3], k, rs, rs, rk, 5.0, 10.0, True)
     with pytest.raises(ValueError, match=r"soft_contrastive_forward: buffer 'rk' must have shape \(9,\)"):
         csoft.soft_contrastive_forward(s, t, k, rs, rs, rk[:8], 5.0, 10.0, False)
-    loss, lse_s, lse_t, _ = csoft.soft_contrastive_forward(s, t, k, rs, rs, rk, 5.0, 10.0, False)
+    stats = csoft.soft_contrastive_forward(s, t, k, rs, rs, rk, 5.0, 10.0, False)[:5]
     with pytest.raises(ValueError, match=r"soft_contrastive_key_grad: buffer 'g' must have shape \(12,\)"):
-        csoft.soft_contrastive_key_grad(s, t, k, rs, rs, rk, 5.0, 10.0, loss, lse_s, lse_t, torch.ones(11))
+        csoft.soft_contrastive_key_grad(s, t, k, rs, rs, rk, 5.0, 10.0, *stats, torch.ones(11))
     ya, yk = torch.zeros(12, dtype=torch.int64), torch.ones(9, dtype=torch.int64)
     ctopk.hard_negative_topk(s, ya, k, yk, rs, rk, 4, -1)
     with pytest.raises(ValueError, match=r"hard_negative_topk: buffer 'key_labels' must have shape \(9,\)"):

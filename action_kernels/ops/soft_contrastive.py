@@ -39,22 +39,25 @@ def _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize):
 def soft_contrastive_rows(
     s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, normalize: bool,
     backend: str, with_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """s, t: (B, P, D) raw views; k: (K, D) -> loss (N,), lse_s (N,), lse_t (N,), ds0 (N, D) or (0,).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s, t: (B, P, D) raw views; k: (K, D) -> loss (N,), lse_s (N,), lse_t (N,), pivot (N,) int32, pivot_r (N,),
+    ds0 (N, D) or (0,).
 
     Normalisation (when asked) is fused: the kernels scale logits by per-row and per-key inverse norms instead of
     reading normalised copies. ds0 is dL/dŝ per unit upstream gradient, formed in the forward pass when with_grad.
+    pivot, pivot_r: what the backend's key gradient needs besides lse (the row's top teacher key and the exact
+    (log p - log q - KL) there: docs/kernels.md, op 1), -1 and 0 where the backend's key gradient recomputes them.
     NaN policy: a row with a non-finite value in s or t, or any non-finite key, has loss NaN and ds0 row NaN.
     """
     with torch.no_grad(), no_autocast(s.device):
         s, t, k, (rs, rt, rk), bad = _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize)
-        loss, lse_s, lse_t, ds0 = dispatch.kernels(OP, backend).soft_contrastive_forward(
+        loss, lse_s, lse_t, pivot, pivot_r, ds0 = dispatch.kernels(OP, backend).soft_contrastive_forward(
             s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad)
         nan = torch.tensor(float("nan"), dtype=loss.dtype, device=loss.device)
         loss = torch.where(bad, nan, loss)
         if with_grad:
             ds0 = torch.where(bad[:, None], nan, ds0)
-        return loss, lse_s, lse_t, ds0
+        return loss, lse_s, lse_t, pivot, pivot_r, ds0
 
 
 @soft_contrastive_rows.register_fake
@@ -62,34 +65,37 @@ def _(s, t, k, inv_tau_s, inv_tau_t, normalize, backend, with_grad):
     B, P, D = s.shape
     loss = s.new_empty((B * P,), dtype=work_dtype(s))
     ds0 = s.new_empty((B * P, D) if with_grad else (0,), dtype=work_dtype(s))
-    return loss, torch.empty_like(loss), torch.empty_like(loss), ds0
+    return (loss, torch.empty_like(loss), torch.empty_like(loss), s.new_empty((B * P,), dtype=torch.int32),
+            torch.empty_like(loss), ds0)
 
 
 @torch.library.custom_op("action_kernels::soft_contrastive_key_grad", mutates_args=())
 def soft_contrastive_key_grad(
     s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, inv_tau_s: float, inv_tau_t: float, normalize: bool,
-    loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, g: torch.Tensor, backend: str,
+    loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, pivot: torch.Tensor, pivot_r: torch.Tensor,
+    g: torch.Tensor, backend: str,
 ) -> torch.Tensor:
-    """dL/dk (K, D) (through the normalisation) given the forward's loss, lse_s, lse_t and the upstream g (N,).
+    """dL/dk (K, D) (through the normalisation) given the forward's loss, lse_s, lse_t, pivot, pivot_r and the
+    upstream g (N,).
     NaN policy: all NaN when any row or key is non-finite (every key reads every row)."""
     with torch.no_grad(), no_autocast(s.device):
         rk_raw = inverse_norms(k, normalize)
         k_raw = k
         s, t, k, (rs, rt, rk), bad = _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize)
         dk_hat = dispatch.kernels(OP, backend).soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t,
-                                                                         loss, lse_s, lse_t, g)
+                                                                         loss, lse_s, lse_t, pivot, pivot_r, g)
         dk = through_normalization(k_raw, rk_raw, dk_hat) if normalize else dk_hat
         return torch.where(bad.any(), torch.tensor(float("nan"), dtype=dk.dtype, device=dk.device), dk)
 
 
 @soft_contrastive_key_grad.register_fake
-def _(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g, backend):
+def _(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, pivot, pivot_r, g, backend):
     return k.new_empty(k.shape, dtype=work_dtype(s))
 
 
 def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, normalize, backend, g_loss, need_s: bool, need_k: bool):
     """dL/ds (or None) and dL/dk (or None) from the saved forward and the upstream per-row gradient g_loss (N,)."""
-    s, t, k, loss, lse_s, lse_t, ds0 = saved
+    s, t, k, loss, lse_s, lse_t, pivot, pivot_r, ds0 = saved
     ds = dk = None
     g = g_loss.to(loss.dtype)
     with torch.no_grad(), no_autocast(s.device):
@@ -102,8 +108,8 @@ def _row_and_key_grads(saved, inv_tau_s, inv_tau_t, normalize, backend, g_loss, 
                 ds_hat = through_normalization(s, inverse_norms(s, True), ds_hat)
             ds = ds_hat.to(s.dtype)
         if need_k:
-            dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, g,
-                                           backend).to(k.dtype)
+            dk = soft_contrastive_key_grad(s, t, k, inv_tau_s, inv_tau_t, normalize, loss, lse_s, lse_t, pivot,
+                                           pivot_r, g, backend).to(k.dtype)
     return once_differentiable(f"{OP} on backend {backend!r}", "its backward runs fused kernels",
                                "Use backend='torch' (the materialising reference, differentiable to any order) for "
                                "higher-order gradients", (ds, dk), (s, k))
@@ -118,10 +124,10 @@ def _save(ctx, inputs, output) -> None:
 
 def _setup_context(ctx, inputs, output):
     _save(ctx, inputs, output)
-    ctx.mark_non_differentiable(*output[1:])  # lse_s, lse_t, ds0
+    ctx.mark_non_differentiable(*output[1:])  # lse_s, lse_t, pivot, pivot_r, ds0
 
 
-def _backward(ctx, g_loss, _g_lse_s=None, _g_lse_t=None, _g_ds0=None):
+def _backward(ctx, g_loss, *_g_saved):
     ds, dk = _row_and_key_grads(ctx.saved_tensors, *ctx.args, g_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
     return ds, None, dk, None, None, None, None, None
 

@@ -2,7 +2,9 @@
 // chunk of logits, in one pass structure instead of ~14 separate torch elementwise passes.
 //
 // Given a = s Kᵀ/τ_s and b = t Kᵀ/τ_t for c rows (row-major, c x K, fp32), per row:
-//   lse_a, lse_b, loss = Σ_j p_j (b_j - a_j) - lse_b + lse_a, with p = softmax(b), q = softmax(a);
+//   lse_a, lse_b, loss = Σ_j p_j ((b_j - max b) - (a_j - max a)) - log l_b + log l_a, with p = softmax(b),
+//   q = softmax(a), l = Σ_j e^{x_j - max x} (the shifted form: at τ = 1e-4 the logits are ~1e4 and
+//   Σ p (b - a) - lse_b + lse_a would cancel to far below their fp32 rounding);
 //   with grad: a <- q - p in place (b is overwritten with e^{b - max b}).
 // Three sweeps over a row (max; exponentials and sums; q - p) that stay in L2 (a row is 2 x 4 K bytes). Reductions
 // keep V independent partial sums so they vectorise without -ffast-math (measured at c = 512, K = 8192 on 2 AVX2
@@ -68,20 +70,21 @@ void rows_range_t(float* a, float* b, int64_t r0, int64_t r1, int64_t K, float* 
     float vla[V] = {}, vlb[V] = {}, vcr[V] = {};
     for (int64_t j = 0; j < Kv; j += V)
       for (int l = 0; l < V; ++l) {
-        const float x = ai[j + l], y = bi[j + l];
-        const float ea = exp_nonpositive(x - ma), eb = exp_nonpositive(y - mb);
+        const float x = ai[j + l] - ma, y = bi[j + l] - mb;
+        const float ea = exp_nonpositive(x), eb = exp_nonpositive(y);
         vla[l] += ea; vlb[l] += eb; vcr[l] += eb * (y - x);
         if (grad) { ai[j + l] = ea; bi[j + l] = eb; }
       }
     float la = 0.f, lb = 0.f, cross = 0.f;
     for (int l = 0; l < V; ++l) { la += vla[l]; lb += vlb[l]; cross += vcr[l]; }
     for (int64_t j = Kv; j < K; ++j) {
-      const float ea = exp_nonpositive(ai[j] - ma), eb = exp_nonpositive(bi[j] - mb);
-      la += ea; lb += eb; cross += eb * (bi[j] - ai[j]);
+      const float x = ai[j] - ma, y = bi[j] - mb;
+      const float ea = exp_nonpositive(x), eb = exp_nonpositive(y);
+      la += ea; lb += eb; cross += eb * (y - x);
       if (grad) { ai[j] = ea; bi[j] = eb; }
     }
     const float lsa = ma + std::log(la), lsb = mb + std::log(lb);
-    loss[i] = cross / lb - lsb + lsa;
+    loss[i] = cross / lb - std::log(lb) + std::log(la);
     lse_a[i] = lsa;
     lse_b[i] = lsb;
     if (grad) {
