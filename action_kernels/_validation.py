@@ -173,7 +173,8 @@ def check_tau(name: str, tau) -> float:
         tau = float(tau)
     if not isinstance(tau, (int, float)) or isinstance(tau, bool):
         raise TypeError(f"{name} must be a positive float, got {type(tau).__name__}")
-    if not math.isfinite(tau) or tau < TAU_MIN:
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) tau is a symbolic float (they guard on it)
+    if not TAU_MIN <= tau < math.inf:  # NaN fails both
         raise ValueError(f"{name} must be a finite temperature >= {TAU_MIN:g} (e.g. 0.1), got {tau}"
                          + (f"; below {TAU_MIN:g} the logits cos/{name} exceed {1 / TAU_MIN:g} and float32 rounding "
                             f"of the cosines decides the result" if math.isfinite(tau) and tau > 0 else ""))
@@ -224,6 +225,16 @@ def check_keys(keys, ref_name: str, ref: torch.Tensor, d: int, allow_empty: bool
         raise ValueError(f"keys must hold at least one key (K >= 1), got an empty bank of shape {tuple(keys.shape)}")
 
 
+def _same_shape(shape, want: tuple) -> bool:
+    """Dimension by dimension (under torch.compile(dynamic=True) the sizes are symbolic: each == is a guard)."""
+    if len(shape) != len(want):
+        return False
+    for got, expected in zip(shape, want):
+        if got != expected:
+            return False
+    return True
+
+
 def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: bool = True,
                  ref_name: str = "student") -> torch.Tensor | None:
     """weight: (N,) for rows, (B, *spatial) or (N,) for maps of `ref_name`; finite and non-negative (one host sync,
@@ -235,7 +246,7 @@ def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: boo
     allowed = [(layout.rows,)]
     if layout.spatial:
         allowed.append((layout.batch, *layout.spatial))
-    if tuple(weight.shape) not in allowed:
+    if not any(_same_shape(weight.shape, a) for a in allowed):
         raise ValueError(
             f"weight must have shape {' or '.join(str(a) for a in allowed)} (one weight per row of {ref_name}), "
             f"got {tuple(weight.shape)}"
@@ -308,7 +319,7 @@ def check_soft_contrastive(student, teacher, keys, tau_student, tau_teacher, wei
     if teacher.shape != student.shape:
         raise ValueError(f"teacher must have the shape of student {tuple(student.shape)}, got {tuple(teacher.shape)}")
     check_same("teacher", teacher, "student", student)
-    check_keys(keys, "student", student, layout.features, allow_empty=False)
+    check_keys(keys, "student", student, layout.features, allow_empty=True)
     if layout.features == 0:
         raise ValueError(f"student must have a feature size D >= 1, got shape {tuple(student.shape)}")
     check_teacher_grad(teacher)
@@ -332,7 +343,7 @@ def check_soft_contrastive_views(s, t, k, tau_s, tau_t, teacher_needs_grad: bool
     tau_t, the dtype the call runs in)."""
     check_row_views("s", s)
     check_row_views("t", t, "s", s)
-    check_keys(k, "s", s, s.shape[2], allow_empty=False)
+    check_keys(k, "s", s, s.shape[2], allow_empty=True)
     if s.shape[2] == 0:
         raise ValueError(f"s must have a feature size D >= 1, got shape {tuple(s.shape)}")
     check_teacher_grad(t, teacher_needs_grad)

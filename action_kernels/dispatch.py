@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -281,7 +282,10 @@ def reference(op: str):
     the paths it checks)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
-    return getattr(importlib.import_module("action_kernels.reference"), f"{op}_ref")
+    # imported once (the package's __init__ does): torch.compile cannot trace importlib, so the imported module is
+    # looked up first
+    module = sys.modules.get("action_kernels.reference") or importlib.import_module("action_kernels.reference")
+    return getattr(module, f"{op}_ref")
 
 
 def _warn_once(op: str, device_type: str, chosen: str, rejected: list[str]) -> None:

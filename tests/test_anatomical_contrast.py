@@ -251,3 +251,15 @@ def test_autograd_function_equals_the_functional(negatives):
     q2 = q.clone().requires_grad_(True)  # only the queries need a gradient (the reference setting)
     ak.AnatomicalContrastLossFunction.apply(q2, yq, protos, keys, yk).backward()
     assert q2.grad is not None and torch.isfinite(q2.grad).all()
+
+
+@pytest.mark.parametrize("backend", ("torch",) + FUSED)
+def test_anatomical_loss_with_an_empty_bank_is_zero_with_zero_gradients(backend):
+    require(backend)
+    q = torch.randn(6, 8, requires_grad=True)
+    keys = torch.randn(0, 8, requires_grad=True)
+    no_labels = torch.zeros(0, dtype=torch.long)
+    loss = ak.anatomical_contrast_loss(q, torch.arange(6) % 3, torch.randn(3, 8), keys, no_labels, 0.5, "topk", 4,
+                                       backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(q.grad).all() and keys.grad.shape == (0, 8)

@@ -204,3 +204,18 @@ def test_chunked_topk_key_gradient_is_row_chunked_like_its_forward():
     assert out.returncode == 0, out.stderr[-2000:]
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     assert peaks["True"] <= 2 * peaks["False"] and peaks["True"] < 160, peaks
+
+
+@pytest.mark.parametrize("backend", ("torch",) + FAST_ON_CPU + INTERPRETED_ON_CPU)
+def test_topk_with_an_empty_bank_pads_and_differentiates_to_zero(backend):
+    # K = 0 with D % 4 != 0 (the cuda launcher refused: the empty keys were not "uniform rows"), and the backward with
+    # keys.requires_grad (chunked and cuda scattered into a (c, 0) block)
+    require(backend)
+    for d in (16, 13):
+        a = torch.randn(5, d, requires_grad=True)
+        keys = torch.randn(0, d, requires_grad=True)
+        values, idx = ak.hard_negative_topk(a, torch.zeros(5, dtype=torch.long), keys, torch.zeros(0, dtype=torch.long),
+                                            3, backend=backend)
+        assert bool((values == float("-inf")).all()) and bool((idx == -1).all())
+        values.masked_fill(torch.isinf(values), 0.0).sum().backward()
+        assert torch.equal(a.grad, torch.zeros_like(a)) and keys.grad.shape == (0, d)

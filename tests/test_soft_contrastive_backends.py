@@ -271,3 +271,24 @@ def test_fp16_key_gradient_keeps_its_range_for_tiny_upstream_gradients(backend):
         out.append(soft_contrastive_key_grad(s3, t3, kk, 10.0, 20.0, True, *stats, g.to(stats[0].dtype), name))
     assert out[0].abs().max() > 0
     assert_close(f"fp16 key grad at g = 1e-8 [{backend} seed={seed}]", out[0].double(), out[1], torch.float16, 0.05)
+
+
+@pytest.mark.parametrize("backend", ("torch",) + FUSED)
+def test_empty_bank_gives_a_zero_loss_that_keeps_the_graph(backend):
+    # K = 0 (an empty memory bank at the start of training): no distribution to match, so the loss is 0 and
+    # backward gives zero gradients to student and keys, on every backend, through the functional and the Function
+    require(backend)
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.randn(2, 6, 3, 3).to(dtype).requires_grad_(True)
+        k = torch.randn(0, 6).to(dtype).requires_grad_(True)
+        loss = ak.soft_contrastive_loss(s, torch.randn(2, 6, 3, 3).to(dtype), k, backend=backend)
+        loss.backward()
+        assert loss.item() == 0.0 and loss.grad_fn is not None
+        assert torch.equal(s.grad, torch.zeros_like(s)) and k.grad.shape == (0, 6)
+        rows = ak.soft_contrastive_loss(s, s.detach(), k, reduction="none", backend=backend)
+        assert rows.shape == (18,) and bool((rows == 0).all())
+    if backend != "torch":
+        s = torch.randn(1, 5, 4, requires_grad=True)
+        k = torch.randn(0, 4, requires_grad=True)
+        SoftContrastiveLossFunction.apply(s, torch.randn(1, 5, 4), k, 0.1, 0.01, True, backend).sum().backward()
+        assert torch.equal(s.grad, torch.zeros_like(s)) and k.grad.shape == (0, 4)

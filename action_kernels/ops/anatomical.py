@@ -99,7 +99,10 @@ def _class_graph_draws(prototypes, yq, yk, num_negatives, tau, generator, ignore
     cls = torch.multinomial(safe, num_negatives, replacement=True, generator=generator)  # (Q, n)
     order = torch.argsort(torch.where(valid_keys, yk, C), stable=True)  # valid keys grouped by class
     starts = torch.cumsum(counts, 0) - counts
-    u = torch.rand(cls.shape, generator=generator, device=device)
+    # without a generator, no generator argument: torch.rand(..., generator=None) has no symbolic-shape form, which
+    # broke torch.compile(dynamic=True, fullgraph=True) (a user generator cannot enter a compiled graph at all)
+    u = torch.rand(cls.shape, device=device) if generator is None else \
+        torch.rand(cls.shape, generator=generator, device=device)
     within = (u * counts[cls]).long().clamp_max_(counts[cls].clamp_min(1) - 1)
     idx = order[(starts[cls] + within).clamp_max(max(order.numel() - 1, 0))]
     return torch.where(has_any[:, None], idx, -1)

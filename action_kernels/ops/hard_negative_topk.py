@@ -112,7 +112,9 @@ def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bo
             da = through_normalization(a3, ra.view(B, P), da)
         nan_a = nan_out.any(1) if nan_rows is None else nan_out.any(1) | nan_rows
         da = torch.where(nan_a.view(B, P, 1), _nan_like(da), da).to(a3.dtype)
-    if need_k:
+    if need_k and k_hat.shape[0] == 0:  # an empty bank: nothing was selected, nothing to scatter into
+        dk = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device)
+    elif need_k:
         if _dense(idx.shape[1], k_hat.shape[0]):
             dk = torch.zeros_like(k_hat)
             step = _row_chunk(k_hat.shape[0], 1)

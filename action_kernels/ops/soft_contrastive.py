@@ -51,13 +51,26 @@ def soft_contrastive_rows(
     """
     with torch.no_grad(), no_autocast(s.device):
         s, t, k, (rs, rt, rk), bad = _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize)
-        loss, lse_s, lse_t, pivot, pivot_r, ds0 = dispatch.kernels(OP, backend).soft_contrastive_forward(
-            s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad)
+        if k.shape[0] == 0:
+            loss, lse_s, lse_t, pivot, pivot_r, ds0 = _empty_bank(s, with_grad)
+        else:
+            loss, lse_s, lse_t, pivot, pivot_r, ds0 = dispatch.kernels(OP, backend).soft_contrastive_forward(
+                s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad)
         nan = torch.tensor(float("nan"), dtype=loss.dtype, device=loss.device)
         loss = torch.where(bad, nan, loss)
         if with_grad:
             ds0 = torch.where(bad[:, None], nan, ds0)
         return loss, lse_s, lse_t, pivot, pivot_r, ds0
+
+
+def _empty_bank(s: torch.Tensor, with_grad: bool):
+    """K = 0 keys: no distribution to match, so every row's loss is 0 and its gradient 0 (the op's outputs for an
+    empty bank, on every backend; lse = -inf, the log of an empty sum)."""
+    B, P, D = s.shape
+    loss = torch.zeros(B * P, dtype=work_dtype(s), device=s.device)
+    lse = torch.full_like(loss, float("-inf"))
+    ds0 = torch.zeros((B * P, D) if with_grad else (0,), dtype=loss.dtype, device=s.device)
+    return loss, lse, lse.clone(), torch.full((B * P,), -1, dtype=torch.int32, device=s.device), loss.clone(), ds0
 
 
 @soft_contrastive_rows.register_fake
@@ -82,6 +95,8 @@ def soft_contrastive_key_grad(
         rk_raw = inverse_norms(k, normalize)
         k_raw = k
         s, t, k, (rs, rt, rk), bad = _prepared(s, t, k, inv_tau_s, inv_tau_t, normalize)
+        if k.shape[0] == 0:
+            return torch.zeros(k.shape, dtype=work_dtype(s), device=s.device)
         dk_hat = dispatch.kernels(OP, backend).soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t,
                                                                          loss, lse_s, lse_t, pivot, pivot_r, g)
         dk = through_normalization(k_raw, rk_raw, dk_hat) if normalize else dk_hat
@@ -191,12 +206,14 @@ def soft_contrastive_loss(
     student, teacher and keys may differ in float dtype (a bf16 student with an fp32 bank): they are promoted.
     The same answer inside and outside torch.autocast. Once differentiable on the fused backends (double backward
     raises; backend="torch" is differentiable to any order).
+    An empty bank (K = 0) gives a loss of 0 that keeps the graph: backward gives zero gradients to student and keys
+    (the op's outputs for K = 0 on every backend).
     NaN policy (README, "NaN and Inf"): a non-finite value in a student or teacher row makes that row's loss NaN,
     one in keys every row's; its gradient rows are NaN likewise (the key gradient when any row is NaN).
 
     Raises:
         ValueError / TypeError: shapes, feature sizes, dtypes or devices that do not match, tau < 1e-4, negative
-        or non-finite weights, an empty bank, a teacher that requires grad, normalize=False with logits beyond
+        or non-finite weights, a teacher that requires grad, normalize=False with logits beyond
         the float32 range. RuntimeError: a forced backend that cannot run.
 
     Example:
