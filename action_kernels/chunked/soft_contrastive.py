@@ -114,7 +114,7 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
     lse_t = torch.empty_like(loss)
     ds0 = torch.empty((N, D) if with_grad else (0,), dtype=work, device=s.device)
     native = _native_kernels(s)
-    step = _chunk_rows(K, buffers=2 if native is not None else 3)
+    step = min(_chunk_rows(K, buffers=2 if native is not None else 3), max(N, 1))
     if native is not None:
         buffers = torch.empty((2, step, K), dtype=work, device=s.device)
     scale_s, scale_t = rs.to(work) * inv_tau_s, rt.to(work) * inv_tau_t

@@ -16,14 +16,19 @@ import torch
 
 from action_kernels._rows import to_rows, work_dtype
 from action_kernels._validation import (
+    ValueChecks,
     check_anatomical_contrast,
     check_class_graph_negatives,
     check_class_prototypes,
+    check_ignore_label,
+    check_indexed_cosine,
+    check_k,
     common_dtype,
+    row_layout,
 )
 from action_kernels.ops._autograd import no_autocast, once_differentiable
 from action_kernels.ops._normalization import inverse_norms, nonfinite_rows
-from action_kernels.ops.hard_negative_topk import hard_negative_topk, indexed_cosine
+from action_kernels.ops.hard_negative_topk import _indexed_cosine_op, _topk
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -137,19 +142,27 @@ def anatomical_contrast_loss(
     Example:
         >>> loss = anatomical_contrast_loss(q, yq, protos.detach(), pix.detach(), pix_labels, tau=0.5)
     """
+    checks = ValueChecks()  # every value check of the call read in one host sync (the top-k op's, with "topk")
     yq, yk, tau = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau, negatives,
-                                            reduction, ignore_label)
+                                            reduction, ignore_label, checks)
     C = prototypes.shape[0]
     dtype = common_dtype(queries, prototypes, keys)
     with no_autocast(queries.device):
         queries, prototypes, keys = queries.to(dtype), prototypes.to(dtype), keys.to(dtype)
         if isinstance(negatives, torch.Tensor):
-            neg = indexed_cosine(queries, keys, negatives)
+            _, idx, _ = check_indexed_cosine(queries, keys, negatives, checks)
+            checks.verify()
+            neg = _indexed_cosine_op(queries.unsqueeze(0), keys, idx, True)
         elif negatives == "topk":
-            neg = hard_negative_topk(queries, yq, keys, yk, num_negatives, ignore_label, backend=backend)[0]
+            layout = row_layout("queries", queries)
+            neg = _topk(queries, layout, yq, keys, yk, check_k(num_negatives), check_ignore_label(ignore_label), True,
+                        backend, dtype, checks)[0]
         else:  # "class_graph"
-            idx = class_graph_negatives(prototypes, yq, yk, num_negatives, tau, generator, ignore_label)
-            neg = indexed_cosine(queries, keys, idx)
+            protos, _, _, _ = check_class_graph_negatives(prototypes, yq, yk, num_negatives, tau, ignore_label, checks)
+            checks.verify()
+            with no_autocast(protos.device):
+                idx = _class_graph_draws(protos, yq, yk, num_negatives, tau, generator, ignore_label)
+            neg = _indexed_cosine_op(queries.unsqueeze(0), keys, idx, True)
         work = neg.dtype
         # cos(q, μ_y) on unit rows whose norms cannot overflow (F.cosine_similarity gives 0 at |x| ~ 1e30)
         q, mu = queries.to(work), prototypes.to(work)[yq]
