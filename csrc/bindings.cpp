@@ -106,6 +106,9 @@ PYBIND11_MODULE(AK_MODULE, m) {
   m.def("soft_contrastive_rows_cpu", &ak::soft_contrastive_rows_cpu, py::arg("a"), py::arg("b"), py::arg("rows"),
         py::arg("K"), py::arg("loss"), py::arg("lse_a"), py::arg("lse_b"), py::arg("grad"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_rows_isa", &ak::cpu_rows_isa,
+        "the instruction set of soft_contrastive_rows_cpu's sweeps: avx512, avx2 or default (ATEN_CPU_CAPABILITY "
+        "caps it)");
   m.def("hard_negative_topk_rows_cpu", &ak::hard_negative_topk_rows_cpu, py::arg("sim"), py::arg("rows"),
         py::arg("K"), py::arg("row_labels"), py::arg("key_labels"), py::arg("ignore_label"), py::arg("k"),
         py::arg("values"), py::arg("indices"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());

@@ -53,6 +53,8 @@ bool uniform_rows(RowsArg rows, int64_t nrows, const std::string& dtype);
 // With grad, a becomes q - p (softmax(a) - softmax(b)) and b is overwritten.
 void soft_contrastive_rows_cpu(uintptr_t a, uintptr_t b, int64_t rows, int64_t K, uintptr_t loss, uintptr_t lse_a,
                                uintptr_t lse_b, bool grad, int threads);
+// The instruction set those row sweeps run with: "avx512", "avx2" or "default" (capped by ATEN_CPU_CAPABILITY).
+std::string cpu_rows_isa();
 
 // Host build only (csrc/cpu): top-k selection over a block of similarities for the chunked hard-negative path.
 // sim: (rows, K) fp32 contiguous; row_labels (rows,), key_labels (K,) int64; values (rows, k) fp32 and indices
