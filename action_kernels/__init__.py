@@ -10,7 +10,9 @@ Public API:
     SoftContrastiveLossFunction, HardNegativeTopkFunction, IndexedCosineFunction, AnatomicalContrastLossFunction
                                                              the ops as drop-in autograd Functions
     *_ref                                                    materialising plain-torch references
+    set_value_checks(enabled)                                value checks on or off (host syncs: docs/kernels.md)
 """
+from action_kernels._validation import set_value_checks
 from action_kernels._version import __version__
 from action_kernels.bank import MemoryBank
 from action_kernels.nn import AnatomicalContrastLoss, HardNegativeMiner, SoftContrastiveLoss
@@ -38,4 +40,4 @@ __all__ = ["AnatomicalContrastLoss", "AnatomicalContrastLossFunction", "HardNega
            "IndexedCosineFunction", "MemoryBank", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
            "anatomical_contrast_loss", "anatomical_contrast_loss_ref", "class_graph_negatives", "class_prototypes",
            "class_prototypes_ref", "hard_negative_topk", "hard_negative_topk_ref", "indexed_cosine",
-           "soft_contrastive_loss", "soft_contrastive_loss_ref", "__version__"]
+           "set_value_checks", "soft_contrastive_loss", "soft_contrastive_loss_ref", "__version__"]

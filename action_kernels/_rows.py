@@ -42,5 +42,6 @@ def reduce_rows(loss: torch.Tensor, weight: torch.Tensor | None, reduction: str)
     total = weighted.sum()
     if reduction == "sum":
         return total
-    denom = weight.sum().to(loss.dtype) if weight is not None else loss.new_tensor(float(loss.numel()))
-    return total / denom.clamp_min(torch.finfo(loss.dtype).tiny)
+    if weight is None:
+        return total / max(loss.numel(), 1)
+    return total / weight.sum().to(loss.dtype).clamp_min(torch.finfo(loss.dtype).tiny)

@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels._rows import to_rows, work_dtype
+from action_kernels._rows import as_row_view, to_rows, work_dtype
 from action_kernels._validation import (
+    ValueChecks,
     check_anatomical_contrast,
     check_class_graph_negatives,
     check_class_prototypes,
+    check_ignore_label,
+    check_indexed_cosine,
+    check_k,
     common_dtype,
 )
 from action_kernels.ops._autograd import no_autocast, once_differentiable
 from action_kernels.ops._normalization import inverse_norms, nonfinite_rows
-from action_kernels.ops.hard_negative_topk import hard_negative_topk, indexed_cosine
+from action_kernels.ops.hard_negative_topk import _indexed_cosine_op, _topk
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -44,29 +48,36 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     them for the reference setting).
 
     NaN policy: prototype c is NaN when a row labelled c (not ignore_label, whatever its weight) is non-finite;
-    other classes are unaffected. The sums run on features divided by a power of two near their largest |value|
-    (exact), so means of values near the dtype's limit do not overflow."""
+    other classes are unaffected. Counts and sums run in fp32 (fp64 for fp64 features: a bf16 count saturates at
+    256, an fp16 one at 2,048), on each class's counted rows divided by a power of two near that class's largest
+    |value| (exact), so means of values near the dtype's limit do not overflow; rows that do not count (ignored,
+    weight 0) take no part, not even in the scale. Returned in the features' dtype."""
     _, y, weight = check_class_prototypes(features, labels, num_classes, weight, ignore_label)
     with no_autocast(features.device):
         rows = to_rows(features)
-        w = torch.ones(y.shape, dtype=rows.dtype, device=rows.device) if weight is None else weight.to(rows.dtype)
+        work = work_dtype(rows)
+        x = rows.to(work)
+        w = torch.ones(y.shape, dtype=work, device=x.device) if weight is None else weight.to(work)
         keep = y != ignore_label
-        zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
-        bad = nonfinite_rows(rows)
+        zero = torch.zeros((), dtype=work, device=x.device)
+        bad = nonfinite_rows(x)
         w = torch.where(keep, w, zero)
         cls = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
-        clean = torch.where(bad[:, None], zero, rows)
-        m = clean.detach().abs().amax() if clean.numel() else zero
-        # a power of two within a factor 2 below max |x|: an exact division, sums of N rows then need N < 2^126
-        scale = torch.ldexp(torch.ones_like(m), torch.frexp(m).exponent - 1)
-        sums = rows.new_zeros(num_classes, rows.shape[1]).index_add(0, cls, (clean / scale) * w[:, None])
-        totals = rows.new_zeros(num_classes).index_add(0, cls, w)
-        bad_class = torch.zeros(num_classes, dtype=rows.dtype, device=rows.device).index_add(
-            0, cls, (bad & keep).to(rows.dtype)) > 0
+        counted = keep & (w > 0) & ~bad
+        clean = torch.where(counted[:, None], x, zero)  # rows that do not count are an exact 0, however large
+        row_max = clean.detach().abs().amax(dim=1) if x.shape[1] else torch.zeros_like(w)
+        class_max = torch.zeros(num_classes, dtype=work, device=x.device).scatter_reduce(0, cls, row_max, "amax")
+        # per class, a power of two within a factor 2 below its max |x|: an exact division, sums of N rows then
+        # need N < 2^126, and one class's magnitude does not push another's values below the range
+        scale = torch.ldexp(torch.ones_like(class_max), torch.frexp(class_max).exponent - 1)
+        sums = x.new_zeros(num_classes, x.shape[1]).index_add(0, cls, (clean / scale[cls, None]) * w[:, None])
+        totals = x.new_zeros(num_classes).index_add(0, cls, w)  # a non-finite row counts here: its class is NaN
+        bad_class = torch.zeros(num_classes, dtype=work, device=x.device).index_add(
+            0, cls, (bad & keep).to(work)) > 0
         present = totals > 0
-        protos = sums / totals.clamp_min(torch.finfo(rows.dtype).tiny)[:, None] * scale
-        return torch.where(bad_class[:, None], torch.tensor(float("nan"), dtype=rows.dtype, device=rows.device),
-                           protos), present
+        protos = sums / totals.clamp_min(torch.finfo(work).tiny)[:, None] * scale[:, None]
+        protos = torch.where(bad_class[:, None], torch.tensor(float("nan"), dtype=work, device=x.device), protos)
+        return protos.to(rows.dtype), present
 
 
 def class_graph_negatives(prototypes: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
@@ -105,7 +116,10 @@ def _class_graph_draws(prototypes, yq, yk, num_negatives, tau, generator, ignore
     cls = torch.multinomial(safe, num_negatives, replacement=True, generator=generator)  # (Q, n)
     order = torch.argsort(torch.where(valid_keys, yk, C), stable=True)  # valid keys grouped by class
     starts = torch.cumsum(counts, 0) - counts
-    u = torch.rand(cls.shape, generator=generator, device=device)
+    # without a generator, no generator argument: torch.rand(..., generator=None) has no symbolic-shape form, which
+    # broke torch.compile(dynamic=True, fullgraph=True) (a user generator cannot enter a compiled graph at all)
+    u = torch.rand(cls.shape, device=device) if generator is None else \
+        torch.rand(cls.shape, generator=generator, device=device)
     within = (u * counts[cls]).long().clamp_max_(counts[cls].clamp_min(1) - 1)
     idx = order[(starts[cls] + within).clamp_max(max(order.numel() - 1, 0))]
     return torch.where(has_any[:, None], idx, -1)
@@ -148,19 +162,27 @@ def anatomical_contrast_loss(
     Example:
         >>> loss = anatomical_contrast_loss(emb_map, label_map, protos.detach(), bank.keys(), bank.labels())
     """
-    _, yq, yk, tau, reduction, w = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau,
-                                                             negatives, reduction, ignore_label, weight)
+    checks = ValueChecks()  # every value check of the call read in one host sync (the top-k op's, with "topk")
+    layout, yq, yk, tau, reduction, w = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels,
+                                                                  tau, negatives, reduction, ignore_label, weight,
+                                                                  checks)
     C = prototypes.shape[0]
     dtype = common_dtype(queries, prototypes, keys)
     with no_autocast(queries.device):
         queries, prototypes, keys = queries.to(dtype), prototypes.to(dtype), keys.to(dtype)
         if isinstance(negatives, torch.Tensor):
-            neg = indexed_cosine(queries, keys, negatives)
+            _, idx, _ = check_indexed_cosine(queries, keys, negatives, checks)
+            checks.verify()
+            neg = _indexed_cosine_op(as_row_view(queries, layout), keys, idx, True)
         elif negatives == "topk":
-            neg = hard_negative_topk(queries, yq, keys, yk, num_negatives, ignore_label, backend=backend)[0]
+            neg = _topk(queries, layout, yq, keys, yk, check_k(num_negatives), check_ignore_label(ignore_label), True,
+                        backend, dtype, checks)[0]
         else:  # "class_graph"
-            idx = class_graph_negatives(prototypes, yq, yk, num_negatives, tau, generator, ignore_label)
-            neg = indexed_cosine(queries, keys, idx)
+            protos, _, _, _ = check_class_graph_negatives(prototypes, yq, yk, num_negatives, tau, ignore_label, checks)
+            checks.verify()
+            with no_autocast(protos.device):
+                idx = _class_graph_draws(protos, yq, yk, num_negatives, tau, generator, ignore_label)
+            neg = _indexed_cosine_op(as_row_view(queries, layout), keys, idx, True)
         work = neg.dtype
         # dropped: ignored, or a class without a prototype (all zeros: no direction, z+ would be a silent 0)
         labelled = yq != ignore_label
