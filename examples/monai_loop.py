@@ -93,7 +93,7 @@ def train(iterations: int = 30, dims: int = 2, size: int = 32, batch: int = 4, n
             with torch.no_grad():
                 _, emb_t = teacher(image)
             seg = dice_ce(logits, label)
-            local = ak.soft_contrastive_loss(emb, emb_t, local_bank.keys()) if local_bank.count else emb.sum() * 0.0
+            local = ak.soft_contrastive_loss(emb, emb_t, local_bank.keys())  # 0, graph kept, while the bank is empty
             protos, _ = ak.class_prototypes(class_bank.keys(), class_bank.labels(), num_classes)
             anat = ak.anatomical_contrast_loss(emb, label.long(), protos, class_bank.keys(), class_bank.labels(),
                                                num_negatives=64)

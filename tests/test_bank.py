@@ -183,13 +183,7 @@ def test_a_compiled_module_holding_an_empty_then_filling_bank_compiles_at_most_t
     head, counter = _Head(), CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(head, backend=counter, fullgraph=True)
     x, y = torch.randn(2, 6, 4, 4, generator=g), torch.randint(0, 3, (2, 4, 4), generator=g)
-    try:
-        empty = compiled(x, y)
-    except Exception as e:  # noqa: BLE001 - only the known failure skips
-        if "cannot compute the inf norm" not in str(e):
-            raise
-        pytest.skip("class_prototypes of an empty bank fails in torch.compile's fake tensors (an inf norm over a "
-                    "(0, D) tensor inside the op): graph breaks and meta tensors inside the ops are issue 26's")
+    empty = compiled(x, y)  # failed once: torch.compile's fake inf norm refused the empty (0, D) bank
     assert empty.item() == 0.0 and empty.requires_grad  # no prototypes yet: every query dropped, graph kept
     _fill_and_compare(head, compiled, x, y, g, 6)
     assert counter.frame_count == 2
@@ -198,12 +192,7 @@ def test_a_compiled_module_holding_an_empty_then_filling_bank_compiles_at_most_t
 def test_an_empty_bank_gives_a_zero_soft_loss_that_keeps_the_graph():
     bank = ak.MemoryBank(16, 4)
     student = torch.randn(3, 4, requires_grad=True)
-    try:
-        loss = ak.soft_contrastive_loss(student, torch.randn(3, 4), bank.keys())
-    except ValueError as e:
-        if "K >= 1" not in str(e):
-            raise
-        pytest.skip("soft_contrastive_loss refuses an empty bank (K = 0) until issue 26 lands (a graph-keeping zero)")
+    loss = ak.soft_contrastive_loss(student, torch.randn(3, 4), bank.keys())
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(student.grad, torch.zeros_like(student))
