@@ -88,6 +88,7 @@ def test_topk_labels_outside_int32_are_compared_exactly(ttk):
     assert_topk_equal(got, hard_negative_topk_ref(a, ya, keys, yk, 16, ignore_label=-1), "int64 labels")
 
 
+@pytest.mark.slow
 def test_topk_selection_by_tl_topk_matches_the_interpreter_shortcut(ttk, monkeypatch):
     a, ya, kk, yk = _make(16, 100, 24, 3, _seed(), skew=True)
     fast = ak.hard_negative_topk(a, ya, kk, yk, 12, backend="triton")
