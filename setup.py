@@ -10,9 +10,9 @@ ACTION_KERNELS_BUILD selects what is built:
   cpu             `_C_cpu` only.
   none            nothing: the package still works through its Triton and torch backends.
 CUDA_ARCHS (default "80;90") lists the SM architectures for the CUDA flavour. ACTION_KERNELS_BUILD_JOBS (or MAX_JOBS;
-default: the CPUs this process may use) caps the compiler threads running at once: the .cu files compile side by
-side and nvcc --threads compiles each file's architectures side by side. `pip install -v .` shows each compile
-step's start and finish with the elapsed time. CMakeLists.txt builds the same targets.
+default: the CPUs this process may use) caps the compilers running at once: the files compile side by side, the
+longest first, and nvcc --threads compiles each file's architectures side by side. `pip install -v .` shows each
+compile step's start and finish with the elapsed time. CMakeLists.txt builds the same targets.
 """
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def _python_includes() -> list[str]:
 
 
 def build_jobs() -> int:
-    """How many compile threads run at once: ACTION_KERNELS_BUILD_JOBS, else MAX_JOBS (PyTorch extensions' variable),
-    else the CPUs this process may use."""
+    """How many compilers run at once: ACTION_KERNELS_BUILD_JOBS, else MAX_JOBS (PyTorch extensions' variable), else
+    the CPUs this process may use."""
     for name in JOBS_VARS:
         value = os.environ.get(name, "").strip()
         if value:
@@ -103,13 +103,11 @@ def build_jobs() -> int:
 
 @dataclass
 class Step:
-    """One compiler run: what the progress lines call it, its command, the CPU threads it takes (nvcc's --threads
-    compiles the architectures of one file side by side), and its estimated cost, which orders the queue (the
-    longest first, so that no long compile starts last)."""
+    """One compiler run: what the progress lines call it, its command, and its estimated cost, which orders the queue
+    (the longest first, so that no long compile starts last)."""
 
     what: str
     cmd: list[str]
-    threads: int = 1
     cost: float = 0.0
 
 
@@ -127,27 +125,25 @@ def nvcc_cost(src: str, targets: int) -> float:
 
 
 def run_steps(steps: list[Step], jobs: int) -> None:
-    """Runs `steps` as subprocesses in their order, as many at once as `jobs` CPU threads allow, printing each start
-    and finish with the build's elapsed time (and every minute what is still compiling); at the first failure stops
-    the others and raises with the failed command."""
+    """Runs `steps` as subprocesses in their order, `jobs` at once, printing each start and finish with the build's
+    elapsed time (and every minute what is still compiling); at the first failure stops the others and raises with
+    the failed command."""
     t0, last = time.monotonic(), [time.monotonic()]
 
     def say(msg: str) -> None:
         print(f"[action_kernels build {time.monotonic() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
         last[0] = time.monotonic()
 
-    pending, running, free, n = list(steps), {}, jobs, len(steps)
+    pending, running, n = list(steps), {}, len(steps)
     while pending or running:
-        while pending and (pending[0].threads <= free or not running):
+        while pending and len(running) < jobs:
             step = pending.pop(0)
             index = n - len(pending)
             say(f"start {index}/{n}: {step.what}")
             running[subprocess.Popen(step.cmd, cwd=HERE)] = (step, index, time.monotonic())
-            free -= step.threads
         time.sleep(0.2)
         for proc in [p for p in running if p.poll() is not None]:
             step, index, started = running.pop(proc)
-            free += step.threads
             if proc.returncode != 0:
                 for other in running:
                     other.terminate()
@@ -163,15 +159,16 @@ def run_steps(steps: list[Step], jobs: int) -> None:
 
 class BuildKernels(build_ext):
     """Compiles every module with nvcc / the host compiler directly (no torch, no ninja needed): the object files of
-    all modules through one queue, the long nvcc compiles first, as many at once as build_jobs() threads allow
-    (nvcc --threads compiles one file's architectures side by side), then links each module."""
+    all modules through one queue, the longest compiles first, build_jobs() at once (nvcc --threads compiles one
+    file's architectures side by side: nvcc's host-side passes are serial, so an nvcc run counts as one job), then
+    links each module."""
 
     def build_extensions(self) -> None:
         self.check_extensions_list(self.extensions)
         jobs = build_jobs()
         plans = [self._plan(ext) for ext in self.extensions]
         compiles = sorted((step for steps, _ in plans for step in steps), key=lambda s: -s.cost)
-        _say(f"compiling {len(compiles)} files, up to {jobs} compiler threads at once (ACTION_KERNELS_BUILD_JOBS "
+        _say(f"compiling {len(compiles)} files, {jobs} at once (ACTION_KERNELS_BUILD_JOBS "
              f"or MAX_JOBS to change; `pip install -v` shows this progress)")
         run_steps(compiles, jobs)
         run_steps([link for _, link in plans], jobs)
@@ -210,14 +207,14 @@ class BuildKernels(build_ext):
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
         targets = ", ".join([f"sm_{a}" for a in archs] + [f"PTX {archs[-1]}"])
-        threads = min(len(gencode), build_jobs())  # nvcc >= 11.2 (sm_90 needs 11.8)
+        threads = len(gencode)  # one per target (nvcc >= 11.2 has --threads; sm_90 needs 11.8)
         steps, objs = [], []
         for src in CUDA_SOURCES:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             objs.append(obj)
             steps.append(Step(f"{module}: {src} (nvcc: {targets}; --threads {threads})",
                               [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I" + CSRC, *gencode,
-                               f"--threads={threads}", "-c", src, "-o", obj], threads, nvcc_cost(src, len(gencode))))
+                               f"--threads={threads}", "-c", src, "-o", obj], nvcc_cost(src, len(gencode))))
         bind_obj = os.path.join(tmp, "bindings.o")
         steps.append(Step(f"{module}: {BINDINGS} (host C++)",
                           [find_cxx(), "-O2", "-std=c++17", "-g0", "-fPIC", "-fvisibility=hidden",
