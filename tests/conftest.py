@@ -64,7 +64,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for a missing GPU or CUDA build, for other reasons, each with its most frequent reasons."""
     if config.option.collectonly:
         return
-    deselected = len(terminalreporter.stats.get("deselected", []))
+    # -k deselects too: count only the slow-marked items
+    deselected = len([item for item in terminalreporter.stats.get("deselected", [])
+                      if hasattr(item, "get_closest_marker") and item.get_closest_marker("slow")])
     if deselected and "not slow" in (config.getoption("markexpr", "") or ""):
         terminalreporter.write_line(f"slow tests left out: {deselected} deselected by -m {config.option.markexpr!r} "
                                     f"(the full suite: pytest -m \"slow or not slow\"; docs/testing.md)")
