@@ -15,6 +15,7 @@ import torch
 
 import action_kernels as ak
 from action_kernels import dispatch
+from action_kernels.testing import ALLOWANCES, assert_allowed
 
 # -- data: $ACTION_ACDC (the variable the CLI reads), else ../shared/data beside the repository (CI provides it) -------
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
@@ -68,6 +69,25 @@ def free_port() -> int:
 def fresh_seed() -> int:
     """A new seed per run (printed in failure messages): inputs are fresh random tensors every time."""
     return time.time_ns() % (2**31)
+
+
+# -- checks of the ops' outputs -------------------------------------------------------------------------------------
+TIE = ALLOWANCES["topk_values_fp32"].atol  # fp32 cosines closer than this to the reference's are ties
+
+
+def assert_topk_equal(got, ref, where):
+    """A top-k result (values, indices) equals the reference's: padding, values within the fp32 allowance, and index
+    sets equal up to ties (where values tie within rounding, the order may differ only among them)."""
+    (v, i), (v0, i0) = got, ref
+    assert v.dtype == torch.float32 and i.dtype == torch.int64, where
+    assert torch.equal(torch.isfinite(v), torch.isfinite(v0)), f"padding differs [{where}]"
+    fin = torch.isfinite(v0)
+    assert_allowed(f"values [{where}]", v[fin], v0[fin], "topk_values_fp32")
+    mismatch = i != i0
+    if mismatch.any():
+        close = (v - v0).abs() <= TIE
+        assert bool(close[mismatch].all()), f"indices differ beyond ties [{where}]"
+    assert torch.equal(i[~fin], torch.full_like(i[~fin], -1)), f"padding indices [{where}]"
 
 
 # -- inputs of the ops ---------------------------------------------------------------------------------------------

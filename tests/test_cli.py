@@ -46,6 +46,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         main(["train", "--size", "abc"])
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys, monkeypatch):
     nib = pytest.importorskip("nibabel")

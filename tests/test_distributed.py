@@ -31,6 +31,7 @@ def rows(path):
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_two_gloo_processes_match_one_process_with_the_same_shards(tmp_path):
     script = tmp_path / "train.py"
@@ -65,6 +66,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_shards(tmp_path):
     assert len(rows(multi / "train.csv")) == 6
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_ranks_accumulating_with_unused_parameters_match_one_process(tmp_path):
     """pretrain-global uses the bottleneck, not the decoder (DDP's unused parameters keep no gradient, as in one

@@ -92,3 +92,17 @@ def test_doc_block_runs_as_pasted(block, tmp_path, monkeypatch):
         monkeypatch.setenv("ACTION_ACDC", os.path.abspath(ACDC))
     monkeypatch.chdir(tmp_path)
     run_block(block)
+
+
+def test_ci_runs_the_readme_full_suite_command_and_the_readme_names_the_fast_one():
+    """README.md's Testing section names two commands, the fast default and the full suite; .ci/run runs the full
+    suite's exactly, so the two cannot drift apart."""
+    readme = (ROOT / "README.md").read_text()
+    assert "\n## Testing\n" in readme, "README.md needs a ## Testing section naming both test commands"
+    testing = readme.split("\n## Testing\n", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"`([^`]*pytest[^`]*)`", testing)
+    full = [c for c in commands if '-m "slow or not slow"' in c]
+    fast = [c for c in commands if " -m " not in c]
+    assert len(full) == 1 and fast, f"README.md's Testing section: one full-suite and a fast command, got {commands}"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert full[0] in ci, f".ci/run must run the README's full-suite command as a line of its own: {full[0]!r}"

@@ -79,6 +79,7 @@ def test_supervised_run_saves_resumes_identically_and_evaluates(tmp_path):
     assert len(os.listdir(tmp_path / "eval" / "overlays")) == 1
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_resume_after_sigkill_continues_with_identical_losses(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"

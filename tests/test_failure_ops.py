@@ -341,6 +341,7 @@ def test_fused_soft_loss_gives_exact_first_derivatives_and_refuses_a_second(back
         torch.autograd.grad((ds * ds).sum() + (dk * dk).sum(), (s, k))
 
 
+@pytest.mark.slow
 def test_topk_values_and_indexed_cosine_pass_gradgradcheck_on_the_torch_side_paths():
     a, ya, keys, yk = _topk_inputs()
     a, keys = a.double().requires_grad_(True), keys.double().requires_grad_(True)
@@ -456,6 +457,7 @@ def _limited(K: int, k: int) -> subprocess.CompletedProcess:
                           cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_native_topk_allocation_failure_in_a_worker_thread_is_a_python_exception():
     """An allocation failure inside a std::thread terminated the process (exit 134) with no Python exception, so a
     trainer could not save: each thread's heap of 2^24 entries (128 MiB) does not fit under a 64 MiB margin."""
@@ -464,6 +466,7 @@ def test_native_topk_allocation_failure_in_a_worker_thread_is_a_python_exception
     assert "RESULT MemoryError" in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 def test_native_topk_reserves_at_most_k_candidates_per_thread_when_k_exceeds_k_keys():
     """k = 2^23 with K = 4 keys: the old reserve(k) took 64 MiB per thread, more than the 64 MiB margin."""
     out = _limited(4, 1 << 23)
@@ -471,6 +474,7 @@ def test_native_topk_reserves_at_most_k_candidates_per_thread_when_k_exceeds_k_k
     assert "RESULT ok 0 -inf" in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 def test_a_source_tree_that_shadows_the_installed_package_warns_loudly_with_the_fix(tmp_path):
     """`python -m action_kernels.env_report` from the repository root of a non-editable install imported the
     source tree (no compiled modules): 'not built', about 10x slower top-k, no warning."""

@@ -273,6 +273,7 @@ def test_resume_reads_a_train_log_with_the_old_dice_column(tmp_path):
 
 
 # -- signals: SIGTERM and SIGHUP save like Ctrl-C, without a traceback -----------------------------------------------
+@pytest.mark.slow
 @needs_acdc
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_stop_signal_saves_last_pt_and_exits_without_traceback(tmp_path, signum):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "gpu", "gpu_check.sh")
 STEPS = ("build", "kernel_report", "gpu_tests", "bench_soft", "bench_topk", "ddp")
@@ -17,6 +19,7 @@ FILES = {"summary.md", "steps.log", "env.txt", "kernel_report.json", "kernel_rep
          "bench_results.tar.gz", "ddp.log"}
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_and_writes_every_file(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1", PYTHON=sys.executable)
     done = subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -110,6 +110,7 @@ def test_compact_copy_keeps_labels_exactly_and_images_within_float16_rounding(tm
     assert manifest["image_max_abs_error"] <= 2.0 ** -12
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_dry_run_runs_every_step_writes_every_file_and_prints_the_per_class_table_last(tmp_path):
     """Also the fallback: the Triton backend cannot run on CPU tensors outside the interpreter, so the ACTION stages

@@ -69,6 +69,7 @@ def _where(row, k):
             f"{k.get('kernel')} ({tiles}, {k.get('num_warps')} warps, {k.get('num_stages')} stages)")
 
 
+@pytest.mark.slow
 def test_every_triton_config_compiles_without_local_memory(report):
     assert not report["triton"]["skipped"], report["triton"]["skipped"]
     bad = []
@@ -81,18 +82,21 @@ def test_every_triton_config_compiles_without_local_memory(report):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_every_triton_config_can_launch(report):
     bad = [f"{_where(row, k)}: {k['occupancy']['limited_by']}" for row, k in _triton_kernels(report)
            if "error" not in k and k["occupancy"]["ctas_per_sm"] < 1]
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_every_triton_kernel_with_a_dot_uses_tensor_cores(report):
     bad = [f"{_where(row, k)}: no HGMMA/HMMA (FFMA {k['ffma']})" for row, k in _triton_kernels(report)
            if "error" not in k and k["dot"] and k["tensor_instructions"] == 0]
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_report_covers_every_op_dtype_dim_and_mode(report):
     seen = {(r["arch"], r["op"], r["mode"], r["dtype"], r["D"], r["k"]) for r in report["triton"]["rows"]}
     want = {(a, e.op, e.mode, e.dtype, e.D, e.k) for a in ARCHS for e in matrix.entries(dtypes=DTYPES, dims=DIMS)}
@@ -100,6 +104,7 @@ def test_report_covers_every_op_dtype_dim_and_mode(report):
     assert all(r["estimate_ms"] and r["floor_ms"] > 0 for r in report["triton"]["rows"])
 
 
+@pytest.mark.slow
 def test_dumped_cubins_are_the_ones_reported(report):
     cubins = os.path.join(report["_dir"], "cubins")
     with open(os.path.join(cubins, "manifest.json")) as f:
@@ -122,6 +127,7 @@ def _cuda_violations(k):
     return v
 
 
+@pytest.mark.slow
 def test_cuda_kernels_meet_the_bar_or_their_known_limits_entry(report):
     assert not report["cuda"]["skipped"], report["cuda"]["skipped"]
     with open(KNOWN_LIMITS) as f:
@@ -290,6 +296,7 @@ def _reuse_the_reports_cubins(report, monkeypatch):
     monkeypatch.setattr(cuda_aot, "subprocess", types.SimpleNamespace(run=nvcc_or_run))
 
 
+@pytest.mark.slow
 def test_cuda_estimates_use_the_extensions_launch_plan(report, monkeypatch, tmp_path):
     """The consumer side of launch_plans(op, mode, dtype, N, K, D, k) with a fake plan naming a real kernel."""
     _need_tools()

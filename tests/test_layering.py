@@ -41,3 +41,14 @@ def test_installed_packages_import_nothing_from_tools():
             if bad:
                 offenders[str(path.relative_to(ROOT))] = bad
     assert not offenders, f"installed modules importing the developer tools (not installed): {offenders}"
+
+
+def test_no_test_module_imports_another():
+    """What test files share lives in tests/helpers.py (or conftest.py): a test module imported by another would run
+    its tests' module-level code twice and tie the two files' edits together."""
+    offenders = {}
+    for path in (ROOT / "tests").glob("*.py"):
+        bad = sorted(m for m in _imported_modules(path) if m.split(".")[0].startswith("test_"))
+        if bad:
+            offenders[path.name] = bad
+    assert not offenders, f"test modules importing other test modules (move the shared code to helpers.py): {offenders}"

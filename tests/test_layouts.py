@@ -66,6 +66,7 @@ def test_pairs_layout_accepts_channel_suffixes_and_names_missing_labels(tmp_path
     assert detect_layout(str(tmp_path / "nothing")) == "hdf5"
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_converted_acdc_trains_evaluates_and_predicts_through_every_command(tmp_path, capsys):
     """`action data convert` (3 volumes per list) -> nnU-Net raw layout -> train (2D, at the median spacing; a

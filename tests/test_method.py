@@ -164,6 +164,7 @@ def test_pipeline_hands_each_stage_the_previous_weights(tmp_path):
     assert all(r == {"skipped": True} for r in again.values())
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_finetune_resume_after_sigkill_restores_banks_ema_and_losses(tmp_path):
     def script(out):

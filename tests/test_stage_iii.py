@@ -203,6 +203,7 @@ def test_audit_needs_ground_truth_of_the_unlabelled_images(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @needs_acdc
 def test_ssl_protocol_dry_run_runs_every_arm_and_writes_the_table(tmp_path):
     out = tmp_path / "protocol"
