@@ -8,10 +8,10 @@ for it, so one sample's choices never shift another's. Only what a sample chose 
 per group of samples that chose them, warps and noise for the samples a transform applies to (intensity and blur
 for the whole batch once any sample is chosen, so their rounding cannot depend on the batch's composition); a
 transform that chooses no sample returns its input. The outputs equal, bit for bit, those of the implementation
-that computed every branch for every sample (tests/test_augment_equivalence.py). Geometric transforms move image, label and confidence
-together (bilinear for the image, nearest for label and confidence; pixels that come from outside the image get
-image 0, label 0 and confidence 0); intensity transforms touch the image only; cutout marks its box as
-`ignore_index` in the label and 0 in the confidence. No PIL, no 8-bit round trip.
+that computed every branch for every sample (tests/test_augment_equivalence.py). Geometric transforms move image,
+label and confidence together (bilinear for the image, nearest for label and confidence; pixels that come from
+outside the image get image 0, label 0 and confidence 0); intensity transforms touch the image only; cutout marks
+its box as `ignore_index` in the label and 0 in the confidence. No PIL, no 8-bit round trip.
 """
 from __future__ import annotations
 
