@@ -191,7 +191,7 @@ def _names(text: str | None) -> list[str] | None:
 def _image_items(folder: str, labels: str | None, channels: int = 1):
     """(name, image file or one file per channel, label or None) of an image folder (and its label folder), in any
     format action.data.image_io reads: nnU-Net channel names allowed, `_0000` .. per case for several channels."""
-    from action.data.image_io import ENDINGS, ending_of
+    from action.data.filenames import ENDINGS, ending_of
     from action.data.layouts import channel_groups
     from action.data.nifti import label_path
 

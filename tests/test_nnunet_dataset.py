@@ -303,3 +303,35 @@ def test_a_two_channel_mha_dataset_with_an_ignore_label_trains_evaluates_and_pre
                                                                                        "s6.mha"))
         assert got.data.shape == src.data.shape and np.allclose(got.affine, src.affine, atol=1e-5)
         assert set(np.unique(got.data)) <= {0, 1, 2}
+
+
+@needs_nifti
+def test_training_data_holds_every_channel_and_the_ignore_label_as_255(tmp_path):
+    """What the trainer reads from a two-channel dataset with an ignore label: (N, 2, S, S) slices, labels in
+    {0, 1, 2, 255} (3 never), volumes (2, Z, H, W); 3D patches are never centred on an ignored voxel."""
+    from action.config import build_config
+    from action.data.sampling import random_patches
+    from action.data.training import resolve_input_channels, training_data
+
+    root = fixture_dataset(tmp_path / "ds", ending=".nii.gz")
+    cfg = build_config("smoke", overrides={"data": str(root), "out": str(tmp_path / "r"), "num_classes": 3,
+                                           "threads": 1, "fold": 1, "labelled_patients": 2})
+    data = training_data(cfg, uses_unlabelled=True, progress=False)
+    assert resolve_input_channels(cfg, data) == 2 and cfg.in_channels == 2
+    assert data.images.shape[1:] == (2, 64, 64) and data.unlabelled.shape[1] == 2
+    assert set(data.labels.unique().tolist()) == {0, 1, 2, IGNORE_INDEX}
+    assert not torch.equal(data.images[:, 0], data.images[:, 1])
+    assert data.val_names == crossval_folds([f"s{i}" for i in range(6)])[1]["val"]
+    cfg3 = build_config(None, overrides={"data": str(root), "out": str(tmp_path / "r3"), "num_classes": 3,
+                                         "dims": 3, "size": 64, "patch": [16, 32, 32], "threads": 1})
+    volumes = training_data(cfg3, uses_unlabelled=False, progress=False)
+    assert volumes.images[0].shape[0] == 2 and volumes.images[0].shape[1:] == volumes.labels[0].shape
+    label = volumes.labels[0].clone()
+    label[label > 0] = IGNORE_INDEX
+    label[0, 0, 0] = 1  # the one foreground voxel left
+    for seed in range(5):
+        _, patch = random_patches(volumes.images[0], label, (16, 32, 32), 1, torch.Generator().manual_seed(seed),
+                                  foreground_p=1.0)
+        assert (patch == 1).any()
+    with pytest.raises(ValueError, match="in_channels=1: the training data .* has 2 input channel"):
+        resolve_input_channels(build_config("smoke", overrides={"data": str(root), "in_channels": 1}), data)

@@ -8,6 +8,7 @@ header; predictions are turned back and written with the source's header).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,16 +67,16 @@ def nifti_cases(items, orientation: str | None = None, num_classes: int | None =
     being mapped to IGNORE_INDEX; case names distinct (checked before the first case is read). Each error names
     the file."""
     from action.data.checks import finite_image, labels_in_range
-    from action.data.image_io import read_volume
-    from action.data.nifti import case_name, load_pair, reorient
+    from action.data.image_io import read_pair, read_volume
+    from action.data.nifti import case_name, reorient
     from action.data.nnunet import IGNORE_INDEX
 
     items = [item if len(item) == 3 else (case_name(_first(item[0])), *item) for item in items]
     unique_case_names([name for name, _, _ in items], [_first(image) for _, image, _ in items])
     for name, image_paths, label_path in items:
-        paths = (image_paths,) if isinstance(image_paths, str) else tuple(image_paths)
+        paths = _paths(image_paths)
         if label_path is not None:
-            source, label = load_pair(paths[0], label_path)
+            source, label = read_pair(paths[0], label_path)
             data = label.data
             if ignore_label is not None:
                 data = np.where(data == ignore_label, IGNORE_INDEX, data)
@@ -99,8 +100,15 @@ def nifti_cases(items, orientation: str | None = None, num_classes: int | None =
                    tuple(reversed(image.spacing[:3])), source, turn)
 
 
+def _paths(image_paths) -> tuple[str, ...]:
+    """One image path (str or path-like) or a sequence of them (one per channel) -> a tuple of str."""
+    if isinstance(image_paths, (str, os.PathLike)):
+        return (os.fspath(image_paths),)
+    return tuple(os.fspath(p) for p in image_paths)
+
+
 def _first(image_paths) -> str:
-    return image_paths if isinstance(image_paths, str) else image_paths[0]
+    return _paths(image_paths)[0]
 
 
 def _channel(path: str, first):

@@ -13,37 +13,13 @@ import os
 
 import numpy as np
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
-SITK_ENDINGS = (".gipl.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl")
-ENDINGS = NIFTI_ENDINGS + SITK_ENDINGS
+from action.data.filenames import ENDINGS, NIFTI_ENDINGS, ending_of
+
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS world coordinates (its own inverse)
 
 
 class MissingExtraError(ImportError, ValueError):
     """An optional dependency is not installed (a ValueError too, so the command line prints it as one line)."""
-
-
-def ending_of(path: str) -> str | None:
-    """The known image file ending of a path (".nii.gz", ".mha", ...), None for any other file."""
-    name = os.path.basename(path).lower()
-    return next((e for e in ENDINGS if name.endswith(e)), None)
-
-
-def strip_ending(path: str) -> str:
-    """A file name without directory and image ending: `imagesTr/la_003_0000.nii.gz` -> `la_003_0000`."""
-    name = os.path.basename(path)
-    ending = ending_of(name)
-    return name[:-len(ending)] if ending else name
-
-
-def image_files(folder: str, ending: str | None = None) -> list[str]:
-    """The image files of a folder, sorted: those with `ending` when given (dataset.json's file_ending), else the
-    NIfTI ones (.nii, .nii.gz)."""
-    if not os.path.isdir(folder):
-        return []
-    wanted = (ending.lower(),) if ending else NIFTI_ENDINGS
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if n.lower().endswith(wanted) and not n.startswith("."))
 
 
 def sitk():
@@ -94,6 +70,14 @@ def read_volume(path: str, dtype=None):
     if dtype is not None:
         data = data.astype(dtype)
     return Volume(np.ascontiguousarray(data), _affine(image), tuple(float(s) for s in image.GetSpacing()), path)
+
+
+def read_pair(image_path: str, label_path: str):
+    """An image and its label map of any supported format (action.data.nifti.load_pair's checks: shape, affine,
+    finite image, integral labels) -> (image Volume float32, label Volume int64)."""
+    from action.data.nifti import load_pair
+
+    return load_pair(image_path, label_path, read_volume)
 
 
 def read_geometry(path: str) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -99,7 +99,7 @@ def _folder_cases(images_dir: str, labels_dir: str | None, nnunet: bool, ending:
                   channels: int = 1) -> list[NiftiCase]:
     """Cases of an image folder (files ending in `ending`, default .nii / .nii.gz), each with its label map from
     labels_dir when one exists; nnU-Net channel files (`<case>_<CCCC>`) grouped per case (channel_groups)."""
-    from action.data.image_io import image_files
+    from action.data.filenames import image_files
     from action.data.nifti import label_path
 
     cases = []

@@ -42,7 +42,7 @@ def case_name(path: str, channel_suffix: bool = False) -> str:
     """A case's name from an image path: the file name without its image ending (.nii.gz, .mha, ...:
     action.data.image_io); with channel_suffix also without nnU-Net's channel suffix (`la_003_0000.nii.gz` ->
     `la_003`)."""
-    from action.data.image_io import strip_ending
+    from action.data.filenames import strip_ending
 
     name = strip_ending(path)
     stem, sep, channel = name.rpartition("_")
@@ -153,14 +153,15 @@ def reoriented_geometry(affine: np.ndarray, shape, target: str):
     return forward, backward, turned, spacing
 
 
-def load_pair(image_path: str, label_path: str) -> tuple[Volume, Volume]:
+def load_pair(image_path: str, label_path: str, read=None) -> tuple[Volume, Volume]:
     """An image and its label map, checked to share shape and affine (the error names both files), the image to
     be finite and the label map integral (action.data.checks: a float map with fractions is an error, never
-    truncated)."""
+    truncated). read: path, dtype -> Volume (default load_nifti; action.data.image_io.read_pair passes its reader
+    of every format)."""
     from action.data.checks import finite_image, label_map
-    from action.data.image_io import read_volume  # NIfTI here, other formats through SimpleITK
 
-    image, label = read_volume(image_path, np.float32), read_volume(label_path)
+    read = read or load_nifti
+    image, label = read(image_path, np.float32), read(label_path)
     finite_image(image.data, image_path)
     if image.data.shape != label.data.shape:
         raise ValueError(f"{image_path} shape {image.data.shape} != {label_path} shape {label.data.shape}")
@@ -185,7 +186,7 @@ def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:
 def label_path(image: str, labels_dir: str) -> str | None:
     """The label map of `image` in `labels_dir`: the same file name, or the name without nnU-Net's channel suffix
     (`case_0000.nii.gz` -> `case.nii.gz`, `case_0001.mha` -> `case.mha`); None when neither exists."""
-    from action.data.image_io import ending_of
+    from action.data.filenames import ending_of
 
     ending = ending_of(image) or ".nii.gz"
     for name in (os.path.basename(image), case_name(image, True) + ending):
@@ -198,7 +199,7 @@ def label_path(image: str, labels_dir: str) -> str | None:
 def folder_pairs(images_dir: str, labels_dir: str) -> list[tuple[str, str]]:
     """(image, label) paths of a generic layout: an images folder and a labels folder with the same file names (an
     image's nnU-Net channel suffix `_0000` allowed: imagesTs/case_0000.nii.gz pairs with labelsTs/case.nii.gz)."""
-    from action.data.image_io import ENDINGS, ending_of
+    from action.data.filenames import ENDINGS, ending_of
 
     images = sorted(p for p in glob.glob(os.path.join(images_dir, "*")) if ending_of(p))
     if not images:

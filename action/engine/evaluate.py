@@ -79,7 +79,8 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
     cases. Two cases of one name are an error before the second is predicted (its files would replace the first's)."""
     from tqdm.auto import tqdm
 
-    from action.data.image_io import ending_of, write_volume
+    from action.data.filenames import ending_of
+    from action.data.image_io import write_volume
     from action.data.nifti import save_nifti
 
     metrics = SegmentationMetrics(num_classes, class_names)
