@@ -239,30 +239,31 @@ def test_a_transform_that_chooses_no_sample_returns_its_input_untouched():
 
 
 
-def test_only_the_chosen_samples_are_rotated_and_warped(monkeypatch):
-    """rot90 runs on the samples whose k is not 0 (each once), grid_sample on the samples the affine chose: the old
-    implementation rotated the whole batch three times and warped every sample."""
-    seen = {"rot90": 0, "grid_sample": 0}
-    rot90, grid_sample = torch.rot90, F.grid_sample
+def test_each_sample_is_permuted_once_and_only_chosen_samples_are_warped(monkeypatch):
+    """flip_rot90 flips each sample once (its flips and rotation composed: nothing for a sample that keeps its
+    orientation) and calls no rot90; grid_sample runs on the samples the affine chose. The old implementation
+    flipped and rotated the whole batch once per axis and per k, and warped every sample."""
+    seen = {"flipped": 0, "rot90": 0, "grid_sample": 0}
+    flip, grid_sample = torch.Tensor.flip, F.grid_sample
 
-    def counting_rot90(t, k, dims):
-        seen["rot90"] += t.shape[0]
-        return rot90(t, k, dims)
+    def counting_flip(t, *dims):
+        seen["flipped"] += t.numel()
+        return flip(t, *dims)
 
     def counting_grid_sample(t, grid, **kw):
         seen["grid_sample"] += t.shape[0]
         return grid_sample(t, grid, **kw)
 
-    monkeypatch.setattr(torch, "rot90", counting_rot90)
+    monkeypatch.setattr(torch.Tensor, "flip", counting_flip)
+    monkeypatch.setattr(torch, "rot90", lambda *a, **k: seen.__setitem__("rot90", seen["rot90"] + 1))
     monkeypatch.setattr(F, "grid_sample", counting_grid_sample)
     image, label, confidence = batch(16, 1, (24, 24), 3)
     g = torch.Generator().manual_seed(5)
-    state = g.get_state()
     flip_rot90(image, label, confidence, generator=g, flip_p=0.5)
-    g.set_state(state)
-    torch.rand((16, 2), generator=g)  # the flips, then the rotations flip_rot90 drew
-    rotated = int((torch.randint(0, 4, (16,), generator=g) != 0).sum())
-    assert seen["rot90"] == 3 * rotated  # image, label, confidence of each rotated sample
+    g = torch.Generator().manual_seed(5)
+    flips, ks = torch.rand((16, 2), generator=g) < 0.5, torch.randint(0, 4, (16,), generator=g)
+    moved = int((flips.any(1) | (ks != 0)).sum())  # a sample with no flip and k = 0 is not flipped
+    assert seen["flipped"] <= 3 * moved * 24 * 24 and seen["rot90"] == 0  # at most once per field and sample
     chosen = torch.rand(16, generator=torch.Generator().manual_seed(9)) < 0.5
     random_affine(image, label, confidence, generator=torch.Generator().manual_seed(9), p=0.5)
     assert seen["grid_sample"] == 2 * int(chosen.sum())  # the image, then label and confidence together

@@ -71,9 +71,8 @@ def flip_rot90(image, label=None, confidence=None, *, generator, flip_p=0.5, rot
     """Per sample: each spatial axis flipped with probability flip_p; a rotation by k*90 degrees in the last two
     axes, k uniform in {0, 1, 2, 3} (in {0, 2} when those axes differ in length). Exact (a permutation).
 
-    Each sample's own flips and rotation only: samples are grouped by their (flips, k) choice and every group is
-    permuted once (a flip over several axes, then rot90), so the work is one pass over the batch whatever the
-    choices; the identity group is copied as it is."""
+    Each sample's own flips and rotation only: a sample's flips and rotation are one flip of some axes and an
+    optional swap of the last two (_flip_rot_plan), copied once into the output, whatever the choices."""
     _check(image, label, confidence)
     B, nd = image.shape[0], image.dim() - 2
     flips = _uniform((B, nd), 0, 1, generator, image.device) < flip_p
@@ -83,36 +82,32 @@ def flip_rot90(image, label=None, confidence=None, *, generator, flip_p=0.5, rot
         ks = (ks // 2) * 2
     if not rot90:
         ks = torch.zeros_like(ks)
-    # one code per sample: bit a = flip of spatial axis a, then k in the bits above
-    codes = (flips.long() << torch.arange(nd, device=flips.device)).sum(1) + (ks << nd)
-    groups = {}
-    for b, code in enumerate(codes.tolist()):
-        groups.setdefault(code, []).append(b)
-    if list(groups) == [0]:  # nobody flipped or rotated
+    plans = [_flip_rot_plan(nd, [a for a in range(nd) if f[a]], int(k)) for f, k in zip(flips.tolist(), ks.tolist())]
+    if all(not axes and not swap for axes, swap in plans):  # nobody flipped or rotated
         return image, label, confidence
 
-    def permute(t):
+    def permute(t):  # t (B, C, *S): each sample copied once through its own flips (and axis swap)
         if t is None:
             return None
-        out = None if len(groups) == 1 else torch.empty_like(t)
-        for code, members in groups.items():
-            axes = [2 + a for a in range(nd) if code >> a & 1]
-            k = code >> nd
-            if len(groups) == 1:
-                part = t
-            else:
-                idx = torch.tensor(members, device=t.device)
-                part = t.index_select(0, idx)
-            if axes:
-                part = part.flip(axes)
-            if k:
-                part = torch.rot90(part, k, dims=(-2, -1))
-            if out is None:
-                return part.contiguous()
-            out.index_copy_(0, idx, part)
+        if len({(tuple(axes), swap) for axes, swap in plans}) == 1:  # one plan for the whole batch
+            axes, swap = plans[0]
+            x = t.flip([2 + a for a in axes]) if axes else t
+            return (x.transpose(-2, -1) if swap else x).contiguous()
+        out = torch.empty_like(t)
+        for b, (axes, swap) in enumerate(plans):
+            x = t[b].flip([1 + a for a in axes]) if axes else t[b]
+            out[b].copy_(x.transpose(-2, -1) if swap else x)
         return out
 
     return permute(image), *(None if t is None else permute(t.unsqueeze(1)).squeeze(1) for t in (label, confidence))
+
+
+def _flip_rot_plan(nd: int, flipped: list[int], k: int) -> tuple[list[int], bool]:
+    """The flips of spatial axes `flipped` followed by rot90 by k in the last two axes, as one flip of some axes and
+    an optional swap of the last two (torch.rot90 by 1 is a flip of the last axis then the swap, by 2 a flip of
+    both, by 3 a flip of the second-last then the swap) -> (axes to flip, swap)."""
+    axes = set(flipped) ^ {0: set(), 1: {nd - 1}, 2: {nd - 2, nd - 1}, 3: {nd - 2}}[k % 4]
+    return sorted(axes), k % 2 == 1
 
 
 def random_affine(image, label=None, confidence=None, *, generator, p=0.5, degrees=15.0, scale=(0.9, 1.1),
