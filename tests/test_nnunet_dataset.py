@@ -13,9 +13,10 @@ import torch
 
 pytest.importorskip("nibabel", reason="NIfTI I/O needs nibabel (pip install nibabel)")
 
+from action.data.labels import IGNORE_INDEX  # noqa: E402
 from action.data.layouts import NiftiLayout  # noqa: E402
 from action.data.nifti import save_nifti  # noqa: E402
-from action.data.nnunet import IGNORE_INDEX, DatasetSpec, crossval_folds  # noqa: E402
+from action.data.nnunet import DatasetSpec, crossval_folds  # noqa: E402
 from helpers import ACDC, NIFTI, needs_acdc, needs_nifti  # noqa: E402
 
 # the folds scikit-learn's KFold(5, shuffle=True, random_state=12345) gives 7 sorted names (the val lists; printed

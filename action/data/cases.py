@@ -68,8 +68,8 @@ def nifti_cases(items, orientation: str | None = None, num_classes: int | None =
     the file."""
     from action.data.checks import finite_image, labels_in_range
     from action.data.image_io import read_pair, read_volume
+    from action.data.labels import IGNORE_INDEX
     from action.data.nifti import case_name, reorient
-    from action.data.nnunet import IGNORE_INDEX
 
     items = [item if len(item) == 3 else (case_name(_first(item[0])), *item) for item in items]
     unique_case_names([name for name, _, _ in items], [_first(image) for _, image, _ in items])

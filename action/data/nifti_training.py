@@ -83,8 +83,8 @@ class _NiftiData:
 
     def _setup(self, cfg, need_unlabelled: bool):
         from action.data.image_io import read_geometry
+        from action.data.labels import IGNORE_INDEX
         from action.data.nifti import axis_codes, reoriented_geometry
-        from action.data.nnunet import IGNORE_INDEX
 
         self.cfg = cfg
         self.layout = NiftiLayout(cfg.data)
@@ -129,7 +129,7 @@ class _NiftiData:
     def _load(self, case, with_label: bool):
         """One training volume -> (image (Z, H, W) or (C, Z, H, W) normalised, label (Z, H, W) or None, resampled
         in-plane)."""
-        from action.data.nnunet import IGNORE_INDEX
+        from action.data.labels import IGNORE_INDEX
 
         [item] = self._read([case], with_label, self._prep.orientation)
         image = self._prep.normalise(item.image)

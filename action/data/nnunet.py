@@ -6,7 +6,8 @@ dataset.json (`DatasetSpec.read`):
                    `<case>_0000<ending>`, `<case>_0001<ending>`, ... ; the networks take them as input channels
     labels         {"background": 0, "liver": 1, ...} (v1: {"0": "background", ...}); the values must be 0 .. K-1.
                    A label named "ignore" (the highest value, as nnU-Net requires) marks unannotated voxels: it is
-                   mapped to IGNORE_INDEX when label maps are read and no loss or metric counts those voxels.
+                   mapped to the package's IGNORE_INDEX (action.data.labels) when label maps are read, and no
+                   loss, augmentation or metric counts those voxels.
                    Region labels (a list of values, e.g. "organs": [1, 2, 3], nnU-Net's region-based training with
                    overlapping sigmoid outputs) are refused with the reason: ACTION's pseudo-labels, confidences and
                    anatomical contrast are defined on one softmax class per voxel.
@@ -23,9 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# the label value the training package ignores in every loss, augmentation and metric (action.engine.losses,
-# action.data.augment.AugmentConfig.ignore_index, action.metrics); a dataset's `ignore` label is mapped to it
-IGNORE_INDEX = 255
 NNUNET_SEED, NNUNET_FOLDS = 12345, 5
 
 

@@ -104,7 +104,7 @@ def ct_statistics(cases, samples: int = CT_SAMPLES_PER_CASE, seed: int = 1234) -
     channel (lower, upper, mean, std): the 0.5 and 99.5 percentiles, mean and standard deviation of `samples`
     foreground voxels (label > 0, the ignore label excluded) drawn with replacement from every case (numpy's
     RandomState(seed) per case, as nnU-Net's fingerprint draws them), pooled over the cases."""
-    from action.data.nnunet import IGNORE_INDEX
+    from action.data.labels import IGNORE_INDEX
 
     pooled: list[list[np.ndarray]] = []
     for image, label in cases:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from action.data.nnunet import IGNORE_INDEX
+from action.data.labels import IGNORE_INDEX
 
 
 def run_seed(seed: int, step: int) -> int:
@@ -99,7 +99,7 @@ def random_patches(image: torch.Tensor, label: torch.Tensor | None, patch: tuple
     img = F.pad(img, pad)
     lab = F.pad(label, pad) if label is not None else None
     shape = img.shape[1:]
-    # foreground: a class other than background, not an ignored voxel (action.data.nnunet.IGNORE_INDEX)
+    # foreground: a class other than background, not an ignored voxel (action.data.labels.IGNORE_INDEX)
     fg = torch.nonzero((lab > 0) & (lab != IGNORE_INDEX)) if lab is not None else torch.empty(0, 3, dtype=torch.long)
     images, labels = [], []
     for _ in range(count):

@@ -117,7 +117,7 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
 def fast_dice(pred: torch.Tensor, gt: torch.Tensor, num_classes: int) -> list[float]:
     """Dice per foreground class of one volume (both empty -> 1), for validation during training; voxels labelled
     IGNORE_INDEX in gt (a dataset's ignore label) count for neither side."""
-    from action.data.nnunet import IGNORE_INDEX
+    from action.data.labels import IGNORE_INDEX
 
     valid = gt != IGNORE_INDEX
     out = []

@@ -7,8 +7,9 @@ Conventions (those of medpy.metric.binary, which the ACTION and SSL4MIS evaluati
   it), from every surface voxel of one mask to the nearest surface voxel of the other, by distance transforms.
 - HD95 = 95th percentile of the distances in both directions pooled; ASD = mean distance from the prediction's
   surface to the ground truth's (medpy's `asd`, one-directional); ASSD = mean over both directions pooled.
-- Voxels whose ground truth is IGNORE_INDEX (255: a dataset's `ignore` label, action.data.nnunet) are left out:
-  both masks are restricted to the other voxels (nnU-Net's evaluation does the same for Dice).
+- Voxels whose ground truth is IGNORE_INDEX (255, action.data.labels; a dataset's `ignore` label is read as it,
+  action.data.nnunet) are left out: both masks are restricted to the other voxels (nnU-Net's evaluation does the
+  same for Dice).
 - Empty cases are explicit: both masks empty -> Dice 1, Jaccard 1, distances 0; exactly one empty -> Dice 0,
   Jaccard 0, distances NaN (summaries count them separately, never as 0).
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from action.data.nnunet import IGNORE_INDEX
+from action.data.labels import IGNORE_INDEX
 
 METRICS = ("dice", "jaccard", "hd95", "asd", "assd")
 
