@@ -20,6 +20,7 @@ from action.data.preprocessing import (
     ct_statistics,
     intensity_quantiles,
     resampled_size,
+    resize_inplane,
     sample_values,
 )
 
@@ -44,9 +45,7 @@ def training_spacing(spec: str | None, spacings: list[tuple[float, float]]) -> t
 
 def _resize(image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]):
     """(Z, H, W) or (C, Z, H, W) image (bilinear) and (Z, H, W) label (nearest) -> (..., Z, *size)."""
-    x = image if image.dim() == 4 else image[None]
-    x = F.interpolate(x.movedim(0, 1), size=size, mode="bilinear", align_corners=False).movedim(1, 0)
-    image = x if image.dim() == 4 else x[0]
+    image = resize_inplane(image, size)
     if label is not None:
         label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
     return image, label

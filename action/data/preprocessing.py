@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 INTENSITY = ("minmax", "zscore", "ct", "none")
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
@@ -186,6 +187,13 @@ class Preprocessing:
                           f"different modality or intensity scale than the model was trained on? The prediction "
                           f"may be wrong.", InputRangeWarning, stacklevel=2)
         return distance
+
+
+def resize_inplane(volume: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(Z, H, W) or (C, Z, H, W) -> the same with every slice resized to `size` (bilinear), each channel alike."""
+    x = volume if volume.dim() == 4 else volume[None]
+    x = F.interpolate(x.movedim(0, 1), size=tuple(size), mode="bilinear", align_corners=False).movedim(1, 0)
+    return x if volume.dim() == 4 else x[0]
 
 
 def resampled_size(shape_hw: tuple[int, int], spacing_hw, target_hw) -> tuple[int, int]:

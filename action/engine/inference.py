@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from action.data.preprocessing import Preprocessing, resampled_size
+from action.data.preprocessing import Preprocessing, resampled_size, resize_inplane
 
 
 def flip_sets(dims: int) -> list[tuple[int, ...]]:
@@ -131,13 +131,6 @@ def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, i
     """volume (Z, H, W) or (C, Z, H, W) -> labels (Z, H, W) int64: the argmax of sliding_window_probabilities."""
     return sliding_window_probabilities(model, volume, patch, num_classes, stride, batch, device, mode, sigma_scale,
                                         tta).argmax(0)
-
-
-def resize_inplane(volume: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(Z, H, W) or (C, Z, H, W) -> the same with every slice resized to `size` (bilinear)."""
-    x = volume if volume.dim() == 4 else volume[None]
-    x = F.interpolate(x.movedim(0, 1), size=tuple(size), mode="bilinear", align_corners=False).movedim(1, 0)
-    return x if volume.dim() == 4 else x[0]
 
 
 @torch.no_grad()
