@@ -188,44 +188,55 @@ def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _image_items(folder: str, labels: str | None):
-    """(name, image, label or None) of an image folder (and its label folder): nnU-Net channel names allowed."""
-    from action.data.nifti import case_name, channel_files, folder_pairs
+def _image_items(folder: str, labels: str | None, channels: int = 1):
+    """(name, image file or one file per channel, label or None) of an image folder (and its label folder), in any
+    format action.data.image_io reads: nnU-Net channel names allowed, `_0000` .. per case for several channels."""
+    from action.data.filenames import ENDINGS, ending_of
+    from action.data.layouts import channel_groups
+    from action.data.nifti import label_path
 
-    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith((".nii", ".nii.gz")))
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if ending_of(n) and not n.startswith("."))
     if not paths:
-        raise SystemExit(f"{folder}: no .nii/.nii.gz files")
-    strip = channel_files(paths)
-    pairs = folder_pairs(folder, labels) if labels else [(p, None) for p in paths]
-    return [(case_name(i, strip), i, lab) for i, lab in pairs]
+        raise SystemExit(f"{folder}: no image files ({', '.join(ENDINGS)})")
+    items = []
+    for name, files in channel_groups(paths, channels):
+        label = label_path(files[0], labels) if labels else None
+        if labels and label is None:
+            raise FileNotFoundError(f"image {files[0]} has no label map {os.path.basename(files[0])} or "
+                                    f"{name}{ending_of(files[0])} in {labels}")
+        items.append((name, files[0] if channels == 1 else tuple(files), label))
+    return items
 
 
-def _cases(args, cfg, orientation: str):
-    """(cases, count, class names or None) of evaluate's data options, after --cases / --max-volumes."""
+def _cases(args, cfg, prep):
+    """(cases, count, class names or None) of evaluate's data options, after --cases / --max-volumes; prep: the
+    checkpoint's preprocessing (orientation, ignore label)."""
     from action.data.layouts import NiftiLayout, detect_layout
     from action.engine import acdc_cases, nifti_cases
     from action.engine.evaluate import select_cases
 
     names, limit = _names(args.cases), args.max_volumes
+    ignore = prep.ignore_label  # the training data's ignore label, excluded from every metric
     if args.images:
-        items = select_cases(_image_items(args.images, args.labels), names, limit, lambda i: i[0])
-        return nifti_cases(items, orientation, cfg.num_classes), len(items), None
+        items = select_cases(_image_items(args.images, args.labels, cfg.in_channels or 1), names, limit,
+                             lambda i: i[0])
+        return nifti_cases(items, prep.orientation, cfg.num_classes, ignore), len(items), None
     if args.acdc_raw:
         from action.data.nifti import acdc_raw_pairs
 
         items = [(os.path.basename(i).split(".nii")[0], i, lab) for i, lab in acdc_raw_pairs(args.acdc_raw)]
         items = select_cases(items, names, limit, lambda i: i[0])
-        return nifti_cases(items, orientation, cfg.num_classes), len(items), None
+        return nifti_cases(items, prep.orientation, cfg.num_classes), len(items), None
     root = args.data or cfg.data
     if detect_layout(root) != "hdf5":
         layout = NiftiLayout(root)
-        _, _, val, test = layout.split(None)
+        _, _, val, test = layout.split(None, cfg.fold)
         if args.split == "test" and not layout.test:
-            print(f"{root} has no labelled test cases (imagesTs with labelsTs): scoring the validation cases",
-                  file=sys.stderr)
+            print(f"{root} has no labelled test cases (imagesTs with labelsTs): scoring the validation cases of fold "
+                  f"{cfg.fold}", file=sys.stderr)
         chosen = select_cases(test if args.split == "test" else val, names, limit, lambda c: c.name)
-        return nifti_cases([(c.name, c.image, c.label) for c in chosen], orientation, cfg.num_classes), \
-            len(chosen), layout.class_names
+        return nifti_cases([(c.name, c.images, c.label) for c in chosen], prep.orientation, cfg.num_classes,
+                           layout.spec.ignore_label), len(chosen), layout.class_names
     from action.data import AcdcLayout
 
     layout = AcdcLayout(root)
@@ -239,7 +250,7 @@ def cmd_evaluate(args) -> int:
 
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data,
                                               args.teacher, args.bn_source, args.sliding_window, args.tta)
-    cases, total, class_names = _cases(args, cfg, predict.preprocessing.orientation)  # names checked distinct first
+    cases, total, class_names = _cases(args, cfg, predict.preprocessing)  # names checked distinct first
     class_names = class_names or (CLASSES if cfg.num_classes == len(CLASSES) else None)
     metrics = evaluate(predict, cases, args.out, cfg.num_classes, class_names,
                        save_predictions=args.save_predictions, overlays=args.overlays, total=total)
@@ -266,6 +277,12 @@ def cmd_predict(args) -> int:
     unique_case_names([name for name, _, _ in items], [image for _, image, _ in items])
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
                                               bn_source=args.bn_source, window=args.sliding_window, tta=args.tta)
+    channels = cfg.in_channels or 1
+    if channels > 1:  # one file per channel: <case>_0000 .. <case>_000{C-1}
+        if not os.path.isdir(args.input):
+            raise ValueError(f"--input {args.input}: the model takes {channels} input channels, one file each: give "
+                             f"the folder that holds <case>_0000 .. <case>_{channels - 1:04d}")
+        items = _image_items(args.input, None, channels)
     written: list[str] = []
     evaluate(predict, nifti_cases(items, predict.preprocessing.orientation), args.out, cfg.num_classes,
              save_predictions=True, overlays=args.overlays, total=len(items), written=written)
@@ -333,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "checkpoint's)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which cases of --data: test.list / "
                    "imagesTs+labelsTs, or val.list / the validation fold")
-    p.add_argument("--images", help="folder of NIfTI images (nnU-Net's <case>_0000 names allowed)")
-    p.add_argument("--labels", help="folder of NIfTI label maps with the same file names as --images (or <case>)")
+    p.add_argument("--images", help="folder of images, NIfTI or other formats with SimpleITK (nnU-Net's <case>_0000 "
+                                    "names; <case>_0000, _0001, ... for a model of several input channels)")
+    p.add_argument("--labels", help="folder of label maps with the same file names as --images (or <case>)")
     p.add_argument("--cases", help="only these cases: comma-separated names, or a file listing one per line")
     p.add_argument("--max-volumes", type=int, help="only the first N cases (after --cases)")
     p.add_argument("--acdc-raw", help="raw ACDC folder (patient<NNN>/patient<NNN>_frame<FF>[_gt].nii.gz)")
@@ -345,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint's preprocessing (intensity normalisation, orientation, spacing); predictions are "
                        "written in each source image's space, with its header, to <out>/predictions/.")
     add_model_options(p)
-    p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
+    p.add_argument("--input", required=True, help="an image file (.nii, .nii.gz; .mha, .nrrd, ... with SimpleITK) or a "
+                                                  "folder of them (<case>_0000, _0001, ... for several channels)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="data utilities")

@@ -47,14 +47,24 @@ class TrainConfig:
                                      "test.list); default $ACTION_ACDC, else ../shared/data/acdc")
     out: str = option("runs/supervised", "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, "
                                          "test/")
-    labelled_patients: int | None = option(3, "labelled split: the first N patients of the training list (ACDC: "
-                                              "every slice of the first N patients in train_slices.list order, the "
-                                              "reference mapping: 3 / 7 -> 68 / 136 slices; 1 -> its first 23 lines)")
+    labelled_patients: int | None = option(3, "labelled split: the first N patients of the training list, any N "
+                                              "(ACDC: every slice of the first N patients in train_slices.list "
+                                              "order, the reference mapping: 3 / 7 -> 68 / 136 slices; 1 -> its "
+                                              "first 23 lines; NIfTI: none labels every training case)")
+    labelled_cases: int | None = option(None, "labelled split by cases instead: the first N cases (volumes) of the "
+                                              "training list labelled, the rest unlabelled (ACDC HDF5: every slice "
+                                              "of the first N patient<NNN>_frame<FF> volumes); overrides "
+                                              "labelled_patients")
+    fold: int = option(0, "NIfTI datasets: the cross-validation fold whose val list validates (splits_final.json; "
+                          "nnU-Net's 5 default folds are generated and written when it is absent)")
     max_train_slices: int | None = option(None, "use only the first N labelled and N unlabelled slices (quick checks, "
                                                 "smoke tests; 2D only)")
     size: int = option(256, "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it "
                             "and back")
-    num_classes: int = option(4, "number of classes including background (ACDC: 4)")
+    num_classes: int = option(4, "number of classes including background (ACDC: 4; an nnU-Net ignore label is "
+                                 "not a class)")
+    in_channels: int | None = option(None, "input channels of the network (none: the data's: 1 for the HDF5 layout, "
+                                           "dataset.json's channel_names for NIfTI); stored in checkpoints")
     dims: int = option(2, "2: slice-wise 2D UNet; 3: UNet3D on random patches of volumes assembled from the slices, "
                           "sliding-window evaluation")
     patch: list = option([16, 96, 96], "3D training patch as a JSON list [Z, H, W] of multiples of 16")
@@ -172,9 +182,11 @@ class TrainConfig:
                                     "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
                                     "\"pretrain-local\": 600, \"finetune\": 2000}'")
     # NIfTI data and multi-process training (issue 17; docs/data.md, Coming from MONAI / nnU-Net)
-    intensity: str = option("minmax", "per-volume intensity normalisation of NIfTI training images and of every "
-                                      "inference input: minmax (to [0, 1]: how the HDF5 layout stores its images), "
-                                      "zscore (nnU-Net's default for non-CT), none; stored in each checkpoint")
+    intensity: str = option("minmax", "intensity normalisation of NIfTI training images and of every inference "
+                                      "input: minmax (per volume to [0, 1]: how the HDF5 layout stores its images), "
+                                      "zscore (per volume, nnU-Net's default for non-CT), ct (nnU-Net's "
+                                      "CTNormalization: clipped to the training foreground's 0.5-99.5 percentiles, "
+                                      "minus its mean, over its std), none; stored in each checkpoint")
     spacing: str | None = option(None, "NIfTI training: in-plane voxel size to resample slices to, 'x,y' in mm or "
                                        "'median' (of the training volumes), then centre-cropped/padded to size; None: "
                                        "resize every slice to size x size (the HDF5 layout: it stores no spacing)")
@@ -238,7 +250,10 @@ class TrainConfig:
             ("saacl_queue", self.saacl_queue >= 1, ">= 1"),
             ("max_train_slices", self.max_train_slices is None or (self.max_train_slices >= 1 and self.dims == 2),
              ">= 1, and only with dims 2 (3D trains on whole volumes: choose fewer with labelled_patients)"),
-            ("intensity", self.intensity in ("minmax", "zscore", "none"), "one of minmax, zscore, none"),
+            ("intensity", self.intensity in ("minmax", "zscore", "ct", "none"), "one of minmax, zscore, ct, none"),
+            ("labelled_cases", self.labelled_cases is None or self.labelled_cases >= 1, "None or >= 1"),
+            ("fold", self.fold >= 0, ">= 0"),
+            ("in_channels", self.in_channels is None or self.in_channels >= 1, "None (from the data) or >= 1"),
             ("spacing", self.spacing is None or self.spacing == "median" or _spacing_ok(self.spacing),
              "None, 'median', or 'x,y' (or one number) in mm > 0"),
             ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
@@ -355,7 +370,7 @@ RESUME_NEUTRAL = frozenset({"out", "device", "threads", "tensorboard", "log_ever
 # options added after runs existed, with the behaviour a run of before them had: a checkpoint that predates one of
 # them ran with this value, not with today's default (the stage iii recipe changed the defaults when it came)
 PREDATING = {"unsup_loss": "ce", "pseudo_threshold": None, "unlabelled_view": "weak", "strong_augmentation": {},
-             "cutmix_pairing": "random", "cutmix_area": [0.1, 0.5], "audit_pseudo_labels": False}
+             "cutmix_pairing": "random", "cutmix_area": [0.1, 0.5], "audit_pseudo_labels": False, "in_channels": 1}
 
 
 def resume_differences(saved_json: str, cfg: "TrainConfig") -> dict:

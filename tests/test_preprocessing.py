@@ -44,7 +44,9 @@ def test_minmax_and_zscore_normalise_away_the_intensity_scale():
     unit[0, 0, 0], unit[0, 0, 1] = 0.0, 1.0
     assert torch.equal(normalise_intensity(unit, "minmax"), unit)  # the HDF5 layout's images pass unchanged
     with pytest.raises(ValueError, match="intensity: expected one of"):
-        normalise_intensity(vol, "ct")
+        normalise_intensity(vol, "hu")
+    with pytest.raises(ValueError, match="intensity 'ct' needs the training foreground"):
+        normalise_intensity(vol, "ct")  # its statistics come from the dataset (tests/test_nnunet_dataset.py)
 
 
 def test_an_input_far_from_the_training_intensities_warns_and_a_similar_one_does_not():

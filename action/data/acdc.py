@@ -87,14 +87,28 @@ class AcdcLayout:
     def test_volumes(self) -> list[str]:
         return _read_list(os.path.join(self.root, "test.list"))
 
-    def split(self, labelled_patients: int | None = None, labelled: list[str] | None = None):
+    def split(self, labelled_patients: int | None = None, labelled: list[str] | None = None,
+              labelled_cases: int | None = None):
         """(labelled slice names, unlabelled slice names): by number of labelled patients N (every slice of the
         first N patients of train_slices.list, in order of first appearance: the reference's 68 / 136 slices for
-        3 / 7; N = 1 keeps the reference's first 23 lines, LABELLED_SLICES) or by an explicit list of slice names."""
+        3 / 7; N = 1 keeps the reference's first 23 lines, LABELLED_SLICES), by number of labelled cases N (every
+        slice of the first N volumes `patient<NNN>_frame<FF>`, in order of first appearance) or by an explicit list
+        of slice names."""
         names = self.train_slices
-        if (labelled_patients is None) == (labelled is None):
-            raise ValueError("give exactly one of labelled_patients (a number of patients >= 1) and labelled (a list "
-                             "of slice names)")
+        if sum(x is not None for x in (labelled_patients, labelled, labelled_cases)) != 1:
+            raise ValueError("give exactly one of labelled_patients (a number of patients >= 1), labelled_cases (a "
+                             "number of volumes >= 1) and labelled (a list of slice names)")
+        if labelled_cases is not None:
+            if isinstance(labelled_cases, bool) or not isinstance(labelled_cases, int) or labelled_cases < 1:
+                raise ValueError(f"labelled_cases must be a number of volumes >= 1, got {labelled_cases!r}")
+            volumes = list(dict.fromkeys(n.rpartition("_slice_")[0] or n for n in names))
+            if labelled_cases >= len(volumes):
+                raise ValueError(f"labelled_cases={labelled_cases}: train_slices.list of {self.root} has "
+                                 f"{len(volumes)} volumes, and at least one must stay unlabelled; choose at most "
+                                 f"{len(volumes) - 1}")
+            chosen = set(volumes[:labelled_cases])
+            inside = [(n.rpartition("_slice_")[0] or n) in chosen for n in names]
+            return [n for n, k in zip(names, inside) if k], [n for n, k in zip(names, inside) if not k]
         if labelled_patients is not None:
             if isinstance(labelled_patients, bool) or not isinstance(labelled_patients, int) or labelled_patients < 1:
                 raise ValueError(f"labelled_patients must be a number of patients >= 1, got {labelled_patients!r}")

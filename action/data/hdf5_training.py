@@ -16,7 +16,13 @@ def acdc_names(cfg: TrainConfig):
     """(labelled slice names, unlabelled slice names, validation volumes, test volumes) of a config's ACDC folder:
     the labelled split by cfg.labelled_patients, validation cut to cfg.val_volumes when set."""
     layout = AcdcLayout(cfg.data)
-    labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
+    if cfg.fold != 0:
+        raise ValueError(f"config fold={cfg.fold}: the HDF5 layout has one split (val.list); folds need a NIfTI "
+                         f"dataset folder (action data convert --data {cfg.data} --out DIR writes one)")
+    if cfg.labelled_cases is not None:
+        labelled, unlabelled = layout.split(labelled_cases=cfg.labelled_cases)
+    else:
+        labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
     val = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
     return labelled, unlabelled, val, layout.test_volumes
 
@@ -26,6 +32,8 @@ class SliceData:
     labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them) and, for
     --audit-pseudo-labels only, their ground truth unlabelled_truth (N_u, S, S); names and unlabelled_names: the
     slices in that order (errors about a batch name its files)."""
+
+    channels = 1  # input channels per image (action.data.training.resolve_input_channels)
 
     def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
         labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
@@ -59,6 +67,8 @@ class VolumeData:
     """The training slices assembled into volumes (Z, S, S) at the in-plane training size, in memory; batches are
     random 3D patches (cfg.patch, half of them centred on foreground), drawn from generators seeded by (seed, t);
     names and unlabelled_names: the volumes in that order."""
+
+    channels = 1
 
     def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
         labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)

@@ -39,9 +39,12 @@ class Volume:
 
 
 def case_name(path: str, channel_suffix: bool = False) -> str:
-    """A case's name from an image path: the file name without .nii / .nii.gz; with channel_suffix also without
-    nnU-Net's channel suffix (`la_003_0000.nii.gz` -> `la_003`)."""
-    name = os.path.basename(path).split(".nii")[0]
+    """A case's name from an image path: the file name without its image ending (.nii.gz, .mha, ...:
+    action.data.image_io); with channel_suffix also without nnU-Net's channel suffix (`la_003_0000.nii.gz` ->
+    `la_003`)."""
+    from action.data.filenames import strip_ending
+
+    name = strip_ending(path)
     stem, sep, channel = name.rpartition("_")
     return stem if channel_suffix and sep and len(channel) == 4 and channel.isdigit() else name
 
@@ -150,13 +153,15 @@ def reoriented_geometry(affine: np.ndarray, shape, target: str):
     return forward, backward, turned, spacing
 
 
-def load_pair(image_path: str, label_path: str) -> tuple[Volume, Volume]:
+def load_pair(image_path: str, label_path: str, read=None) -> tuple[Volume, Volume]:
     """An image and its label map, checked to share shape and affine (the error names both files), the image to
     be finite and the label map integral (action.data.checks: a float map with fractions is an error, never
-    truncated)."""
+    truncated). read: path, dtype -> Volume (default load_nifti; action.data.image_io.read_pair passes its reader
+    of every format)."""
     from action.data.checks import finite_image, label_map
 
-    image, label = load_nifti(image_path, np.float32), load_nifti(label_path)
+    read = read or load_nifti
+    image, label = read(image_path, np.float32), read(label_path)
     finite_image(image.data, image_path)
     if image.data.shape != label.data.shape:
         raise ValueError(f"{image_path} shape {image.data.shape} != {label_path} shape {label.data.shape}")
@@ -180,8 +185,10 @@ def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:
 
 def label_path(image: str, labels_dir: str) -> str | None:
     """The label map of `image` in `labels_dir`: the same file name, or the name without nnU-Net's channel suffix
-    (`case_0000.nii.gz` -> `case.nii.gz`); None when neither exists."""
-    ending = ".nii.gz" if image.endswith(".nii.gz") else ".nii"
+    (`case_0000.nii.gz` -> `case.nii.gz`, `case_0001.mha` -> `case.mha`); None when neither exists."""
+    from action.data.filenames import ending_of
+
+    ending = ending_of(image) or ".nii.gz"
     for name in (os.path.basename(image), case_name(image, True) + ending):
         path = os.path.join(labels_dir, name)
         if os.path.isfile(path):
@@ -192,15 +199,17 @@ def label_path(image: str, labels_dir: str) -> str | None:
 def folder_pairs(images_dir: str, labels_dir: str) -> list[tuple[str, str]]:
     """(image, label) paths of a generic layout: an images folder and a labels folder with the same file names (an
     image's nnU-Net channel suffix `_0000` allowed: imagesTs/case_0000.nii.gz pairs with labelsTs/case.nii.gz)."""
-    images = sorted(glob.glob(os.path.join(images_dir, "*.nii*")))
+    from action.data.filenames import ENDINGS, ending_of
+
+    images = sorted(p for p in glob.glob(os.path.join(images_dir, "*")) if ending_of(p))
     if not images:
-        raise FileNotFoundError(f"no .nii / .nii.gz files in {images_dir}")
+        raise FileNotFoundError(f"no image files ({', '.join(ENDINGS)}) in {images_dir}")
     pairs = []
     for image in images:
         label = label_path(image, labels_dir)
         if label is None:
             raise FileNotFoundError(f"image {image} has no label map {os.path.basename(image)} or "
-                                    f"{case_name(image, True)}.nii.gz in {labels_dir}")
+                                    f"{case_name(image, True)}{ending_of(image)} in {labels_dir}")
         pairs.append((image, label))
     return pairs
 

@@ -1,8 +1,14 @@
 """What a run did to its images before the network saw them, stored in every checkpoint so that inference does the
 same to any input (`action evaluate` / `predict`, validation during training).
 
-    intensity    per-volume normalisation: "minmax" (to [0, 1], the HDF5 layout's convention: its images are
-                 stored that way), "zscore" ((x - mean) / std, nnU-Net's default for non-CT images), "none"
+    intensity    "minmax" (per volume to [0, 1], the HDF5 layout's convention: its images are stored that way),
+                 "zscore" (per volume (x - mean) / std, nnU-Net's default for non-CT images), "ct" (nnU-Net's
+                 CTNormalization with the training set's foreground statistics: ct_statistics), "none"; each
+                 channel of a multi-channel image on its own
+    ct_statistics  per channel (lower, upper, mean, std) of the training cases' foreground voxels (ct_statistics()):
+                 "ct" clips to [lower, upper] (the 0.5 and 99.5 percentiles), subtracts mean, divides by std
+    ignore_label the label value the training data marked as unannotated (dataset.json's "ignore"), None: none;
+                 inference maps it to IGNORE_INDEX in reference label maps, which no metric counts
     spacing      in-plane voxel size (x, y) in mm of the training slices in the training orientation; None: every
                  slice was resized to size x size whatever its spacing (the HDF5 layout stores none)
     orientation  axis codes of the training volumes' (x, y, z) arrays, e.g. "RAS"; inputs are reoriented to it
@@ -17,12 +23,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-INTENSITY = ("minmax", "zscore", "none")
+INTENSITY = ("minmax", "zscore", "ct", "none")
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
 # A chosen threshold on distribution_distance, from what was measured with this code against the (min-max
 # normalised) ACDC training slices: the 60 ACDC val/test volumes reach at most 0.61 (median 0.20) against the 68
@@ -39,15 +46,22 @@ class InputRangeWarning(UserWarning):
     """An inference input whose normalised intensities are far from the training images'."""
 
 
-def normalise_intensity(volume: torch.Tensor, mode: str) -> torch.Tensor:
+def normalise_intensity(volume: torch.Tensor, mode: str, statistics=None) -> torch.Tensor:
     """volume (*S) -> float32 (*S) normalised over the whole volume (computed in float64, so an input scaled by a
     constant normalises to the same values up to float32 rounding): minmax to [0, 1] (a constant volume -> 0),
-    zscore to mean 0 and std 1 (a constant volume -> 0), none: unchanged."""
+    zscore to mean 0 and std 1 (a constant volume -> 0), ct with the dataset's statistics (lower, upper, mean,
+    std): clip to [lower, upper], then (x - mean) / max(std, 1e-8) (nnU-Net's CTNormalization), none: unchanged."""
     if mode not in INTENSITY:
         raise ValueError(f"intensity: expected one of {INTENSITY}, got {mode!r}")
     if mode == "none":
         return volume.float()
     x = volume.double()
+    if mode == "ct":
+        if statistics is None or len(statistics) != 4:
+            raise ValueError(f"intensity 'ct' needs the training foreground's (lower, upper, mean, std), got "
+                             f"{statistics!r}")
+        lower, upper, mean, std = (float(v) for v in statistics)
+        return ((x.clamp(lower, upper) - mean) / max(std, 1e-8)).float()
     if mode == "minmax":
         lo, hi = x.min(), x.max()
         return ((x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)).float()
@@ -81,12 +95,48 @@ def distribution_distance(normalised, quantiles) -> float:
     return float(np.abs(mine - q).mean() / spread)
 
 
+# nnU-Net's dataset fingerprint samples 10^8 / cases foreground voxels per case (with replacement, seed 1234) so
+# that every case weighs the same; fewer here (memory), drawn the same way
+CT_SAMPLES_PER_CASE = 100_000
+
+
+def ct_statistics(cases, samples: int = CT_SAMPLES_PER_CASE, seed: int = 1234) -> tuple:
+    """cases: an iterable of (image (*S) or (C, *S), label (*S)) of the training cases, raw intensities -> per
+    channel (lower, upper, mean, std): the 0.5 and 99.5 percentiles, mean and standard deviation of `samples`
+    foreground voxels (label > 0, the ignore label excluded) drawn with replacement from every case (numpy's
+    RandomState(seed) per case, as nnU-Net's fingerprint draws them), pooled over the cases."""
+    from action.data.labels import IGNORE_INDEX
+
+    pooled: list[list[np.ndarray]] = []
+    for image, label in cases:
+        image, label = np.asarray(image), np.asarray(label)
+        channels = image[None] if image.ndim == label.ndim else image
+        fg = (label > 0) & (label != IGNORE_INDEX)
+        if not pooled:
+            pooled = [[] for _ in channels]
+        for c, channel in enumerate(channels):
+            values = channel[fg]
+            if values.size:
+                pooled[c].append(np.random.RandomState(seed).choice(values, samples, replace=True))
+    if not pooled or not pooled[0]:
+        raise ValueError("intensity 'ct' needs foreground voxels (label > 0) in the labelled training cases; none "
+                         "has any")
+    out = []
+    for chunks in pooled:
+        v = np.concatenate(chunks).astype(np.float64)
+        lower, upper = np.percentile(v, (0.5, 99.5))
+        out.append((float(lower), float(upper), float(v.mean()), float(v.std())))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     intensity: str = "minmax"
     spacing: tuple[float, float] | None = None
     orientation: str = "RAS"
     quantiles: tuple[float, ...] = ()
+    ct_statistics: tuple[tuple[float, float, float, float], ...] = ()
+    ignore_label: int | None = None
 
     def __post_init__(self):
         if self.intensity not in INTENSITY:
@@ -94,6 +144,9 @@ class Preprocessing:
         if self.spacing is not None and (len(self.spacing) != 2 or min(self.spacing) <= 0):
             raise ValueError(f"preprocessing spacing: expected two positive in-plane sizes (x, y) in mm or None, got "
                              f"{self.spacing!r}")
+        if self.intensity == "ct" and (not self.ct_statistics or any(len(s) != 4 for s in self.ct_statistics)):
+            raise ValueError(f"preprocessing intensity 'ct' needs ct_statistics, one (lower, upper, mean, std) per "
+                             f"channel, got {self.ct_statistics!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -102,13 +155,22 @@ class Preprocessing:
     def from_json(cls, text: str) -> "Preprocessing":
         d = json.loads(text)
         return cls(d["intensity"], None if d["spacing"] is None else tuple(d["spacing"]), d["orientation"],
-                   tuple(d["quantiles"]))
+                   tuple(d["quantiles"]), tuple(tuple(s) for s in d.get("ct_statistics", ())),
+                   d.get("ignore_label"))
 
     def with_quantiles(self, quantiles) -> "Preprocessing":
-        return Preprocessing(self.intensity, self.spacing, self.orientation, tuple(quantiles))
+        return replace(self, quantiles=tuple(quantiles))
 
     def normalise(self, volume: torch.Tensor) -> torch.Tensor:
-        return normalise_intensity(volume, self.intensity)
+        """volume (Z, H, W), or (C, Z, H, W) of several channels (each normalised on its own) -> float32."""
+        stats = self.ct_statistics
+        channels = 1 if volume.dim() != 4 else volume.shape[0]
+        if stats and len(stats) != channels:
+            raise ValueError(f"an input of {channels} channel(s) for a model trained on {len(stats)}")
+        if volume.dim() != 4:
+            return normalise_intensity(volume, self.intensity, stats[0] if stats else None)
+        return torch.stack([normalise_intensity(v, self.intensity, stats[c] if stats else None)
+                            for c, v in enumerate(volume)])
 
     def check_range(self, normalised: torch.Tensor, name: str) -> float | None:
         """Warns (InputRangeWarning) when `normalised`'s intensities are distributed far from the training images';
@@ -125,6 +187,13 @@ class Preprocessing:
                           f"different modality or intensity scale than the model was trained on? The prediction "
                           f"may be wrong.", InputRangeWarning, stacklevel=2)
         return distance
+
+
+def resize_inplane(volume: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(Z, H, W) or (C, Z, H, W) -> the same with every slice resized to `size` (bilinear), each channel alike."""
+    x = volume if volume.dim() == 4 else volume[None]
+    x = F.interpolate(x.movedim(0, 1), size=tuple(size), mode="bilinear", align_corners=False).movedim(1, 0)
+    return x if volume.dim() == 4 else x[0]
 
 
 def resampled_size(shape_hw: tuple[int, int], spacing_hw, target_hw) -> tuple[int, int]:

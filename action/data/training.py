@@ -24,6 +24,18 @@ def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True
     return (VolumeData if cfg.dims == 3 else SliceData)(cfg, need_unlabelled, progress)
 
 
+def resolve_input_channels(cfg: TrainConfig, data) -> int:
+    """The input channels of a run's network, from its training data (`data.channels`: 1 for the HDF5 layout, the
+    dataset's channel files per case for NIfTI), written into cfg.in_channels (stored with the config in every
+    checkpoint, which inference builds its network from); a config that names another number is an error."""
+    channels = int(getattr(data, "channels", 1))
+    if cfg.in_channels is not None and cfg.in_channels != channels:
+        raise ValueError(f"config in_channels={cfg.in_channels}: the training data {cfg.data} has {channels} input "
+                         f"channel(s) per case; leave in_channels unset (it follows the data)")
+    cfg.in_channels = channels
+    return channels
+
+
 def check_volumes(cases_of, names: list[str], what: str) -> None:
     """Reads every volume of `names` through cases_of (names -> Case records, the data class's `cases`, with their
     readers' checks: file present and readable, finite image, integral labels in [0, num_classes), equal shapes,
@@ -33,8 +45,9 @@ def check_volumes(cases_of, names: list[str], what: str) -> None:
     for name in names:
         try:
             for case in cases_of([name]):
-                if case.image.dim() != 3:
-                    raise ValueError(f"volume {name!r} must be 3D, got shape {tuple(case.image.shape)}")
+                if case.image.dim() not in (3, 4):
+                    raise ValueError(f"volume {name!r} must be 3D (or channels x 3D), got shape "
+                                     f"{tuple(case.image.shape)}")
         except (ValueError, FileNotFoundError, OSError) as exc:
             problems.append(str(exc))
     if problems:

@@ -56,7 +56,7 @@ def save_overlays(case: Case, prediction: torch.Tensor, path: str, slices: int =
                  [("prediction", prediction[z])]
         for c, (title, lab) in enumerate(panels):
             ax = axes[r][c]
-            ax.imshow(case.image[z].numpy(), cmap="gray")
+            ax.imshow((case.image if case.image.dim() == 3 else case.image[0])[z].numpy(), cmap="gray")  # channel 0
             if lab is not None:
                 ax.imshow(np.ma.masked_equal(lab.numpy(), 0), cmap="jet", alpha=0.45, vmin=0, vmax=vmax,
                           interpolation="nearest")
@@ -79,7 +79,9 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
     cases. Two cases of one name are an error before the second is predicted (its files would replace the first's)."""
     from tqdm.auto import tqdm
 
-    from action.data.nifti import save_nifti, write_like
+    from action.data.filenames import ending_of
+    from action.data.image_io import write_volume
+    from action.data.nifti import save_nifti
 
     metrics = SegmentationMetrics(num_classes, class_names)
     seen: set[str] = set()
@@ -90,11 +92,12 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
         pred = predict(case)
         if case.label is not None:
             metrics.update(pred.numpy(), case.label.numpy(), case.spacing, case.name)
-        if out_dir and save_predictions:
-            path = os.path.join(out_dir, "predictions", f"{case.name}.nii.gz")
+        if out_dir and save_predictions:  # in the input's format (.nii.gz for HDF5 cases)
+            ending = ending_of(case.reference.path) if case.reference is not None else None
+            path = os.path.join(out_dir, "predictions", f"{case.name}{ending or '.nii.gz'}")
             data = case.to_source(pred).astype(np.uint8)
             if case.reference is not None:
-                write_like(data, case.reference, path)
+                write_volume(data, case.reference, path)
             else:
                 save_nifti(data, np.eye(4), path)
             if written is not None:
@@ -112,10 +115,14 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
 
 
 def fast_dice(pred: torch.Tensor, gt: torch.Tensor, num_classes: int) -> list[float]:
-    """Dice per foreground class of one volume (both empty -> 1), for validation during training."""
+    """Dice per foreground class of one volume (both empty -> 1), for validation during training; voxels labelled
+    IGNORE_INDEX in gt (a dataset's ignore label) count for neither side."""
+    from action.data.labels import IGNORE_INDEX
+
+    valid = gt != IGNORE_INDEX
     out = []
     for c in range(1, num_classes):
-        p, g = pred == c, gt == c
+        p, g = (pred == c) & valid, gt == c
         denom = int(p.sum() + g.sum())
         out.append(1.0 if denom == 0 else 2.0 * int((p & g).sum()) / denom)
     return out

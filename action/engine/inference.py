@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from action.data.preprocessing import Preprocessing, resampled_size
+from action.data.preprocessing import Preprocessing, resampled_size, resize_inplane
 
 
 def flip_sets(dims: int) -> list[tuple[int, ...]]:
@@ -39,16 +39,17 @@ def probabilities(model, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
 @torch.no_grad()
 def predict_slices(model, volume: torch.Tensor, size: tuple[int, int], batch: int = 16, device=None,
                    tta: bool = False) -> torch.Tensor:
-    """volume (Z, H, W) float -> labels (Z, H, W) int64. Each slice is resized to `size` (bilinear), segmented,
-    and the label map resized back with nearest neighbour (the reference evaluation's convention); with tta the
-    softmax is averaged over the 4 mirrorings of the slice first."""
-    if volume.dim() != 3:
-        raise ValueError(f"predict_slices needs a (Z, H, W) volume, got {tuple(volume.shape)}")
+    """volume (Z, H, W) or (C, Z, H, W) float -> labels (Z, H, W) int64. Each slice is resized to `size`
+    (bilinear), segmented, and the label map resized back with nearest neighbour (the reference evaluation's
+    convention); with tta the softmax is averaged over the 4 mirrorings of the slice first."""
+    if volume.dim() not in (3, 4):
+        raise ValueError(f"predict_slices needs a (Z, H, W) or (C, Z, H, W) volume, got {tuple(volume.shape)}")
     device = device or next(model.parameters()).device
-    Z, H, W = volume.shape
+    channels = volume if volume.dim() == 4 else volume[None]
+    Z, H, W = channels.shape[1:]
     out = torch.empty(Z, H, W, dtype=torch.long)
     for z0 in range(0, Z, batch):
-        x = volume[z0:z0 + batch].to(device, torch.float32).unsqueeze(1)
+        x = channels[:, z0:z0 + batch].movedim(0, 1).to(device, torch.float32)  # (slices, C, H, W)
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         scores = probabilities(model, x, tta) if tta else model(x)
@@ -135,15 +136,15 @@ def predict_sliding_window(model, volume: torch.Tensor, patch: tuple[int, int, i
 @torch.no_grad()
 def predict_volume_3d(model, volume: torch.Tensor, size: tuple[int, int], patch: tuple[int, int, int],
                       num_classes: int, device=None, **window) -> torch.Tensor:
-    """volume (Z, H, W) -> labels (Z, H, W): every slice resized in-plane to `size` (bilinear; the 3D training
-    resolution), sliding-window 3D segmentation (`window`: mode, sigma_scale, tta of predict_sliding_window),
-    labels resized back with nearest neighbour."""
-    if volume.dim() != 3:
-        raise ValueError(f"predict_volume_3d needs a (Z, H, W) volume, got {tuple(volume.shape)}")
-    Z, H, W = volume.shape
+    """volume (Z, H, W) or (C, Z, H, W) -> labels (Z, H, W): every slice resized in-plane to `size` (bilinear; the
+    3D training resolution), sliding-window 3D segmentation (`window`: mode, sigma_scale, tta of
+    predict_sliding_window), labels resized back with nearest neighbour."""
+    if volume.dim() not in (3, 4):
+        raise ValueError(f"predict_volume_3d needs a (Z, H, W) or (C, Z, H, W) volume, got {tuple(volume.shape)}")
+    Z, H, W = volume.shape[-3:]
     vol = volume.float()
     if (H, W) != tuple(size):
-        vol = F.interpolate(vol[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        vol = resize_inplane(vol, size)
     labels = predict_sliding_window(model, vol, patch, num_classes, device=device, **window).float()
     if (H, W) != tuple(size):
         labels = F.interpolate(labels[:, None], size=(H, W), mode="nearest")[:, 0]
@@ -156,15 +157,17 @@ def predict_at_spacing(model, volume: torch.Tensor, spacing_hw, target_hw, dims:
     """volume (Z, H, W) of in-plane spacing `spacing_hw` mm -> labels (Z, H, W): resampled in-plane (bilinear) to
     the training spacing `target_hw`, padded with its minimum to a multiple of 16 (2D: the UNet's input rule),
     segmented whole (2D: slice by slice; 3D: sliding window over `patch`), cropped, and the labels resampled back
-    with nearest neighbour."""
-    Z, H, W = volume.shape
+    with nearest neighbour. A (C, Z, H, W) volume's channels are padded each with its own minimum."""
+    Z, H, W = volume.shape[-3:]
     h, w = resampled_size((H, W), spacing_hw, target_hw)
     vol = volume.float()
     if (h, w) != (H, W):
-        vol = F.interpolate(vol[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        vol = resize_inplane(vol, (h, w))
     if dims == 2:
         ph, pw = math.ceil(h / 16) * 16, math.ceil(w / 16) * 16
-        vol = F.pad(vol, (0, pw - w, 0, ph - h), value=float(vol.min()))
+        pad = (0, pw - w, 0, ph - h)
+        vol = F.pad(vol, pad, value=float(vol.min())) if vol.dim() == 3 else \
+            torch.stack([F.pad(c, pad, value=float(c.min())) for c in vol])
         labels = predict_slices(model, vol, (ph, pw), device=device, tta=tta)[:, :h, :w]
     else:
         labels = predict_sliding_window(model, vol, tuple(patch), num_classes, device=device, tta=tta, **window)

@@ -42,7 +42,7 @@ from torch import nn
 from action.config import TrainConfig
 from action.data.augment import Augment, AugmentConfig
 from action.data.sampling import TwoStreamSampler, run_seed
-from action.data.training import check_volumes, training_data
+from action.data.training import check_volumes, resolve_input_channels, training_data
 from action.engine import distributed as dist_utils
 from action.engine import guard
 from action.engine.device import resolve_device
@@ -77,6 +77,7 @@ class Trainer(RunState, Validation):
                 raise ValueError(f"{name}={n} must be divisible by world size x accumulate = {shards}")
         self.progress = progress and self.rank == 0
         self.data = self.build_data()
+        resolve_input_channels(self.cfg, self.data)  # cfg.in_channels follows the data (stored in checkpoints)
         self.check_evaluation_data()
         self.sampler = TwoStreamSampler(len(self.data.images),
                                         0 if self.data.unlabelled is None else len(self.data.unlabelled),

@@ -7,6 +7,9 @@ Conventions (those of medpy.metric.binary, which the ACTION and SSL4MIS evaluati
   it), from every surface voxel of one mask to the nearest surface voxel of the other, by distance transforms.
 - HD95 = 95th percentile of the distances in both directions pooled; ASD = mean distance from the prediction's
   surface to the ground truth's (medpy's `asd`, one-directional); ASSD = mean over both directions pooled.
+- Voxels whose ground truth is IGNORE_INDEX (255, action.data.labels; a dataset's `ignore` label is read as it,
+  action.data.nnunet) are left out: both masks are restricted to the other voxels (nnU-Net's evaluation does the
+  same for Dice).
 - Empty cases are explicit: both masks empty -> Dice 1, Jaccard 1, distances 0; exactly one empty -> Dice 0,
   Jaccard 0, distances NaN (summaries count them separately, never as 0).
 """
@@ -18,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from action.data.labels import IGNORE_INDEX
 
 METRICS = ("dice", "jaccard", "hd95", "asd", "assd")
 
@@ -109,6 +114,9 @@ class SegmentationMetrics:
         p, g = np.asarray(pred), np.asarray(gt)
         if p.shape != g.shape:
             raise ValueError(f"case {case_id}: prediction shape {p.shape} != ground truth shape {g.shape}")
+        ignored = g == IGNORE_INDEX  # a dataset's ignore label: those voxels count in no metric (module docstring)
+        if ignored.any():
+            p, g = np.where(ignored, 0, p), np.where(ignored, 0, g)
         for name, arr in (("prediction", p), ("ground truth", g)):
             if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
                 raise ValueError(f"case {case_id}: {name} labels must be in [0, {self.num_classes}), "
