@@ -135,6 +135,7 @@ def test_monai_hd95_and_nsd_equal_the_numbers_monai_produced():
             assert m["hd95_monai"] >= m["hd95"]  # the larger directed percentile is never below the pooled one
 
 
+@pytest.mark.slow  # importing MONAI takes seconds
 def test_monai_hd95_and_nsd_equal_monai_itself():
     """The live comparison, when MONAI is installed (pip install monai)."""
     pytest.importorskip("monai", reason="MONAI not installed: the fixed numbers above stand in for it")
