@@ -1,0 +1,173 @@
+"""Probabilities, ensembling, scoring prediction folders and the largest-component postprocessing, through the
+`action` command on small NIfTI volumes and checkpoints of untrained networks (no dataset needed)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nibabel", reason="NIfTI I/O needs nibabel (pip install nibabel)")
+import nibabel as nib  # noqa: E402
+
+from action.cli import main  # noqa: E402
+from action.metrics import SegmentationMetrics  # noqa: E402
+
+
+def _checkpoint(path, seed: int, dims: int = 2, orientation: str = "RAS") -> str:
+    """A checkpoint of an untrained network (seeded weights) with z-score preprocessing in `orientation`."""
+    from action.config import build_config
+    from action.data.preprocessing import Preprocessing
+    from action.engine import save_checkpoint
+    from action.models import build_network
+
+    extra = {"dims": 3, "patch": [4, 32, 32], "base_channels": 4} if dims == 3 else {}
+    cfg = build_config("smoke", overrides={"out": str(path.parent), "seed": seed, "threads": 1, "size": 32, **extra})
+    torch.manual_seed(seed)
+    net = build_network(cfg)
+    state = {"iteration": 0, "stage": "supervised", "config": cfg.to_json(), "model": net.state_dict(),
+             "preprocessing": Preprocessing("zscore", None, orientation).to_json()}
+    return save_checkpoint(state, str(path))
+
+
+def _images(folder, count: int = 2, seed: int = 0):
+    """NIfTI volumes (X, Y, Z) of different shapes and a non-trivial affine, and label maps of 4 classes."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for i in range(count):
+        shape = (40 + 4 * i, 36, 5 + i)
+        affine = np.diag([1.2, 1.4, 6.0, 1.0])
+        affine[:3, 3] = [-20, 10, 5 * i]
+        image = rng.normal(size=shape).astype(np.float32)
+        label = np.zeros(shape, np.uint8)
+        label[8:20, 8:20, 1:4], label[22:30, 10:18, :3], label[3:6, 25:30, 2:] = 1, 2, 3
+        nib.save(nib.Nifti1Image(image, affine), folder / "images" / f"case{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / "labels" / f"case{i}.nii.gz")
+    return folder / "images", folder / "labels"
+
+
+def _data(path):
+    return np.asarray(nib.load(path).dataobj)
+
+
+@pytest.mark.slow
+def test_predict_saves_probabilities_and_both_ensembles_average_them(tmp_path):
+    images, labels = _images(tmp_path / "data")
+    a, b = _checkpoint(tmp_path / "a.pt", 1), _checkpoint(tmp_path / "b.pt", 2, orientation="LPS")
+    for name, ckpt in (("pa", a), ("pb", b)):
+        assert main(["predict", "--checkpoint", ckpt, "--input", str(images), "--out", str(tmp_path / name),
+                     "--overlays", "0", "--save-probabilities", "--device", "cpu"]) == 0
+    probs = {}
+    for name in ("pa", "pb"):
+        for case in ("case0", "case1"):
+            src = nib.load(images / f"{case}_0000.nii.gz")
+            p = nib.load(tmp_path / name / "probabilities" / f"{case}.nii.gz")
+            assert p.shape == (*src.shape, 4) and np.allclose(p.affine, src.affine)  # the input's space
+            data = np.asarray(p.dataobj)
+            assert data.dtype == np.float32 and np.allclose(data.sum(-1), 1, atol=1e-5)
+            assert np.array_equal(data.argmax(-1), _data(tmp_path / name / "predictions" / f"{case}.nii.gz"))
+            probs[name, case] = data
+    assert not np.allclose(probs["pa", "case0"], probs["pb", "case0"])  # two different models
+    # folders: the mean of the maps, then its argmax
+    assert main(["ensemble", "--predictions", str(tmp_path / "pa"), str(tmp_path / "pb" / "probabilities"),
+                 "--out", str(tmp_path / "ef"), "--save-probabilities"]) == 0
+    # checkpoints (trained in different orientations: averaged in the input's space)
+    assert main(["ensemble", "--checkpoints", a, b, "--input", str(images), "--out", str(tmp_path / "ec"),
+                 "--device", "cpu", "--save-probabilities"]) == 0
+    for case in ("case0", "case1"):
+        mean = (probs["pa", case] + probs["pb", case]) / 2
+        for out in ("ef", "ec"):
+            np.testing.assert_allclose(_data(tmp_path / out / "probabilities" / f"{case}.nii.gz"), mean, atol=1e-6)
+            labels_out = nib.load(tmp_path / out / "predictions" / f"{case}.nii.gz")
+            assert labels_out.shape == mean.shape[:3] and labels_out.get_data_dtype() == np.uint8
+            assert np.allclose(labels_out.affine, nib.load(images / f"{case}_0000.nii.gz").affine)
+            assert np.array_equal(np.asarray(labels_out.dataobj), mean.argmax(-1))
+
+
+def test_folder_ensembles_refuse_maps_of_different_spaces_cases_or_classes(tmp_path, capsys):
+    def write(folder, case, shape=(6, 5, 4, 3), affine=np.eye(4)):
+        (tmp_path / folder / "probabilities").mkdir(parents=True, exist_ok=True)
+        p = np.random.default_rng(0).random(shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(p / p.sum(-1, keepdims=True), affine), tmp_path / folder / "probabilities" / case)
+
+    write("a", "x.nii.gz")
+    write("b", "x.nii.gz", affine=np.diag([2.0, 1, 1, 1]))
+    write("c", "x.nii.gz", shape=(6, 5, 4, 2))
+    write("d", "y.nii.gz")
+    write("e", "x.nii.gz", shape=(6, 5, 4))
+    for other, message in (("b", "different spaces"), ("c", "different number of classes"),
+                           ("d", "hold different cases"), ("e", "expected a probability map")):
+        assert main(["ensemble", "--predictions", str(tmp_path / "a"), str(tmp_path / other), "--out",
+                     str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["ensemble", "--predictions", str(tmp_path / "a"), "--out", str(tmp_path / "out")]) == 2
+    assert "at least two folders" in capsys.readouterr().err
+    assert main(["ensemble", "--out", str(tmp_path / "out")]) == 2
+    assert "--checkpoints A.pt B.pt" in capsys.readouterr().err
+
+
+def test_evaluate_predictions_scores_files_without_a_checkpoint(tmp_path, capsys):
+    _, labels = _images(tmp_path / "data", count=3)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    truth, shifted = {}, {}
+    for case in ("case0", "case1", "case2"):
+        img = nib.load(labels / f"{case}.nii.gz")
+        spacing = img.header.get_zooms()  # (1.2, 1.4, 6.0) as float32, as the scorer reads them
+        truth[case] = np.asarray(img.dataobj).astype(np.int64)
+        shifted[case] = np.roll(truth[case], 2, axis=0)
+        nib.save(nib.Nifti1Image(shifted[case].astype(np.uint8), img.affine), preds / f"{case}.nii.gz")
+    out = tmp_path / "scores"
+    assert main(["evaluate", "--predictions", str(preds), "--labels", str(labels), "--out", str(out),
+                 "--nsd-tolerance", "1.5"]) == 0
+    assert "HD95 (MONAI) | NSD (1.5)" in capsys.readouterr().out
+    want = SegmentationMetrics(4, nsd_tolerance=1.5)
+    for case in truth:
+        want.update(shifted[case], truth[case], spacing=spacing, case_id=case)
+    assert (out / "metrics.csv").read_text() == _csv(want, tmp_path / "want.csv")
+    assert (out / "summary.md").is_file() and (out / "summary.json").is_file()
+    # a prediction folder written by predict (its predictions/ inside), a subset of cases, class names from --data
+    (tmp_path / "run" / "predictions").mkdir(parents=True)
+    os.replace(preds / "case1.nii.gz", tmp_path / "run" / "predictions" / "case1.nii.gz")
+    assert main(["evaluate", "--predictions", str(tmp_path / "run"), "--labels", str(labels), "--out",
+                 str(tmp_path / "one"), "--num-classes", "4"]) == 0
+    assert len((tmp_path / "one" / "metrics.csv").read_text().splitlines()) == 2
+    assert "2 label map(s) have no prediction" in capsys.readouterr().err
+    # errors: a prediction without a label map, another space, a checkpoint beside --predictions
+    nib.save(nib.Nifti1Image(shifted["case0"].astype(np.uint8), np.eye(4)), preds / "case9.nii.gz")
+    assert main(["evaluate", "--predictions", str(preds), "--labels", str(labels), "--out", str(out)]) == 2
+    assert "1 prediction(s) have no label map of the same name: ['case9']" in capsys.readouterr().err
+    os.remove(preds / "case9.nii.gz")
+    nib.save(nib.Nifti1Image(shifted["case0"].astype(np.uint8), np.eye(4)), preds / "case0.nii.gz")
+    assert main(["evaluate", "--predictions", str(preds), "--labels", str(labels), "--out", str(out)]) == 2
+    assert "different affines" in capsys.readouterr().err
+    assert main(["evaluate", "--predictions", str(preds), "--labels", str(labels), "--out", str(out),
+                 "--checkpoint", "x.pt"]) == 2
+    assert "drop --checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(out)]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def _csv(metrics, path) -> str:
+    metrics.to_csv(str(path))
+    return path.read_text()
+
+
+def test_largest_component_keeps_each_class_s_largest_26_connected_part():
+    from action.engine.postprocess import component_filter, largest_component, parse_classes
+
+    labels = np.zeros((6, 8, 8), np.int64)
+    labels[0:2, 0:2, 0:2] = 1  # 8 voxels
+    labels[4:6, 5:8, 5:8] = 1  # 18 voxels: kept
+    labels[2, 2, 2] = 1  # touches the first blob's corner only (26-connected): part of it
+    labels[0:3, 5:8, 0:2] = 2
+    labels[5, 0, 0] = 2
+    out = largest_component(labels, None)
+    assert (out == 1).sum() == 18 and (out[4:6, 5:8, 5:8] == 1).all() and out[2, 2, 2] == 0
+    assert (out == 2).sum() == 18 and out[5, 0, 0] == 0
+    only2 = largest_component(torch.from_numpy(labels), parse_classes("2", 4))
+    assert isinstance(only2, torch.Tensor) and (only2 == 1).sum() == (labels == 1).sum() and only2[5, 0, 0] == 0
+    assert component_filter(None) is None
+    with pytest.raises(ValueError, match=r"--largest-component: expected 'all' or comma-separated foreground "
+                                         r"classes in \[1, 4\), got '0,5'"):
+        parse_classes("0,5", 4)
