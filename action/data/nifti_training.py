@@ -98,7 +98,7 @@ class _NiftiData:
         spacings = [reoriented_geometry(h.affine, h.shape, orientation)[3][:2] for h in headers]
         self.spacing = training_spacing(cfg.spacing, spacings)
         self._prep = Preprocessing(cfg.intensity, self.spacing, orientation)
-        self._samples = []
+        self._samples, self._raw_samples = [], []
 
     def _load(self, case, with_label: bool):
         """One training volume -> (image (Z, H, W) normalised, label (Z, H, W) or None, resampled in-plane)."""
@@ -108,6 +108,7 @@ class _NiftiData:
         image = normalise_intensity(item.image, self._prep.intensity)
         if with_label:  # the training intensity distribution, of whole volumes as inference sees them
             self._samples.append(sample_values(image, 1 << 16))
+            self._raw_samples.append(sample_values(item.image, 1 << 16))  # before normalisation: the modality check
         label = item.label
         if label is not None and (label.min() < 0 or label.max() >= self.cfg.num_classes):
             raise ValueError(f"{case.label}: labels must be in [0, {self.cfg.num_classes}), got [{int(label.min())}, "
@@ -148,7 +149,8 @@ class NiftiSliceData(_NiftiData, SliceData):
         images, labels, names = parts["labelled"]
         self.images, self.labels, self.names = torch.cat(images)[:limit], torch.cat(labels)[:limit], names[:limit]
         self.unlabelled = torch.cat(parts["unlabelled"][0])[:limit] if self.unlabelled_cases else None
-        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples))
+        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples),
+                                                       intensity_quantiles(self._raw_samples))
 
 
 class NiftiVolumeData(_NiftiData, VolumeData):
@@ -161,7 +163,8 @@ class NiftiVolumeData(_NiftiData, VolumeData):
         self.images, self.labels = [i for i, _ in loaded], [lab for _, lab in loaded]
         self.names = [c.name for c in self.labelled_cases]
         self.unlabelled = [self._load(c, False)[0] for c in self.unlabelled_cases] if self.unlabelled_cases else None
-        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples))
+        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples),
+                                                       intensity_quantiles(self._raw_samples))
 
 
 def nifti_training_data(cfg, need_unlabelled: bool, progress: bool = True):

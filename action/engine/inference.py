@@ -236,7 +236,7 @@ class VolumePredictor:
     def _run(self, case, probabilities: bool) -> torch.Tensor:
         cfg, prep, window = self.cfg, self.preprocessing, self.window
         image = prep.normalise(case.image)
-        prep.check_range(image, case.name)
+        prep.check_range(image, case.name, raw=case.image)
         if prep.spacing is not None:
             if case.spacing is not None:
                 target_hw = (prep.spacing[1], prep.spacing[0])
