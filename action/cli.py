@@ -399,9 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--save-probabilities", action="store_true",
                        help="also write probabilities/<case>.nii.gz: the softmax per class, float32 (X, Y, Z, K) in "
                             "the input image's space with its header (labels are its argmax)")
-        add_largest_component(p)
-
-    def add_largest_component(p):
         p.add_argument("--largest-component", nargs="?", const="all", metavar="CLASSES",
                        help="postprocessing: keep only the largest connected component (26-connected) of each "
                             "foreground class ('all', the default when given without a value) or of the listed "
