@@ -428,10 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from the headers) or the raw ACDC layout (--acdc-raw). Without a checkpoint: "
                                    "--predictions DIR --labels DIR scores prediction files that exist.")
     add_model_options(p, checkpoint_required=False)
-    p.add_argument("--predictions", help="score the NIfTI predictions in this folder (or its predictions/) against "
-                   "--labels (same file names) or --data's labelled cases, without a checkpoint")
-    p.add_argument("--num-classes", type=int, help="with --predictions: the number of classes, background included "
-                   "(default: from --data's dataset.json, else the largest label found + 1)")
+    p.add_argument("--predictions", metavar="DIR",
+                   help="score the NIfTI predictions in this folder (or its predictions/) against --labels (same file "
+                        "names) or --data's labelled cases, without a checkpoint")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="with --predictions: the number of classes, background included (default: from --data's "
+                        "dataset.json, else the largest label found + 1)")
     p.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
                    help="the normalised surface Dice's tolerance, in mm (voxels for the HDF5 layout) (default: 2)")
     p.add_argument("--data", help="dataset folder, ACDC HDF5 or NIfTI (nnU-Net raw, images/labels; default: the "
