@@ -39,6 +39,37 @@ def test_gaussian_importance_follows_its_formula():
     assert float(w.min()) > 0
 
 
+def test_monai_gaussian_importance_equals_the_map_monai_computes():
+    """MONAI 1.6.1's compute_importance_map(patch, mode="gaussian", sigma_scale=s) at chosen voxels (its numbers,
+    fixed here: the live comparison is in the slow MONAI test below): centred between voxels for an even patch, no
+    rescaling to 1, corners clamped at 1e-3 unless the minimum is larger."""
+    from action.engine.inference import gaussian_importance, gaussian_importance_monai
+
+    monai = {((8, 16, 12), 0.125): {(0, 0, 0): 0.0010000000474974513, (7, 15, 0): 0.0010000000474974513,
+                                    (4, 2, 6): 0.01902872510254383, (3, 7, 5): 0.8091219663619995,
+                                    (4, 8, 6): 0.8091219663619995},
+             ((5, 4, 7), 0.125): {(0, 0, 0): 0.0010000000474974513, (1, 0, 2): 0.0016075223684310913,
+                                  (2, 1, 3): 0.6065306663513184, (4, 3, 6): 0.0010000000474974513}}
+    for (patch, sigma), values in monai.items():
+        w = gaussian_importance_monai(patch, sigma)
+        assert w.shape == patch and w.dtype == torch.float32
+        for i, v in values.items():
+            assert abs(float(w[i]) - v) <= 1e-6 * v, (patch, i, float(w[i]), v)
+        assert float(w.max()) == max(values.values()) and float(w.min()) == 0.0010000000474974513
+    wide = gaussian_importance_monai((6, 6, 6), 0.5)  # its minimum is above 1e-3: not clamped
+    assert abs(float(wide.min()) - 0.3528660833835602) < 1e-7 and abs(float(wide.max()) - 0.9591894745826721) < 1e-7
+    assert float((gaussian_importance((8, 16, 12)) - gaussian_importance_monai((8, 16, 12))).abs().max()) > 0.15
+    with pytest.raises(ValueError, match="sigma_scale: expected > 0, got 0"):
+        gaussian_importance_monai((4, 4, 4), 0)
+
+
+def test_the_command_line_offers_exactly_the_engine_s_window_modes():
+    from action.cli import WINDOW_MODES as CLI_MODES
+    from action.engine.inference import WINDOW_MODES
+
+    assert CLI_MODES == WINDOW_MODES
+
+
 class _CallConstant(torch.nn.Module):
     """Probabilities that differ per call: call n outputs logits (0.1 n, 0) everywhere, so a blend shows its weights."""
 
@@ -58,21 +89,24 @@ class _CallConstant(torch.nn.Module):
 def test_gaussian_windows_blend_each_patch_by_its_weight_at_the_voxel():
     import pytest
 
-    from action.engine.inference import gaussian_importance, sliding_window_probabilities
+    from action.engine.inference import gaussian_importance, gaussian_importance_monai, sliding_window_probabilities
 
     shape, patch, stride = (8, 24, 16), (8, 16, 16), (8, 8, 8)
-    blend = sliding_window_probabilities(_CallConstant(), torch.zeros(shape), patch, 2, stride=stride, batch=1,
-                                         mode="gaussian")
-    w = gaussian_importance(patch)  # windows at H = 0 and 8; call n outputs p0 = sigmoid(0.1 n)
-    num, den = torch.zeros(shape), torch.zeros(shape)
-    for n, h in enumerate((0, 8), start=1):
-        num[:, h:h + 16] += w * torch.sigmoid(torch.tensor(0.1 * n))
-        den[:, h:h + 16] += w
-    torch.testing.assert_close(blend[0], num / den)
     flat = sliding_window_probabilities(_CallConstant(), torch.zeros(shape), patch, 2, stride=stride, batch=1)
     both = (torch.sigmoid(torch.tensor(0.1)) + torch.sigmoid(torch.tensor(0.2))) / 2
     torch.testing.assert_close(flat[0, :, 8:16], torch.full((8, 8, 16), float(both)))  # equal weights: the mean
-    assert not torch.allclose(blend[0, :, 8:16], flat[0, :, 8:16])
+    blends = {}
+    for mode, w in (("gaussian", gaussian_importance(patch)), ("gaussian-monai", gaussian_importance_monai(patch))):
+        blend = sliding_window_probabilities(_CallConstant(), torch.zeros(shape), patch, 2, stride=stride, batch=1,
+                                             mode=mode)
+        num, den = torch.zeros(shape), torch.zeros(shape)  # windows at H = 0 and 8; call n: p0 = sigmoid(0.1 n)
+        for n, h in enumerate((0, 8), start=1):
+            num[:, h:h + 16] += w * torch.sigmoid(torch.tensor(0.1 * n))
+            den[:, h:h + 16] += w
+        torch.testing.assert_close(blend[0], num / den)
+        assert not torch.allclose(blend[0, :, 8:16], flat[0, :, 8:16])
+        blends[mode] = blend
+    assert not torch.allclose(blends["gaussian"], blends["gaussian-monai"])  # the two owners' weights differ
     with pytest.raises(ValueError, match="expected one of .'constant', 'gaussian', 'gaussian-monai'."):
         sliding_window_probabilities(_CallConstant(), torch.zeros(shape), patch, 2, mode="cosine")
 
