@@ -50,7 +50,6 @@ def _data(path):
     return np.asarray(nib.load(path).dataobj)
 
 
-@pytest.mark.slow
 def test_predict_saves_probabilities_and_both_ensembles_average_them(tmp_path):
     images, labels = _images(tmp_path / "data")
     a, b = _checkpoint(tmp_path / "a.pt", 1), _checkpoint(tmp_path / "b.pt", 2, orientation="LPS")
@@ -82,6 +81,47 @@ def test_predict_saves_probabilities_and_both_ensembles_average_them(tmp_path):
             assert labels_out.shape == mean.shape[:3] and labels_out.get_data_dtype() == np.uint8
             assert np.allclose(labels_out.affine, nib.load(images / f"{case}_0000.nii.gz").affine)
             assert np.array_equal(np.asarray(labels_out.dataobj), mean.argmax(-1))
+
+
+def test_largest_component_filters_the_labels_of_predict_evaluate_and_ensemble_not_the_probabilities(tmp_path,
+                                                                                                      capsys):
+    """An untrained network on noise predicts scattered classes: --largest-component keeps each class's largest
+    26-connected part in every command's label maps, and the probabilities stay the network's softmax."""
+    from action.engine.postprocess import largest_component
+
+    images, labels = _images(tmp_path / "data")
+    ckpt = _checkpoint(tmp_path / "a.pt", 3)
+    common = ["--checkpoint", ckpt, "--overlays", "0", "--save-probabilities", "--device", "cpu"]
+    assert main(["predict", "--input", str(images), "--out", str(tmp_path / "plain"), *common]) == 0
+    assert "predicting" in capsys.readouterr().err  # the progress bar's label
+    assert main(["predict", "--input", str(images), "--out", str(tmp_path / "lc"), "--largest-component", *common]) == 0
+    assert main(["evaluate", "--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "ev"),
+                 "--save-predictions", "--largest-component", *common]) == 0
+    changed = 0
+    for case in ("case0", "case1"):
+        plain = _data(tmp_path / "plain" / "predictions" / f"{case}.nii.gz")
+        kept = largest_component(plain)
+        changed += int(not np.array_equal(kept, plain))
+        probs = _data(tmp_path / "plain" / "probabilities" / f"{case}.nii.gz")
+        for out in ("lc", "ev"):
+            assert np.array_equal(_data(tmp_path / out / "predictions" / f"{case}.nii.gz"), kept), (out, case)
+            np.testing.assert_array_equal(_data(tmp_path / out / "probabilities" / f"{case}.nii.gz"), probs)
+    assert changed  # the filter removed components
+    # scoring the unfiltered files with --largest-component scores the filtered ones
+    for name, extra in (("s_plain", ["--largest-component"]), ("s_lc", [])):
+        folder = tmp_path / ("plain" if name == "s_plain" else "lc")
+        assert main(["evaluate", "--predictions", str(folder), "--labels", str(labels), "--out", str(tmp_path / name),
+                     "--num-classes", "4", *extra]) == 0
+    assert (tmp_path / "s_plain" / "metrics.csv").read_text() == (tmp_path / "s_lc" / "metrics.csv").read_text()
+    # an ensemble filters its own argmax (two copies of one model average to its probabilities), here one class
+    plain = {case: _data(tmp_path / "plain" / "predictions" / f"{case}.nii.gz") for case in ("case0", "case1")}
+    split = [c for c in (1, 2, 3) if any(not np.array_equal(largest_component(p, (c,)), p) for p in plain.values())]
+    assert main(["ensemble", "--predictions", str(tmp_path / "plain"), str(tmp_path / "lc"), "--out",
+                 str(tmp_path / "ens"), "--largest-component", str(split[0])]) == 0
+    for case, labels_plain in plain.items():
+        got = _data(tmp_path / "ens" / "predictions" / f"{case}.nii.gz")
+        assert np.array_equal(got, largest_component(labels_plain, (split[0],)))
+        assert np.array_equal(got != labels_plain, (labels_plain == split[0]) & (got == 0))  # only that class lost
 
 
 def test_folder_ensembles_refuse_maps_of_different_spaces_cases_or_classes(tmp_path, capsys):
@@ -126,7 +166,7 @@ def test_evaluate_predictions_scores_files_without_a_checkpoint(tmp_path, capsys
         want.update(shifted[case], truth[case], spacing=spacing, case_id=case)
     assert (out / "metrics.csv").read_text() == _csv(want, tmp_path / "want.csv")
     assert (out / "summary.md").is_file() and (out / "summary.json").is_file()
-    # a prediction folder written by predict (its predictions/ inside), a subset of cases, class names from --data
+    # a prediction folder written by predict (its predictions/ inside), a subset of the label maps
     (tmp_path / "run" / "predictions").mkdir(parents=True)
     os.replace(preds / "case1.nii.gz", tmp_path / "run" / "predictions" / "case1.nii.gz")
     assert main(["evaluate", "--predictions", str(tmp_path / "run"), "--labels", str(labels), "--out",
