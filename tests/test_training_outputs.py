@@ -111,3 +111,28 @@ def test_under_torchrun_only_rank_0_prints_the_result(tmp_path, monkeypatch, cap
         assert main(["train", "--preset", "smoke", "--data", ACDC, "--out", str(tmp_path)]) == 0
         out = capsys.readouterr().out
         assert (json.loads(out) if out else "") == printed
+
+
+def test_overlays_carry_a_legend_of_the_classes_shown_by_name(tmp_path):
+    pytest.importorskip("matplotlib")
+    import types
+
+    import torch
+
+    from action.engine.overlays import _figure, save_overlays
+
+    image = torch.randn(4, 12, 10)
+    label, pred = torch.zeros(4, 12, 10, dtype=torch.long), torch.zeros(4, 12, 10, dtype=torch.long)
+    label[1, 2:6, 2:6], pred[1, 3:7, 2:6], pred[2, 8:10, 1:3] = 1, 1, 3  # class 2 nowhere: not in the legend
+    case = types.SimpleNamespace(name="c0", image=image, label=label)
+    fig, plt = _figure(case, pred, 2, ("background", "RV", "Myo", "LV"), "RAS")
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["RV", "LV"]
+    assert fig.get_suptitle() == "c0 (radiological view)" and len(fig.axes) == 2 * 3
+    plt.close(fig)
+    fig, plt = _figure(types.SimpleNamespace(name="c1", image=image, label=None), pred, 1, None, None)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["class 1", "class 3"]
+    assert fig.get_suptitle() == "c1 (array orientation (no geometry))" and len(fig.axes) == 2
+    plt.close(fig)
+    assert save_overlays(case, pred, str(tmp_path / "o.png")) == str(tmp_path / "o.png")
+    assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
