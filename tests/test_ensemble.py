@@ -211,3 +211,33 @@ def test_largest_component_keeps_each_class_s_largest_26_connected_part():
     with pytest.raises(ValueError, match=r"--largest-component: expected 'all' or comma-separated foreground "
                                          r"classes in \[1, 4\), got '0,5'"):
         parse_classes("0,5", 4)
+
+
+def test_evaluate_predictions_takes_the_label_maps_and_class_names_from_a_dataset_folder(tmp_path, capsys):
+    """--data instead of --labels: an nnU-Net raw dataset's labelled test cases (imagesTs with labelsTs), scored
+    under dataset.json's class names."""
+    import json
+
+    data = tmp_path / "Dataset001_X"
+    for src, images, labels in ((tmp_path / "tr", "imagesTr", "labelsTr"), (tmp_path / "ts", "imagesTs", "labelsTs")):
+        made = _images(src, count=2, seed=len(images))
+        os.renames(made[0], data / images)
+        os.renames(made[1], data / labels)
+    (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "RV": 1, "Myo": 2, "LV": 3}}))
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    want = SegmentationMetrics(4, ("background", "RV", "Myo", "LV"))
+    for case in ("case0", "case1"):
+        label = nib.load(data / "labelsTs" / f"{case}.nii.gz")
+        truth = np.asarray(label.dataobj).astype(np.int64)
+        nib.save(nib.Nifti1Image(np.roll(truth, 1, axis=1).astype(np.uint8), label.affine), preds / f"{case}.nii.gz")
+        want.update(np.roll(truth, 1, axis=1), truth, spacing=label.header.get_zooms(), case_id=case)
+        empty = nib.load(data / "labelsTr" / f"{case}.nii.gz")  # the training cases' maps differ from the test ones
+        nib.save(nib.Nifti1Image(np.zeros(empty.shape, np.uint8), empty.affine), data / "labelsTr" / f"{case}.nii.gz")
+    assert main(["evaluate", "--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "s")]) == 0
+    assert "| Myo |" in capsys.readouterr().out
+    csv_text = (tmp_path / "s" / "metrics.csv").read_text()
+    assert csv_text == _csv(want, tmp_path / "want.csv") and csv_text.startswith("case,RV/dice,")
+    assert main(["evaluate", "--predictions", str(preds), "--out", str(tmp_path / "s")]) == 2
+    assert "--predictions needs the label maps to score against" in capsys.readouterr().err
