@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(4 per 2D slice, 8 per 3D window; nnU-Net's default)")
         p.add_argument("--save-probabilities", action="store_true",
                        help="also write probabilities/<case>.nii.gz: the softmax per class, float32 (X, Y, Z, K) in "
-                            "the input image's space with its header (labels are its argmax)")
+                            "the input image's space with its header (labels are its argmax, before "
+                            "--largest-component)")
         p.add_argument("--largest-component", nargs="?", const="all", metavar="CLASSES",
                        help="postprocessing: keep only the largest connected component (26-connected) of each "
                             "foreground class ('all', the default when given without a value) or of the listed "
