@@ -20,8 +20,9 @@ def _checkpoint(path, seed: int, dims: int = 2, orientation: str = "RAS") -> str
     from action.engine import save_checkpoint
     from action.models import build_network
 
-    extra = {"dims": 3, "patch": [4, 32, 32], "base_channels": 4} if dims == 3 else {}
-    cfg = build_config("smoke", overrides={"out": str(path.parent), "seed": seed, "threads": 1, "size": 32, **extra})
+    extra = {"dims": 3, "patch": [16, 32, 32], "base_channels": 2, "size": 64} if dims == 3 else {"size": 32}
+    cfg = build_config("smoke" if dims == 2 else None,  # smoke's max_train_slices is 2D only
+                       overrides={"out": str(path.parent), "seed": seed, "threads": 1, **extra})
     torch.manual_seed(seed)
     net = build_network(cfg)
     state = {"iteration": 0, "stage": "supervised", "config": cfg.to_json(), "model": net.state_dict(),
@@ -241,3 +242,31 @@ def test_evaluate_predictions_takes_the_label_maps_and_class_names_from_a_datase
     assert csv_text == _csv(want, tmp_path / "want.csv") and csv_text.startswith("case,RV/dice,")
     assert main(["evaluate", "--predictions", str(preds), "--out", str(tmp_path / "s")]) == 2
     assert "--predictions needs the label maps to score against" in capsys.readouterr().err
+
+
+def test_3d_checkpoints_predict_and_ensemble_with_the_window_mode_asked_for(tmp_path):
+    from action.cli import _predictor_from_checkpoint
+    from action.engine.inference import predict_volume_3d
+
+    images, _ = _images(tmp_path / "data")
+    ckpt = _checkpoint(tmp_path / "a3.pt", 4, dims=3)
+    predictor, cfg = _predictor_from_checkpoint(ckpt, "cpu", window="gaussian-monai", tta=True)
+    assert cfg.dims == 3 and predictor.window == {"mode": "gaussian-monai", "tta": True}
+    image = torch.from_numpy(_data(images / "case0_0000.nii.gz").transpose(2, 1, 0).copy())  # RAS: (Z, Y, X)
+    image = predictor.preprocessing.normalise(image)
+    probs = {}
+    for mode in ("constant", "gaussian", "gaussian-monai"):
+        assert main(["predict", "--checkpoint", ckpt, "--input", str(images), "--out", str(tmp_path / mode),
+                     "--overlays", "0", "--save-probabilities", "--device", "cpu", "--sliding-window", mode]) == 0
+        probs[mode] = _data(tmp_path / mode / "probabilities" / "case0.nii.gz")
+        # 64 x 64 in-plane, 32 x 32 windows at a stride of 16: they overlap, so the weights matter
+        want = predict_volume_3d(predictor.model, image, (64, 64), (16, 32, 32), 4, return_probabilities=True,
+                                 mode=mode)
+        np.testing.assert_allclose(probs[mode], want.numpy().transpose(3, 2, 1, 0), atol=1e-6)
+    for other in ("constant", "gaussian"):  # 5e-3 apart here: a mode lost on the way would fail the check above
+        assert np.abs(probs[other] - probs["gaussian-monai"]).max() > 1e-3
+    # two copies of one checkpoint: the ensemble's mean is that checkpoint's probabilities in the same mode
+    assert main(["ensemble", "--checkpoints", ckpt, ckpt, "--input", str(images), "--out", str(tmp_path / "ens"),
+                 "--device", "cpu", "--save-probabilities", "--sliding-window", "gaussian-monai"]) == 0
+    np.testing.assert_allclose(_data(tmp_path / "ens" / "probabilities" / "case0.nii.gz"), probs["gaussian-monai"],
+                               atol=1e-6)
