@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from action.engine import predict_slices, predict_sliding_window
-from helpers import sign_model
+from helpers import ACDC, needs_acdc, sign_model
 
 
 def test_sliding_window_equals_the_voxelwise_answer_with_overlap_and_padding():
@@ -195,6 +195,17 @@ def test_sliding_window_equals_monai_on_thin_and_large_volumes_constant_and_gaus
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gaussian_importance_monai(patch),
                                compute_importance_map(patch, mode="gaussian", sigma_scale=0.125))
+
+
+@needs_acdc
+@pytest.mark.slow  # about 10 s: MONAI's import and a 16 x 96 x 96 UNet3D on one volume
+def test_the_monai_agreement_tool_finds_full_agreement_on_a_thin_acdc_volume(capsys):
+    pytest.importorskip("monai", reason="MONAI not installed (pip install monai)")
+    from tools.monai_agreement import main
+
+    assert main(["--data", ACDC, "--max-volumes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("thinner than the patch: argmax agreement 100.000000%") == 2, out
 
 
 def test_probabilities_are_resampled_like_the_labels_so_labels_are_their_argmax():
