@@ -116,7 +116,7 @@ class _NiftiData:
                                                                                           None))
         self._prep = Preprocessing(cfg.intensity, self.spacing, orientation, ct_statistics=stats,
                                    ignore_label=ignore)
-        self._samples = []
+        self._samples, self._raw_samples = [], []
 
     def _read(self, cases, with_label: bool, orientation):
         """Case records (action.data.cases) of layout cases, every channel, the ignore label mapped."""
@@ -134,6 +134,7 @@ class _NiftiData:
         image = self._prep.normalise(item.image)
         if with_label:  # the training intensity distribution, of whole volumes as inference sees them
             self._samples.append(sample_values(image, 1 << 16))
+            self._raw_samples.append(sample_values(item.image, 1 << 16))  # before normalisation: the modality check
         label = item.label
         if label is not None:
             valid = label[label != IGNORE_INDEX]
@@ -176,7 +177,8 @@ class NiftiSliceData(_NiftiData, SliceData):
         images, labels, names = parts["labelled"]
         self.images, self.labels, self.names = torch.cat(images)[:limit], torch.cat(labels)[:limit], names[:limit]
         self.unlabelled = torch.cat(parts["unlabelled"][0])[:limit] if self.unlabelled_cases else None
-        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples))
+        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples),
+                                                       intensity_quantiles(self._raw_samples))
 
 
 class NiftiVolumeData(_NiftiData, VolumeData):
@@ -190,7 +192,8 @@ class NiftiVolumeData(_NiftiData, VolumeData):
         self.images, self.labels = [i for i, _ in loaded], [lab for _, lab in loaded]
         self.names = [c.name for c in self.labelled_cases]
         self.unlabelled = [self._load(c, False)[0] for c in self.unlabelled_cases] if self.unlabelled_cases else None
-        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples))
+        self.preprocessing = self._prep.with_quantiles(intensity_quantiles(self._samples),
+                                                       intensity_quantiles(self._raw_samples))
 
 
 def nifti_training_data(cfg, need_unlabelled: bool, progress: bool = True):

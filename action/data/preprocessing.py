@@ -14,10 +14,16 @@ same to any input (`action evaluate` / `predict`, validation during training).
     orientation  axis codes of the training volumes' (x, y, z) arrays, e.g. "RAS"; inputs are reoriented to it
                  (flips and permutations only) and predictions turned back; slices are cut along z
     quantiles    the normalised training intensities at QUANTILE_LEVELS (empty: unknown, no range check)
+    raw_quantiles  the training intensities before normalisation at QUANTILE_LEVELS (the intensity fingerprint of
+                 the modality check; empty: unknown, written before it was stored)
 
 An input whose normalised intensities are distributed far from the training images' (distribution_distance above
 RANGE_WARNING) gets an InputRangeWarning naming it: an input in a scale that "none" does not normalise, or, when
-the histograms differ that much, another modality (the check is coarse: see RANGE_WARNING).
+the histograms differ that much, another modality (coarse: see RANGE_WARNING). The modality check (air_share):
+a CT in Hounsfield units has air, voxels below AIR_HU (-500), in a sizeable share of its volume (36% of the CT
+fixture), while MR and min-max normalised images have none (0% of the MR fixture; an MR's few interpolation
+undershoots reach -47); an input with at least MODALITY_SHARE[1] of its voxels there fed to a model whose
+training images had under MODALITY_SHARE[0], or the reverse, is warned about whatever the histogram distance.
 """
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
 # ACDC volume scaled by 1000 under intensity "none" about 900. So a wrong scale is always flagged, another modality
 # only where the histograms differ clearly (the CT against 68 or more slices; not the MR).
 RANGE_WARNING = 0.8
+# the modality check: voxels below AIR_HU are air in a CT in Hounsfield units; one side with under 1% of its voxels
+# there and the other with at least 10% are different modalities (a CT and an MR or a normalised image)
+AIR_HU = -500.0
+MODALITY_SHARE = (0.01, 0.10)
 # what a checkpoint written before preprocessing was stored used: the HDF5 layout's convention
 LEGACY = {"intensity": "minmax", "spacing": None, "orientation": "RAS", "quantiles": []}
 
@@ -82,6 +92,16 @@ def sample_values(values, limit: int = 1 << 20) -> np.ndarray:
 def intensity_quantiles(images) -> list[float]:
     """The values of normalised training images (a tensor or a list of tensors) at QUANTILE_LEVELS."""
     return [float(v) for v in np.quantile(sample_values(images), QUANTILE_LEVELS)]
+
+
+def air_share(values=None, quantiles=None) -> float:
+    """The share of voxels below AIR_HU, of `values` (any array or tensor) or read from training `quantiles` at
+    QUANTILE_LEVELS (to their 1% resolution: the highest level whose value is below AIR_HU)."""
+    if values is not None:
+        return float((sample_values(values) < AIR_HU).mean())
+    q = np.asarray(quantiles, dtype=np.float64)
+    below = np.nonzero(q < AIR_HU)[0]
+    return float(QUANTILE_LEVELS[below[-1]]) if below.size else 0.0
 
 
 def distribution_distance(normalised, quantiles) -> float:
@@ -137,6 +157,7 @@ class Preprocessing:
     quantiles: tuple[float, ...] = ()
     ct_statistics: tuple[tuple[float, float, float, float], ...] = ()
     ignore_label: int | None = None
+    raw_quantiles: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.intensity not in INTENSITY:
@@ -155,11 +176,13 @@ class Preprocessing:
     def from_json(cls, text: str) -> "Preprocessing":
         d = json.loads(text)
         return cls(d["intensity"], None if d["spacing"] is None else tuple(d["spacing"]), d["orientation"],
-                   tuple(d["quantiles"]), tuple(tuple(s) for s in d.get("ct_statistics", ())),
-                   d.get("ignore_label"))
+                   tuple(d["quantiles"]), ct_statistics=tuple(tuple(s) for s in d.get("ct_statistics", ())),
+                   ignore_label=d.get("ignore_label"), raw_quantiles=tuple(d.get("raw_quantiles", ())))
 
-    def with_quantiles(self, quantiles) -> "Preprocessing":
-        return replace(self, quantiles=tuple(quantiles))
+    def with_quantiles(self, quantiles, raw_quantiles=None) -> "Preprocessing":
+        """A copy with the training intensity quantiles (and the raw ones when given)."""
+        raw = self.raw_quantiles if raw_quantiles is None else tuple(raw_quantiles)
+        return replace(self, quantiles=tuple(quantiles), raw_quantiles=raw)
 
     def normalise(self, volume: torch.Tensor) -> torch.Tensor:
         """volume (Z, H, W), or (C, Z, H, W) of several channels (each normalised on its own) -> float32."""
@@ -172,9 +195,19 @@ class Preprocessing:
         return torch.stack([normalise_intensity(v, self.intensity, stats[c] if stats else None)
                             for c, v in enumerate(volume)])
 
-    def check_range(self, normalised: torch.Tensor, name: str) -> float | None:
-        """Warns (InputRangeWarning) when `normalised`'s intensities are distributed far from the training images';
-        returns the distance (None when the training quantiles are unknown)."""
+    def check_range(self, normalised: torch.Tensor, name: str, raw=None) -> float | None:
+        """Warns (InputRangeWarning) when `normalised`'s intensities are distributed far from the training images',
+        or when the input before normalisation (`raw`, when given) and the training images differ in modality
+        (air_share: a CT in HU against a model trained without air, or the reverse); returns the distance (None
+        when the training quantiles are unknown)."""
+        if raw is not None and self.raw_quantiles:
+            mine, trained = air_share(raw), air_share(quantiles=self.raw_quantiles)
+            low, high = MODALITY_SHARE
+            if (mine >= high and trained < low) or (trained >= high and mine < low):
+                warnings.warn(f"{name}: {mine:.0%} of its voxels are below {AIR_HU:g} (air in a CT in Hounsfield "
+                              f"units), {trained:.0%} of the training images' were: a different modality (CT "
+                              f"against MR) than the model was trained on? The prediction may be wrong.",
+                              InputRangeWarning, stacklevel=2)
         if not self.quantiles:
             return None
         distance = distribution_distance(normalised, self.quantiles)
@@ -212,7 +245,8 @@ def of_training_data(cfg, data) -> Preprocessing:
         raise ValueError(f"config intensity={cfg.intensity!r}, spacing={cfg.spacing!r}: the HDF5 layout's images are "
                          f"min-max normalised already and carry no spacing; use intensity 'minmax' and spacing None "
                          f"with it (or train on a NIfTI folder: action data convert)")
-    return Preprocessing("minmax", None, "RAS", tuple(intensity_quantiles(data.images)))
+    quantiles = tuple(intensity_quantiles(data.images))  # stored normalised: the raw intensities are these
+    return Preprocessing("minmax", None, "RAS", quantiles, quantiles)
 
 
 def checkpoint_preprocessing(state: dict, path: str = "checkpoint") -> Preprocessing:

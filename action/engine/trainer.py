@@ -258,7 +258,7 @@ class Trainer(RunState, Validation):
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if prepare_run_folder(cfg.out, resume, overwrite, self.rank) and self.resume(force=force):
+        if prepare_run_folder(cfg.out, resume, overwrite, self.rank) and self.resume(force=force) and self.rank == 0:
             print(f"resumed from {os.path.join(cfg.out, 'last.pt')} at iteration {self.iteration}", flush=True)
         if self.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
@@ -287,7 +287,8 @@ class Trainer(RunState, Validation):
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                 if cfg.val_every and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
                     scores = self.validate()  # every rank (cheap, keeps them in step); rank 0 logs and saves
-                    logger.log("val", self.iteration, scores)
+                    logger.log("val", self.iteration, scores)  # and progress.png
+                    logger.image("val/overlay", self.iteration, self.val_overlay)
                     if scores["mean_dice"] > self.best:
                         self.best, self.best_iteration = scores["mean_dice"], self.iteration
                         self.save("best.pt")
