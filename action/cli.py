@@ -157,6 +157,11 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     return predict, cfg
 
 
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: the idle cores now, at "
+                   "most 4; OMP_NUM_THREADS when set)")
+
+
 def cmd_train(args) -> int:
     from action.engine.logs import dump_json
     from action.method import run_pipeline, trainer_class
@@ -180,19 +185,21 @@ def cmd_train(args) -> int:
 
 def _names(text: str | None) -> list[str] | None:
     """--cases: a comma-separated list of case names, or a file listing one per line."""
+    from action.data.names import check_names, read_name_list
+
     if text is None:
         return None
     if os.path.isfile(text):
-        with open(text) as fh:
-            return [n.strip() for n in fh if n.strip()]
-    return [n.strip() for n in text.split(",") if n.strip()]
+        return read_name_list(text)
+    return check_names([n.strip() for n in text.split(",") if n.strip()], "--cases")
 
 
 def _image_items(folder: str, labels: str | None):
     """(name, image, label or None) of an image folder (and its label folder): nnU-Net channel names allowed."""
     from action.data.nifti import case_name, channel_files, folder_pairs
 
-    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith((".nii", ".nii.gz")))
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder)  # hidden files: a killed write's temporary
+                   if n.endswith((".nii", ".nii.gz")) and not n.startswith("."))
     if not paths:
         raise SystemExit(f"{folder}: no .nii/.nii.gz files")
     strip = channel_files(paths)
@@ -236,7 +243,9 @@ def _cases(args, cfg, orientation: str):
 def cmd_evaluate(args) -> int:
     from action.data.acdc import CLASSES
     from action.engine import evaluate
+    from action.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, args.data,
                                               args.teacher, args.bn_source, args.sliding_window, args.tta)
     cases, total, class_names = _cases(args, cfg, predict.preprocessing.orientation)  # names checked distinct first
@@ -253,7 +262,9 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
     from action.engine.evaluate import unique_case_names
+    from action.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     if os.path.isdir(args.input):
         items = _image_items(args.input, None)
     elif os.path.isfile(args.input):
@@ -276,11 +287,16 @@ def cmd_predict(args) -> int:
 
 def cmd_convert(args) -> int:
     from action.data.convert import hdf5_to_nnunet
+    from action.data.names import read_name_list
+    from action.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     names = args.names
     if names not in ("all", "test", "val"):
-        with open(names) as fh:
-            names = [n.strip() for n in fh if n.strip()]
+        if not os.path.isfile(names):
+            raise FileNotFoundError(f"--names {names}: expected all, test, val or a file listing volume names; no "
+                                    f"such file")
+        names = read_name_list(names)
     spacing = tuple(float(v) for v in args.spacing.split(","))
     if len(spacing) != 3:
         raise SystemExit(f"--spacing takes three numbers x,y,z in mm, got {args.spacing!r}")
@@ -321,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tta", action="store_true",
                        help="flip test-time augmentation: softmax averaged over every mirroring of the spatial axes "
                             "(4 per 2D slice, 8 per 3D window; nnU-Net's default)")
+        _add_threads_option(p)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on labelled volumes",
                        description="Per-case Dice, Jaccard, HD95, ASD per class (metrics.csv), a summary table "
@@ -362,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--spacing", default="1,1,1", help="voxel size x,y,z in mm to write (the HDF5 files have none)")
     c.add_argument("--max-volumes", type=int, help="only the first N volumes of each list (quick checks)")
+    _add_threads_option(c)
     c.set_defaults(func=cmd_convert)
     return ap
 

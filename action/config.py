@@ -70,7 +70,8 @@ class TrainConfig:
     poly_power: float = option(0.9, "poly schedule: lr * (1 - it / iterations) ** power")
     amp: str = option("auto", "mixed precision: auto (bf16/fp16 autocast on CUDA, off on CPU), on, off")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
-    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    threads: int | None = option(None, "CPU threads for torch (default: the idle cores now, at most 4; "
+                                       "OMP_NUM_THREADS when set: action.engine.threads)")
     accumulate: int = option(1, "split each step's batch into this many shards per process (gradient accumulation; "
                                 "under torchrun the global batch is split over world size x accumulate shards: "
                                 "action.engine.distributed)")

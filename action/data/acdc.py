@@ -29,10 +29,12 @@ def patient_of(name: str) -> str:
 
 
 def _read_list(path: str) -> list[str]:
+    """The names of a list file, each a checked case name (action.data.names: the error names the file and line)."""
+    from action.data.names import read_name_list
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ACDC list file not found: {path}")
-    with open(path) as fh:
-        names = [line.strip() for line in fh if line.strip()]
+    names = read_name_list(path)
     if not names:
         raise ValueError(f"ACDC list file is empty: {path}")
     return names
@@ -44,7 +46,9 @@ def read_case(root: str, name: str, num_classes: int | None = len(CLASSES)) -> t
     error names the file."""
     import h5py
 
-    path = os.path.join(root, "data", f"{name}.h5")
+    from action.data.names import check_case_name
+
+    path = os.path.join(root, "data", f"{check_case_name(name, 'ACDC case')}.h5")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ACDC case {name!r}: file not found: {path}")
     try:

@@ -71,7 +71,7 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str, header=None) -> 
     """Writes data with the given affine (the spacing follows from it); with `header` (a source image's), its
     qform and sform matrices and codes, units and descriptions are kept and only the data type follows `data`
     (no intensity scaling). Creates parent folders; written to a temporary file first and renamed, so an
-    interrupted write never leaves a truncated volume."""
+    interrupted write never leaves a truncated volume, and on any error the temporary is removed."""
     nib = _nib()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -88,8 +88,12 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str, header=None) -> 
         img.set_sform(header.get_sform(), code=int(header["sform_code"]))
         img.set_data_dtype(data.dtype)
         img.header.set_slope_inter(None, None)  # labels are written as they are, never rescaled
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -209,6 +213,7 @@ def hdf5_to_nifti(root: str, names: list[str], out_dir: str, spacing=(1.0, 1.0, 
     """Converts HDF5 volumes (Z, H, W) of the ACDC layout to NIfTI pairs <name>.nii.gz and <name>_gt.nii.gz in
     (x, y, z) = (W, H, Z) order with a diagonal affine of the given (x, y, z) spacing. Returns the written paths."""
     from action.data.acdc import read_case
+    from action.data.names import check_case_name, output_path
 
     affine = np.diag([float(spacing[0]), float(spacing[1]), float(spacing[2]), 1.0])
     written = []
@@ -217,6 +222,6 @@ def hdf5_to_nifti(root: str, names: list[str], out_dir: str, spacing=(1.0, 1.0, 
         if image.ndim != 3:
             raise ValueError(f"ACDC case {name!r} is not a volume (shape {image.shape}); convert val/test volumes")
         for suffix, arr in (("", image.astype(np.float32)), ("_gt", label.astype(np.uint8))):
-            path = os.path.join(out_dir, f"{name}{suffix}.nii.gz")
+            path = output_path(out_dir, f"{check_case_name(name, 'hdf5_to_nifti')}{suffix}.nii.gz")
             written.append(save_nifti(np.transpose(arr, (2, 1, 0)), affine, path))
     return written

@@ -20,6 +20,8 @@ import re
 
 import torch
 
+from action.data.staging import process_running
+
 FORMAT = "action-checkpoint/1"
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
 
@@ -40,16 +42,6 @@ def save_checkpoint(state: dict, path: str) -> str:
     return path
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def clean_stale_temporaries(folder: str) -> list[str]:
     """Removes the temporary files (`.<name>.tmp-<pid>`) that save_checkpoint writes in `folder` and a killed
     process left behind: those whose process no longer runs. Returns the removed paths."""
@@ -58,7 +50,7 @@ def clean_stale_temporaries(folder: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(folder)):
         match = _TEMPORARY.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _running(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not process_running(int(match.group(1))):
             path = os.path.join(folder, name)
             try:
                 os.remove(path)

@@ -79,6 +79,7 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
     cases. Two cases of one name are an error before the second is predicted (its files would replace the first's)."""
     from tqdm.auto import tqdm
 
+    from action.data.names import check_case_name, output_path
     from action.data.nifti import save_nifti, write_like
 
     metrics = SegmentationMetrics(num_classes, class_names)
@@ -86,12 +87,12 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
     for i, case in enumerate(tqdm(cases, desc="evaluating", total=total, disable=not progress, leave=False)):
         if case.name in seen:
             raise ValueError(f"two cases are named {case.name!r}: the second would overwrite the first's outputs")
-        seen.add(case.name)
+        seen.add(check_case_name(case.name, "evaluate"))  # its outputs are named after it
         pred = predict(case)
         if case.label is not None:
             metrics.update(pred.numpy(), case.label.numpy(), case.spacing, case.name)
         if out_dir and save_predictions:
-            path = os.path.join(out_dir, "predictions", f"{case.name}.nii.gz")
+            path = output_path(out_dir, "predictions", f"{case.name}.nii.gz")
             data = case.to_source(pred).astype(np.uint8)
             if case.reference is not None:
                 write_like(data, case.reference, path)
@@ -100,13 +101,13 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
             if written is not None:
                 written.append(path)
         if out_dir and i < overlays:
-            save_overlays(case, pred, os.path.join(out_dir, "overlays", f"{case.name}.png"))
+            save_overlays(case, pred, output_path(out_dir, "overlays", f"{case.name}.png"))
     if out_dir and metrics.cases:
         os.makedirs(out_dir, exist_ok=True)
-        metrics.to_csv(os.path.join(out_dir, "metrics.csv"))
-        with open(os.path.join(out_dir, "summary.md"), "w") as fh:
+        metrics.to_csv(output_path(out_dir, "metrics.csv"))
+        with open(output_path(out_dir, "summary.md"), "w") as fh:
             fh.write(metrics.summary_table() + "\n")
-        with open(os.path.join(out_dir, "summary.json"), "w") as fh:
+        with open(output_path(out_dir, "summary.json"), "w") as fh:
             dump_json(metrics.aggregate(), fh, indent=1)  # NaN as null; the NaN counts are in the summary
     return metrics
 

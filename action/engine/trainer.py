@@ -41,6 +41,7 @@ from torch import nn
 
 from action.config import TrainConfig
 from action.data.augment import Augment, AugmentConfig
+from action.data.names import output_path
 from action.data.sampling import TwoStreamSampler, run_seed
 from action.data.training import check_volumes, training_data
 from action.engine import distributed as dist_utils
@@ -51,6 +52,7 @@ from action.engine.losses import supervised_loss
 from action.engine.run_folder import prepare_run_folder
 from action.engine.run_state import RunState
 from action.engine.signals import interrupted, stop_signals
+from action.engine.threads import configure_threads
 from action.engine.validation import Validation
 from action.models import build_network
 
@@ -65,8 +67,7 @@ class Trainer(RunState, Validation):
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg = cfg.validate()
         self.progress = progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        configure_threads(cfg.threads)  # cfg.threads, else the idle cores (action.engine.threads)
         self.rank, self.world, local_rank = dist_utils.init_from_env(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:  # ranks beyond the GPUs share them (gloo only)
@@ -259,6 +260,8 @@ class Trainer(RunState, Validation):
         cfg = self.cfg
         if prepare_run_folder(cfg.out, resume, overwrite, self.rank) and self.resume(force=force):
             print(f"resumed from {os.path.join(cfg.out, 'last.pt')} at iteration {self.iteration}", flush=True)
+        if cfg.test_at_end and self.rank == 0:
+            output_path(cfg.out, "test")  # the test outputs stay inside --out (a test/ linked elsewhere: refused)
         if self.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, "config.json"), "w") as fh:
