@@ -164,6 +164,7 @@ def _add_threads_option(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from action.engine.logs import dump_json
+    from action.engine.run_lock import run_lock
     from action.method import run_pipeline, trainer_class
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -174,11 +175,14 @@ def cmd_train(args) -> int:
         raise ValueError("--overwrite and --resume contradict each other: --resume continues the run in --out, "
                          "--overwrite deletes it")
     run = dict(resume=args.resume, overwrite=args.overwrite, force=args.force)
-    if cfg.stage == "pipeline":
-        results = run_pipeline(cfg, **run)
-        print(dump_json({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
-        return 0
-    result = trainer_class(cfg)(cfg).fit(**run)
+    # one run per folder, refused before any data is loaded (the pipeline's stages lock their own folders too);
+    # under torchrun rank 0 holds it
+    with run_lock(cfg.out, enabled=os.environ.get("RANK", "0") == "0"):
+        if cfg.stage == "pipeline":
+            results = run_pipeline(cfg, **run)
+            print(dump_json({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
+            return 0
+        result = trainer_class(cfg)(cfg).fit(**run)
     print(dump_json({k: v for k, v in result.items() if k != "test"}))  # standard JSON: no validation is null
     return 0
 

@@ -50,6 +50,7 @@ from action.engine.device import resolve_device
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
 from action.engine.run_folder import prepare_run_folder
+from action.engine.run_lock import run_lock
 from action.engine.run_state import RunState
 from action.engine.signals import interrupted, stop_signals
 from action.engine.threads import configure_threads
@@ -254,7 +255,13 @@ class Trainer(RunState, Validation):
         """Trains to cfg.iterations. resume: True (continue <out>/last.pt; an error when there is none), "auto"
         (continue when it exists, else start), False (start; an error when <out> holds a run unless overwrite);
         force: resume although options changed (resume()). SIGINT / SIGTERM / SIGHUP: the current iteration
-        finishes, last.pt is saved and Interrupted is raised (a second signal stops at once, without saving)."""
+        finishes, last.pt is saved and Interrupted is raised (a second signal stops at once, without saving). One run
+        per folder: the folder's lock (action.engine.run_lock) is held from before anything in it is read until the
+        run ends; another process holding it is an error naming its pid."""
+        with run_lock(self.cfg.out, enabled=self.rank == 0):
+            return self._fit(resume, overwrite, force)
+
+    def _fit(self, resume: bool | str, overwrite: bool, force: bool) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
