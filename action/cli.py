@@ -130,6 +130,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     from action.engine import load_checkpoint
     from action.engine.checkpoint import align_keys, eval_weights, teacher_weights
     from action.engine.device import resolve_device
+    from action.engine.finite_weights import NonFiniteOutput, check_finite, refuse_non_finite_outputs
     from action.engine.inference import recalibrate_batchnorm, volume_predictor
     from action.method import trainer_class
     from action.models import build_network
@@ -144,7 +145,9 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     if teacher and not weights:
         raise SystemExit(f"--teacher: {path} holds no EMA teacher (a {state.get('stage')!r} checkpoint); the "
                          f"stages pretrain-global, pretrain-local and finetune keep one")
-    model.load_state_dict(align_keys(weights, model.state_dict()))
+    weights = align_keys(weights, model.state_dict())
+    check_finite(weights, f"--checkpoint {path}")  # a NaN weight would give all-background predictions, rc 0
+    model.load_state_dict(weights)
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
@@ -152,7 +155,15 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
         generator = torch.Generator().manual_seed(cfg.seed)
         model = recalibrate_batchnorm(model, images.clean_batches(bn_recalibrate, generator, dev))
     prep = checkpoint_preprocessing(state, path)
-    predict = volume_predictor(model, cfg, dev, prep, window, tta)
+    predictor = volume_predictor(refuse_non_finite_outputs(model, f"--checkpoint {path}"), cfg, dev, prep, window,
+                                 tta)
+
+    def predict(case):
+        try:
+            return predictor(case)
+        except NonFiniteOutput as exc:
+            raise ValueError(f"case {case.name!r}: {exc}") from None
+
     predict.preprocessing = prep
     return predict, cfg
 
