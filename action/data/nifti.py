@@ -58,13 +58,34 @@ def load_nifti(path: str, dtype=None) -> Volume:
         raise FileNotFoundError(f"NIfTI file not found: {path}")
     try:
         img = nib.load(path)
-        data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
+        raise ValueError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
+    check_header(path, img)
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as exc:
         raise ValueError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
     if dtype is not None:
         data = data.astype(dtype)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:data.ndim])
     return Volume(data, np.asarray(img.affine, dtype=np.float64), spacing, path, img.header.copy())
+
+
+def check_header(path: str, img) -> None:
+    """A loaded NIfTI header checked before its voxels are read: a finite affine, and a declared image size (shape x
+    the stored type's size) no larger than the file can hold (deflate's ratio for .gz, the file itself for .nii)
+    and the read cap (action.data.limits)."""
+    from action.data.limits import DEFLATE_RATIO, check_declared
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the header's affine (sform/qform) holds NaN or infinite values; fix the header "
+                         f"(e.g. nibabel's set_sform) or re-export the image")
+    dtype = img.get_data_dtype()
+    declared = int(np.prod([int(n) for n in img.shape], dtype=object)) * dtype.itemsize
+    offset = int(img.header.get("vox_offset", 0)) if not path.endswith(".gz") else 0
+    check_declared(path, declared + offset, f"image {tuple(int(n) for n in img.shape)} {dtype}",
+                   DEFLATE_RATIO if path.endswith(".gz") else 1.0)
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str, header=None) -> str:

@@ -20,6 +20,7 @@ import re
 
 import torch
 
+from action.data.limits import check_zip_archive
 from action.data.staging import process_running
 
 FORMAT = "action-checkpoint/1"
@@ -78,6 +79,7 @@ def check_same_model(weights: dict, target: dict, path: str) -> None:
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    check_zip_archive(path)  # bounded: no entry may declare more than the file holds (action.data.limits)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file, or objects outside the safe set
