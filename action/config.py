@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from action.config_file import bounded_repr, load_file
 from action.data.augment import AugmentConfig
 
 # the ACDC folder when --data is not given: $ACTION_ACDC, else ../shared/data/acdc relative to the working directory
@@ -266,7 +267,7 @@ class TrainConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"config {name}: expected {expected}, got {getattr(self, name)!r}")
+                raise ValueError(f"config {name}: expected {expected}, got {bounded_repr(getattr(self, name))}")
         self.augmentation = check_augmentation(self.augmentation)
         self.strong_augmentation = check_augmentation(self.strong_augmentation, "strong_augmentation")
         return self
@@ -276,7 +277,7 @@ class TrainConfig:
 
 
 def _kind(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{bounded_repr(value)} ({type(value).__name__})"
 
 
 def check_type(name: str, value, kind: str, source: str = ""):
@@ -413,34 +414,6 @@ PRESETS: dict[str, dict] = {
     "smoke": {"size": 64, "iterations": 20, "labelled_batch": 2, "max_train_slices": 8, "val_every": 10,
               "val_volumes": 2, "checkpoint_every": 5, "log_every": 5},
 }
-
-
-def load_file(path: str) -> dict:
-    """A JSON or YAML (.yaml, .yml) config file -> its mapping; a syntax error names the file and the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as fh:
-        text = fh.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ValueError(f"config file {path}: YAML syntax error{at}: {problem}") from exc
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: "
-                             f"{exc.msg} (a .yaml / .yml name is read as YAML)") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values, got "
-                         f"{type(data).__name__}")
-    return data
 
 
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
