@@ -26,6 +26,9 @@ UNSUP_LOSSES = ("ce", "dice", "ce+dice")
 PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
 TRAINED_STAGES = ("supervised", *PIPELINE)
 STAGES = (*TRAINED_STAGES, "pipeline")
+# stages whose batches must hold unlabelled images (unlabelled_batch >= 1): stage iii trains on their pseudo-labels
+# (the pipeline runs it); stages i and ii distil on whatever the batch holds
+NEEDS_UNLABELLED_BATCH = ("finetune", "pipeline")
 
 
 def option(default, help: str):
@@ -192,6 +195,9 @@ class TrainConfig:
             ("iterations", self.iterations >= 1, ">= 1"),
             ("labelled_batch", self.labelled_batch >= 1, ">= 1"),
             ("unlabelled_batch", self.unlabelled_batch >= 0, ">= 0"),
+            ("unlabelled_batch", self.stage not in NEEDS_UNLABELLED_BATCH or self.unlabelled_batch >= 1,
+             f">= 1 for stage {self.stage} (stage iii trains on pseudo-labels of unlabelled images: pass "
+             f"--unlabelled-batch N)"),
             ("lr", self.lr > 0, "> 0"),
             ("amp", self.amp in ("auto", "on", "off"), "one of auto, on, off"),
             ("num_classes", self.num_classes >= 2, ">= 2"),

@@ -158,10 +158,11 @@ def sign_model(dims):
 
 
 # -- synthetic data and checkpoints (no ../shared/data needed): hostile-input tests ----------------------------------
-def synthetic_acdc(root, slices: int = 4, volumes: int = 1, size: int = 32, seed: int = 0) -> dict:
-    """An ACDC HDF5 folder of random data at `root`: `slices` 2D training slices (patient001_frame01_slice_<z>) and
-    `volumes` 3D validation (patient1NN_frame01) and test (patient2NN_frame01) volumes of 3 slices, images in [0, 1],
-    labels 0..3 (squares). Returns {"train_slices": [...], "val": [...], "test": [...]}."""
+def synthetic_acdc(root, slices: int = 4, volumes: int = 1, size: int = 32, seed: int = 0, patients: int = 1) -> dict:
+    """An ACDC HDF5 folder of random data at `root`: `slices` 2D training slices of each of `patients` patients
+    (patient00<p>_frame01_slice_<z>: with --labelled-patients 2 of 3, the third is unlabelled) and `volumes` 3D
+    validation (patient1NN_frame01) and test (patient2NN_frame01) volumes of 3 slices, images in [0, 1], labels 0..3
+    (squares). Returns {"train_slices": [...], "val": [...], "test": [...]}."""
     import pathlib
 
     import h5py
@@ -170,7 +171,8 @@ def synthetic_acdc(root, slices: int = 4, volumes: int = 1, size: int = 32, seed
     root = pathlib.Path(root)
     (root / "data").mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    names = {"train_slices": [f"patient001_frame01_slice_{z}" for z in range(slices)],
+    names = {"train_slices": [f"patient{p:03d}_frame01_slice_{z}" for p in range(1, patients + 1)
+                              for z in range(slices)],
              "val": [f"patient{100 + i}_frame01" for i in range(volumes)],
              "test": [f"patient{200 + i}_frame01" for i in range(volumes)]}
     for kind, listed in names.items():

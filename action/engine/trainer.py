@@ -49,6 +49,7 @@ from action.engine import guard
 from action.engine.device import resolve_device
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
+from action.engine.requirements import check_requirements
 from action.engine.run_folder import prepare_run_folder
 from action.engine.run_lock import run_lock
 from action.engine.run_state import RunState
@@ -69,6 +70,7 @@ class Trainer(RunState, Validation):
         self.cfg = cfg.validate()
         self.progress = progress
         configure_threads(cfg.threads)  # cfg.threads, else the idle cores (action.engine.threads)
+        check_requirements(cfg, resolve_device(cfg.device))  # environment variables, ranks, CUDA: before anything
         self.rank, self.world, local_rank = dist_utils.init_from_env(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:  # ranks beyond the GPUs share them (gloo only)
