@@ -129,6 +129,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     from action.data.preprocessing import checkpoint_preprocessing
     from action.engine import load_checkpoint
     from action.engine.checkpoint import align_keys, eval_weights, teacher_weights
+    from action.engine.checkpoint_entries import checkpoint_config
     from action.engine.device import resolve_device
     from action.engine.finite_weights import NonFiniteOutput, check_finite, refuse_non_finite_outputs
     from action.engine.inference import recalibrate_batchnorm, volume_predictor
@@ -138,7 +139,7 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     if bn_recalibrate < 0:
         raise SystemExit(f"--bn-recalibrate: expected >= 0 batches, got {bn_recalibrate}")
     state = load_checkpoint(path)
-    cfg = TrainConfig(**json.loads(state["config"]))
+    cfg = checkpoint_config(state, path)  # entries and options checked: a one-line error naming the file
     dev = resolve_device(device)
     model = build_network(cfg)
     weights = teacher_weights(state) if teacher else eval_weights(state)  # align_keys keeps the teacher's "net.*"
@@ -180,6 +181,7 @@ def cmd_train(args) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = build_config(args.preset, args.config, overrides)
+    args.out_folder = cfg.out  # named by main when a write fails without naming its file
     if args.force and not args.resume:
         raise ValueError("--force only applies with --resume (to --out a run that exists, add --overwrite)")
     if args.overwrite and args.resume:
@@ -400,14 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done; 2 bad input (the message names the option or file); 3 training stopped on a
-    non-finite value (its state before that iteration saved); 128 + signal number when interrupted (130 for
-    Ctrl-C, 143 for SIGTERM), after the trainer saved last.pt. No traceback for any of them."""
+    """Exit status: 0 done; 2 bad input, or a file that cannot be read or written (a read-only or full disk): the
+    message names the option or file; 3 training stopped on a non-finite value (its state before that iteration
+    saved); 128 + signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM), after the trainer saved
+    last.pt. No traceback for any of them."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"action {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full disk, a path through a file: the file and the system's reason
+        # a failed write that names no file (a full disk seen by write()): every output is under --out
+        out = getattr(args, "out_folder", None) or getattr(args, "out", None)
+        where = f"{exc.filename}: " if exc.filename else f"writing into --out {out}: " if out else ""
+        print(f"action {args.command}: error: {where}{exc.strerror or exc} (the command stopped there)",
+              file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"action {args.command}: stopped: {exc}", file=sys.stderr)

@@ -117,8 +117,8 @@ class NiftiLayout:
         try:
             with open(path) as fh:
                 return json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # syntax, not UTF-8, nested too deep, a 5,000-digit number
+            raise ValueError(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
@@ -127,9 +127,16 @@ class NiftiLayout:
         labels = self.dataset.get("labels")
         if not labels:
             return None
-        pairs = [(int(v), k) for k, v in labels.items()] if all(str(v).isdigit() for v in labels.values()) \
-            else [(int(k), v) for k, v in labels.items()]
-        return tuple(name for _, name in sorted(pairs))
+        try:
+            pairs = [(int(v), k) for k, v in labels.items()] if all(str(v).isdigit() for v in labels.values()) \
+                else [(int(k), v) for k, v in labels.items()]
+            return tuple(str(name) for _, name in sorted(pairs))
+        except (AttributeError, TypeError, ValueError):
+            from action.config_file import bounded_repr
+
+            raise ValueError(f"{os.path.join(self.root, 'dataset.json')}: \"labels\" must map class names to label "
+                             f"values (nnU-Net v2, {{\"background\": 0, ...}}) or values to names (v1), got "
+                             f"{bounded_repr(labels)}") from None
 
     def split(self, labelled_patients: int | None):
         """(labelled, unlabelled, validation, test) lists of NiftiCase (module docstring: the rule)."""

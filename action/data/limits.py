@@ -69,8 +69,8 @@ def check_zip_archive(path: str) -> None:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a checkpoint of this package: not a zip archive, the format torch.save "
-                         f"writes ({exc})") from None
+        raise ValueError(f"cannot load checkpoint {path}: not a zip archive, the format torch.save writes "
+                         f"({exc})") from None
     packed = [e for e in entries if e.compress_type != zipfile.ZIP_STORED]
     if packed:
         raise ValueError(f"{path} ({size_text(os.path.getsize(path))}): entry {packed[0].filename!r} is compressed "

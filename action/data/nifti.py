@@ -71,6 +71,17 @@ def load_nifti(path: str, dtype=None) -> Volume:
     return Volume(data, np.asarray(img.affine, dtype=np.float64), spacing, path, img.header.copy())
 
 
+def load_header(path: str):
+    """The nibabel image of a NIfTI file with its header read and checked (check_header), its voxels not read; a
+    file that is not NIfTI is a ValueError naming it."""
+    try:
+        img = _nib().load(path)
+    except Exception as exc:  # nibabel raises several types for files that are not NIfTI
+        raise ValueError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    check_header(path, img)
+    return img
+
+
 def check_header(path: str, img) -> None:
     """A loaded NIfTI header checked before its voxels are read: a finite affine, and a declared image size (shape x
     the stored type's size) no larger than the file can hold (deflate's ratio for .gz, the file itself for .nii)
@@ -112,6 +123,10 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str, header=None) -> 
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # a full or read-only disk: name the file being written
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)

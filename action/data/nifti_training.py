@@ -75,9 +75,7 @@ class _NiftiData:
     """What both NIfTI training sets share: the layout's split, the preprocessing, loading one volume."""
 
     def _setup(self, cfg, need_unlabelled: bool):
-        import nibabel
-
-        from action.data.nifti import axis_codes, reoriented_geometry
+        from action.data.nifti import axis_codes, load_header, reoriented_geometry
 
         self.cfg = cfg
         self.layout = NiftiLayout(cfg.data)
@@ -93,7 +91,7 @@ class _NiftiData:
                              f"training cases labelled: lower labelled_patients, or add images without labels)")
         self._named = {c.name: c for c in val + test}
         self.val_names, self.test_names = [c.name for c in val], [c.name for c in test]
-        headers = [nibabel.load(c.image) for c in self.labelled_cases + self.unlabelled_cases]
+        headers = [load_header(c.image) for c in self.labelled_cases + self.unlabelled_cases]  # errors name the file
         orientation = Counter(axis_codes(h.affine) for h in headers).most_common(1)[0][0]
         spacings = [reoriented_geometry(h.affine, h.shape, orientation)[3][:2] for h in headers]
         self.spacing = training_spacing(cfg.spacing, spacings)

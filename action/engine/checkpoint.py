@@ -15,6 +15,7 @@ validated) and align_keys (a checkpoint's names onto a model's: with or without 
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -37,6 +38,11 @@ def save_checkpoint(state: dict, path: str) -> str:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full or read-only disk: torch.save reports a short write as RuntimeError
+        if isinstance(exc, OSError) and exc.filename:
+            raise
+        raise OSError(getattr(exc, "errno", None) or errno.EIO, f"writing the checkpoint failed "
+                      f"({str(exc).splitlines()[0][:160]}): is the disk full or read-only?", path) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
