@@ -3,10 +3,10 @@ machine.
 
 torch's own default is one thread per core, and its OpenMP threads spin-wait for each other: when other processes
 already keep the cores busy, every parallel region waits for its slowest (descheduled) thread, and a run slows down
-by an order of magnitude instead of sharing the machine (measured: docs/failure-behaviour.md, Threads). The default
-here (default_threads) is therefore the cores that are idle now: the cores this process may run on minus the
-one-minute load average, at least 1 and at most MAX_DEFAULT (more threads gain little on the small convolutions
-of these networks); OMP_NUM_THREADS, when set, is respected as torch respects it.
+by an order of magnitude instead of sharing the machine (measured: benchmarks/RESULTS.md, Threads under load). The
+default here (default_threads) is therefore the cores that are idle now: the cores this process may run on minus the
+one-minute load average, rounded, at least 1 and at most MAX_DEFAULT (more threads gain little on the small
+convolutions of these networks); OMP_NUM_THREADS, when set, is respected as torch respects it.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """The idle cores now (available cores minus the one-minute load average, rounded down), in [1, MAX_DEFAULT];
+    """The idle cores now (available cores minus the one-minute load average, rounded), in [1, MAX_DEFAULT];
     OMP_NUM_THREADS when set."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
         return int(os.environ["OMP_NUM_THREADS"])
@@ -35,7 +35,7 @@ def default_threads() -> int:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         load = 0.0
-    return max(1, min(MAX_DEFAULT, cores, int(cores - load)))
+    return max(1, min(MAX_DEFAULT, cores, round(cores - load)))
 
 
 def configure_threads(requested: int | None) -> int:
