@@ -130,7 +130,9 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     from action.data.preprocessing import checkpoint_preprocessing
     from action.engine import load_checkpoint
     from action.engine.checkpoint import align_keys, eval_weights, teacher_weights
+    from action.engine.checkpoint_entries import checkpoint_config
     from action.engine.device import resolve_device
+    from action.engine.finite_weights import check_finite, refuse_non_finite_outputs
     from action.engine.inference import recalibrate_batchnorm, volume_predictor
     from action.method import trainer_class
     from action.models import build_network
@@ -138,14 +140,16 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     if bn_recalibrate < 0:
         raise SystemExit(f"--bn-recalibrate: expected >= 0 batches, got {bn_recalibrate}")
     state = load_checkpoint(path)
-    cfg = TrainConfig(**json.loads(state["config"]))
+    cfg = checkpoint_config(state, path)  # entries and options checked: a one-line error naming the file
     dev = resolve_device(device)
     model = build_network(cfg)
     weights = teacher_weights(state) if teacher else eval_weights(state)  # align_keys keeps the teacher's "net.*"
     if teacher and not weights:
         raise SystemExit(f"--teacher: {path} holds no EMA teacher (a {state.get('stage')!r} checkpoint); the "
                          f"stages pretrain-global, pretrain-local and finetune keep one")
-    model.load_state_dict(align_keys(weights, model.state_dict()))
+    weights = align_keys(weights, model.state_dict())
+    check_finite(weights, f"--checkpoint {path}")  # a NaN weight would give all-background predictions, rc 0
+    model.load_state_dict(weights)
     model = model.to(dev).eval()
     if bn_recalibrate:
         train_cfg = dataclasses.replace(cfg, data=data or cfg.data)
@@ -155,17 +159,24 @@ def _predictor_from_checkpoint(path: str, device: str, bn_recalibrate: int = 0, 
     prep = checkpoint_preprocessing(state, path)
     from action.engine.postprocess import component_filter
 
-    predict = volume_predictor(model, cfg, dev, prep, window, tta)
+    predict = volume_predictor(refuse_non_finite_outputs(model, f"--checkpoint {path}"), cfg, dev, prep, window, tta)
     predict.postprocess = component_filter(largest_component, cfg.num_classes)
     return predict, cfg
 
 
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: the idle cores now, at "
+                   "most 4; OMP_NUM_THREADS when set)")
+
+
 def cmd_train(args) -> int:
     from action.engine.logs import dump_json
+    from action.engine.run_lock import run_lock
     from action.method import run_pipeline, trainer_class
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = build_config(args.preset, args.config, overrides)
+    args.out_folder = cfg.out  # named by main when a write fails without naming its file
     if args.force and not args.resume:
         raise ValueError("--force only applies with --resume (to --out a run that exists, add --overwrite)")
     if args.overwrite and args.resume:
@@ -174,12 +185,15 @@ def cmd_train(args) -> int:
     from action.engine.distributed import rank
 
     run = dict(resume=args.resume, overwrite=args.overwrite, force=args.force)
-    if cfg.stage == "pipeline":
-        results = run_pipeline(cfg, **run)
-        if rank() == 0:  # under torchrun one JSON, not one per rank
-            print(dump_json({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
-        return 0
-    result = trainer_class(cfg)(cfg).fit(**run)
+    # one run per folder, refused before any data is loaded (the pipeline's stages lock their own folders too);
+    # under torchrun rank 0 holds it
+    with run_lock(cfg.out, enabled=os.environ.get("RANK", "0") == "0"):
+        if cfg.stage == "pipeline":
+            results = run_pipeline(cfg, **run)
+            if rank() == 0:  # under torchrun one JSON, not one per rank
+                print(dump_json({s: {k: v for k, v in r.items() if k != "test"} for s, r in results.items()}))
+            return 0
+        result = trainer_class(cfg)(cfg).fit(**run)
     if rank() == 0:
         print(dump_json({k: v for k, v in result.items() if k != "test"}))  # standard JSON: no validation is null
     return 0
@@ -187,12 +201,13 @@ def cmd_train(args) -> int:
 
 def _names(text: str | None) -> list[str] | None:
     """--cases: a comma-separated list of case names, or a file listing one per line."""
+    from action.data.names import check_names, read_name_list
+
     if text is None:
         return None
     if os.path.isfile(text):
-        with open(text) as fh:
-            return [n.strip() for n in fh if n.strip()]
-    return [n.strip() for n in text.split(",") if n.strip()]
+        return read_name_list(text)
+    return check_names([n.strip() for n in text.split(",") if n.strip()], "--cases")
 
 
 def _image_items(folder: str, labels: str | None, channels: int = 1):
@@ -202,7 +217,8 @@ def _image_items(folder: str, labels: str | None, channels: int = 1):
     from action.data.layouts import channel_groups
     from action.data.nifti import label_path
 
-    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if ending_of(n) and not n.startswith("."))
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder)  # hidden files: a killed write's temporary
+                   if ending_of(n) and not n.startswith("."))
     if not paths:
         raise SystemExit(f"{folder}: no image files ({', '.join(ENDINGS)})")
     items = []
@@ -286,7 +302,9 @@ def _score_predictions(args) -> int:
 def cmd_evaluate(args) -> int:
     from action.data.acdc import CLASSES
     from action.engine import evaluate
+    from action.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     if args.predictions:
         return _score_predictions(args)
     if not args.checkpoint:
@@ -329,7 +347,9 @@ def _input_items(path: str, channels: int = 1):
 
 def cmd_predict(args) -> int:
     from action.engine import evaluate, nifti_cases
+    from action.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
                                               bn_source=args.bn_source, window=args.sliding_window, tta=args.tta,
                                               largest_component=args.largest_component)
@@ -346,7 +366,9 @@ def cmd_predict(args) -> int:
 def cmd_ensemble(args) -> int:
     from action.engine.ensemble import ensemble_checkpoints, ensemble_folders
     from action.engine.postprocess import component_filter
+    from action.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     if bool(args.checkpoints) == bool(args.predictions):
         raise ValueError("action ensemble takes --checkpoints A.pt B.pt ... (with --input) or --predictions DIR1 "
                          "DIR2 ... (folders written with --save-probabilities), one of the two")
@@ -373,11 +395,16 @@ def cmd_ensemble(args) -> int:
 
 def cmd_convert(args) -> int:
     from action.data.convert import hdf5_to_nnunet
+    from action.data.names import read_name_list
+    from action.engine.threads import configure_threads
 
+    configure_threads(args.threads)
     names = args.names
     if names not in ("all", "test", "val"):
-        with open(names) as fh:
-            names = [n.strip() for n in fh if n.strip()]
+        if not os.path.isfile(names):
+            raise FileNotFoundError(f"--names {names}: expected all, test, val or a file listing volume names; no "
+                                    f"such file")
+        names = read_name_list(names)
     spacing = tuple(float(v) for v in args.spacing.split(","))
     if len(spacing) != 3:
         raise SystemExit(f"--spacing takes three numbers x,y,z in mm, got {args.spacing!r}")
@@ -419,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="postprocessing: keep only the largest connected component (26-connected) of each "
                             "foreground class ('all', the default when given without a value) or of the listed "
                             "ones (e.g. 1,3); the rest becomes background")
+        _add_threads_option(p)
 
     def add_model_options(p, checkpoint_required=True):
         p.add_argument("--checkpoint", required=checkpoint_required,
@@ -502,19 +530,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--spacing", default="1,1,1", help="voxel size x,y,z in mm to write (the HDF5 files have none)")
     c.add_argument("--max-volumes", type=int, help="only the first N volumes of each list (quick checks)")
+    _add_threads_option(c)
     c.set_defaults(func=cmd_convert)
     return ap
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done; 2 bad input (the message names the option or file); 3 training stopped on a
-    non-finite value (its state before that iteration saved); 128 + signal number when interrupted (130 for
-    Ctrl-C, 143 for SIGTERM), after the trainer saved last.pt. No traceback for any of them."""
+    """Exit status: 0 done; 2 bad input, or a file that cannot be read or written (a read-only or full disk): the
+    message names the option or file; 3 training stopped on a non-finite value (its state before that iteration
+    saved); 128 + signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM), after the trainer saved
+    last.pt. No traceback for any of them."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"action {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full disk, a path through a file: the file and the system's reason
+        # a failed write that names no file (a full disk seen by write()): every output is under --out
+        out = getattr(args, "out_folder", None) or getattr(args, "out", None)
+        where = f"{exc.filename}: " if exc.filename else f"writing into --out {out}: " if out else ""
+        print(f"action {args.command}: error: {where}{exc.strerror or exc} (the command stopped there)",
+              file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"action {args.command}: stopped: {exc}", file=sys.stderr)

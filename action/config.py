@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from action.config_file import bounded_repr, load_file
 from action.data.augment import AugmentConfig
 
 # the ACDC folder when --data is not given: $ACTION_ACDC, else ../shared/data/acdc relative to the working directory
@@ -25,6 +26,9 @@ UNSUP_LOSSES = ("ce", "dice", "ce+dice")
 PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
 TRAINED_STAGES = ("supervised", *PIPELINE)
 STAGES = (*TRAINED_STAGES, "pipeline")
+# stages whose batches must hold unlabelled images (unlabelled_batch >= 1): stage iii trains on their pseudo-labels
+# (the pipeline runs it); stages i and ii distil on whatever the batch holds
+NEEDS_UNLABELLED_BATCH = ("finetune", "pipeline")
 
 
 def option(default, help: str):
@@ -80,7 +84,8 @@ class TrainConfig:
     poly_power: float = option(0.9, "poly schedule: lr * (1 - it / iterations) ** power")
     amp: str = option("auto", "mixed precision: auto (bf16/fp16 autocast on CUDA, off on CPU), on, off")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
-    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    threads: int | None = option(None, "CPU threads for torch (default: the idle cores now, at most 4; "
+                                       "OMP_NUM_THREADS when set: action.engine.threads)")
     accumulate: int = option(1, "split each step's batch into this many shards per process (gradient accumulation; "
                                 "under torchrun the global batch is split over world size x accumulate shards: "
                                 "action.engine.distributed)")
@@ -202,6 +207,9 @@ class TrainConfig:
             ("iterations", self.iterations >= 1, ">= 1"),
             ("labelled_batch", self.labelled_batch >= 1, ">= 1"),
             ("unlabelled_batch", self.unlabelled_batch >= 0, ">= 0"),
+            ("unlabelled_batch", self.stage not in NEEDS_UNLABELLED_BATCH or self.unlabelled_batch >= 1,
+             f">= 1 for stage {self.stage} (stage iii trains on pseudo-labels of unlabelled images: pass "
+             f"--unlabelled-batch N)"),
             ("lr", self.lr > 0, "> 0"),
             ("amp", self.amp in ("auto", "on", "off"), "one of auto, on, off"),
             ("num_classes", self.num_classes >= 2, ">= 2"),
@@ -280,7 +288,7 @@ class TrainConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"config {name}: expected {expected}, got {getattr(self, name)!r}")
+                raise ValueError(f"config {name}: expected {expected}, got {bounded_repr(getattr(self, name))}")
         self.augmentation = check_augmentation(self.augmentation)
         self.strong_augmentation = check_augmentation(self.strong_augmentation, "strong_augmentation")
         return self
@@ -290,7 +298,7 @@ class TrainConfig:
 
 
 def _kind(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{bounded_repr(value)} ({type(value).__name__})"
 
 
 def check_type(name: str, value, kind: str, source: str = ""):
@@ -427,34 +435,6 @@ PRESETS: dict[str, dict] = {
     "smoke": {"size": 64, "iterations": 20, "labelled_batch": 2, "max_train_slices": 8, "val_every": 10,
               "val_volumes": 2, "checkpoint_every": 5, "log_every": 5},
 }
-
-
-def load_file(path: str) -> dict:
-    """A JSON or YAML (.yaml, .yml) config file -> its mapping; a syntax error names the file and the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as fh:
-        text = fh.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ValueError(f"config file {path}: YAML syntax error{at}: {problem}") from exc
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: "
-                             f"{exc.msg} (a .yaml / .yml name is read as YAML)") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values, got "
-                         f"{type(data).__name__}")
-    return data
 
 
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -83,9 +83,9 @@ def read_pair(image_path: str, label_path: str):
 def read_geometry(path: str) -> tuple[np.ndarray, tuple[int, ...]]:
     """(RAS affine (4, 4), shape (X, Y, Z)) of an image file from its header alone."""
     if _check_ending(path) in NIFTI_ENDINGS:
-        from action.data.nifti import _nib
+        from action.data.nifti import load_header
 
-        header = _nib().load(path)
+        header = load_header(path)  # checked (bounded, finite affine); errors name the file
         return np.asarray(header.affine, dtype=np.float64), tuple(header.shape)
     itk = sitk()
     reader = itk.ImageFileReader()

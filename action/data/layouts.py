@@ -158,8 +158,8 @@ class NiftiLayout:
         try:
             with open(path) as fh:
                 return json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # syntax, not UTF-8, nested too deep, a 5,000-digit number
+            raise ValueError(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
 
     def write_folds(self) -> str | None:
         """Writes generated folds to <root>/splits_final.json, as nnU-Net does, so that later runs, `action

@@ -61,8 +61,10 @@ def _labels(labels, source: str) -> tuple[tuple[str, ...] | None, int | None]:
     if not labels:
         return None, None
     if not isinstance(labels, dict):
+        from action.config_file import bounded_repr
+
         raise ValueError(f"{source}: labels must map names to values, e.g. {{\"background\": 0, \"liver\": 1}}, got "
-                         f"{labels!r}")
+                         f"{bounded_repr(labels)}")
     if all(str(k).isdigit() for k in labels) and not all(_is_value(v) for v in labels.values()):
         pairs = {int(k): str(v) for k, v in labels.items()}  # nnU-Net v1: {"0": "background", ...}
     else:

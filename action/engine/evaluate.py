@@ -54,6 +54,7 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
 
     from action.data.filenames import ending_of
     from action.data.image_io import write_volume
+    from action.data.names import check_case_name, output_path
     from action.data.nifti import save_nifti
     from action.engine.outputs import PROBABILITIES, case_file, source_probabilities, write_probabilities
 
@@ -66,14 +67,14 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
     for i, case in enumerate(tqdm(cases, desc=desc, total=total, disable=not progress, leave=False)):
         if case.name in seen:
             raise ValueError(f"two cases are named {case.name!r}: the second would overwrite the first's outputs")
-        seen.add(case.name)
+        seen.add(check_case_name(case.name, "evaluate"))  # its outputs are named after it
         pred, probs = predict.predict(case, save_probabilities) if hasattr(predict, "predict") else \
             (predict(case), None)
         if case.label is not None:
             metrics.update(pred.numpy(), case.label.numpy(), case.spacing, case.name)
         if out_dir and save_predictions:  # in the input's format (.nii.gz for HDF5 cases)
             ending = ending_of(case.reference.path) if case.reference is not None else None
-            path = os.path.join(out_dir, "predictions", f"{case.name}{ending or '.nii.gz'}")
+            path = output_path(out_dir, "predictions", f"{case.name}{ending or '.nii.gz'}")
             data = case.to_source(pred).astype(np.uint8)
             if case.reference is not None:
                 write_volume(data, case.reference, path)
@@ -87,7 +88,7 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
             if written is not None:
                 written.append(path)
         if out_dir and i < overlays:
-            save_overlays(case, pred, os.path.join(out_dir, "overlays", f"{case.name}.png"), class_names=class_names,
+            save_overlays(case, pred, output_path(out_dir, "overlays", f"{case.name}.png"), class_names=class_names,
                           orientation=orientation if case.reference is not None else None)
     if out_dir and metrics.cases:
         write_summary(metrics, out_dir)
@@ -97,11 +98,13 @@ def evaluate(predict, cases, out_dir: str | None, num_classes: int, class_names=
 def write_summary(metrics: SegmentationMetrics, out_dir: str) -> None:
     """metrics.csv (per case), summary.md (the table) and summary.json (standard JSON: NaN as null beside its
     counts) under out_dir."""
+    from action.data.names import output_path
+
     os.makedirs(out_dir, exist_ok=True)
-    metrics.to_csv(os.path.join(out_dir, "metrics.csv"))
-    with open(os.path.join(out_dir, "summary.md"), "w") as fh:
+    metrics.to_csv(output_path(out_dir, "metrics.csv"))
+    with open(output_path(out_dir, "summary.md"), "w") as fh:
         fh.write(metrics.summary_table() + "\n")
-    with open(os.path.join(out_dir, "summary.json"), "w") as fh:
+    with open(output_path(out_dir, "summary.json"), "w") as fh:
         dump_json(metrics.aggregate(), fh, indent=1)  # NaN as null; the NaN counts are in the summary
 
 

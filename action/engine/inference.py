@@ -256,9 +256,15 @@ class VolumePredictor:
                                  device=self.device, return_probabilities=probabilities, **window)
 
     def predict(self, case, probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(labels (Z, H, W), softmax (K, Z, H, W) or None): with probabilities the labels are their argmax."""
-        probs = self._run(case, True) if probabilities else None
-        labels = probs.argmax(0) if probabilities else self._run(case, False)
+        """(labels (Z, H, W), softmax (K, Z, H, W) or None): with probabilities the labels are their argmax. A model
+        guarded by action.engine.finite_weights.refuse_non_finite_outputs raises a ValueError naming the case."""
+        from action.engine.finite_weights import NonFiniteOutput
+
+        try:
+            probs = self._run(case, True) if probabilities else None
+            labels = probs.argmax(0) if probabilities else self._run(case, False)
+        except NonFiniteOutput as exc:
+            raise ValueError(f"case {case.name!r}: {exc}") from None
         return (labels if self.postprocess is None else self.postprocess(labels)), probs
 
     def __call__(self, case) -> torch.Tensor:

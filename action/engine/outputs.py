@@ -9,8 +9,6 @@ geometry in the same file and needs no pickle (which is unsafe to load from an u
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -24,7 +22,9 @@ def case_file(out_dir: str, folder: str, name: str, ext: str = ".nii.gz") -> str
     if bad:
         raise ValueError(f"case name {name!r} cannot name an output file (one plain file name is needed: no path "
                          f"separator, no '..', no surrounding spaces): rename the input")
-    return os.path.join(out_dir, folder, f"{name}{ext}")
+    from action.data.names import output_path
+
+    return output_path(out_dir, folder, f"{name}{ext}")  # a symbolic link out of out_dir is refused too
 
 
 def source_probabilities(case, probs: torch.Tensor) -> np.ndarray:

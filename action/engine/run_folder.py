@@ -17,7 +17,7 @@ RUN_FILES = ("config.json", "last.pt", "best.pt", "train.csv", "val.csv", "tenso
 
 def run_files(folder: str) -> list[str]:
     """The RUN_FILES present in `folder` (none when it does not exist)."""
-    return [n for n in RUN_FILES if os.path.exists(os.path.join(folder, n))]
+    return [n for n in RUN_FILES if os.path.lexists(os.path.join(folder, n))]
 
 
 def prepare_run_folder(out: str, resume: bool | str = False, overwrite: bool = False, rank: int = 0) -> bool:
@@ -50,7 +50,8 @@ def prepare_run_folder(out: str, resume: bool | str = False, overwrite: bool = F
     if existing and rank == 0:
         for name in existing:
             target = os.path.join(out, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            # a symbolic link is removed, never followed (the folder it points to is not the run's)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
         print(f"--overwrite: removed {', '.join(existing)} from {out}", flush=True)
     dist_utils.barrier()
     return False

@@ -11,6 +11,8 @@ import os
 from action.data import preprocessing as preprocessing_of
 from action.engine import distributed as dist_utils
 from action.engine.checkpoint import align_keys, check_same_model, eval_weights, load_checkpoint, save_checkpoint
+from action.engine.checkpoint_entries import check_entries, checkpoint_config
+from action.engine.finite_weights import check_finite
 from action.engine.run_folder import check_resumable
 
 
@@ -21,7 +23,10 @@ class RunState:
         stage did not have (a teacher brings only the heads it tracks)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--init {path}: checkpoint not found")
-        weights = align_keys(eval_weights(load_checkpoint(path)), self.model.state_dict())
+        state = load_checkpoint(path)
+        checkpoint_config(state, path, option="--init")  # a one-line error for a checkpoint it cannot use
+        weights = align_keys(eval_weights(state), self.model.state_dict())
+        check_finite(weights, f"--init {path}")
         if not weights:
             raise ValueError(f"--init {path}: no parameter of this model is in the checkpoint")
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
@@ -65,8 +70,10 @@ class RunState:
         if not os.path.isfile(path):
             return False
         state = load_checkpoint(path, map_location=self.device)
+        check_entries(state, path, resume=True, option="--resume")
         check_resumable(state, self.cfg, self.stage, self.world * self.cfg.accumulate, path, force, self.rank)
         check_same_model(state["model"], self.model.state_dict(), path)
+        check_finite({k: state[k] for k in ("model", "optimizer", "extra")}, f"--resume {path}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -41,6 +41,7 @@ from torch import nn
 
 from action.config import TrainConfig
 from action.data.augment import Augment, AugmentConfig
+from action.data.names import output_path
 from action.data.sampling import TwoStreamSampler, run_seed
 from action.data.training import check_volumes, resolve_input_channels, training_data
 from action.engine import distributed as dist_utils
@@ -48,9 +49,12 @@ from action.engine import guard
 from action.engine.device import resolve_device
 from action.engine.logs import RunLogger
 from action.engine.losses import supervised_loss
+from action.engine.requirements import check_requirements
 from action.engine.run_folder import prepare_run_folder
+from action.engine.run_lock import run_lock
 from action.engine.run_state import RunState
 from action.engine.signals import interrupted, stop_signals
+from action.engine.threads import configure_threads
 from action.engine.validation import Validation
 from action.models import build_network
 
@@ -65,8 +69,8 @@ class Trainer(RunState, Validation):
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg = cfg.validate()
         self.progress = progress
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        configure_threads(cfg.threads)  # cfg.threads, else the idle cores (action.engine.threads)
+        check_requirements(cfg, resolve_device(cfg.device))  # environment variables, ranks, CUDA: before anything
         self.rank, self.world, local_rank = dist_utils.init_from_env(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:  # ranks beyond the GPUs share them (gloo only)
@@ -254,12 +258,20 @@ class Trainer(RunState, Validation):
         """Trains to cfg.iterations. resume: True (continue <out>/last.pt; an error when there is none), "auto"
         (continue when it exists, else start), False (start; an error when <out> holds a run unless overwrite);
         force: resume although options changed (resume()). SIGINT / SIGTERM / SIGHUP: the current iteration
-        finishes, last.pt is saved and Interrupted is raised (a second signal stops at once, without saving)."""
+        finishes, last.pt is saved and Interrupted is raised (a second signal stops at once, without saving). One run
+        per folder: the folder's lock (action.engine.run_lock) is held from before anything in it is read until the
+        run ends; another process holding it is an error naming its pid."""
+        with run_lock(self.cfg.out, enabled=self.rank == 0):
+            return self._fit(resume, overwrite, force)
+
+    def _fit(self, resume: bool | str, overwrite: bool, force: bool) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         if prepare_run_folder(cfg.out, resume, overwrite, self.rank) and self.resume(force=force) and self.rank == 0:
             print(f"resumed from {os.path.join(cfg.out, 'last.pt')} at iteration {self.iteration}", flush=True)
+        if cfg.test_at_end and self.rank == 0:
+            output_path(cfg.out, "test")  # the test outputs stay inside --out (a test/ linked elsewhere: refused)
         if self.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
             with open(os.path.join(cfg.out, "config.json"), "w") as fh:

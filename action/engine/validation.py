@@ -11,6 +11,7 @@ import os
 import torch
 from torch import nn
 
+from action.data.names import output_path
 from action.engine.checkpoint import align_keys, eval_weights, load_checkpoint
 from action.engine.evaluate import evaluate, fast_dice
 from action.engine.inference import recalibrate_batchnorm, volume_predictor
@@ -79,6 +80,7 @@ class Validation:
         predict = volume_predictor(net.eval(), self.cfg, self.device, self.preprocessing)
         names = self.data.test_names
         classes = self.class_names()
-        return evaluate(predict, self.data.cases(names), out_dir or os.path.join(self.cfg.out, "test"),
+        out_dir = out_dir or output_path(self.cfg.out, "test")  # a test/ linked elsewhere is refused
+        return evaluate(predict, self.data.cases(names), out_dir,
                         self.cfg.num_classes, classes,
                         overlays=overlays, progress=self.progress, total=len(names))

@@ -59,23 +59,49 @@ def compute_centres(num_classes: int, dim: int, tau: float = 0.1, steps: int = 2
 def class_centres(num_classes: int, dim: int, tau: float = 0.1, cache_dir: str | None = None,
                   steps: int = 2000) -> torch.Tensor:
     """compute_centres, cached as <cache_dir>/centres-C<C>-d<dim>-tau<tau>-<hash>.pt (default cache:
-    $ACTION_CACHE or ~/.cache/action). A corrupt cache file is recomputed."""
+    $ACTION_CACHE or ~/.cache/action). A cache file that is not such centres (centres_problem: corrupt, poisoned with
+    NaN, or tampered) is recomputed, with a line naming it."""
     cache_dir = cache_dir or os.environ.get("ACTION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "action"))
     key = hashlib.sha1(f"{num_classes}-{dim}-{tau}-{steps}-v1".encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"centres-C{num_classes}-d{dim}-tau{tau}-{key}.pt")
     if os.path.isfile(path):
         try:
+            from action.data.limits import check_zip_archive
+
+            check_zip_archive(path)
             psi = torch.load(path, weights_only=True)
-            if psi.shape == (num_classes, dim):
-                return psi
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
-            pass
+            problem = centres_problem(psi, num_classes, dim, tau)
+        except Exception as exc:  # noqa: BLE001 - a broken cache is rebuilt
+            problem = f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+        if problem is None:
+            return psi
+        print(f"ignored the class-centre cache {path}: {problem}; recomputing it", flush=True)
     psi = compute_centres(num_classes, dim, tau, steps)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(psi, tmp)
     os.replace(tmp, path)
     return psi
+
+
+def centres_problem(psi, num_classes: int, dim: int, tau: float) -> str | None:
+    """Why `psi` (read from a cache) is not a set of class centres of compute_centres' kind, or None: a float tensor
+    (num_classes, dim) of finite unit rows at a stationary point of the uniformity loss (its gradient along the
+    sphere below 1e-4: random unit vectors give about 1e-2). A rotation of the optimum is an optimum too and passes."""
+    if not isinstance(psi, torch.Tensor) or not psi.is_floating_point() or tuple(psi.shape) != (num_classes, dim):
+        return f"expected a float tensor of shape ({num_classes}, {dim})"
+    if not bool(torch.isfinite(psi).all()):
+        return "it holds NaN or infinite values"
+    x = psi.detach().double()
+    if float((x.norm(dim=1) - 1).abs().max()) > 1e-4:
+        return "its rows are not unit vectors"
+    x.requires_grad_(True)
+    uniformity_loss(x, tau).backward()
+    x, g = x.detach(), x.grad
+    along = float((g - (g * x).sum(1, keepdim=True) * x).norm())  # the gradient's part along the sphere
+    if along > 1e-4:
+        return f"not a minimum of the uniformity loss (gradient {along:.1e})"
+    return None
 
 
 def assign_centres(phi: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
