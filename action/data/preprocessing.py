@@ -246,7 +246,7 @@ def of_training_data(cfg, data) -> Preprocessing:
                          f"min-max normalised already and carry no spacing; use intensity 'minmax' and spacing None "
                          f"with it (or train on a NIfTI folder: action data convert)")
     quantiles = tuple(intensity_quantiles(data.images))  # stored normalised: the raw intensities are these
-    return Preprocessing("minmax", None, "RAS", quantiles, quantiles)
+    return Preprocessing("minmax", None, "RAS", quantiles, raw_quantiles=quantiles)
 
 
 def checkpoint_preprocessing(state: dict, path: str = "checkpoint") -> Preprocessing:
