@@ -40,7 +40,7 @@ def arms(iterations: int) -> dict:
     return {"sup": {"stage": "supervised", "iterations": iterations},
             "iii-today": {**semi, **p.TODAY}, "iii-recipe": {**semi, **p.RECIPE},
             "iii-plusplus": {**semi, **p.RECIPE, **p.PLUSPLUS},
-            "pipeline": {"stage": "pipeline", "unlabelled_batch": 4, **p.RECIPE,
+            "pipeline": {"stage": "pipeline", "unlabelled_batch": 4, **p.DISTILL, **p.RECIPE,
                          "stage_iterations": {"pretrain-global": 2, "pretrain-local": 4, "finetune": iterations}}}
 
 

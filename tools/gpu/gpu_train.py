@@ -130,9 +130,10 @@ def evaluate_argv(s: Settings, checkpoint: str, out: str, overlays: int = 3) -> 
 
 
 def action_argv(s: Settings, data: str, out: str, stage_iterations: dict) -> list[str]:
-    """The action-cpu pipeline at --size with the stage iii recipe (the defaults chosen by benchmarks/ssl_protocol.py:
-    Dice + CE on confident pseudo-labels, a strong unlabelled view, cutmix on every deranged pair, no ramp-up), with
-    the plan's stage iterations; validation every 1/validations of stage iii (stage i never validates)."""
+    """The action-cpu pipeline (distillation weights 0.1) at --size with the stage iii recipe (the defaults chosen
+    by benchmarks/ssl_protocol.py: Dice + CE on confident pseudo-labels, a strong unlabelled view, cutmix on every
+    deranged pair, no ramp-up), with the plan's stage iterations; validation every 1/validations of stage iii
+    (stage i never validates)."""
     every = max(1, math.ceil(stage_iterations["finetune"] / s.validations))
     return ["train", "--preset", "action-cpu", *common_options(s, data, out), "--stage-iterations",
             json.dumps(stage_iterations), "--val-every", str(every),
