@@ -350,10 +350,12 @@ def cmd_predict(args) -> int:
     from action.engine.threads import configure_threads
 
     configure_threads(args.threads)
+    items = _input_items(args.input)  # names checked before the checkpoint is read
     predict, cfg = _predictor_from_checkpoint(args.checkpoint, args.device, args.bn_recalibrate, teacher=args.teacher,
                                               bn_source=args.bn_source, window=args.sliding_window, tta=args.tta,
                                               largest_component=args.largest_component)
-    items = _input_items(args.input, cfg.in_channels or 1)
+    if (cfg.in_channels or 1) > 1:  # one file per channel: regrouped as the model's input channels
+        items = _input_items(args.input, cfg.in_channels)
     written: list[str] = []
     evaluate(predict, nifti_cases(items, predict.preprocessing.orientation), args.out, cfg.num_classes,
              save_predictions=True, overlays=args.overlays, total=len(items), written=written,
@@ -383,6 +385,7 @@ def cmd_ensemble(args) -> int:
             raise ValueError(f"--checkpoints: ensembling needs at least two, got {len(args.checkpoints)}")
         if not args.input:
             raise ValueError("--checkpoints needs --input (a NIfTI file or a folder of them) to segment")
+        _input_items(args.input)  # names checked before any checkpoint is read
         predictors = [_predictor_from_checkpoint(path, args.device, window=args.sliding_window, tta=args.tta)[0]
                       for path in args.checkpoints]
         items = _input_items(args.input, predictors[0].cfg.in_channels or 1)

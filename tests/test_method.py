@@ -290,8 +290,8 @@ def test_every_stage_of_the_config_has_the_trainer_registered_under_its_name():
     assert tuple(s for s in STAGE_TRAINERS if "+" not in s) == TRAINED_STAGES
     assert STAGES == (*TRAINED_STAGES, "pipeline") and set(PIPELINE) < set(TRAINED_STAGES)
     assert all(cls.stage == key.split("+")[0] for key, cls in STAGE_TRAINERS.items())
-    for stage in TRAINED_STAGES:
-        assert trainer_class(build_config(overrides={"stage": stage})) is STAGE_TRAINERS[stage]
-    assert trainer_class(build_config(overrides={"stage": "finetune", "plusplus": True})).__name__ == \
-        "PlusPlusFinetuner"
+    for stage in TRAINED_STAGES:  # stage iii refuses a config without unlabelled images
+        assert trainer_class(build_config(overrides={"stage": stage, "unlabelled_batch": 4})) is STAGE_TRAINERS[stage]
+    assert trainer_class(build_config(overrides={"stage": "finetune", "plusplus": True, "unlabelled_batch": 4})
+                         ).__name__ == "PlusPlusFinetuner"
     assert list(build_config().stage_iterations) == list(PIPELINE)

@@ -34,7 +34,7 @@ def one_line(capsys) -> str:
     other line."""
     err = capsys.readouterr().err
     lines = [part for part in err.replace("\r", "\n").splitlines() if part.strip()
-             and not part.lstrip().startswith(("evaluating", "labelled slices", "test volumes"))]
+             and not part.lstrip().startswith(("evaluating", "predicting", "labelled slices", "test volumes"))]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -184,7 +184,7 @@ def test_a_nifti_layout_with_a_non_nifti_unlabelled_image_or_bad_dataset_json_la
     with open(os.path.join(root, "dataset.json"), "w") as fh:
         json.dump({**dataset, "labels": {"background": "zero", "RV": "one"}}, fh)
     assert main(common) == 2
-    assert f"{os.path.join(root, 'dataset.json')}: \"labels\" must map class names to label values" in \
+    assert f"{os.path.join(root, 'dataset.json')}: label 'background' must have an integer value, got 'zero'" in \
         one_line(capsys)
 
 
