@@ -36,17 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from action_kernels._rows import plain
 from action_kernels._validation import check_bank_push, check_ignore_label
-
-
-def plain(x):
-    """A tensor subclass (MONAI's MetaTensor, ...) as a plain torch.Tensor sharing its data; anything else as is."""
-    if not isinstance(x, torch.Tensor) or type(x) is torch.Tensor:
-        return x
-    if hasattr(x, "as_tensor"):  # MetaTensor: drops the metadata without its per-op bookkeeping
-        return x.as_tensor()
-    with torch._C.DisableTorchFunctionSubclass():
-        return x.as_subclass(torch.Tensor)
 
 
 def _all_gather_rows(*xs: torch.Tensor) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from action_kernels import dispatch
-from action_kernels._rows import as_row_view, reduce_rows, work_dtype
+from action_kernels._rows import as_row_view, plain, reduce_rows, work_dtype
 from action_kernels._validation import (
     ValueCheckFailed,
     ValueChecks,
@@ -286,7 +286,9 @@ def soft_contrastive_loss(
                            lambda: check_dot_range(OP, rows, keys, work_dtype(keys)))
             checks.verify()
             return dispatch.reference(OP)(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
-        s, t = as_row_view(student, layout), as_row_view(teacher, layout)
+        # a tensor subclass (MONAI's MetaTensor) would carry its per-op bookkeeping into the kernels' row slicing;
+        # plain views keep the autograd graph
+        s, t, keys = as_row_view(plain(student), layout), as_row_view(plain(teacher), layout), plain(keys)
         with_grad = torch.is_grad_enabled() and s.requires_grad
         try:  # the weight's value check is read in the library op's one host sync
             loss = rows_op(s.device)(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, bool(normalize), name, with_grad,
