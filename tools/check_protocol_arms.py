@@ -1,7 +1,8 @@
 """Does this checkout still compute what benchmarks/ssl_protocol.py measured on an earlier commit? Runs every kind of
 protocol arm for a few iterations with the protocol's settings (64x64, batch 8 + 4, one thread, the arms' own flags),
 in this checkout and in another one (a git worktree of the protocol's commit, e.g. `git worktree add --detach
-/tmp/proto <commit>`), and compares each run's train.csv (the columns both write) and a SHA-256 of the student's
+/tmp/proto <commit>`, with the CPU extension built in place or action_kernels/_C_cpu*.so copied in: without it the
+chunked loss runs its torch fallback and rounds differently), and compares each run's train.csv (the columns both write) and a SHA-256 of the student's
 final weights (the model state of last.pt: the teachers' BatchNorm statistics and the banks' layout may differ
 between commits without changing what is trained).
 
