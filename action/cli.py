@@ -277,12 +277,12 @@ def _score_predictions(args) -> int:
         if getattr(args, name):
             raise ValueError(f"--predictions scores files that exist: drop --{name.replace('_', '-')} (it selects "
                              f"images for a checkpoint to segment)")
-    labels, class_names = args.labels, None
+    labels, class_names, ignore_label = args.labels, None, None
     if args.data:
         from action.data.layouts import NiftiLayout
 
         layout = NiftiLayout(args.data)
-        class_names = layout.class_names
+        class_names, ignore_label = layout.class_names, layout.spec.ignore_label
         if labels is None:
             _, _, val, test = layout.split(None)
             chosen = test if args.split == "test" and layout.test else val
@@ -293,7 +293,7 @@ def _score_predictions(args) -> int:
     num_classes = args.num_classes or (len(class_names) if class_names else None)
     postprocess = component_filter(args.largest_component, num_classes)
     metrics = score_folder(args.predictions, labels, args.out, num_classes, class_names, _names(args.cases),
-                           args.max_volumes, args.nsd_tolerance, postprocess)
+                           args.max_volumes, args.nsd_tolerance, postprocess, ignore_label=ignore_label)
     print(metrics.summary_table())
     print(f"\n{len(metrics.cases)} cases; per-case metrics in {os.path.join(args.out, 'metrics.csv')}")
     return 0
@@ -476,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--predictions DIR --labels DIR scores prediction files that exist.")
     add_model_options(p, checkpoint_required=False)
     p.add_argument("--predictions", metavar="DIR",
-                   help="score the NIfTI predictions in this folder (or its predictions/) against --labels (same file "
-                        "names) or --data's labelled cases, without a checkpoint")
+                   help="score the predictions in this folder (or its predictions/; NIfTI, or .mha/.nrrd/... with "
+                        "SimpleITK) against --labels (same case names) or --data's labelled cases (its dataset.json's "
+                        "ignore label left out), without a checkpoint")
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="with --predictions: the number of classes, background included (default: from --data's "
                         "dataset.json, else the largest label found + 1)")

@@ -1,5 +1,6 @@
 """Probabilities, ensembling, scoring prediction folders and the largest-component postprocessing, through the
 `action` command on small NIfTI volumes and checkpoints of untrained networks (no dataset needed)."""
+import json
 import os
 
 import numpy as np
@@ -13,8 +14,9 @@ from action.cli import main  # noqa: E402
 from action.metrics import SegmentationMetrics  # noqa: E402
 
 
-def _checkpoint(path, seed: int, dims: int = 2, orientation: str = "RAS") -> str:
-    """A checkpoint of an untrained network (seeded weights) with z-score preprocessing in `orientation`."""
+def _checkpoint(path, seed: int, dims: int = 2, orientation: str = "RAS", **overrides) -> str:
+    """A checkpoint of an untrained network (seeded weights) with z-score preprocessing in `orientation`
+    (overrides: config values, e.g. in_channels)."""
     from action.config import build_config
     from action.data.preprocessing import Preprocessing
     from action.engine import save_checkpoint
@@ -22,7 +24,7 @@ def _checkpoint(path, seed: int, dims: int = 2, orientation: str = "RAS") -> str
 
     extra = {"dims": 3, "patch": [16, 32, 32], "base_channels": 2, "size": 64} if dims == 3 else {"size": 32}
     cfg = build_config("smoke" if dims == 2 else None,  # smoke's max_train_slices is 2D only
-                       overrides={"out": str(path.parent), "seed": seed, "threads": 1, **extra})
+                       overrides={"out": str(path.parent), "seed": seed, "threads": 1, **extra, **overrides})
     torch.manual_seed(seed)
     net = build_network(cfg)
     state = {"iteration": 0, "stage": "supervised", "config": cfg.to_json(), "model": net.state_dict(),
@@ -217,8 +219,6 @@ def test_largest_component_keeps_each_class_s_largest_26_connected_part():
 def test_evaluate_predictions_takes_the_label_maps_and_class_names_from_a_dataset_folder(tmp_path, capsys):
     """--data instead of --labels: an nnU-Net raw dataset's labelled test cases (imagesTs with labelsTs), scored
     under dataset.json's class names."""
-    import json
-
     data = tmp_path / "Dataset001_X"
     for src, images, labels in ((tmp_path / "tr", "imagesTr", "labelsTr"), (tmp_path / "ts", "imagesTs", "labelsTs")):
         made = _images(src, count=2, seed=len(images))
@@ -270,3 +270,66 @@ def test_3d_checkpoints_predict_and_ensemble_with_the_window_mode_asked_for(tmp_
                  "--device", "cpu", "--save-probabilities", "--sliding-window", "gaussian-monai"]) == 0
     np.testing.assert_allclose(_data(tmp_path / "ens" / "probabilities" / "case0.nii.gz"), probs["gaussian-monai"],
                                atol=1e-6)
+
+
+def _mha_dataset(root):
+    """A nnU-Net raw dataset as nnU-Net writes one: .mha files, two channels (_0000, _0001), classes a 1 and b 2
+    and an ignore label 3 (unannotated voxels), two training and two test cases."""
+    from action.data.image_io import write_volume
+    from action.data.nifti import Volume
+
+    rng = np.random.default_rng(3)
+    for i, split in enumerate(("Tr", "Tr", "Ts", "Ts")):
+        shape, affine = (30 + 2 * i, 28, 6), np.diag([1.1, 1.3, 4.0, 1.0])
+        affine[:3, 3] = [5, -3, 4 * i]
+        label = np.zeros(shape, np.uint8)
+        label[4:14, 5:15, 1:5], label[18:26, 6:12, :4], label[:, 22:, :] = 1, 2, 3
+        files = {f"images{split}/s{i}_0000": rng.normal(size=shape).astype(np.float32),
+                 f"images{split}/s{i}_0001": rng.normal(size=shape).astype(np.float32) + label,
+                 f"labels{split}/s{i}": label}
+        for name, data in files.items():
+            write_volume(data, Volume(data, affine, (1.1, 1.3, 4.0), ""), str(root / f"{name}.mha"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"}, "file_ending": ".mha",
+                                                   "labels": {"background": 0, "a": 1, "b": 2, "ignore": 3},
+                                                   "numTraining": 2}))
+    return root
+
+
+def test_a_two_channel_mha_dataset_with_an_ignore_label_predicts_probabilities_and_its_files_are_scored(tmp_path):
+    """predict --save-probabilities on .mha channel files, then evaluate --predictions --data on the .mha
+    predictions: the ignore label's voxels count in no metric, as in `action evaluate --checkpoint`."""
+    pytest.importorskip("SimpleITK", reason="SimpleITK is the [sitk] extra: pip install \"action-kernels[sitk]\"")
+    from action.data.image_io import read_volume
+    from action.data.labels import IGNORE_INDEX
+
+    root = _mha_dataset(tmp_path / "Dataset002_X")
+    ckpt = _checkpoint(tmp_path / "c.pt", 5, in_channels=2, num_classes=3)
+    pred = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", ckpt, "--input", str(root / "imagesTs"), "--out", str(pred),
+                 "--overlays", "0", "--save-probabilities", "--device", "cpu"]) == 0
+    assert sorted(os.listdir(pred / "predictions")) == ["s2.mha", "s3.mha"]
+    want = SegmentationMetrics(3, ("background", "a", "b"))
+    for case in ("s2", "s3"):
+        labels, src = read_volume(str(pred / "predictions" / f"{case}.mha")), read_volume(
+            str(root / "imagesTs" / f"{case}_0000.mha"))
+        probs = nib.load(pred / "probabilities" / f"{case}.nii.gz")
+        assert probs.shape == (*src.data.shape, 3) and np.allclose(probs.affine, src.affine, atol=1e-5)
+        assert np.array_equal(np.asarray(probs.dataobj).argmax(-1), labels.data)
+        truth = read_volume(str(root / "labelsTs" / f"{case}.mha"))
+        gt = truth.data.astype(np.int64)
+        gt[gt == 3] = IGNORE_INDEX
+        want.update(labels.data.astype(np.int64), gt, spacing=truth.spacing, case_id=case)
+    assert main(["evaluate", "--predictions", str(pred), "--data", str(root), "--out", str(tmp_path / "s")]) == 0
+    scored = (tmp_path / "s" / "metrics.csv").read_text()
+    assert scored == _csv(want, tmp_path / "want.csv")
+    # the checkpoint's own evaluation of the same cases: the same probabilities, the same scores
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(root), "--out", str(tmp_path / "ev"),
+                 "--overlays", "0", "--save-probabilities", "--device", "cpu"]) == 0
+    for case in ("s2", "s3"):
+        np.testing.assert_array_equal(_data(tmp_path / "ev" / "probabilities" / f"{case}.nii.gz"),
+                                      _data(pred / "probabilities" / f"{case}.nii.gz"))
+    ev = [line.split(",") for line in (tmp_path / "ev" / "metrics.csv").read_text().splitlines()]
+    sc = [line.split(",") for line in scored.splitlines()]
+    assert ev[0] == sc[0] and [r[0] for r in ev] == [r[0] for r in sc]
+    np.testing.assert_allclose(np.array([r[1:] for r in ev[1:]], float), np.array([r[1:] for r in sc[1:]], float),
+                               rtol=1e-6)
