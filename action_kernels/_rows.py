@@ -12,6 +12,16 @@ import torch
 from action_kernels._validation import RowLayout
 
 
+def plain(x):
+    """A tensor subclass (MONAI's MetaTensor, ...) as a plain torch.Tensor sharing its data; anything else as is."""
+    if not isinstance(x, torch.Tensor) or type(x) is torch.Tensor:
+        return x
+    if hasattr(x, "as_tensor"):  # MetaTensor: drops the metadata without its per-op bookkeeping
+        return x.as_tensor()
+    with torch._C.DisableTorchFunctionSubclass():
+        return x.as_subclass(torch.Tensor)
+
+
 def work_dtype(x: torch.Tensor) -> torch.dtype:
     """The accumulation dtype of every path: fp64 inputs stay fp64, everything else (fp32/fp16/bf16) runs in fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -42,5 +52,6 @@ def reduce_rows(loss: torch.Tensor, weight: torch.Tensor | None, reduction: str)
     total = weighted.sum()
     if reduction == "sum":
         return total
-    denom = weight.sum().to(loss.dtype) if weight is not None else loss.new_tensor(float(loss.numel()))
-    return total / denom.clamp_min(torch.finfo(loss.dtype).tiny)
+    if weight is None:
+        return total / max(loss.numel(), 1)
+    return total / weight.sum().to(loss.dtype).clamp_min(torch.finfo(loss.dtype).tiny)

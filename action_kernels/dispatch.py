@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -43,15 +44,19 @@ class SoftContrastiveKernels(Protocol):
 
     def soft_contrastive_forward(self, s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, rs: torch.Tensor,
                                  rt: torch.Tensor, rk: torch.Tensor, inv_tau_s: float, inv_tau_t: float,
-                                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) -> loss (N,), lse_s (N,), lse_t (N,), and
-        ds0 (N, D) = dL/dŝ per unit upstream gradient when with_grad, else an empty (0,) tensor."""
+                                 with_grad: bool) -> tuple[torch.Tensor, ...]:
+        """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) -> loss (N,), lse_s (N,), lse_t (N,),
+        pivot (N,) int32, pivot_r (N,), and ds0 (N, D) = dL/dŝ per unit upstream gradient when with_grad, else an
+        empty (0,) tensor. pivot_i: the index of row i's largest teacher logit (the first among ties); pivot_r_i:
+        (log p - log q)_i,pivot - loss_i, accumulated without cancellation (docs/kernels.md, op 1); a backend whose
+        key gradient recomputes them returns -1 and 0."""
 
     def soft_contrastive_key_grad(self, s: torch.Tensor, t: torch.Tensor, k: torch.Tensor, rs: torch.Tensor,
                                   rt: torch.Tensor, rk: torch.Tensor, inv_tau_s: float, inv_tau_t: float,
-                                  loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
-                                  g: torch.Tensor) -> torch.Tensor:
-        """The forward's inputs, its loss, lse_s, lse_t (N,) and the upstream g (N,) -> dL/dk̂ (K, D)."""
+                                  loss: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, pivot: torch.Tensor,
+                                  pivot_r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The forward's inputs, its loss, lse_s, lse_t, pivot, pivot_r (N,) and the upstream g (N,) -> dL/dk̂
+        (K, D)."""
 
 
 class HardNegativeTopkKernels(Protocol):
@@ -306,7 +311,10 @@ def reference(op: str):
     the paths it checks)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
-    return getattr(importlib.import_module("action_kernels.reference"), f"{op}_ref")
+    # imported once (the package's __init__ does): torch.compile cannot trace importlib, so the imported module is
+    # looked up first
+    module = sys.modules.get("action_kernels.reference") or importlib.import_module("action_kernels.reference")
+    return getattr(module, f"{op}_ref")
 
 
 def _warn_once(op: str, device_type: str, chosen: str, rejected: list[str]) -> None:

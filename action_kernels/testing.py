@@ -19,6 +19,14 @@ def tolerance(dtype: torch.dtype, tau_min: float = 0.1) -> float:
     return BASE_TOLERANCE[dtype] * max(1.0, 0.1 / tau_min)
 
 
+def logit_tolerance(dtype: torch.dtype, max_logit: float) -> float:
+    """The relative error allowed for a backend against the float64 reference when the logits reach |x| <=
+    max_logit (1/τ for cosine logits, max ||x|| ||k|| / τ without normalisation): the input dtype's rounding plus
+    four fp32 roundings of the largest logit. Tighter than tolerance() for 16-bit inputs at small τ: their inputs
+    are exact in the reference, so only the fp32 arithmetic's rounding grows with the logits."""
+    return BASE_TOLERANCE[dtype] + 4 * 2.0 ** -24 * max_logit
+
+
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| / max |ref| (0 for two empty tensors)."""
     if ref.numel() == 0:

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_loss.py                              # quick CPU run, all three ops (about a minute)
     python benchmarks/bench_loss.py --preset targets             # the kernel issues' target sizes (~3-4 min on CPU)
+    python benchmarks/bench_loss.py --preset tiny                # per-call overhead at small sizes (chunked against
+                                                                 # naive, anatomical against backend="torch")
     python benchmarks/bench_loss.py --ops soft --sizes 65536,65536,128 --dtype bf16 --device cuda
 
 Ops (benchmarks/workloads.py): soft (soft_contrastive_loss), topk (hard_negative_topk), anatomical
@@ -40,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workloads import PRESETS, WORKLOADS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# environment variables that force the CPU code paths (docs: ../shared/docs/environment.md), printed when set
+FORCING_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "MKL_DEBUG_CPU_TYPE")
 # on CPU tensors these run only in Triton's interpreter or the emulation build (for tests), not at speed
 CPU_SKIP = tuple(name for name, b in dispatch.REGISTRY.items() if b.cpu != "native")
 
@@ -109,20 +113,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = ["wall"]  # --clock: cpu (this process's CPU time) for tiny calls on a shared CPU, where preemption
+# dominates wall-clock times; its threads' CPU time, so use it with one thread (OMP_NUM_THREADS=1)
+
+
 def run_once(work, fn, inputs, device) -> tuple[float, float]:
-    """One call (and its backward, for losses): (forward ms, backward ms)."""
+    """One call (and its backward, for losses): (forward ms, backward ms) on the --clock."""
+    clock = CLOCKS[CLOCK[0]]
     for x in inputs:
         if isinstance(x, torch.Tensor):
             x.grad = None
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     out = fn(*inputs)
     _sync(device)
-    t1 = time.perf_counter()
+    t1 = clock()
     if work.backward:
         out.backward()
         _sync(device)
-    return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+    return (t1 - t0) * 1e3, (clock() - t1) * 1e3
 
 
 def measure_memory(work, names, size, dtype_name, device) -> dict[str, float | None]:
@@ -222,7 +232,9 @@ def bench_size(work, size, dtype_name, device, providers, repeats, memory) -> li
 
 
 def format_table(rows: list[Result]) -> str:
-    base = {(r.op, r.N, r.K, r.D, r.dtype): r for r in rows if r.provider == "naive" and r.total_ms}
+    """Speedup and memory against naive at the same size (against the torch backend where naive did not run)."""
+    base = {(r.op, r.N, r.K, r.D, r.dtype): r for r in rows if r.provider == "torch" and r.total_ms}
+    base.update({(r.op, r.N, r.K, r.D, r.dtype): r for r in rows if r.provider == "naive" and r.total_ms})
     head = (f"{'op':10s} {'provider':11s} {'N':>7s} {'K':>7s} {'D':>4s} {'dtype':5s} {'fwd ms':>9s} {'bwd ms':>9s} "
             f"{'total ms (min-max)':>24s} {'speedup':>8s} {'peak MiB':>9s} {'mem vs naive':>12s} {'gate err':>9s}")
     lines = [head, "-" * len(head)]
@@ -236,9 +248,10 @@ def format_table(rows: list[Result]) -> str:
         mem = f"{r.peak_extra_mib:9.1f}" if r.peak_extra_mib is not None else "        -"
         ratio = (f"1/{ref.peak_extra_mib / r.peak_extra_mib:.1f}" if ref and ref.peak_extra_mib and r.peak_extra_mib
                  else "-")
-        rng = f"{r.total_ms:9.1f} ({r.total_min_ms:.0f}-{r.total_max_ms:.0f})"
-        lines.append(f"{r.op:10s} {r.provider:11s} {r.N:7d} {r.K:7d} {r.D:4d} {r.dtype:5s} {r.fwd_ms:9.1f} "
-                     f"{r.bwd_ms:9.1f} {rng:>24s} {speed:>8s} {mem} {ratio:>12s} {r.gate_error:9.1e}")
+        p = 2 if r.total_ms < 10 else 1  # tiny calls: two decimals
+        rng = f"{r.total_ms:9.{p}f} ({r.total_min_ms:.{p}f}-{r.total_max_ms:.{p}f})"
+        lines.append(f"{r.op:10s} {r.provider:11s} {r.N:7d} {r.K:7d} {r.D:4d} {r.dtype:5s} {r.fwd_ms:9.{p}f} "
+                     f"{r.bwd_ms:9.{p}f} {rng:>24s} {speed:>8s} {mem} {ratio:>12s} {r.gate_error:9.1e}")
         if r.compile_s is not None:
             lines[-1] += f"   (compile + first run {r.compile_s:.1f} s)"
     return "\n".join(lines)
@@ -286,7 +299,8 @@ def environment() -> dict:
         commit = ""
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit or "unknown", "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "action_kernels": ak.__version__,
+           "action_kernels": ak.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "forced": " ".join(f"{v}={os.environ[v]}" for v in FORCING_VARS if os.environ.get(v)),
            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()}
     ok, _, _ = dispatch.triton_status()
     if ok:
@@ -381,11 +395,16 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default=None, choices=PRESETS,
                     help="quick: small sizes with a sweep over K (the CPU default, about a minute);\n"
                          "targets: the sizes the kernel issues set goals at (the CUDA default; on CPU N16384 K8192 "
-                         "D128 soft,\nN=K=16384 topk, 4x256 queries K16384 D512 anatomical: ~3-4 minutes)")
+                         "D128 soft,\nN=K=16384 topk, 4x256 queries K16384 D512 anatomical: ~3-4 minutes);\n"
+                         "tiny: per-call overhead at small sizes, 60 repeats (soft and topk against naive, "
+                         "anatomical against backend='torch')")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--providers", default=None, help="comma list (default: every provider of each op that runs)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 (tiny preset: 60)")
+    ap.add_argument("--clock", default=None, choices=tuple(CLOCKS),
+                    help="wall (default) or cpu: this process's CPU time (the tiny preset's default on CPU: on a "
+                         "shared machine preemption dominates a millisecond call's wall time)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
     ap.add_argument("--out", default="bench_results", help="folder for CSV and JSON results")
     ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -404,6 +423,9 @@ def main(argv=None) -> int:
         work = WORKLOADS[ops[0]]
         child_memory(work, args.child_memory.split(","), sizes[0], DTYPES[dtype_name], device)
         return 0
+    preset = args.preset or ("quick" if device.type == "cpu" else "targets")
+    if args.repeats is None:
+        args.repeats = 60 if preset == "tiny" and not sizes else 3
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     wanted = tuple(args.providers.split(",")) if args.providers else None
@@ -413,16 +435,24 @@ def main(argv=None) -> int:
 
     env = environment()
     env.update(ceilings(device))
-    preset = args.preset or ("quick" if device.type == "cpu" else "targets")
     print(f"action_kernels benchmark ({'--sizes' if sizes else 'preset ' + preset}) on {device} "
           f"({env['device_name']}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}", flush=True)
+    if device.type == "cpu":
+        print(f"CPU capability: {env['cpu_capability']} (torch's kernels)"
+              + (f"; forced: {env['forced']}" if env["forced"] else ""), flush=True)
+    tiny = preset == "tiny" and not sizes
+    CLOCK[0] = args.clock or ("cpu" if tiny and device.type == "cpu" else "wall")
+    if CLOCK[0] == "cpu":
+        print(f"clock: this process's CPU time ({env['threads']} threads)", flush=True)
+    memory = not args.no_memory and not tiny  # a tiny call's memory is allocator noise
     plan = [(WORKLOADS[o], size) for o in ops for size in (sizes or WORKLOADS[o].default_sizes(device, preset))]
     rows = []
     for i, (work, size) in enumerate(plan, 1):
-        providers = [p for p in work.providers if wanted is None or p in wanted]
+        default = work.tiny_providers if tiny else work.providers
+        providers = [p for p in default if wanted is None or p in wanted]
         print(f"[{i}/{len(plan)}] {work.name}: {work.describe(size)} {dtype_name}: gate, {args.repeats} repeats"
-              f"{'' if args.no_memory else ', memory'} ...", flush=True)
-        rows += bench_size(work, size, dtype_name, device, providers, args.repeats, not args.no_memory)
+              f"{', memory' if memory else ''} ...", flush=True)
+        rows += bench_size(work, size, dtype_name, device, providers, args.repeats, memory)
     print()
     print(format_table(rows))
     if "gemm_bf16_tflops" in env:
@@ -437,9 +467,9 @@ def main(argv=None) -> int:
     csv_path, json_path = write_outputs(rows, args.out, env)
     png = write_plot(rows, json_path[:-len(".json")] + ".png")
     print(f"\nplot: {png}" if png else "\nplot: skipped (pip install matplotlib)")
-    print(f"\nspeedup and memory are relative to naive at the same size; 'total' is forward + backward for the losses "
-          f"and forward for topk; gate err: relative error vs float64 at a reduced size.\nwrote {csv_path} and "
-          f"{json_path}")
+    print(f"\nspeedup and memory are relative to naive at the same size (the torch backend where naive did not "
+          f"run); 'total' is forward + backward for the losses and forward for topk; gate err: relative error vs "
+          f"float64 at a reduced size.\nwrote {csv_path} and {json_path}")
     return 0
 
 

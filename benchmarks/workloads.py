@@ -30,7 +30,11 @@ class SoftContrastive:
     tau_s, tau_t = 0.1, 0.01
     gate_size = (2048, 1024)
 
+    tiny_providers = ("naive", "chunked")
+
     def default_sizes(self, device, preset):
+        if preset == "tiny":  # per-call overhead: a batch's global features against a small bank, and pixels
+            return [(64, 64, 16), (256, 128, 32)]
         if preset == "quick":
             return [(4096, 1024, 128), (4096, 4096, 128)]
         return [(16384, 8192, 128)] if device.type == "cpu" else [(65536, 4096, 128), (65536, 65536, 128),
@@ -87,7 +91,11 @@ class HardNegativeTopk:
     k = 64
     gate_size = (1024, 2048)
 
+    tiny_providers = ("naive", "chunked")
+
     def default_sizes(self, device, preset):
+        if preset == "tiny":
+            return [(256, 512, 32)]
         if preset == "quick":
             return [(4096, 2048, 128), (4096, 8192, 128)]
         return [(16384, 16384, 128)] if device.type == "cpu" else [(65536, 65536, 128)]
@@ -139,12 +147,16 @@ class AnatomicalContrast:
     """
 
     name, backward = "anatomical", True
-    providers = ("naive", "class_graph") + FUSED
-    materialised = {}
+    # torch: the library's reference backend (materialising top-k), the per-call baseline of the tiny preset
+    providers = ("naive", "class_graph", "torch") + FUSED
+    tiny_providers = ("torch", "chunked")  # the reference code's Python loop takes seconds a call
+    materialised = {"torch": 3.0}
     classes, per_class, negatives, tau = 4, 256, 512, 0.5
     gate_size = None
 
     def default_sizes(self, device, preset):
+        if preset == "tiny":  # the anatomical loss runs every step at the reference setting's 1,024 queries
+            return [(self.classes * 64, 2048, 64)]
         if preset == "quick":  # 64 queries per class: the naive path's Python loop is ~25 ms per query
             return [(self.classes * 64, 4096, 256)]
         return [(self.classes * self.per_class, 16384, 512)]
@@ -216,4 +228,4 @@ class AnatomicalContrast:
 
 
 WORKLOADS = {w.name: w for w in (SoftContrastive(), HardNegativeTopk(), AnatomicalContrast())}
-PRESETS = ("quick", "targets")
+PRESETS = ("quick", "targets", "tiny")

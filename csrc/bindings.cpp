@@ -62,16 +62,16 @@ PYBIND11_MODULE(AK_MODULE, m) {
       .def(py::init(&scales), py::arg("rs"), py::arg("rt"), py::arg("rk"));
   m.def("soft_contrastive_forward", &ak::soft_contrastive_forward, py::arg("dtype"), py::arg("s"), py::arg("t"),
         py::arg("k"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
-        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("pivot"),
+        py::arg("pivot_r"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("soft_contrastive_row_grad", &ak::soft_contrastive_row_grad, py::arg("dtype"), py::arg("s"), py::arg("t"),
         py::arg("k"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
         py::arg("inv_tau_t"), py::arg("lse_s"), py::arg("lse_t"), py::arg("ds0"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
   m.def("soft_contrastive_key_grad", &ak::soft_contrastive_key_grad, py::arg("dtype"), py::arg("s"), py::arg("t"),
         py::arg("k"), py::arg("scales"), py::arg("N"), py::arg("K"), py::arg("D"), py::arg("inv_tau_s"),
-        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("g"), py::arg("dk"),
-        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+        py::arg("inv_tau_t"), py::arg("loss"), py::arg("lse_s"), py::arg("lse_t"), py::arg("pivot"),
+        py::arg("pivot_r"), py::arg("g"), py::arg("dk"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("hard_negative_topk", &ak::hard_negative_topk, py::arg("dtype"), py::arg("a"), py::arg("k"), py::arg("ra"),
         py::arg("rk"), py::arg("ya"), py::arg("yk"), py::arg("ignore_label"), py::arg("N"), py::arg("K"),
         py::arg("D"), py::arg("k_out"), py::arg("values"), py::arg("indices"), py::arg("stream"),
@@ -107,6 +107,9 @@ PYBIND11_MODULE(AK_MODULE, m) {
   m.def("soft_contrastive_rows_cpu", &ak::soft_contrastive_rows_cpu, py::arg("a"), py::arg("b"), py::arg("rows"),
         py::arg("K"), py::arg("loss"), py::arg("lse_a"), py::arg("lse_b"), py::arg("grad"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_rows_isa", &ak::cpu_rows_isa,
+        "the instruction set of soft_contrastive_rows_cpu's sweeps: avx512, avx2 or default (ATEN_CPU_CAPABILITY "
+        "caps it)");
   m.def("hard_negative_topk_rows_cpu", &ak::hard_negative_topk_rows_cpu, py::arg("sim"), py::arg("rows"),
         py::arg("K"), py::arg("row_labels"), py::arg("key_labels"), py::arg("ignore_label"), py::arg("k"),
         py::arg("values"), py::arg("indices"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());

@@ -46,6 +46,9 @@ struct dim3 {
 struct alignas(8) float2 {
   float x, y;
 };
+struct alignas(8) int2 {
+  int x, y;
+};
 struct alignas(16) longlong2 {
   long long x, y;
 };

@@ -21,10 +21,11 @@ const char* flavour();
 
 // dtype: "bf16", "fp16" or "fp32", the dtype of every row and key tensor (read natively, no copies).
 // s, t: (B, P, D) views of N = B P rows; k: keys as a one-batch view (ptr, P >= K, 0, k_sk, k_sd).
-// loss, lse_s, lse_t: (N,) fp32 outputs. Throws std::invalid_argument for D > 512.
+// loss, lse_s, lse_t, pivot_r: (N,) fp32 outputs, pivot: (N,) int32 (the row's largest teacher logit's key).
+// Throws std::invalid_argument for D > 512 or K >= 2^31.
 void soft_contrastive_forward(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales, int64_t N,
                               int64_t K, int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
-                              uintptr_t lse_t, uintptr_t stream);
+                              uintptr_t lse_t, uintptr_t pivot, uintptr_t pivot_r, uintptr_t stream);
 
 // ds0: (N, D) fp32 out, every element written; ds0_i = (q_i - p_i) K̂ / tau_s (gradient w.r.t. the normalised row).
 void soft_contrastive_row_grad(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales,
@@ -34,7 +35,8 @@ void soft_contrastive_row_grad(const std::string& dtype, RowsArg s, RowsArg t, R
 // dk: (K, D) fp32 out, every element written: the gradient w.r.t. the normalised keys; g: (N,) upstream gradient.
 void soft_contrastive_key_grad(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales,
                                int64_t N, int64_t K, int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss,
-                               uintptr_t lse_s, uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream);
+                               uintptr_t lse_s, uintptr_t lse_t, uintptr_t pivot, uintptr_t pivot_r, uintptr_t g,
+                               uintptr_t dk, uintptr_t stream);
 
 // values (N, topk) fp32, indices (N, topk) int64 out (padded -inf / -1). a: (B, P, D) view; k: keys as a one-batch
 // view; ra (N,), rk (K,) fp32 inverse norms; ya (N,), yk (K,) int64 labels.
@@ -51,6 +53,8 @@ bool uniform_rows(RowsArg rows, int64_t nrows, const std::string& dtype);
 // With grad, a becomes q - p (softmax(a) - softmax(b)) and b is overwritten.
 void soft_contrastive_rows_cpu(uintptr_t a, uintptr_t b, int64_t rows, int64_t K, uintptr_t loss, uintptr_t lse_a,
                                uintptr_t lse_b, bool grad, int threads);
+// The instruction set those row sweeps run with: "avx512", "avx2" or "default" (capped by ATEN_CPU_CAPABILITY).
+std::string cpu_rows_isa();
 
 // Host build only (csrc/cpu): top-k selection over a block of similarities for the chunked hard-negative path.
 // sim: (rows, K) fp32 contiguous; row_labels (rows,), key_labels (K,) int64; values (rows, k) fp32 and indices

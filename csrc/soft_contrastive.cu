@@ -11,14 +11,14 @@
 // (one MUFU.EX2 per term) and lse = ln 2 (m + log2 l).
 //
 // Three kernels, 9 GEMM-equivalents for forward + backward (the 5 of the floor plus recomputation):
-//   soft_forward_kernel   row-owned: a, b tiles (2 GEMMs), online (m, l) for q and p and the KL accumulator
-//                         Σ p̃ (x_t - x_s); stores loss, lse_s, lse_t (12 bytes a row).
+//   soft_forward_kernel   row-owned: a, b tiles (2 GEMMs), online (m, l) for q and p and the KL in its shifted,
+//                         pivoted form (below); stores loss, lse_s, lse_t, pivot, pivot_r (20 bytes a row).
 //   soft_row_grad_kernel  row-owned: recomputes a, b (2 GEMMs), z = (q - p) rk / τ_s in fp32 from the stored lse
 //                         (no cancellation before rounding), then ds0 += z K (1 GEMM) with z as the A operand
 //                         straight from the logits' accumulator registers.
 //   soft_key_grad_kernel  key-owned (no atomics): recomputes aᵀ, bᵀ for its keys against streamed row tiles
-//                         (2 GEMMs), z_s = g rs (q - p) / τ_s, z_t = g rt p (ln p - ln q - loss) / τ_t, then
-//                         dK̂ += z_s S + z_t T (2 GEMMs).
+//                         (2 GEMMs), z_s = g rs (q - p) / τ_s, z_t = g rt p (ln p - ln q - loss) / τ_t (pivot_r at
+//                         the row's pivot key), then dK̂ += z_s S + z_t T (2 GEMMs).
 // Per-CTA tiles and shared memory come from rows_cfg / keys_cfg (one place, also read by launch_plans).
 #include <cfloat>
 #include <cmath>
@@ -40,6 +40,8 @@ struct SoftParams {
   float cs, ct;               // log2(e) / τ_s, log2(e) / τ_t
   float inv_tau_s, inv_tau_t;
   float *loss, *lse_s, *lse_t;  // written by the forward, read by the gradients
+  int* pivot;                   // (N,) the row's largest teacher logit's key (the first among ties)
+  float* pivot_r;               // (N,) (ln p - ln q)[pivot] - loss, accumulated without cancellation
   float* ds0;                   // (N, D) row gradient
   const float* g;               // (N,) upstream gradient of the per-row losses
   float* dk;                    // (K, D) key gradient
@@ -71,12 +73,12 @@ AK_HD_CONSTEXPR KeysCfg keys_cfg() {
   else return D == 64 ? KeysCfg{64, 64, 2} : D == 128 ? KeysCfg{32, 32, 2} : D == 256 ? KeysCfg{32, 16, 2} : KeysCfg{16, 8, 2};
 }
 // per streamed row i: rs_i log2(e)/τ_s, rt_i log2(e)/τ_t, lse_s,i log2(e), lse_t,i log2(e), g_i rs_i/τ_s,
-// g_i rt_i ln(2)/τ_t, loss_i log2(e)
-constexpr int kRowVecs = 7;
+// g_i rt_i ln(2)/τ_t, loss_i log2(e), pivot_r,i log2(e), pivot_i (int)
+constexpr int kRowVecs = 9;
 template <class T, int D>
 AK_HD_CONSTEXPR int64_t keys_smem() {
   constexpr KeysCfg c = keys_cfg<T, D>();
-  return tile_bytes<T, D>(c.bk) + c.stages * (2 * tile_bytes<T, D>(c.bm) + kRowVecs * 4 * c.bm) + kMaxTileRows * 8;
+  return tile_bytes<T, D>(c.bk) + c.stages * (2 * tile_bytes<T, D>(c.bm) + kRowVecs * 4 * c.bm) + c.bk * 8;  // bases
 }
 
 // Gradient outputs are computed in slices of DO features (grid.y): a 16 x DO fp32 accumulator per warp is
@@ -112,9 +114,17 @@ AK_DEV void stage_keys(const SoftParams& p, typename T::Elem* sK, float* sRk, in
 // ---------------------------------------------------------------------------------------------------------------
 // Forward statistics. Per lane: rows h = 0, 1 (g and g + 8 of its warp's 16), columns 2t, 2t + 1 of each 8-key
 // block. With y = s·k rk (the key factor only), the base-2 logit is x = c y, c = rs log2(e)/τ > 0, so the tile max
-// is c max(y), the softmax terms exp2(c y - m) are one FFMA and one MUFU each, and
-//   Σ p̃ (x_t - x_s) = Σ p̃ (u_t - u_s) + (m_t - m_s) Σ p̃,   u = x - m (the exp2 arguments, already computed).
-// The row max is quad-uniform after each tile (quad_max); the sums stay per lane until the end.
+// is c max(y) and the softmax terms exp2(c y - m) are one FFMA and one MUFU each. The KL never forms the logits'
+// size 1/τ again (at τ = 1e-4 they are ~1e4 and KL = Σ p (x_t - x_s) - lse_t + lse_s would cancel to far below
+// their fp32 rounding): with u = c y - m (the exp2 arguments), d = u_s - u_t, and the row's pivot j* (its largest
+// teacher logit, the first among ties) with Δ = d_j*,
+//   R = Σ_j p̃_j (d_j - Δ)  (p̃ = exp2(u_t)),   r = ln2 R / l_t = Σ_j p_j (δ_j* - δ_j)   (δ = ln p - ln q),
+//   loss = δ_j* - r = ln2 (-Δ - log2 l_t + log2 l_s - R / l_t).
+// R's term is exactly 0 at the pivot (d and Δ are the same number) and of the size of its own p_j elsewhere. r and
+// the pivot go to the key gradient, whose teacher term p (δ - loss) is p r at the pivot. R is rescaled with the
+// teacher's running max like l_t, and re-referenced when the pivot moves (R += l_t (Δ_old - Δ_new)): rare after the
+// first tiles, so the pivot search runs in a warp-uniform branch. The row max is quad-uniform after each tile
+// (quad_max); the sums stay per lane until the end.
 template <class T, int D>
 __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(SoftParams p) {
   constexpr RowsCfg C = rows_cfg<T, D>();
@@ -133,14 +143,17 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
 #pragma unroll 1
   for (int w = 0; w < 2; ++w) load_tile<T, BM, D, THREADS>(w ? sT : sS, w ? p.t : p.s, row0, p.N, p.D, bases);
 
-  float cs[2], ct[2], m_s[2], l_s[2], m_t[2], l_t[2], kl[2];
+  // per row h: running (m, l) of both softmaxes, R, and the pivot (its key, and its y_s, y_t)
+  float cs[2], ct[2], m_s[2], l_s[2], m_t[2], l_t[2], R[2], ys_p[2], yt_p[2];
+  int piv[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t n = myrow + 8 * h;
     cs[h] = n < p.N ? p.rs[n] * p.cs : 0.f;
     ct[h] = n < p.N ? p.rt[n] * p.ct : 0.f;
     m_s[h] = m_t[h] = -INFINITY;
-    l_s[h] = l_t[h] = kl[h] = 0.f;
+    l_s[h] = l_t[h] = R[h] = ys_p[h] = yt_p[h] = 0.f;
+    piv[h] = 0;
   }
   const E* const a[2] = {sS + 16 * warp * LD, sT + 16 * warp * LD};
 
@@ -179,8 +192,42 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
           my_t = fmaxf(my_t, yt[nb][e]);
         }
       // every tile holds a valid key for every row, so the running maxima are finite from the first tile on
-      const float ms = fmaxf(m_s[h], cs[h] * quad_max(my_s)), mt = fmaxf(m_t[h], ct[h] * quad_max(my_t));
-      float sum_s = 0.f, sum_t = 0.f, cross = 0.f;
+      const float tmax = quad_max(my_t);
+      const float ms = fmaxf(m_s[h], cs[h] * quad_max(my_s)), mt = fmaxf(m_t[h], ct[h] * tmax);
+      // Δ of the current pivot at this tile's references; where the pivot moves into this tile (strictly greater:
+      // ties keep the lower key), its d read from the tile (the same FFMAs as the terms below, so its own term is
+      // exactly 0), and R re-referenced to it
+      float delta = fmaf(ys_p[h], cs[h], -ms) - fmaf(yt_p[h], ct[h], -mt);
+      const bool fresh = ct[h] * tmax > m_t[h];
+      if (__any_sync(0xffffffffu, fresh)) {
+        int col = BN;  // the first column holding the tile max: this lane's first, then the quad's smallest
+#pragma unroll
+        for (int nb = NB - 1; nb >= 0; --nb)
+#pragma unroll
+          for (int e = 1; e >= 0; --e)
+            if (yt[nb][e] == tmax) col = 8 * nb + 2 * t + e;
+#pragma unroll
+        for (int x = 1; x <= 2; x <<= 1) {
+          const int other = __shfl_xor_sync(0xffffffffu, col, x);
+          col = other < col ? other : col;
+        }
+        float y_s = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (8 * nb + 2 * t + e == col) y_s = ys[nb][e];
+        y_s = __shfl_sync(0xffffffffu, y_s, (lane & ~3) | ((col & 7) >> 1));  // from the quad lane holding it
+        if (fresh) {
+          const float d_new = fmaf(y_s, cs[h], -ms) - fmaf(tmax, ct[h], -mt);
+          R[h] = fmaf(l_t[h], delta - d_new, R[h]);
+          delta = d_new;
+          piv[h] = j * BN + col;
+          ys_p[h] = y_s;
+          yt_p[h] = tmax;
+        }
+      }
+      float sum_s = 0.f, sum_t = 0.f, acc = 0.f;
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -191,12 +238,12 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
           sum_t += pt;
           // a masked column has us = ut = -inf once kMasked * c overflows (tiny rows: c = rs log2(e) / τ is large);
           // fmaxf drops the NaN of -inf - (-inf) (CUDA's fmaxf returns the other operand), so pt = 0 adds 0
-          cross = fmaf(pt, fmaxf(ut - us, -FLT_MAX), cross);
+          acc = fmaf(pt, fmaxf((us - ut) - delta, -FLT_MAX), acc);
         }
       const float alpha_s = fast_exp2(m_s[h] - ms), alpha_t = fast_exp2(m_t[h] - mt);
       l_s[h] = fmaf(l_s[h], alpha_s, sum_s);
       l_t[h] = fmaf(l_t[h], alpha_t, sum_t);
-      kl[h] = fmaf(kl[h], alpha_t, fmaf(mt - ms, sum_t, cross));
+      R[h] = fmaf(R[h], alpha_t, acc);
       m_s[h] = ms;
       m_t[h] = mt;
     }
@@ -204,16 +251,19 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2) soft_forward_kernel(S
   cp_async_wait<0>();
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float ls = quad_sum(l_s[h]), lt = quad_sum(l_t[h]), kq = quad_sum(kl[h]);
+    const float ls = quad_sum(l_s[h]), lt = quad_sum(l_t[h]), rq = quad_sum(R[h]);
     // the row index from a fresh read of the thread index: kept live across the key loop, ptxas spilled it to the
     // stack (fp32 D = 64, 256 on sm_90)
     const int tid = fresh_thread_index();
     const int64_t n = row0 + 16 * (tid >> 5) + ((tid & 31) >> 2) + 8 * h;
     if (t == 0 && n < p.N) {
-      const float lse_s2 = m_s[h] + log2f(ls), lse_t2 = m_t[h] + log2f(lt);
-      p.lse_s[n] = lse_s2 * kLn2;
-      p.lse_t[n] = lse_t2 * kLn2;
-      p.loss[n] = (div_normal(kq, lt) - lse_t2 + lse_s2) * kLn2;  // lt >= 1: its largest term is 1
+      const float log_ls = log2f(ls), log_lt = log2f(lt), r2 = div_normal(rq, lt);  // lt >= 1: its largest term is 1
+      const float delta = fmaf(ys_p[h], cs[h], -m_s[h]) - fmaf(yt_p[h], ct[h], -m_t[h]);
+      p.lse_s[n] = (m_s[h] + log_ls) * kLn2;
+      p.lse_t[n] = (m_t[h] + log_lt) * kLn2;
+      p.loss[n] = (log_ls - log_lt - delta - r2) * kLn2;
+      p.pivot[n] = piv[h];
+      p.pivot_r[n] = r2 * kLn2;
     }
   }
 }
@@ -269,9 +319,10 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        rk[nb][e] = sRk[(j % ST) * BN + 8 * nb + 2 * t + e];  // 0 past K: z = 0 there
+        rk[nb][e] = sRk[(j % ST) * BN + 8 * nb + 2 * t + e];  // 0 past K (z is zeroed there below)
         bound = fmaxf(bound, rk[nb][e]);
       }
+    const int valid = p.K - int64_t(j) * BN < BN ? int(p.K - int64_t(j) * BN) : BN;
     // fp16: |z| <= rk / τ_s (|q - p| <= 1), so the range scale is known before z, and z is rounded as it is made
     const float zf = p.inv_tau_s * (is_f16<T> ? range.update(bound * p.inv_tau_s, o) : 1.f);
     float z[NB][4];
@@ -287,6 +338,18 @@ __global__ void __launch_bounds__(rows_cfg<T, D>().bm * 2, 1) soft_row_grad_kern
           z[nb][2 * h + e] = (q - pp) * rz;  // the difference in fp32, before any rounding
         }
       }
+    // Columns past K (the ragged last tile only: a block-uniform branch) contribute exactly 0. Their logit reads 0, so
+    // q = exp2(-lse_s log2 e), which overflows to inf once lse < -88.7 (every logit of the row below about -87), and
+    // (inf - p) * 0 would be NaN.
+    if (valid < BN) {
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            if (8 * nb + 2 * t + e >= valid) z[nb][2 * h + e] = 0.f;
+    }
     warp_values<T, D, BN, NO>(z, 1.f, kt, c0, o);
   }
   cp_async_wait<0>();
@@ -335,6 +398,8 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
       v[4 * BM + r] = gi * rs * p.inv_tau_s;
       v[5 * BM + r] = gi * rt * p.inv_tau_t * kLn2;
       v[6 * BM + r] = ok ? p.loss[i] * kLog2e : 0.f;
+      v[7 * BM + r] = ok ? p.pivot_r[i] * kLog2e : 0.f;
+      reinterpret_cast<int*>(v)[8 * BM + r] = ok ? p.pivot[i] : -1;
     }
   };
 
@@ -342,6 +407,8 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
   float rk[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) rk[h] = mykey + 8 * h < p.K ? p.rk[mykey + 8 * h] : 0.f;
+  const bool ragged = key0 + BK > p.K;  // the last key block: some of its keys are past K
+  const int key_of[2] = {int(mykey), int(mykey + 8)};  // compared with the rows' pivots (K < 2^31: launch checks)
   float o[NO][4] = {};
   ScaleF16 range;
 
@@ -359,7 +426,7 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
     float f[2][NB][4] = {};
     const E* const b[2] = {sS, sT};
     warp_logits_2b<T, D, NB>(sK + 16 * warp * LD, b, f);
-    float zs[NB][4], zt[NB][4], absmax = 0.f;
+    float zs[NB][4], zt[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
       const int r = 8 * nb + 2 * t;  // this lane's two columns r, r + 1: one 8-byte load per factor
@@ -369,6 +436,8 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
       const float2 w_s = *reinterpret_cast<const float2*>(v + 4 * BM + r);
       const float2 w_t = *reinterpret_cast<const float2*>(v + 5 * BM + r);
       const float2 l_2 = *reinterpret_cast<const float2*>(v + 6 * BM + r);
+      const float2 r_2 = *reinterpret_cast<const float2*>(v + 7 * BM + r);
+      const int2 piv = *reinterpret_cast<const int2*>(v + 8 * BM + r);
 #pragma unroll
       for (int e = 0; e < 2; ++e)
 #pragma unroll
@@ -377,14 +446,35 @@ __global__ void __launch_bounds__(keys_cfg<T, D>().bk * 2, 1) soft_key_grad_kern
           const float xp = fmaf(f[1][nb][2 * h + e] * rk[h], e ? c_t.y : c_t.x, -(e ? l_p.y : l_p.x));
           const float q = fast_exp2(xq), pp = fast_exp2(xp);
           const float a_s = (e ? w_s.y : w_s.x) * (q - pp);
-          const float a_t = (e ? w_t.y : w_t.x) * pp * (xp - xq - (e ? l_2.y : l_2.x));
+          // (ln p - ln q - loss) log2 e, or at the row's pivot key the forward's pivot_r (recomputed there it would
+          // be a difference of numbers of size 1/τ that cancel when p is nearly one-hot: small τ_t)
+          const float c_t = key_of[h] == (e ? piv.y : piv.x) ? (e ? r_2.y : r_2.x) : xp - xq - (e ? l_2.y : l_2.x);
+          const float a_t = (e ? w_t.y : w_t.x) * pp * c_t;
           zs[nb][2 * h + e] = a_s;
           zt[nb][2 * h + e] = a_t;
-          if constexpr (is_f16<T>) absmax = fmaxf(absmax, fmaxf(fabsf(a_s), fabsf(a_t)));
         }
     }
+    // Keys past K (the ragged last key block only: a block-uniform branch) contribute exactly 0: their logits read 0,
+    // so q = exp2(-lse_s log2 e) can be inf (every logit of a row below about -87), and their rows of z would be inf
+    // or NaN (harmless for their own output rows, which are not stored, but not for fp16's shared range scale).
+    if (ragged) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (mykey + 8 * h >= p.K)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) zs[nb][2 * h + e] = zt[nb][2 * h + e] = 0.f;
+    }
     float scale = 1.f;
-    if constexpr (is_f16<T>) scale = range.update(absmax, o);
+    if constexpr (is_f16<T>) {
+      float absmax = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) absmax = fmaxf(absmax, fmaxf(fabsf(zs[nb][i]), fabsf(zt[nb][i])));
+      scale = range.update(absmax, o);
+    }
     warp_values<T, D, BM, NO>(zs, scale, sS, c0, o);
     warp_values<T, D, BM, NO>(zt, scale, sT, c0, o);
   }
@@ -479,6 +569,8 @@ void launch(Kind kind, const std::string& dtype, const SoftParams& p, uintptr_t 
 SoftParams params(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg sc, int64_t N, int64_t K,
                   int64_t D, float inv_tau_s, float inv_tau_t) {
   const int bytes = dtype == "fp32" ? 4 : 2;
+  if (K > INT32_MAX)  // pivots are int32 key indices
+    throw std::invalid_argument("soft_contrastive CUDA kernels take K < 2^31 keys, got K = " + std::to_string(K));
   SoftParams p{};
   p.s = src_of(s, N, bytes);
   p.t = src_of(t, N, bytes);
@@ -509,12 +601,14 @@ std::vector<LaunchPlan> soft_contrastive_plans(const std::string& mode, const st
 
 void soft_contrastive_forward(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales, int64_t N,
                               int64_t K, int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss, uintptr_t lse_s,
-                              uintptr_t lse_t, uintptr_t stream) {
+                              uintptr_t lse_t, uintptr_t pivot, uintptr_t pivot_r, uintptr_t stream) {
   if (N == 0 || K == 0) return;
   SoftParams p = params(dtype, s, t, k, scales, N, K, D, inv_tau_s, inv_tau_t);
   p.loss = reinterpret_cast<float*>(loss);
   p.lse_s = reinterpret_cast<float*>(lse_s);
   p.lse_t = reinterpret_cast<float*>(lse_t);
+  p.pivot = reinterpret_cast<int*>(pivot);
+  p.pivot_r = reinterpret_cast<float*>(pivot_r);
   launch(Kind::Forward, dtype, p, stream);
 }
 
@@ -531,12 +625,15 @@ void soft_contrastive_row_grad(const std::string& dtype, RowsArg s, RowsArg t, R
 
 void soft_contrastive_key_grad(const std::string& dtype, RowsArg s, RowsArg t, RowsArg k, ScalesArg scales,
                                int64_t N, int64_t K, int64_t D, float inv_tau_s, float inv_tau_t, uintptr_t loss,
-                               uintptr_t lse_s, uintptr_t lse_t, uintptr_t g, uintptr_t dk, uintptr_t stream) {
+                               uintptr_t lse_s, uintptr_t lse_t, uintptr_t pivot, uintptr_t pivot_r, uintptr_t g,
+                               uintptr_t dk, uintptr_t stream) {
   if (N == 0 || K == 0) return;
   SoftParams p = params(dtype, s, t, k, scales, N, K, D, inv_tau_s, inv_tau_t);
   p.loss = reinterpret_cast<float*>(loss);
   p.lse_s = reinterpret_cast<float*>(lse_s);
   p.lse_t = reinterpret_cast<float*>(lse_t);
+  p.pivot = reinterpret_cast<int*>(pivot);
+  p.pivot_r = reinterpret_cast<float*>(pivot_r);
   p.g = reinterpret_cast<const float*>(g);
   p.dk = reinterpret_cast<float*>(dk);
   launch(Kind::KeyGrad, dtype, p, stream);

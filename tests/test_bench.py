@@ -54,7 +54,10 @@ def test_presets_quick_sweeps_keys_and_targets_match_the_kernel_issues():
     assert len({k for _, k, _ in WORKLOADS["soft"].default_sizes(cpu, "quick")}) >= 2  # a K sweep for the plot
     assert (65536, 65536, 128) in WORKLOADS["soft"].default_sizes(cuda, "targets")
     assert WORKLOADS["topk"].default_sizes(cpu, "targets") == [(16384, 16384, 128)]
-    assert PRESETS == ("quick", "targets")
+    assert PRESETS == ("quick", "targets", "tiny")
+    for work in WORKLOADS.values():  # the per-call overhead preset: small sizes, a baseline and chunked
+        assert max(n * k for n, k, _ in work.default_sizes(cpu, "tiny")) <= 2 ** 20, work.name
+        assert "chunked" in work.tiny_providers and set(work.tiny_providers) <= set(work.providers)
     with pytest.raises(SystemExit):
         bench_loss.main(["--preset", "huge"])
 

@@ -20,6 +20,8 @@ from action_kernels.reference import hard_negative_topk_ref
 from action_kernels.testing import assert_close
 from helpers import fresh_seed, require
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
+
 CXXFILT = shutil.which("c++filt")
 SHAPES = [(65536, 65536, 128, 64), (300, 257, 7, 33), (50, 90, 512, 512), (1, 1, 256, 1), (1000, 4096, 64, 600)]
 MODES = [("soft_contrastive", m) for m in ("forward", "forward_grad", "key_grad")] + [("hard_negative_topk", "topk")]
@@ -172,26 +174,6 @@ def test_soft_kernels_read_channel_first_and_strided_maps_in_place(dtype):
     _soft_check(s, t, k, (0.1, 0.05), dtype, f"maps {dtype} seed={seed}")
 
 
-def test_fp16_key_gradient_keeps_its_range_for_tiny_upstream_gradients():
-    """g ~ 1e-8 per row: z = g (q - p) rs / τ is far below fp16's normal range unless the kernel rescales it.
-
-    Checked on the fp32 kernel output (the op's final cast to fp16 would flush such a gradient itself)."""
-    require("cuda", dtype=torch.float16)
-    from action_kernels.ops.soft_contrastive import soft_contrastive_key_grad, soft_contrastive_rows
-
-    seed = fresh_seed()
-    s, t, k = _soft_case((90, 40), 77, torch.float16, seed)
-    g = torch.full((90,), 1e-8)
-    out = []
-    for backend, dt in (("cuda", torch.float16), ("chunked", torch.float64)):
-        s3, t3, kk = s.to(dt).unsqueeze(0), t.to(dt).unsqueeze(0), k.to(dt)
-        loss, lse_s, lse_t, _ = soft_contrastive_rows(s3, t3, kk, 10.0, 20.0, True, backend, False)
-        out.append(soft_contrastive_key_grad(s3, t3, kk, 10.0, 20.0, True, loss, lse_s, lse_t, g.to(loss.dtype),
-                                             backend))
-    assert out[0].abs().max() > 0
-    assert_close(f"fp16 key grad at g = 1e-8 [seed={seed}]", out[0].double(), out[1], torch.float16, 0.05)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_rows_keep_the_masked_key_columns_out_of_the_loss(dtype):
     """Rows of norm ~1e-9 make the folded scale c = rs log2(e) / τ about 1e10, so the mask of the key columns past K
@@ -244,9 +226,14 @@ def test_topk_kernel_matches_reference_for_every_dtype_and_bucket(dtype, n, keys
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_kernel_three_runs_bitwise_equal_with_many_ties(dtype):
     require("cuda", dtype=dtype)
-    g = torch.Generator().manual_seed(fresh_seed())
-    a = torch.randn(30, 16, generator=g).to(dtype)
-    keys = torch.randn(8, 16, generator=g).to(dtype).repeat(40, 1)  # every key 40 times: ties everywhere
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    # integers in [-100, 100] (exact in bf16 and fp16): every product and sum of a dot product is exact, so the 40
+    # copies of a key tie bitwise in the kernel, and the expected order below does not depend on a matmul's
+    # rounding at different matrix positions (which differs on AVX2 CPUs)
+    a = torch.randint(-100, 101, (30, 16), generator=g).to(dtype)
+    distinct = torch.randint(-100, 101, (8, 16), generator=g)
+    keys = distinct.to(dtype).repeat(40, 1)  # every key 40 times: ties everywhere
     yk = torch.randint(0, 3, (320,), generator=g)
     ya = torch.randint(0, 3, (30,), generator=g)
     runs = [ak.hard_negative_topk(a, ya, keys, yk, 70, backend="cuda") for _ in range(3)]
@@ -254,8 +241,17 @@ def test_topk_kernel_three_runs_bitwise_equal_with_many_ties(dtype):
     v, i = runs[0]
     tied = (v[:, 1:] == v[:, :-1]) & torch.isfinite(v[:, 1:])
     assert tied.any() and bool((i[:, 1:] > i[:, :-1])[tied].all()), "equal values go to the lower index first"
-    if dtype == torch.float32:  # the reference's order, index for index (16-bit sums may order near-ties apart)
-        assert torch.equal(i, hard_negative_topk_ref(a.double(), ya, keys.double(), yk, 70)[1])
+    # the expected order: float64 cosines of the 8 distinct keys (one value per distinct key, shared by its copies),
+    # masked, stable-sorted: ties to the lower index; distinct keys closer than fp32 rounding may swap
+    cos = torch.nn.functional.normalize(a.double(), dim=1) @ torch.nn.functional.normalize(distinct.double(), dim=1).T
+    sim = cos[:, torch.arange(320) % 8].masked_fill(ya[:, None] == yk[None, :], float("-inf"))
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :70]
+    v0 = sim.gather(1, order)
+    where = f"{dtype} seed={seed}"
+    assert (v.double() - v0).abs().max().item() <= 2e-6, f"values [{where}]"
+    mismatch = i != order  # allowed only between different keys whose cosines agree within fp32 rounding
+    near = ((v.double() - v0).abs() <= 2e-6) & (i % 8 != order % 8)
+    assert bool(near[mismatch].all()), f"indices beyond ties [{where}]"
 
 
 def test_emulated_launches_are_the_launch_plans():

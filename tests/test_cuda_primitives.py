@@ -12,6 +12,8 @@ import torch
 
 from action_kernels import cuda as ak_cuda
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
+
 DEVICES = ["cpu"]  # the self-tests live in _C_cpu only (see the module docstring)
 
 

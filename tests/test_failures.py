@@ -210,7 +210,8 @@ def test_resume_says_when_there_is_nothing_to_resume(tmp_path):
     from action.method import run_pipeline
 
     with pytest.raises(FileNotFoundError, match="no stage of the pipeline in .* has a last.pt"):
-        run_pipeline(build_config("smoke", overrides={"stage": "pipeline", "out": str(tmp_path / "p")}), resume=True)
+        run_pipeline(build_config("smoke", overrides={"stage": "pipeline", "out": str(tmp_path / "p"),
+                                                     "unlabelled_batch": 2}), resume=True)
 
 
 @needs_acdc

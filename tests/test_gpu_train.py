@@ -15,9 +15,7 @@ sys.path.insert(0, os.path.join(REPO, "tools", "gpu"))
 import gpu_data  # noqa: E402
 import gpu_train  # noqa: E402
 
-ACDC = os.environ.get("ACDC_ROOT", os.path.join(REPO, "..", "shared", "data", "acdc"))
-needs_acdc = pytest.mark.skipif(not os.path.isdir(os.path.join(ACDC, "data")),
-                                reason=f"real ACDC data not found at {ACDC} (set ACDC_ROOT)")
+from helpers import ACDC, needs_acdc  # noqa: E402
 
 
 def fake_probe(step=0.05):

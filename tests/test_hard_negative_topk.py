@@ -7,6 +7,8 @@ from action_kernels.reference import hard_negative_topk_ref
 from action_kernels.testing import assert_allowed
 from helpers import FAST_ON_CPU, INTERPRETED_ON_CPU, assert_topk_equal, fresh_seed, make_topk, require
 
+pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
+
 
 @pytest.mark.parametrize("backend", FAST_ON_CPU)
 @pytest.mark.parametrize("n,keys,d,k", [(37, 19, 7, 1), (300, 257, 64, 33), (64, 600, 130, 512), (50, 90, 16, 64)])
@@ -145,3 +147,59 @@ def test_autograd_functions_equal_the_functionals_values_and_gradients(backend):
     assert torch.equal(cos, ak.indexed_cosine(a, kk, idx))
     cos.sum().backward()
     assert torch.isfinite(a3.grad).all() and k3.grad.abs().sum() > 0
+
+
+_PEAK = """
+import json, torch
+torch.set_num_threads(1)
+import action_kernels as ak
+def rss(field):
+    return int([line for line in open('/proc/self/status') if line.startswith(field)][0].split()[1]) * 1024
+g = torch.Generator().manual_seed(0)
+a, keys = torch.randn(1024, 128, generator=g), torch.randn(20480, 128, generator=g)
+ya, yk = torch.randint(0, 4, (1024,), generator=g), torch.randint(0, 4, (20480,), generator=g)
+def run(n, keys_grad):
+    a1, k1 = a[:n].clone().requires_grad_(True), keys.clone().requires_grad_(keys_grad)
+    ak.hard_negative_topk(a1, ya[:n], k1, yk, 256, backend="chunked")[0].sum().backward()
+run(8, True)  # warm-up: libraries, the same paths
+peaks = {}
+for keys_grad in (False, True):
+    open('/proc/self/clear_refs', 'w').write('5')
+    base = rss('VmRSS')
+    run(1024, keys_grad)
+    peaks[str(keys_grad)] = (rss('VmHWM') - base) / 2**20
+print(json.dumps(peaks))
+"""
+
+
+def test_chunked_topk_key_gradient_is_row_chunked_like_its_forward():
+    """N = 1,024 anchors, K = 20,480 keys (K > 64 k: the sparse key gradient), D = 128, k = 256: the key gradient
+    gathered every selected row at once, (N, k, D) twice (+250 MiB over the +68 MiB of the no-key-grad path, and at
+    N = 8,192, K = 65,536 +2.4 GB, more than the N x K matrix the path exists to avoid); row-chunked it stays within
+    2x of the no-key-grad peak. Peak RSS in a subprocess, freed blocks returned at once (MALLOC_MMAP_THRESHOLD_)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert peaks["True"] <= 2 * peaks["False"] and peaks["True"] < 160, peaks
+
+
+@pytest.mark.parametrize("backend", ("torch",) + FAST_ON_CPU + INTERPRETED_ON_CPU)
+def test_topk_with_an_empty_bank_pads_and_differentiates_to_zero(backend):
+    # K = 0 with D % 4 != 0 (the cuda launcher refused: the empty keys were not "uniform rows"), and the backward with
+    # keys.requires_grad (chunked and cuda scattered into a (c, 0) block)
+    require(backend)
+    for d in (16, 13):
+        a = torch.randn(5, d, requires_grad=True)
+        keys = torch.randn(0, d, requires_grad=True)
+        values, idx = ak.hard_negative_topk(a, torch.zeros(5, dtype=torch.long), keys, torch.zeros(0, dtype=torch.long),
+                                            3, backend=backend)
+        assert bool((values == float("-inf")).all()) and bool((idx == -1).all())
+        values.masked_fill(torch.isinf(values), 0.0).sum().backward()
+        assert torch.equal(a.grad, torch.zeros_like(a)) and keys.grad.shape == (0, d)

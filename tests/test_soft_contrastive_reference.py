@@ -1,4 +1,5 @@
 """The plain-torch reference: the ground truth every backend is compared with."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -7,6 +8,8 @@ from action_kernels._rows import as_row_view, to_rows
 from action_kernels._validation import row_layout
 from action_kernels.reference import soft_contrastive_loss_ref
 from action_kernels.testing import assert_allowed
+
+pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
 
 
 def _inputs(n=9, k=6, d=5, dtype=torch.float64, seed=0):

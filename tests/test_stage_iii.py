@@ -164,6 +164,22 @@ def test_stage_iii_logs_pseudo_label_diagnostics_and_the_audit_reaches_no_loss(t
     assert all(0.0 <= float(r[k]) <= 1.0 for r in audited for k in r if k.startswith(("audit_", "pl_")))
 
 
+def test_ema_teacher_averages_batchnorm_statistics_like_its_weights():
+    from action.models import EMATeacher
+
+    student = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    teacher = EMATeacher(student, 0.9, buffers="ema")
+    before = teacher.module[1].running_mean.clone()
+    student[1].running_mean.fill_(1.0)
+    student[1].num_batches_tracked.fill_(7)
+    teacher.update(student, 5)  # alpha = min(0.9, 1 - 1/6)
+    alpha = min(0.9, 1 - 1 / 6)
+    torch.testing.assert_close(teacher.module[1].running_mean, alpha * before + (1 - alpha) * 1.0)
+    assert int(teacher.module[1].num_batches_tracked) == 7  # integer buffers are copied
+    with pytest.raises(ValueError, match="buffers must be"):
+        EMATeacher(student, 0.9, buffers="own")
+
+
 @needs_acdc
 def test_batch_teacher_keeps_running_statistics_of_its_own(tmp_path):
     stats = {}
@@ -175,7 +191,7 @@ def test_batch_teacher_keeps_running_statistics_of_its_own(tmp_path):
         teacher = trainer.teacher.module["net"].state_dict()
         stats[bn] = [torch.equal(student[k], teacher[k]) for k in student if k.endswith("running_mean")]
     assert all(stats["running"])  # copied from the student at every update
-    assert not any(stats["batch"])  # the teacher's own, from its batch-statistics forwards
+    assert not any(stats["batch"])  # an EMA of the student's, lagging with the teacher's weights
 
 
 @needs_acdc

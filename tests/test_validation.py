@@ -14,7 +14,6 @@ def _ok():
     "change,error,match",
     [
         (dict(keys=torch.randn(5, 7)), ValueError, r"keys must have the feature size of student \(D=8\)"),
-        (dict(keys=torch.randn(0, 8)), ValueError, "at least one key"),
         (dict(keys=torch.randn(5, 8, 1)), ValueError, r"keys must have shape \(K, D=8\)"),
         (dict(teacher=torch.randn(6, 9)), ValueError, "teacher must have the shape of student"),
         (dict(student=torch.randn(6)), ValueError, r"student must have shape \(N, D\) or \(B, D, \*spatial\)"),
@@ -68,8 +67,8 @@ def test_non_finite_inputs_propagate_to_the_affected_rows_only():
 
 def test_class_prototypes_weights_are_checked_like_the_soft_loss_weights():
     features, labels = torch.randn(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"weight must have shape \(18,\) or \(2, 3, 3\) \(one weight per row of "
-                                         r"features\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(18,\) or \(2, 3, 3\) or \(2, 1, 3, 3\) \(one "
+                                         r"weight per row of features, whose shape is \(2, 4, 3, 3\)\), got \(9, 2\)"):
         ak.class_prototypes(features, labels, 2, weight=torch.ones(9, 2))
     with pytest.raises(ValueError, match="weight must be non-negative"):
         ak.class_prototypes(features, labels, 2, weight=-torch.ones(2, 3, 3))
@@ -117,7 +116,6 @@ def test_class_prototypes_refuses_negative_and_nan_weights():
     (dict(t=torch.randn(1, 3, 8)), ValueError, r"t must have the shape of s \(1, 4000, 8\), got \(1, 3, 8\)"),
     (dict(s=torch.randn(4000, 8)), ValueError, r"s must have shape \(B, P, D\)"),
     (dict(k=torch.randn(5, 7)), ValueError, r"keys must have the feature size of s \(D=8\)"),
-    (dict(k=torch.randn(0, 8)), ValueError, "at least one key"),
     (dict(tau_s=0.0), ValueError, "tau_s must be a finite temperature"),
     (dict(backend="torch"), ValueError, r"backend must be one of \('chunked', 'triton', 'cuda'\)"),
     (dict(backend=None), ValueError, "backend must be one of"),

@@ -1,41 +1,25 @@
-"""ACTION's stage losses built on the fused ops (docs/method.md sections 2-5): FIFO anchor banks, the pseudo-label loss,
+"""ACTION's stage losses built on the fused ops (docs/method.md sections 2-5): FIFO anchor banks (ak.MemoryBank), the
+pseudo-label loss,
 hard-query sampling and the anatomical contrast term on a representation map. Everything runs on the training
 device, vectorised, randomness from one torch generator (docs/method.md section 9, items 4 and 6)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import action_kernels as ak
+from action.data.labels import IGNORE_INDEX
 from action.engine.losses import dice_loss
 
 
-class FifoBank(nn.Module):
-    """A FIFO memory bank of K x D embeddings (buffers: saved in checkpoints, moved with .to()).
-    push(x (n, D)) overwrites the oldest rows; keys() -> the filled rows (k, D), k <= K."""
-
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        self.register_buffer("bank", torch.zeros(size, dim))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def push(self, x: torch.Tensor) -> None:
-        K = self.bank.shape[0]
-        x = x.detach().to(self.bank.dtype)[-K:]
-        n = x.shape[0]
-        pos = (int(self.ptr) + torch.arange(n, device=x.device)) % K
-        self.bank[pos] = x
-        self.ptr.fill_((int(self.ptr) + n) % K)
-        self.filled.fill_(min(K, int(self.filled) + n))
-
-    def keys(self) -> torch.Tensor:
-        return self.bank[:int(self.filled)]
+def teacher_bank(size: int, dim: int) -> ak.MemoryBank:
+    """The FIFO of teacher embeddings of stages i and ii: an unlabelled ak.MemoryBank of size x dim rows (fp32, the
+    state_dict names of the former FifoBank, so older checkpoints load). gather=False: the Trainer all-gathers the
+    deferred rows of every rank itself, in shard order, before pushing (action.engine.distributed.gather_in_order)."""
+    return ak.MemoryBank(size, dim, gather=False)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, bank: FifoBank, tau_student: float,
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, bank: ak.MemoryBank, tau_student: float,
                       tau_teacher: float) -> torch.Tensor:
     """soft_contrastive_loss of student rows/maps against the bank's anchors; a graph-keeping zero while the bank
     is empty (the first iteration)."""
@@ -46,13 +30,14 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, bank: FifoBa
 
 
 def pseudo_label_loss(logits: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor, threshold: float,
-                      ignore_index: int = 255, mask: str = "image", loss: str = "ce") -> torch.Tensor:
+                      ignore_index: int = IGNORE_INDEX, mask: str = "image", loss: str = "ce") -> torch.Tensor:
     """The pseudo-label loss alone: pseudo_label_terms(...)["loss"]."""
     return pseudo_label_terms(logits, pseudo, confidence, threshold, ignore_index, mask, loss)["loss"]
 
 
 def pseudo_label_terms(logits: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor, threshold: float,
-                       ignore_index: int = 255, mask: str = "image", loss: str = "ce") -> dict[str, torch.Tensor]:
+                       ignore_index: int = IGNORE_INDEX, mask: str = "image",
+                       loss: str = "ce") -> dict[str, torch.Tensor]:
     """logits (B, C, *S), pseudo (B, *S) int64, confidence (B, *S) -> {"loss", "foreground"} () float32: the loss
     and the part of it that comes from pixels pseudo-labelled foreground (class > 0). Pixels marked ignore_index
     (cutout, padding) count nowhere; a pixel is confident when its confidence >= threshold.
@@ -91,7 +76,7 @@ def pseudo_label_terms(logits: torch.Tensor, pseudo: torch.Tensor, confidence: t
 
 @torch.no_grad()
 def pseudo_label_diagnostics(pseudo: torch.Tensor, confidence: torch.Tensor, threshold: float, num_classes: int,
-                             ignore_index: int = 255) -> dict[str, torch.Tensor]:
+                             ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """What the pseudo-label loss of a batch can learn from: pseudo (B, *S) int64, confidence (B, *S) ->
     {"pl_confident": fraction of the valid pixels that are confident (confidence >= threshold),
      "pl_confident_c<k>": the same among the pixels pseudo-labelled k (0 when there are none),

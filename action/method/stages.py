@@ -9,8 +9,9 @@ registry, and the pipeline that runs the stages in order.
 Views: one geometric augmentation per image shared by student and teacher (so maps stay pixel-aligned for the
 local loss), independent photometric augmentation per view. Teachers are EMA copies (of the network and of the
 heads whose outputs they provide), updated once per iteration under no_grad; with teacher_bn "batch" (the default)
-every teacher forward normalises with its batch's statistics and the teacher keeps running statistics of its own
-(eval mode, for validation, uses them), with "running" it runs in eval mode on statistics copied from the student.
+every teacher forward normalises with its batch's statistics and the teacher's running statistics (for its
+eval-mode validation) are an EMA of the student's, with "running" it runs in eval mode on statistics copied from the
+student.
 Banks are FIFO buffers pushed after the optimizer step. Each stage initialises from the previous stage's checkpoint
 (--init); fine-tuning initialises student and teacher from the pre-trained student.
 """
@@ -31,13 +32,13 @@ from action.engine.checkpoint import load_checkpoint
 from action.engine.losses import supervised_loss
 from action.engine.trainer import Trainer
 from action.method.losses import (
-    FifoBank,
     anatomical_term,
     distillation_loss,
     pseudo_label_audit,
     pseudo_label_diagnostics,
     pseudo_label_terms,
     sample_hard_queries,
+    teacher_bank,
 )
 from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
 from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead, build_network
@@ -68,14 +69,15 @@ class _TeacherStage(Trainer):
 
     def setup(self) -> None:
         self.teacher = EMATeacher(self._teacher_source(), self.cfg.ema_decay,
-                                  copy_buffers=self.cfg.teacher_bn == "running").to(self.device)
+                                  buffers="copy" if self.cfg.teacher_bn == "running" else "ema").to(self.device)
         self.banks = nn.ModuleDict(self.build_banks()).to(self.device)
 
     def teacher_statistics(self):
-        """The context of every teacher forward: with teacher_bn "batch", BatchNorm on the batch's statistics, the
-        teacher's own running statistics updated; with "running", nothing (eval mode, the student's copied)."""
+        """The context of every teacher forward: with teacher_bn "batch", BatchNorm on the batch's statistics (the
+        teacher's running statistics, an EMA of the student's, serve its eval-mode validation only); with
+        "running", nothing (eval mode on statistics copied from the student)."""
         if self.cfg.teacher_bn == "batch":
-            return batch_statistics(self.teacher.module, track=True)
+            return batch_statistics(self.teacher.module)
         return contextlib.nullcontext()
 
     def build_banks(self) -> dict:
@@ -129,7 +131,7 @@ class GlobalPretrainer(_TeacherStage):
         return {"proj": ProjectionHead(self.bottleneck, d, d), "pred": PredictorHead(d, d)}
 
     def build_banks(self) -> dict:
-        return {"global": FifoBank(self.cfg.global_bank, self.cfg.global_dim)}
+        return {"global": teacher_bank(self.cfg.global_bank, self.cfg.global_dim)}
 
     def prepare(self, batch, generator):
         """Two views per image: one geometric augmentation shared (maps stay pixel-aligned), photometric per view."""
@@ -175,7 +177,7 @@ class LocalPretrainer(GlobalPretrainer):
                                                                      dims=self.cfg.dims)}
 
     def build_banks(self) -> dict:
-        return {**super().build_banks(), "local": FifoBank(self.cfg.local_bank, self.cfg.local_dim)}
+        return {**super().build_banks(), "local": teacher_bank(self.cfg.local_bank, self.cfg.local_dim)}
 
     def local_grid_shape(self, spatial) -> tuple[int, ...]:
         """The local embedding map's size: local_grid x local_grid in-plane; in 3D the depth scaled alike (at
@@ -394,8 +396,8 @@ class PlusPlusFinetuner(Finetuner):
 
 
 # stage -> Trainer class; "<stage>+<variant>" -> a variant of that stage, chosen by the config switch of its name
-STAGE_TRAINERS = {"supervised": Trainer, "pretrain-global": GlobalPretrainer, "pretrain-local": LocalPretrainer,
-                  "finetune": Finetuner, "finetune+plusplus": PlusPlusFinetuner}
+STAGE_TRAINERS = {**{cls.stage: cls for cls in (Trainer, GlobalPretrainer, LocalPretrainer, Finetuner)},
+                  f"{PlusPlusFinetuner.stage}+plusplus": PlusPlusFinetuner}  # keys: action.config.TRAINED_STAGES
 VARIANTS = ("plusplus",)  # config switches (bool fields of TrainConfig) that select a registered variant
 
 

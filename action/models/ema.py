@@ -1,9 +1,10 @@
 """EMA teacher: teacher = decay * teacher + (1 - decay) * student, one update per iteration, under no_grad.
 
 The decay ramps as min(decay, 1 - 1 / (step + 1)) (the mean-teacher warm-up: early teachers follow the student
-closely). Buffers (BatchNorm statistics) are copied from the student at every update (copy_buffers=True), or are the
-teacher's own (copy_buffers=False: its forwards under batch_statistics(track=True) keep them, so they describe the
-teacher's weights, not the student's). The teacher is a deep copy kept in eval mode, with requires_grad off, so it
+closely). Floating-point buffers (BatchNorm running statistics) are copied from the student at every update
+(buffers="copy"), or averaged like the weights (buffers="ema": statistics that lag with the weights they go with,
+and, being a function of the student's, the same whatever the number of processes or shards); integer buffers
+(BatchNorm's counters) are copied. The teacher is a deep copy kept in eval mode, with requires_grad off, so it
 never enters an optimizer or an autograd graph.
 """
 from __future__ import annotations
@@ -15,11 +16,13 @@ from torch import nn
 
 
 class EMATeacher(nn.Module):
-    def __init__(self, student: nn.Module, decay: float = 0.99, copy_buffers: bool = True):
+    def __init__(self, student: nn.Module, decay: float = 0.99, buffers: str = "copy"):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay, self.copy_buffers = decay, copy_buffers
+        if buffers not in ("copy", "ema"):
+            raise ValueError(f"buffers must be 'copy' or 'ema', got {buffers!r}")
+        self.decay, self.buffers_mode = decay, buffers
         self.module = copy.deepcopy(student)
         self.module.eval()
         for p in self.module.parameters():
@@ -35,8 +38,10 @@ class EMATeacher(nn.Module):
         alpha = min(self.decay, 1.0 - 1.0 / (step + 1))
         for t, s in zip(self.module.parameters(), student.parameters()):
             t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
-        if self.copy_buffers:
-            for t, s in zip(self.module.buffers(), student.buffers()):
+        for t, s in zip(self.module.buffers(), student.buffers()):
+            if self.buffers_mode == "ema" and t.is_floating_point():
+                t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+            else:
                 t.copy_(s)
         return alpha
 
@@ -47,20 +52,17 @@ class EMATeacher(nn.Module):
 
 class batch_statistics:
     """Context manager: inside it, every BatchNorm of `module` normalises with the statistics of the batch it sees
-    (as in train mode); dropout and every other layer keep their mode. track=False: the running statistics and
-    counters stay exactly as they were; track=True: they are updated as in train mode (an EMA teacher's own
-    statistics, EMATeacher(copy_buffers=False)). For teacher forwards (the ReCo and ACTION code run their EMA
-    model in train mode)."""
+    (as in train mode) while its running statistics and counters stay exactly as they were; dropout and every
+    other layer keep their mode. For teacher forwards (the ReCo and ACTION code run their EMA model in train
+    mode)."""
 
-    def __init__(self, module: nn.Module, track: bool = False):
+    def __init__(self, module: nn.Module):
         from torch.nn.modules.batchnorm import _BatchNorm
 
         self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
-        self.track = track
 
     def __enter__(self):
-        self.saved = [(m.training, None if self.track else {k: b.clone() for k, b in m.named_buffers(recurse=False)})
-                      for m in self.norms]
+        self.saved = [(m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in self.norms]
         for m in self.norms:
             m.train()
         return self
@@ -68,6 +70,6 @@ class batch_statistics:
     def __exit__(self, *exc):
         for m, (training, buffers) in zip(self.norms, self.saved):
             m.train(training)
-            for k, b in (buffers or {}).items():
+            for k, b in buffers.items():
                 getattr(m, k).copy_(b)
         return False

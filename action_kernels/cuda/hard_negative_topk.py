@@ -17,6 +17,9 @@ def hard_negative_topk(anchors, anchor_labels, keys, key_labels, ra, rk, k: int,
     check_feature_size("hard_negative_topk", anchors.shape[2])
     B, P, D = anchors.shape
     N, K = B * P, keys.shape[0]
+    if N == 0 or K == 0:  # no candidates at all: every row is padding, as on every other backend
+        return (torch.full((N, k), float("-inf"), dtype=torch.float32, device=anchors.device),
+                torch.full((N, k), -1, dtype=torch.int64, device=anchors.device))
     values = torch.empty((N, k), dtype=torch.float32, device=anchors.device)
     indices = torch.empty((N, k), dtype=torch.int64, device=anchors.device)
     ra, rk = ra.float().contiguous(), rk.float().contiguous()

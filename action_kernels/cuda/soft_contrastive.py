@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from action_kernels._extension import Buffer, check_buffers
 from action_kernels.cuda import launch_context, rows_arg
 from action_kernels.cuda._operands import check_feature_size, check_soft_buffers, dtype_name, keys_arg, streamable
 
@@ -24,36 +25,42 @@ def _fp32(*xs):
 
 
 def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, with_grad: bool):
-    """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) inverse norms -> loss, lse_s, lse_t (N,), ds0 (N, D).
+    """s, t: (B, P, D) views, k: (K, D), rs, rt: (N,), rk: (K,) inverse norms -> loss, lse_s, lse_t, pivot, pivot_r
+    (N,), ds0 (N, D).
 
-    The contract of action_kernels/chunked/soft_contrastive.py; ds0 is empty when not with_grad.
+    The contract of dispatch.SoftContrastiveKernels; ds0 is empty when not with_grad.
     """
     check_feature_size("soft_contrastive_loss", s.shape[2])
     rs, rt, rk = _fp32(rs, rt, rk)
     B, P, D = s.shape
     loss = torch.empty(B * P, dtype=torch.float32, device=s.device)
-    lse_s, lse_t = torch.empty_like(loss), torch.empty_like(loss)
+    lse_s, lse_t, pivot_r = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
+    pivot = torch.empty(B * P, dtype=torch.int32, device=s.device)
     ds0 = torch.empty((B * P, D) if with_grad else (0,), dtype=torch.float32, device=s.device)
     mod, stream, guard = launch_context(s.device)
     k = streamable(mod, k, dtype_name(s, t, k), keys=True)  # the row kernels stream the keys
     N, K = B * P, k.shape[0]
     check_soft_buffers("soft_contrastive_forward", s, t, k, dict(
         rs=(rs, (N,)), rt=(rt, (N,)), rk=(rk, (K,)), loss=(loss, (N,)), lse_s=(lse_s, (N,)), lse_t=(lse_t, (N,)),
-        ds0=(ds0, (N, D) if with_grad else (0,))))
+        pivot_r=(pivot_r, (N,)), ds0=(ds0, (N, D) if with_grad else (0,))))
+    check_buffers("soft_contrastive_forward", s.device, pivot=Buffer(pivot, (N,), torch.int32))
     args = _args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t)
     with guard:
         mod.soft_contrastive_forward(**args, loss=loss.data_ptr(), lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(),
-                                     stream=stream)
+                                     pivot=pivot.data_ptr(), pivot_r=pivot_r.data_ptr(), stream=stream)
         if with_grad:
             mod.soft_contrastive_row_grad(**args, lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(),
                                           ds0=ds0.data_ptr(), stream=stream)
-    return loss, lse_s, lse_t, ds0
+    return loss, lse_s, lse_t, pivot, pivot_r, ds0
 
 
-def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, g):
-    """dL/dk̂ (K, D) fp32 from the forward's loss, lse_s, lse_t (N,) and the upstream per-row gradient g (N,)."""
+def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, pivot,
+                              pivot_r, g):
+    """dL/dk̂ (K, D) fp32 from the forward's loss, lse_s, lse_t, pivot, pivot_r (N,) and the upstream per-row
+    gradient g (N,)."""
     check_feature_size("soft_contrastive_loss", s.shape[2])
-    rs, rt, rk, g, loss, lse_s, lse_t = _fp32(rs, rt, rk, g, loss, lse_s, lse_t)
+    rs, rt, rk, g, loss, lse_s, lse_t, pivot_r = _fp32(rs, rt, rk, g, loss, lse_s, lse_t, pivot_r)
+    pivot = pivot.to(torch.int32).contiguous()
     n_rows = s.shape[0] * s.shape[1]
     # the kernel writes every element when there are rows; with none, the gradient is zero
     dk = (torch.empty if n_rows else torch.zeros)(k.shape, dtype=torch.float32, device=k.device)
@@ -63,9 +70,10 @@ def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: 
     N, K = n_rows, k.shape[0]
     check_soft_buffers("soft_contrastive_key_grad", s, t, k, dict(
         rs=(rs, (N,)), rt=(rt, (N,)), rk=(rk, (K,)), loss=(loss, (N,)), lse_s=(lse_s, (N,)), lse_t=(lse_t, (N,)),
-        g=(g, (N,)), dk=(dk, (K, k.shape[1]))))
+        pivot_r=(pivot_r, (N,)), g=(g, (N,)), dk=(dk, (K, k.shape[1]))))
+    check_buffers("soft_contrastive_key_grad", s.device, pivot=Buffer(pivot, (N,), torch.int32))
     with guard:
         mod.soft_contrastive_key_grad(**_args(mod, s, t, k, (rs, rt, rk), inv_tau_s, inv_tau_t), loss=loss.data_ptr(),
-                                      lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), g=g.data_ptr(),
-                                      dk=dk.data_ptr(), stream=stream)
+                                      lse_s=lse_s.data_ptr(), lse_t=lse_t.data_ptr(), pivot=pivot.data_ptr(),
+                                      pivot_r=pivot_r.data_ptr(), g=g.data_ptr(), dk=dk.data_ptr(), stream=stream)
     return dk

@@ -13,11 +13,16 @@ instead of returning a silently wrong second derivative.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
 def no_autocast(device: torch.device):
-    """Autocast off for tensors on `device` (a no-op context where autocast is off already)."""
+    """Autocast off for tensors on `device` (a no-op context where autocast is off already, or where the device
+    type has no autocast: meta tensors, for shape propagation)."""
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 

@@ -45,6 +45,8 @@ def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     if not normalize:
         return torch.ones(x.shape[:-1], dtype=work, device=x.device)
     xw = x.to(work)
+    if xw.numel() == 0:  # as nonfinite_rows: no norm to take (D = 0 rows are zero rows, clamped to eps)
+        return torch.full(x.shape[:-1], 1.0 / NORM_EPS, dtype=work, device=x.device)
     m = torch.linalg.vector_norm(xw.detach(), ord=float("inf"), dim=-1)
     c = _pow2_near(torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     c = torch.where(m > 0, c, torch.ones_like(c))
@@ -78,14 +80,17 @@ def unit_rows(rows: torch.Tensor, keys: torch.Tensor, r_rows: torch.Tensor, r_ke
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     """x: (..., D) -> (...) bool, True where the row holds a NaN or an Inf (no host sync)."""
-    if x.shape[-1] == 0:
+    if x.numel() == 0:  # no rows (or no columns): torch.compile's fake inf norm refuses an empty (0, D) tensor
         return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
     return ~torch.isfinite(torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, dtype=work_dtype(x)))
 
 
-def kernel_inputs(normalize: bool, *xs: torch.Tensor):
-    """Each x (..., D) -> (what the kernels read, its non-finite rows (...) bool, its inverse norms r (...)), with one
-    host sync in all (two when a tensor needs the slow path).
+def kernel_inputs(normalize: bool, *xs: torch.Tensor, sync: bool = True, flags=()):
+    """Each x (..., D) -> (what the kernels read, its non-finite rows (...) bool, the inverse norms r (...) of what the
+    kernels read, those of x itself); whether any of `flags` (0-d bool device tensors: the caller's deferred
+    value checks, ValueChecks) is set; and whether every row is known finite and in range (no NaN masking needed).
+    With sync, one host sync in all (one flag for every tensor: when any needs the slow path, all take it);
+    without, none: every tensor then takes the slow path's device-side handling.
 
     What the kernels read is x itself in the common case; a copy when x has non-finite rows (set to zero: no kernel
     sees NaN or Inf) or, when normalising, rows with |x| > 2^BOUND_EXP (divided by a power of two: same cosines,
@@ -94,25 +99,37 @@ def kernel_inputs(normalize: bool, *xs: torch.Tensor):
     Called inside the ops' library ops only (opaque to torch.compile, so the syncs are no graph break).
     """
     norms = [torch.linalg.vector_norm(x.detach(), dim=-1, dtype=work_dtype(x)) for x in xs]
-    flags = torch.stack([((~torch.isfinite(n)) | (n > 2.0 ** BOUND_EXP[n.dtype])).any() for n in norms]).tolist() \
-        if xs else []
+    if sync and xs:  # one flag for all tensors (one work dtype; the slow path is rare: then all take it), then the
+        n = torch.cat([n.reshape(-1) for n in norms])  # caller's flags, in one host read
+        slow = ~(n <= 2.0 ** BOUND_EXP[n.dtype]).all()  # NaN compares False
+        values = torch.stack([slow, *(f.reshape(()) for f in flags)]).tolist() if flags else [bool(slow)]
+        slows, failed = [values[0]] * len(xs), any(values[1:])
+    elif sync:
+        slows, failed = [], bool(torch.stack([f.reshape(()) for f in flags]).any()) if flags else False
+    else:
+        slows, failed = [True] * len(xs), False
     out = []
-    for x, n, slow in zip(xs, norms, flags):
-        if not slow:
+    clean = sync and not any(slows)
+    for x, n, slow in zip(xs, norms, slows):
+        scale = None
+        if not slow or x.numel() == 0:  # an empty (0, D) tensor: nothing to scale (and no inf norm to take)
             bad = torch.zeros(n.shape, dtype=torch.bool, device=n.device)
         else:
             m = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, dtype=n.dtype)
             bad = ~torch.isfinite(m)
-            scale = torch.ones_like(m)
             if normalize:  # c > m / 2, so |x| / (c 2^-BOUND_EXP) < 2^(BOUND_EXP + 1)
                 big = (m > 2.0 ** BOUND_EXP[m.dtype]) & ~bad
-                scale = torch.where(big, _pow2_near(torch.where(big, m, scale)) * 2.0 ** -BOUND_EXP[m.dtype], scale)
-            x = torch.where(bad[..., None], torch.zeros((), dtype=x.dtype, device=x.device),
-                            x / scale[..., None].to(x.dtype))
+                scale = torch.where(big, _pow2_near(torch.where(big, m, torch.ones_like(m))) *
+                                    2.0 ** -BOUND_EXP[m.dtype], torch.ones_like(m))
+                x = torch.where(bad[..., None], torch.zeros((), dtype=x.dtype, device=x.device),
+                                x / scale[..., None].to(x.dtype))
+            else:
+                x = torch.where(bad[..., None], torch.zeros((), dtype=x.dtype, device=x.device), x)
             n = torch.linalg.vector_norm(x, dim=-1, dtype=n.dtype)
         if normalize:
             r = n.clamp_min(NORM_EPS).reciprocal()
+            r_x = r if scale is None else r / scale
         else:
-            r = torch.ones(n.shape, dtype=n.dtype, device=n.device)
-        out.append((x, bad, r))
-    return out
+            r = r_x = torch.ones(n.shape, dtype=n.dtype, device=n.device)
+        out.append((x, bad, r, r_x))
+    return out, failed, clean

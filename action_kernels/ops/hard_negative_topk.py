@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from action_kernels import dispatch
 from action_kernels._rows import as_row_view, work_dtype
 from action_kernels._validation import (
+    ValueCheckFailed,
+    ValueChecks,
     check_dot_range,
     check_hard_negative_topk,
     check_indexed_cosine,
     check_indexed_cosine_views,
     check_topk_views,
-    checked_dot_range,
+    dot_range_flag,
+    value_checks_active,
 )
 from action_kernels.ops._autograd import no_autocast
 from action_kernels.ops._normalization import (
@@ -112,7 +115,9 @@ def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bo
             da = through_normalization(a3, ra.view(B, P), da)
         nan_a = nan_out.any(1) if nan_rows is None else nan_out.any(1) | nan_rows
         da = torch.where(nan_a.view(B, P, 1), _nan_like(da), da).to(a3.dtype)
-    if need_k:
+    if need_k and k_hat.shape[0] == 0:  # an empty bank: nothing was selected, nothing to scatter into
+        dk = torch.zeros(keys.shape, dtype=keys.dtype, device=keys.device)
+    elif need_k:
         if _dense(idx.shape[1], k_hat.shape[0]):
             dk = torch.zeros_like(k_hat)
             step = _row_chunk(k_hat.shape[0], 1)
@@ -120,9 +125,13 @@ def _gather_backward(a3, keys, idx, g, normalize: bool, need_a: bool, need_k: bo
                 ic, gc = idx[r0:r0 + step].clamp_min(0), g[r0:r0 + step]
                 block = gc.new_zeros(ic.shape[0], k_hat.shape[0]).scatter_add_(1, ic, gc)
                 dk.addmm_(block.T, a_hat[r0:r0 + step])
-        else:
-            rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[valid]
-            dk = torch.zeros_like(k_hat).index_add_(0, idx[valid], g[valid][:, None] * a_hat[rows])
+        else:  # row chunks like the forward: the (c, n, D) weighted rows of one chunk at a time, never (N, n, D)
+            dk = torch.zeros_like(k_hat)
+            step = _row_chunk(idx.shape[1], a_hat.shape[1])
+            for r0 in range(0, idx.shape[0], step):
+                ic, vc = idx[r0:r0 + step], valid[r0:r0 + step]
+                rows = torch.arange(r0, r0 + ic.shape[0], device=idx.device)[:, None].expand_as(ic)[vc]
+                dk.index_add_(0, ic[vc], g[r0:r0 + step][vc][:, None] * a_hat[rows])
         if normalize:
             dk = through_normalization(keys, rk, dk)
         # keys that fed a NaN output: index_add of the NaN outputs' counts (no host sync)
@@ -149,16 +158,24 @@ def _poisoned_rows(ya: torch.Tensor, yk: torch.Tensor, bad_a: torch.Tensor, bad_
 @torch.library.custom_op("action_kernels::hard_negative_topk", mutates_args=())
 def _topk_op(
     a: torch.Tensor, a_labels: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor, k: int,
-    ignore_label: int, normalize: bool, backend: str,
+    ignore_label: int, normalize: bool, backend: str, checks: bool = True, guard: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """a: (B, P, D) view -> values (N, k) fp32 (fp64 for fp64), indices (N, k) int64.
 
+    checks: read the value checks (guard: the caller's deferred ones) in the op's one host sync; without, none.
     NaN policy: a row whose anchor, or any of whose candidate keys, is non-finite has values NaN and indices -1
     (its ranking is undefined); the kernels see zeros in place of non-finite rows."""
     with torch.no_grad(), no_autocast(a.device):
-        if not normalize:
-            check_dot_range(OP, (("anchors", a, 1.0),), keys, work_dtype(a))
-        (a, bad_a, ra), (keys, bad_k, rk) = kernel_inputs(normalize, a, keys)
+        flags = [guard] if checks and guard is not None else []
+        rows = (("anchors", a, 1.0),)
+        if checks and not normalize:
+            flags.append(dot_range_flag(rows, keys, work_dtype(a)))
+        ((a, bad_a, ra, _), (keys, bad_k, rk, _)), failed, _ = kernel_inputs(normalize, a, keys, sync=checks,
+                                                                             flags=flags)
+        if failed:
+            if not normalize:
+                check_dot_range(OP, rows, keys, work_dtype(a))
+            raise ValueCheckFailed(f"{OP}: an input value failed its check")
         ra = ra.reshape(-1)
         values, indices = dispatch.kernels(OP, backend).hard_negative_topk(a, a_labels, keys, key_labels, ra, rk, k,
                                                                            ignore_label)
@@ -168,14 +185,14 @@ def _topk_op(
 
 
 @_topk_op.register_fake
-def _(a, a_labels, keys, key_labels, k, ignore_label, normalize, backend):
+def _(a, a_labels, keys, key_labels, k, ignore_label, normalize, backend, checks=True, guard=None):
     n = a.shape[0] * a.shape[1]
     return a.new_empty((n, k), dtype=work_dtype(a)), a.new_empty((n, k), dtype=torch.int64)
 
 
 # -- the autograd route of the top-k: the library op registers these; HardNegativeTopkFunction calls them --------
 def _topk_save(ctx, inputs, output) -> None:
-    a, _, keys, _, _, _, normalize, _ = inputs
+    a, _, keys, _, _, _, normalize, *_ = inputs
     ctx.save_for_backward(a, keys, output[1], torch.isnan(output[0][:, :1]).reshape(-1))
     ctx.normalize = normalize
 
@@ -190,7 +207,7 @@ def _topk_backward(ctx, g_values, _g_indices=None):
     with no_autocast(a.device):
         da, dk = _gather_backward(a, keys, idx, g_values, ctx.normalize, ctx.needs_input_grad[0],
                                   ctx.needs_input_grad[2], nan_rows=poisoned)
-    return da, None, dk, None, None, None, None, None
+    return da, None, dk, None, None, None, None, None, None, None
 
 
 _topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
@@ -214,7 +231,8 @@ class HardNegativeTopkFunction(torch.autograd.Function):
             raise ValueError(f"backend must be one of {dispatch.FUSED} (the Function runs a fused backend's kernels; "
                              f"for the reference call hard_negative_topk(..., backend='torch')), got {backend!r}")
         backend = dispatch.select(OP, backend, anchors.device, dtype, k=k, D=anchors.shape[2])
-        inputs = (anchors.to(dtype), ya, keys.to(dtype), yk, k, ignore_label, bool(normalize), backend)
+        inputs = (anchors.to(dtype), ya, keys.to(dtype), yk, k, ignore_label, bool(normalize), backend,
+                  value_checks_active(), None)
         output = _topk_op(*inputs)
         _topk_setup(ctx, inputs, output)
         return output
@@ -229,7 +247,7 @@ def _indexed_cosine_op(a: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, n
     """a: (B, P, D) view, keys (K, D), idx (N, n) -> (N, n) similarities (-inf where idx is -1).
     NaN policy: NaN where anchor i or key idx_ir is non-finite."""
     with torch.no_grad(), no_autocast(a.device):
-        if not normalize:
+        if not normalize and value_checks_active():
             check_dot_range("indexed_cosine", (("anchors", a, 1.0),), keys, work_dtype(a))
         a_hat, k_hat = unit_rows(a, keys, *row_and_key_scales(a, keys, normalize))
         bad_a, bad_k = nonfinite_rows(a_hat), nonfinite_rows(k_hat)
@@ -283,7 +301,8 @@ def hard_negative_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k hardest negatives of each anchor: the most similar keys of another class.
 
-    Shapes: anchors (N, D) or (B, D, *spatial) read in place; anchor_labels (N,) or (B, *spatial) int;
+    Shapes: anchors (N, D) or (B, D, *spatial) read in place; anchor_labels (N,), (B, *spatial) or (B, 1, *spatial)
+    int (nothing resized: labels off the anchors' grid are an error naming both shapes);
     keys (K, D); key_labels (K,) int. Returns values (N, k) fp32, sorted descending, and indices (N, k) int64;
     rows with fewer than k candidates are padded with -inf and -1 (k > K and K = 0 are allowed). Ties go to the
     lower key index. Keys labelled ignore_label are never selected. anchors and keys may differ in float dtype
@@ -296,14 +315,29 @@ def hard_negative_topk(
     """
     layout, ya, yk, k, ignore_label, dtype = check_hard_negative_topk(anchors, anchor_labels, keys, key_labels, k,
                                                                       ignore_label)
+    return _topk(anchors, layout, ya, keys, yk, k, ignore_label, normalize, backend, dtype)
+
+
+def _topk(anchors, layout, ya, keys, yk, k: int, ignore_label: int, normalize: bool, backend, dtype,
+          checks: ValueChecks | None = None):
+    """hard_negative_topk after validation; `checks`: the caller's deferred value checks, read in the op's one
+    host sync (anatomical_contrast_loss's labels)."""
     name = dispatch.select(OP, backend, anchors.device, dtype, k=k, D=layout.features)
+    checks = checks if checks is not None else ValueChecks()
     with no_autocast(anchors.device):
         anchors, keys = anchors.to(dtype), keys.to(dtype)
         if name == "torch":
-            if not normalize:  # the fused backends check this inside their library op
-                keys = checked_dot_range(keys, [as_row_view(anchors.detach(), layout)], "anchors", [1.0], OP)
+            if not normalize and value_checks_active():  # the fused backends check it inside their library op
+                rows = (("anchors", as_row_view(anchors.detach(), layout), 1.0),)
+                checks.add(dot_range_flag(rows, keys, work_dtype(keys)),
+                           lambda: check_dot_range(OP, rows, keys, work_dtype(keys)))
+            checks.verify()
             return dispatch.reference(OP)(anchors, ya, keys, yk, k, ignore_label, normalize)
-        return _topk_op(as_row_view(anchors, layout), ya, keys, yk, k, ignore_label, bool(normalize), name)
+        try:
+            return _topk_op(as_row_view(anchors, layout), ya, keys, yk, k, ignore_label, bool(normalize), name,
+                            value_checks_active(), checks.flag())
+        except ValueCheckFailed:
+            checks.raise_failed()
 
 
 def indexed_cosine(anchors: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor,

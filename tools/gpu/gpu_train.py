@@ -46,7 +46,9 @@ sys.path.insert(0, REPO)
 
 import gpu_data  # noqa: E402
 
-KINDS = ("supervised", "pretrain-global", "pretrain-local", "finetune")
+from action.config import PIPELINE, TRAINED_STAGES  # noqa: E402
+
+KINDS = TRAINED_STAGES
 CLASS_ORDER = ("RV", "Myo", "LV")
 
 
@@ -128,9 +130,10 @@ def evaluate_argv(s: Settings, checkpoint: str, out: str, overlays: int = 3) -> 
 
 
 def action_argv(s: Settings, data: str, out: str, stage_iterations: dict) -> list[str]:
-    """The action-cpu pipeline at --size with the stage iii recipe (the defaults chosen by benchmarks/ssl_protocol.py:
-    Dice + CE on confident pseudo-labels, a strong unlabelled view, cutmix on every deranged pair, no ramp-up), with
-    the plan's stage iterations; validation every 1/validations of stage iii (stage i never validates)."""
+    """The action-cpu pipeline (distillation weights 0.1) at --size with the stage iii recipe (the defaults chosen
+    by benchmarks/ssl_protocol.py: Dice + CE on confident pseudo-labels, a strong unlabelled view, cutmix on every
+    deranged pair, no ramp-up), with the plan's stage iterations; validation every 1/validations of stage iii
+    (stage i never validates)."""
     every = max(1, math.ceil(stage_iterations["finetune"] / s.validations))
     return ["train", "--preset", "action-cpu", *common_options(s, data, out), "--stage-iterations",
             json.dumps(stage_iterations), "--val-every", str(every),
@@ -519,7 +522,7 @@ def main(argv=None) -> int:
                 "test_probe_volumes": s.test_probe_volumes,
                 "supervised": supervised_argv(s, data, os.path.join(runs_dir, "probe"), 1000),
                 "action": action_argv(s, data, os.path.join(runs_dir, "probe"),
-                                      {"pretrain-global": 1000, "pretrain-local": 1000, "finetune": 1000}),
+                                      dict.fromkeys(PIPELINE, 1000)),
                 "result": os.path.join(runs_dir, f"probe-{backend_name}.json")}
         spec_path = os.path.join(runs_dir, f"probe-{backend_name}-spec.json")
         write_json(spec_path, spec)

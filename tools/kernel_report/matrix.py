@@ -67,7 +67,8 @@ def call_launcher(e: Entry) -> None:
             tsc.soft_contrastive_forward(s, t, k, rs, rt, rk, 1 / TAU_S, 1 / TAU_T, e.mode == "forward_grad")
         else:
             rows = _meta((e.N,), f32)
-            tsc.soft_contrastive_key_grad(s, t, k, rs, rt, rk, 1 / TAU_S, 1 / TAU_T, rows, rows, rows, rows)
+            tsc.soft_contrastive_key_grad(s, t, k, rs, rt, rk, 1 / TAU_S, 1 / TAU_T, rows, rows, rows,
+                                          _meta((e.N,), torch.int32), rows, rows)
         return
     from action_kernels.triton import hard_negative_topk as ttk
     a, keys = _meta((1, e.N, e.D), dt), _meta((e.K, e.D), dt)
