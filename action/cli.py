@@ -277,12 +277,18 @@ def _score_predictions(args) -> int:
         if getattr(args, name):
             raise ValueError(f"--predictions scores files that exist: drop --{name.replace('_', '-')} (it selects "
                              f"images for a checkpoint to segment)")
-    labels, class_names = args.labels, None
+    from action.data.nnunet import DatasetSpec, read_json
+
+    labels, class_names, ignore_label = args.labels, None, None
+    if args.labels and not args.data:  # nnU-Net's layout: labelsTs/ beside dataset.json (classes, ignore label)
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.labels)), "dataset.json")
+        spec = DatasetSpec.read(read_json(beside, {}), beside)
+        class_names, ignore_label = spec.class_names, spec.ignore_label
     if args.data:
         from action.data.layouts import NiftiLayout
 
         layout = NiftiLayout(args.data)
-        class_names = layout.class_names
+        class_names, ignore_label = layout.class_names, layout.spec.ignore_label
         if labels is None:
             _, _, val, test = layout.split(None)
             chosen = test if args.split == "test" and layout.test else val
@@ -293,7 +299,7 @@ def _score_predictions(args) -> int:
     num_classes = args.num_classes or (len(class_names) if class_names else None)
     postprocess = component_filter(args.largest_component, num_classes)
     metrics = score_folder(args.predictions, labels, args.out, num_classes, class_names, _names(args.cases),
-                           args.max_volumes, args.nsd_tolerance, postprocess)
+                           args.max_volumes, args.nsd_tolerance, postprocess, ignore_label=ignore_label)
     print(metrics.summary_table())
     print(f"\n{len(metrics.cases)} cases; per-case metrics in {os.path.join(args.out, 'metrics.csv')}")
     return 0
