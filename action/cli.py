@@ -277,7 +277,13 @@ def _score_predictions(args) -> int:
         if getattr(args, name):
             raise ValueError(f"--predictions scores files that exist: drop --{name.replace('_', '-')} (it selects "
                              f"images for a checkpoint to segment)")
+    from action.data.nnunet import DatasetSpec, read_json
+
     labels, class_names, ignore_label = args.labels, None, None
+    if args.labels and not args.data:  # nnU-Net's layout: labelsTs/ beside dataset.json (classes, ignore label)
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.labels)), "dataset.json")
+        spec = DatasetSpec.read(read_json(beside, {}), beside)
+        class_names, ignore_label = spec.class_names, spec.ignore_label
     if args.data:
         from action.data.layouts import NiftiLayout
 

@@ -179,6 +179,33 @@ def test_ignored_voxels_count_in_no_metric_and_no_loss():
     assert torch.all(logits.grad[0, :, 0:3, :] == 0) and logits.grad.abs().sum() > 0
 
 
+def test_scoring_a_prediction_folder_reads_the_ignore_label_from_the_dataset_json_beside_the_labels(tmp_path, capsys):
+    """evaluate --predictions with --labels labelsTs/ of a nnU-Net dataset (or --data) scores the classes of its
+    dataset.json and leaves the ignore label's voxels out: a prediction right wherever there is an annotation has
+    Dice 1, and the ignore value is not counted as a class."""
+    from action.cli import main
+
+    root = tmp_path / "Dataset002_Toy"
+    gt = np.zeros((12, 12, 3), np.uint8)
+    gt[3:9, 3:9] = 1
+    gt[:, :2] = 2  # ignore: unannotated rows, predicted as 1
+    pred = np.where(gt == 2, 1, gt).astype(np.uint8)
+    write(root / "labelsTs" / "t0.nii.gz", gt)
+    write(root / "imagesTs" / "t0_0000.nii.gz", gt.astype(np.float32))
+    for case in ("c0", "c1"):
+        write(root / "imagesTr" / f"{case}_0000.nii.gz", gt.astype(np.float32))
+        write(root / "labelsTr" / f"{case}.nii.gz", gt)
+    write(tmp_path / "pred" / "t0.nii.gz", pred)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "organ": 1, "ignore": 2}}))
+    for source in (["--labels", str(root / "labelsTs")], ["--data", str(root)]):
+        assert main(["evaluate", "--predictions", str(tmp_path / "pred"), *source, "--out", str(tmp_path / "ev")]) == 0
+        out = capsys.readouterr().out
+        assert "| organ | 1.0000" in out and "ignore" not in out and "class2" not in out
+        row = next(csv.DictReader(open(tmp_path / "ev" / "metrics.csv")))
+        assert float(row["organ/dice"]) == 1.0 and not any(k.startswith(("ignore", "class2")) for k in row)
+
+
 # -- CT normalisation --------------------------------------------------------------------------------------------------
 def test_ct_statistics_are_the_foreground_percentiles_mean_and_std_and_normalise_clips_then_scales():
     from action.data.preprocessing import Preprocessing, ct_statistics, normalise_intensity
@@ -261,7 +288,8 @@ def fixture_dataset(root, ending=".mha", cases=6):
 @pytest.mark.slow
 def test_a_two_channel_mha_dataset_with_an_ignore_label_trains_evaluates_and_predicts(tmp_path, capsys):
     """The issue's user: .mha files through SimpleITK, two channels, an ignore label, CT normalisation, fold 2 of
-    nnU-Net's generated folds, 2 labelled cases; train 2D and 3D (a few iterations), evaluate, predict (.mha out)."""
+    nnU-Net's generated folds, 2 labelled cases; train 2D and 3D (a few iterations), evaluate, predict (.mha out,
+    probabilities), score the predictions without the checkpoint."""
     pytest.importorskip("SimpleITK", reason="SimpleITK is the [sitk] extra: pip install \"action-kernels[sitk]\"")
     from action.cli import main
     from action.data.image_io import read_volume
@@ -298,12 +326,30 @@ def test_a_two_channel_mha_dataset_with_an_ignore_label_trains_evaluates_and_pre
                      "--overlays", "0"]) == 0
         pred = tmp_path / f"pred-{run}"
         assert main(["predict", "--checkpoint", str(tmp_path / run / "best.pt"), "--input", str(root / "imagesTs"),
-                     "--out", str(pred), "--overlays", "0"]) == 0
+                     "--out", str(pred), "--overlays", "0", "--save-probabilities"]) == 0
         assert os.listdir(pred / "predictions") == ["s6.mha"]  # the input's format
         src, got = read_volume(str(root / "imagesTs" / "s6_0000.mha")), read_volume(str(pred / "predictions" /
                                                                                        "s6.mha"))
         assert got.data.shape == src.data.shape and np.allclose(got.affine, src.affine, atol=1e-5)
         assert set(np.unique(got.data)) <= {0, 1, 2}
+        probs = read_volume(str(pred / "probabilities" / "s6.nii.gz"))  # a 4D NIfTI (action.engine.outputs)
+        assert probs.data.shape == (*src.data.shape, 3) and np.allclose(probs.affine, src.affine, atol=1e-4)
+        assert np.allclose(probs.data.sum(-1), 1, atol=1e-5) and np.array_equal(probs.data.argmax(-1), got.data)
+        capsys.readouterr()  # the .mha predictions scored without the checkpoint, the ignore label left out
+        assert main(["evaluate", "--predictions", str(pred), "--labels", str(root / "labelsTs"), "--out",
+                     str(ev / "scored")]) == 0
+        assert "| liver |" in capsys.readouterr().out
+        scored, by_model = (list(csv.reader(open(ev / folder / "metrics.csv"))) for folder in ("scored", "folders"))
+        assert [r[0] for r in scored] == [r[0] for r in by_model]  # the same numbers as scoring with the model
+        assert np.allclose(np.array([r[1:] for r in scored[1:]], float), np.array([r[1:] for r in by_model[1:]],
+                                                                                  float), rtol=1e-9, equal_nan=True)
+    assert main(["ensemble", "--checkpoints", str(tmp_path / "2d" / "best.pt"), str(tmp_path / "3d" / "best.pt"),
+                 "--input", str(root / "imagesTs"), "--out", str(tmp_path / "ens"), "--save-probabilities"]) == 0
+    assert os.listdir(tmp_path / "ens" / "predictions") == ["s6.mha"]  # the inputs' format, as predict writes
+    mean = read_volume(str(tmp_path / "ens" / "probabilities" / "s6.nii.gz")).data
+    parts = [read_volume(str(tmp_path / f"pred-{run}" / "probabilities" / "s6.nii.gz")).data for run in ("2d", "3d")]
+    assert np.allclose(mean, (parts[0] + parts[1]) / 2, atol=1e-6)
+    assert np.array_equal(read_volume(str(tmp_path / "ens" / "predictions" / "s6.mha")).data, mean.argmax(-1))
 
 
 @needs_nifti

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from action.data.nnunet import NNUNET_FOLDS, DatasetSpec, crossval_folds
+from action.data.nnunet import NNUNET_FOLDS, DatasetSpec, crossval_folds, read_json
 
 LAYOUTS = ("hdf5", "nnunet", "pairs", "acdc-raw")
 
@@ -152,14 +152,7 @@ class NiftiLayout:
             self.folds = crossval_folds(names, min(NNUNET_FOLDS, len(names))) if len(names) >= 2 else []
 
     def _json(self, name: str, default):
-        path = os.path.join(self.root, name)
-        if not os.path.isfile(path):
-            return default
-        try:
-            with open(path) as fh:
-                return json.load(fh)
-        except (ValueError, RecursionError) as exc:  # syntax, not UTF-8, nested too deep, a 5,000-digit number
-            raise ValueError(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
+        return read_json(os.path.join(self.root, name), default)
 
     def write_folds(self) -> str | None:
         """Writes generated folds to <root>/splits_final.json, as nnU-Net does, so that later runs, `action

@@ -20,6 +20,8 @@ its folds are consecutive runs of the shuffled indices, the first n % k of them 
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +56,18 @@ class DatasetSpec:
                              f"{ending!r}")
         names, ignore = _labels(dataset.get("labels"), source)
         return cls(tuple(str(channels[k]) for k in keys), names, ignore, ending)
+
+
+def read_json(path: str, default):
+    """The parsed JSON file at `path` (dataset.json, splits_final.json), `default` when there is none; an unreadable
+    one is an error naming the file."""
+    if not os.path.isfile(path):
+        return default
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (ValueError, RecursionError) as exc:  # syntax, not UTF-8, nested too deep, a 5,000-digit number
+        raise ValueError(f"{path}: not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
 
 
 def _labels(labels, source: str) -> tuple[tuple[str, ...] | None, int | None]:

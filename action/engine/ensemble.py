@@ -11,8 +11,9 @@ Two sources:
   number of classes (each mismatch is an error naming both files).
 
 Both write <out>/predictions/<case>.nii.gz (uint8 labels, argmax of the mean; ties go to the lower class) with the
-source header, optionally <out>/probabilities/<case>.nii.gz (the mean), and apply `postprocess` (e.g. the largest
-connected component per class) to the labels.
+source header (checkpoints given .mha, .nrrd, ... inputs: in the input's format, as predict writes them),
+optionally <out>/probabilities/<case>.nii.gz (the mean), and apply `postprocess` (e.g. the largest connected
+component per class) to the labels.
 """
 from __future__ import annotations
 
@@ -25,17 +26,23 @@ PREDICTIONS = "predictions"
 
 def _write(name: str, mean: np.ndarray, reference, out_dir: str, save_probabilities: bool, postprocess,
            written: list[str]) -> None:
+    from action.data.filenames import SITK_ENDINGS, ending_of
+    from action.data.image_io import write_volume
     from action.data.nifti import save_nifti
 
     labels = mean.argmax(-1)
     if postprocess is not None:
         labels = postprocess(labels)
-    path = case_file(out_dir, PREDICTIONS, name)
-    if hasattr(reference, "header") and reference.header is not None:
-        written.append(save_nifti(labels.astype(np.uint8), reference.affine, path, reference.header))
+    ending = ending_of(getattr(reference, "path", "") or "")
+    if ending in SITK_ENDINGS:  # checkpoints segmenting .mha, .nrrd, ... inputs: labels in the input's format
+        written.append(write_volume(labels.astype(np.uint8), reference, case_file(out_dir, PREDICTIONS, name,
+                                                                                  ending)))
+    elif getattr(reference, "header", None) is not None:
+        written.append(save_nifti(labels.astype(np.uint8), reference.affine, case_file(out_dir, PREDICTIONS, name),
+                                  reference.header))
     else:
         written.append(save_nifti(labels.astype(np.uint8), np.eye(4) if reference is None else reference.affine,
-                                  path))
+                                  case_file(out_dir, PREDICTIONS, name)))
     if save_probabilities:
         written.append(write_probabilities(mean, reference, case_file(out_dir, PROBABILITIES, name)))
 
@@ -68,10 +75,12 @@ def ensemble_checkpoints(predictors: list, items: list[tuple[str, str, str | Non
 
 def probability_files(folders: list[str]) -> dict[str, list[str]]:
     """{case: [its probability file in each folder]}; every folder must hold the same cases."""
+    from action.data.filenames import NIFTI_ENDINGS
     from action.data.nifti import case_name
-    from action.engine.score_folder import nifti_files
+    from action.engine.score_folder import volume_files
 
-    per_folder = [{case_name(p): p for p in nifti_files(f, "--predictions", PROBABILITIES)} for f in folders]
+    per_folder = [{case_name(p): p for p in volume_files(f, "--predictions", PROBABILITIES, NIFTI_ENDINGS)}
+                  for f in folders]
     first = per_folder[0]
     for folder, files in zip(folders[1:], per_folder[1:]):
         if set(files) != set(first):

@@ -1,7 +1,8 @@
 """Scoring prediction files that exist, without a checkpoint (`action evaluate --predictions DIR --labels DIR`,
-nnUNetv2_evaluate_folder's job): every prediction <case><ending> (NIfTI, or any format action.data.image_io reads:
-.mha, .nrrd, ... through SimpleITK) against the label map of the same case name, with the metrics of action.metrics
-in mm from the label map's header, and the files `action evaluate` writes (metrics.csv, summary.md, summary.json).
+nnUNetv2_evaluate_folder's job): every prediction <case><ending> (.nii.gz, .nii, or a format SimpleITK reads:
+action.data.image_io) against the label map of the same name, with the metrics of action.metrics in mm from the
+label map's header, and the files `action evaluate` writes (metrics.csv, summary.md, summary.json). A dataset's
+ignore label (dataset.json's "ignore") in the label maps is read as IGNORE_INDEX: those voxels count in no metric.
 
 Rules: every prediction needs a label map (else an error naming the missing ones); label maps without a prediction
 are listed and left out; a prediction and its label map must share shape and affine (within 1e-3, as image and
@@ -16,33 +17,24 @@ import sys
 
 import numpy as np
 
-from action.data.filenames import ENDINGS, NIFTI_ENDINGS, ending_of
+from action.data.filenames import ENDINGS
 from action.data.labels import IGNORE_INDEX
 from action.metrics import SegmentationMetrics
 
 
-def nifti_files(folder: str, what: str, subfolder: str) -> list[str]:
-    """The .nii / .nii.gz files of `folder`, or of folder/<subfolder> when `folder` is an output folder of
-    `action predict` / `evaluate` / `ensemble` (which write predictions/ and probabilities/ inside it)."""
-    return _files(folder, what, subfolder, NIFTI_ENDINGS)
-
-
-def label_files(folder: str, what: str, subfolder: str) -> list[str]:
-    """The image files of `folder` in any known format (action.data.filenames.ENDINGS: NIfTI, .mha, .nrrd, ...), or
-    of folder/<subfolder> as nifti_files."""
-    return _files(folder, what, subfolder, ENDINGS)
-
-
-def _files(folder: str, what: str, subfolder: str, endings: tuple[str, ...]) -> list[str]:
+def volume_files(folder: str, what: str, subfolder: str, endings: tuple[str, ...] = ENDINGS) -> list[str]:
+    """The image files of `folder` with one of `endings` (default: every format action.data.image_io reads), or of
+    folder/<subfolder> when `folder` is an output folder of `action predict` / `evaluate` / `ensemble` (which write
+    predictions/ and probabilities/ inside it)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{what} {folder}: no such folder")
     files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                   if not n.startswith(".") and ending_of(n) in endings)
+                   if n.lower().endswith(endings) and not n.startswith("."))
     if not files and os.path.isdir(os.path.join(folder, subfolder)):
-        return _files(os.path.join(folder, subfolder), what, subfolder, endings)
+        return volume_files(os.path.join(folder, subfolder), what, subfolder, endings)
     if not files:
-        raise FileNotFoundError(f"{what} {folder}: no {' / '.join(endings)} files (nor a {subfolder}/ folder holding "
-                                f"them)")
+        raise FileNotFoundError(f"{what} {folder}: no {' / '.join(endings)} files (nor a {subfolder}/ folder "
+                                f"holding them)")
     return files
 
 
@@ -53,11 +45,12 @@ def matched_pairs(predictions: str, labels: str | dict[str, str], names: list[st
     from action.data.nifti import case_name
     from action.engine.evaluate import select_cases, unique_case_names
 
-    files = label_files(predictions, "--predictions", "predictions")
+    files = volume_files(predictions, "--predictions", "predictions")
     cases = [case_name(p) for p in files]
     unique_case_names(cases, files)
     if isinstance(labels, str):
-        labels = {case_name(p): p for p in label_files(labels, "--labels", "labels")}
+        label_files = volume_files(labels, "--labels", "labels")
+        labels = {case_name(p): p for p in label_files}
     missing = [c for c in cases if c not in labels]
     if missing:
         raise FileNotFoundError(f"{len(missing)} prediction(s) have no label map of the same name: {missing[:5]}"
@@ -72,8 +65,7 @@ def matched_pairs(predictions: str, labels: str | dict[str, str], names: list[st
 
 
 def _load_pair(prediction: str, label: str, ignore_label: int | None = None):
-    """(prediction, label map, spacing (3,)): int64 maps in one space; the label map's ignore_label voxels (when
-    given) as IGNORE_INDEX."""
+    """(prediction labels, ground truth with ignore_label read as IGNORE_INDEX, the label map's spacing)."""
     from action.data.checks import label_map
     from action.data.image_io import read_volume
 
@@ -87,8 +79,14 @@ def _load_pair(prediction: str, label: str, ignore_label: int | None = None):
                          f"space):\n{pred.affine}\n{gt.affine}")
     truth = label_map(gt.data, label)
     if ignore_label is not None:
-        truth[truth == ignore_label] = IGNORE_INDEX
+        truth = np.where(truth == ignore_label, IGNORE_INDEX, truth)
     return label_map(pred.data, prediction), truth, gt.spacing[:3]
+
+
+def _annotated(truth: np.ndarray, ignore_label: int | None) -> np.ndarray:
+    """The ground truth's values without the ignored voxels (all of them without an ignore label: a stray 255 in
+    a dataset without one is an out-of-range label)."""
+    return truth if ignore_label is None else truth[truth != IGNORE_INDEX]
 
 
 def score_folder(predictions: str, labels, out_dir: str | None, num_classes: int | None = None, class_names=None,
@@ -98,7 +96,7 @@ def score_folder(predictions: str, labels, out_dir: str | None, num_classes: int
     metrics.csv, summary.md and summary.json under out_dir (when given). num_classes: from class_names when given,
     else the largest label value found in the label maps and predictions + 1 (a first pass reads them).
     postprocess: labels -> labels applied to each prediction first (e.g. largest component). ignore_label: the
-    label maps' value of unannotated voxels (dataset.json's "ignore"), left out of every metric."""
+    dataset's ignore value in the label maps (its voxels are scored nowhere; never a class)."""
     from tqdm.auto import tqdm
 
     from action.data.checks import labels_in_range
@@ -111,14 +109,14 @@ def score_folder(predictions: str, labels, out_dir: str | None, num_classes: int
         top = 1
         for _, p, g in tqdm(items, desc="reading labels", disable=not progress, leave=False):
             pred, gt, _ = _load_pair(p, g, ignore_label)
-            top = max(top, int(pred.max(initial=0)), int(gt[gt != IGNORE_INDEX].max(initial=0)))
+            top = max(top, int(pred.max(initial=0)), int(_annotated(gt, ignore_label).max(initial=0)))
         num_classes = top + 1
     metrics = SegmentationMetrics(num_classes, class_names,
                                   **({} if nsd_tolerance is None else {"nsd_tolerance": nsd_tolerance}))
     for case, p, g in tqdm(items, desc="scoring", disable=not progress, leave=False):
         pred, gt, spacing = _load_pair(p, g, ignore_label)
         labels_in_range(pred, num_classes, p)
-        labels_in_range(gt[gt != IGNORE_INDEX], num_classes, g)
+        labels_in_range(_annotated(gt, ignore_label), num_classes, g)
         if postprocess is not None:
             pred = postprocess(pred)
         metrics.update(pred, gt, spacing, case)
