@@ -207,12 +207,12 @@ class Preference:
 PREFERENCES: Mapping[tuple[str, str, torch.dtype], Preference] = MappingProxyType({
     ("cuda", "soft_contrastive_loss", torch.bfloat16): Preference(
         ("triton", "cuda", "chunked"), 128,
-        "triton for the bf16 soft loss at D <= 128: estimated 8% faster (forward + backward at D = 128, "
-        "N = K = 65,536: triton 11.18 ms, cuda 12.09 ms)"),
+        "triton for the bf16 soft loss at D <= 128: estimated 2% faster (forward + backward at D = 128, "
+        "N = K = 65,536: triton 13.79 ms, cuda 14.09 ms; both with issue 26's pivot branch counted on every tile)"),
     ("cuda", "soft_contrastive_loss", torch.float16): Preference(
         ("triton", "cuda", "chunked"), 128,
-        "triton for the fp16 soft loss at D <= 128: estimated 29-32% faster (forward + backward at D = 128, "
-        "N = K = 65,536: triton 11.18 ms, cuda 14.47 ms)"),
+        "triton for the fp16 soft loss at D <= 128: estimated 6-20% faster (forward + backward at D = 128, "
+        "N = K = 65,536: triton 15.48 ms, cuda 16.49 ms; both with issue 26's pivot branch counted on every tile)"),
     ("cuda", "hard_negative_topk", torch.bfloat16): Preference(
         ("triton", "cuda", "chunked"), 256,
         "triton for the bf16 top-k at k <= 64, D <= 256: estimated 8-23% faster (N = K = 65,536, k = 64: "
