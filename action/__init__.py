@@ -6,3 +6,6 @@ inference, evaluation, torch.distributed), `action.method` (the three ACTION sta
 `action.config` (options and presets) and `action.cli` (the `action` command). Every stage runs on 2D slices
 or 3D patches (`dims`).
 """
+from action_kernels import __version__  # one version for both packages of the distribution (action_kernels/_version.py)
+
+__all__ = ["__version__"]

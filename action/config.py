@@ -13,14 +13,22 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from action.config_file import bounded_repr, load_file
 from action.data.augment import AugmentConfig
 
 # the ACDC folder when --data is not given: $ACTION_ACDC, else ../shared/data/acdc relative to the working directory
 DEFAULT_ACDC = os.environ.get("ACTION_ACDC", os.path.join("..", "shared", "data", "acdc"))
 
 
-STAGES = ("supervised", "pretrain-global", "pretrain-local", "finetune", "pipeline")
+UNSUP_LOSSES = ("ce", "dice", "ce+dice")
+# the stage list, written only here: ACTION's stages i, ii, iii in the order the pipeline runs them; every stage a
+# Trainer runs (action.method.stages.STAGE_TRAINERS, keyed by the classes' `stage`); cfg.stage's choices
 PIPELINE = ("pretrain-global", "pretrain-local", "finetune")
+TRAINED_STAGES = ("supervised", *PIPELINE)
+STAGES = (*TRAINED_STAGES, "pipeline")
+# stages whose batches must hold unlabelled images (unlabelled_batch >= 1): stage iii trains on their pseudo-labels
+# (the pipeline runs it); stages i and ii distil on whatever the batch holds
+NEEDS_UNLABELLED_BATCH = ("finetune", "pipeline")
 
 
 def option(default, help: str):
@@ -43,13 +51,24 @@ class TrainConfig:
                                      "test.list); default $ACTION_ACDC, else ../shared/data/acdc")
     out: str = option("runs/supervised", "run folder: config.json, train.csv, val.csv, last.pt, best.pt, tensorboard/, "
                                          "test/")
-    labelled_patients: int | None = option(3, "labelled split: 1, 3 or 7 patients (the first 23 / 68 / 136 training "
-                                              "slices)")
+    labelled_patients: int | None = option(3, "labelled split: the first N patients of the training list, any N "
+                                              "(ACDC: every slice of the first N patients in train_slices.list "
+                                              "order, the reference mapping: 3 / 7 -> 68 / 136 slices; 1 -> its "
+                                              "first 23 lines; NIfTI: none labels every training case)")
+    labelled_cases: int | None = option(None, "labelled split by cases instead: the first N cases (volumes) of the "
+                                              "training list labelled, the rest unlabelled (ACDC HDF5: every slice "
+                                              "of the first N patient<NNN>_frame<FF> volumes); overrides "
+                                              "labelled_patients")
+    fold: int = option(0, "NIfTI datasets: the cross-validation fold whose val list validates (splits_final.json; "
+                          "nnU-Net's 5 default folds are generated and written when it is absent)")
     max_train_slices: int | None = option(None, "use only the first N labelled and N unlabelled slices (quick checks, "
                                                 "smoke tests; 2D only)")
     size: int = option(256, "training size in pixels (square, a multiple of 16); evaluation resizes each slice to it "
                             "and back")
-    num_classes: int = option(4, "number of classes including background (ACDC: 4)")
+    num_classes: int = option(4, "number of classes including background (ACDC: 4; an nnU-Net ignore label is "
+                                 "not a class)")
+    in_channels: int | None = option(None, "input channels of the network (none: the data's: 1 for the HDF5 layout, "
+                                           "dataset.json's channel_names for NIfTI); stored in checkpoints")
     dims: int = option(2, "2: slice-wise 2D UNet; 3: UNet3D on random patches of volumes assembled from the slices, "
                           "sliding-window evaluation")
     patch: list = option([16, 96, 96], "3D training patch as a JSON list [Z, H, W] of multiples of 16")
@@ -65,7 +84,8 @@ class TrainConfig:
     poly_power: float = option(0.9, "poly schedule: lr * (1 - it / iterations) ** power")
     amp: str = option("auto", "mixed precision: auto (bf16/fp16 autocast on CUDA, off on CPU), on, off")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
-    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    threads: int | None = option(None, "CPU threads for torch (default: the idle cores now, at most 4; "
+                                       "OMP_NUM_THREADS when set: action.engine.threads)")
     accumulate: int = option(1, "split each step's batch into this many shards per process (gradient accumulation; "
                                 "under torchrun the global batch is split over world size x accumulate shards: "
                                 "action.engine.distributed)")
@@ -97,12 +117,30 @@ class TrainConfig:
     unsup_weight: float = option(1.0, "weight of the pseudo-label loss (stage iii)")
     unsup_rampup: int = option(0, "ramp the pseudo-label weight up over this many iterations: exp(-5 (1 - t/R)^2) "
                                   "(0: none)")
-    unsup_mask: str = option("image", "pseudo-label loss: 'image' weights each image's pixels by its confident "
-                                      "fraction (docs/method.md section 5), 'pixel' counts only pixels with "
-                                      "confidence >= strong_threshold")
-    teacher_bn: str = option("batch", "stage iii: the teacher's BatchNorm when it labels the clean unlabelled batch: "
-                                      "'batch' uses that batch's statistics (the ReCo code's EMA model runs in train "
-                                      "mode), 'running' its running statistics")
+    unsup_mask: str = option("image", "pseudo-label CE: 'image' weights each image's pixels by its confident "
+                                      "fraction (docs/method.md section 5), 'pixel' averages over the confident "
+                                      "pixels only (confidence >= pseudo_threshold)")
+    unsup_loss: str = option("ce+dice", "stage iii pseudo-label loss: 'ce' (masked by unsup_mask), 'dice' (Dice over "
+                                        "all classes on the confident pixels), 'ce+dice' (0.5 (ce + dice), the form "
+                                        "of L_sup)")
+    pseudo_threshold: float | None = option(0.95, "teacher confidence at which an unlabelled pixel's pseudo-label "
+                                                  "counts in the pseudo-label loss (none: strong_threshold, as the "
+                                                  "reference)")
+    unlabelled_view: str = option("strong", "stage iii: the student's view of the unlabelled images: 'weak' (the "
+                                          "augmentation the teacher's pseudo-labels move with) or 'strong' (then "
+                                          "a strong photometric pass on the student's images alone: "
+                                          "strong_augmentation)")
+    strong_augmentation: dict = option({}, "JSON object overriding the strong view's photometric settings "
+                                           "(action.data.augment.STRONG_PHOTOMETRIC; fields of AugmentConfig)")
+    audit_pseudo_labels: bool = option(False, "research use: when the unlabelled images carry ground truth (the "
+                                              "ACDC HDF5 files do), log the teacher's pseudo-label Dice against it "
+                                              "(train.csv audit_* columns); the ground truth never reaches a loss. "
+                                              "2D HDF5 data only")
+    teacher_bn: str = option("batch", "the EMA teacher's BatchNorm (every teacher stage): 'batch' normalises each "
+                                      "teacher forward with its batch's statistics (the ReCo / ACTION code runs its "
+                                      "EMA model in train mode), its running statistics (eval-mode validation) an "
+                                      "EMA of the student's like its weights; 'running' runs it in eval mode on "
+                                      "running statistics copied from the student")
     split_bn: bool = option(True, "stage iii: the student sees labelled and unlabelled images in separate forwards, "
                                   "so BatchNorm normalises each kind with its own statistics (as the ReCo code "
                                   "does); false: one mixed forward")
@@ -124,7 +162,11 @@ class TrainConfig:
                                     "sampling)")
     rep_dim: int = option(512, "representation head output size (anatomical contrast embeddings)")
     rep_stride: int = option(4, "anatomical contrast on a grid of size / rep_stride pixels per side")
-    cutmix_p: float = option(0.5, "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)")
+    cutmix_p: float = option(1.0, "probability of cutmix on unlabelled images and their pseudo-labels (stage iii)")
+    cutmix_pairing: str = option("derangement", "cutmix partners: 'random' (a random permutation: an image may be its "
+                                           "own partner) or 'derangement' (never itself)")
+    cutmix_area: list = option([0.1, 0.5], "cutmix box area as a fraction of the image, [low, high] (per-axis "
+                                           "fractions drawn so that their product lies in it)")
     # ACTION++ (docs/method.md section 7): SAACL and the anatomical-aware temperature scheduler (ATS)
     plusplus: bool = option(False, "ACTION++: add the supervised adaptive anatomical contrast (SAACL) in "
                                    "fine-tuning")
@@ -141,13 +183,15 @@ class TrainConfig:
     tau_max: float = option(1.0, "ATS maximum temperature")
     ats_period: int | None = option(None, "ATS period in iterations (default: the stage's iterations)")
     # the pipeline (stage "pipeline"): iterations per stage, run in order into <out>/<stage>/
-    stage_iterations: dict = option({"pretrain-global": 30000, "pretrain-local": 30000, "finetune": 30000},
+    stage_iterations: dict = option(dict.fromkeys(PIPELINE, 30000),
                                     "pipeline: JSON object of iterations per stage, e.g. '{\"pretrain-global\": 300, "
                                     "\"pretrain-local\": 600, \"finetune\": 2000}'")
-    # NIfTI data and multi-process training (issue 17; README, Coming from MONAI / nnU-Net)
-    intensity: str = option("minmax", "per-volume intensity normalisation of NIfTI training images and of every "
-                                      "inference input: minmax (to [0, 1]: how the HDF5 layout stores its images), "
-                                      "zscore (nnU-Net's default for non-CT), none; stored in each checkpoint")
+    # NIfTI data and multi-process training (issue 17; docs/data.md, Coming from MONAI / nnU-Net)
+    intensity: str = option("minmax", "intensity normalisation of NIfTI training images and of every inference "
+                                      "input: minmax (per volume to [0, 1]: how the HDF5 layout stores its images), "
+                                      "zscore (per volume, nnU-Net's default for non-CT), ct (nnU-Net's "
+                                      "CTNormalization: clipped to the training foreground's 0.5-99.5 percentiles, "
+                                      "minus its mean, over its std), none; stored in each checkpoint")
     spacing: str | None = option(None, "NIfTI training: in-plane voxel size to resample slices to, 'x,y' in mm or "
                                        "'median' (of the training volumes), then centre-cropped/padded to size; None: "
                                        "resize every slice to size x size (the HDF5 layout: it stores no spacing)")
@@ -163,6 +207,9 @@ class TrainConfig:
             ("iterations", self.iterations >= 1, ">= 1"),
             ("labelled_batch", self.labelled_batch >= 1, ">= 1"),
             ("unlabelled_batch", self.unlabelled_batch >= 0, ">= 0"),
+            ("unlabelled_batch", self.stage not in NEEDS_UNLABELLED_BATCH or self.unlabelled_batch >= 1,
+             f">= 1 for stage {self.stage} (stage iii trains on pseudo-labels of unlabelled images: pass "
+             f"--unlabelled-batch N)"),
             ("lr", self.lr > 0, "> 0"),
             ("amp", self.amp in ("auto", "on", "off"), "one of auto, on, off"),
             ("num_classes", self.num_classes >= 2, ">= 2"),
@@ -172,6 +219,16 @@ class TrainConfig:
             ("accumulate", self.accumulate >= 1, ">= 1"),
             ("unsup_rampup", self.unsup_rampup >= 0, ">= 0 (0: no ramp-up)"),
             ("unsup_mask", self.unsup_mask in ("image", "pixel"), "'image' or 'pixel'"),
+            ("unsup_loss", self.unsup_loss in UNSUP_LOSSES, f"one of {UNSUP_LOSSES}"),
+            ("pseudo_threshold", self.pseudo_threshold is None or 0 <= self.pseudo_threshold <= 1,
+             "None (strong_threshold) or in [0, 1]"),
+            ("unlabelled_view", self.unlabelled_view in ("weak", "strong"), "'weak' or 'strong'"),
+            ("cutmix_pairing", self.cutmix_pairing in ("random", "derangement"), "'random' or 'derangement'"),
+            ("cutmix_area", len(self.cutmix_area) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                               for a in self.cutmix_area)
+             and 0 < self.cutmix_area[0] <= self.cutmix_area[1] <= 1, "[low, high] with 0 < low <= high <= 1"),
+            ("audit_pseudo_labels", not self.audit_pseudo_labels or self.dims == 2,
+             "false with dims 3 (the audit reads the unlabelled slices' ground truth: 2D HDF5 data only)"),
             ("bn_recalibrate", self.bn_recalibrate >= 0, ">= 0 (0: off)"),
             ("teacher_bn", self.teacher_bn in ("batch", "running"), "'batch' or 'running'"),
             ("dims", self.dims in (2, 3), "2 or 3"),
@@ -201,13 +258,16 @@ class TrainConfig:
             ("saacl_queue", self.saacl_queue >= 1, ">= 1"),
             ("max_train_slices", self.max_train_slices is None or (self.max_train_slices >= 1 and self.dims == 2),
              ">= 1, and only with dims 2 (3D trains on whole volumes: choose fewer with labelled_patients)"),
-            ("intensity", self.intensity in ("minmax", "zscore", "none"), "one of minmax, zscore, none"),
+            ("intensity", self.intensity in ("minmax", "zscore", "ct", "none"), "one of minmax, zscore, ct, none"),
+            ("labelled_cases", self.labelled_cases is None or self.labelled_cases >= 1, "None or >= 1"),
+            ("fold", self.fold >= 0, ">= 0"),
+            ("in_channels", self.in_channels is None or self.in_channels >= 1, "None (from the data) or >= 1"),
             ("spacing", self.spacing is None or self.spacing == "median" or _spacing_ok(self.spacing),
              "None, 'median', or 'x,y' (or one number) in mm > 0"),
             ("stage_iterations", set(self.stage_iterations) <= set(PIPELINE)
              and all(_whole(v) and v >= 1 for v in self.stage_iterations.values()),
              f"a mapping of {PIPELINE} to iteration counts >= 1"),
-            ("labelled_patients", self.labelled_patients in (1, 3, 7), "1, 3 or 7 (the reference splits)"),
+            ("labelled_patients", self.labelled_patients is None or self.labelled_patients >= 1, "None or >= 1"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("poly_power", self.poly_power >= 0, ">= 0"),
@@ -228,8 +288,9 @@ class TrainConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"config {name}: expected {expected}, got {getattr(self, name)!r}")
+                raise ValueError(f"config {name}: expected {expected}, got {bounded_repr(getattr(self, name))}")
         self.augmentation = check_augmentation(self.augmentation)
+        self.strong_augmentation = check_augmentation(self.strong_augmentation, "strong_augmentation")
         return self
 
     def to_json(self) -> str:
@@ -237,7 +298,7 @@ class TrainConfig:
 
 
 def _kind(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{bounded_repr(value)} ({type(value).__name__})"
 
 
 def check_type(name: str, value, kind: str, source: str = ""):
@@ -273,17 +334,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def check_augmentation(values: dict) -> dict:
-    """The augmentation overrides checked against AugmentConfig: known keys, each of its field's type (pairs as
-    two numbers low <= high), probabilities (keys ending in _p) in [0, 1], magnitudes >= 0."""
+def check_augmentation(values: dict, option: str = "augmentation") -> dict:
+    """The augmentation overrides of `option` checked against AugmentConfig: known keys, each of its field's type
+    (pairs as two numbers low <= high), probabilities (keys ending in _p) in [0, 1], magnitudes >= 0."""
     known = {f.name: str(f.type) for f in fields(AugmentConfig)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"config augmentation: unknown keys {unknown}{_did_you_mean(unknown, known)}; valid keys "
+        raise ValueError(f"config {option}: unknown keys {unknown}{_did_you_mean(unknown, known)}; valid keys "
                          f"are {list(known)}")
     out = {}
     for key, value in values.items():
-        name = f"augmentation.{key}"
+        name = f"{option}.{key}"
         if known[key].startswith("tuple"):
             if not (isinstance(value, (list, tuple)) and len(value) == 2):
                 raise ValueError(f"config {name}: expected a pair [low, high], got {_kind(value)}")
@@ -314,11 +375,19 @@ RESUME_NEUTRAL = frozenset({"out", "device", "threads", "tensorboard", "log_ever
                             "val_volumes", "test_at_end", "init", "accumulate"})
 
 
+# options added after runs existed, with the behaviour a run of before them had: a checkpoint that predates one of
+# them ran with this value, not with today's default (the stage iii recipe changed the defaults when it came)
+PREDATING = {"unsup_loss": "ce", "pseudo_threshold": None, "unlabelled_view": "weak", "strong_augmentation": {},
+             "cutmix_pairing": "random", "cutmix_area": [0.1, 0.5], "audit_pseudo_labels": False, "in_channels": 1}
+
+
 def resume_differences(saved_json: str, cfg: "TrainConfig") -> dict:
     """{option: (checkpoint's value, this run's)} for every option outside RESUME_NEUTRAL that differs between a
-    checkpoint's stored config (JSON) and cfg; an option the checkpoint predates counts as its default."""
+    checkpoint's stored config (JSON) and cfg; an option the checkpoint predates counts as the behaviour it had
+    (PREDATING), else as its default."""
     saved, now = json.loads(saved_json or "{}"), json.loads(cfg.to_json())
     defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cfg)}
+    defaults.update(PREDATING)
     out = {}
     for key, value in now.items():
         before = saved.get(key, json.loads(json.dumps(defaults[key])))
@@ -336,32 +405,31 @@ def _spacing_ok(text: str) -> bool:
 PRESETS: dict[str, dict] = {
     # the reference setting of the supervised baseline (docs/method.md section 6): 256x256, 30k iterations
     "acdc-2d": {"size": 256, "iterations": 30000, "labelled_batch": 12, "val_every": 500, "checkpoint_every": 500},
-    # the project's CPU baseline (README): 3 labelled patients at 128x128, ~40 minutes on 2 cores
+    # the project's CPU baseline (benchmarks/RESULTS.md): 3 labelled patients at 128x128, ~40 minutes on 2 cores
     "acdc-cpu": {"size": 128, "iterations": 3000, "labelled_batch": 8, "val_every": 250, "checkpoint_every": 250,
                  "lr": 0.01},
     # the reference ACTION pipeline (docs/method.md section 6; batch 4 + 4 in every stage here, 3 + 3 in the reference's
     # pre-training)
     "action-2d": {"stage": "pipeline", "size": 256, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 500,
-                  "checkpoint_every": 500, "stage_iterations": {"pretrain-global": 30000, "pretrain-local": 30000,
-                                                                "finetune": 30000}},
-    # the project's CPU ACTION pipeline (README, run 4): same data and resolution as acdc-cpu, about an hour on 2
-    # cores; labelled batch 8 as the baseline's, validation (and best.pt) on BatchNorm statistics re-estimated on
-    # 50 clean unlabelled batches: the running ones are too noisy to select on (README, Results)
+                  "checkpoint_every": 500, "stage_iterations": dict.fromkeys(PIPELINE, 30000)},
+    # the project's CPU ACTION pipeline (benchmarks/RESULTS.md, run 4): same data and resolution as acdc-cpu, about
+    # an hour on 2 cores; labelled batch 8 as the baseline's, validation (and best.pt) on BatchNorm statistics
+    # re-estimated on 50 clean unlabelled batches: the running ones are too noisy to select on (benchmarks/RESULTS.md,
+    # Segmentation); distillation weights 0.1 in stages i-ii, as benchmarks/ssl_protocol.py's pipeline arm (the
+    # reference's 1.0 lost to supervised training from scratch on every seed of the protocol, 0.1 won on every seed)
     "action-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 8, "unlabelled_batch": 4, "val_every": 300,
-                   "checkpoint_every": 300, "unsup_rampup": 200, "unsup_mask": "pixel", "bn_recalibrate": 50,
+                   "checkpoint_every": 300, "bn_recalibrate": 50, "global_weight": 0.1, "local_weight": 0.1,
                    "stage_iterations": {"pretrain-global": 100, "pretrain-local": 1200, "finetune": 600}},
-    # ACTION++ as measured in the README: the earlier action-cpu recipe (batch 4 + 4, 100 + 1,500 + 600 iterations,
-    # validation on running statistics) with SAACL and the temperature scheduler in fine-tuning
+    # ACTION++: the earlier action-cpu schedule (batch 4 + 4, 100 + 1,500 + 600 iterations, validation on running
+    # statistics) with SAACL and the temperature scheduler in fine-tuning
     "actionpp-cpu": {"stage": "pipeline", "size": 128, "labelled_batch": 4, "unlabelled_batch": 4, "val_every": 150,
-                     "checkpoint_every": 150, "unsup_rampup": 200, "unsup_mask": "pixel",
-                     "plusplus": True, "ats": True,
+                     "checkpoint_every": 150, "plusplus": True, "ats": True, "global_weight": 0.1,
+                     "local_weight": 0.1,
                      "stage_iterations": {"pretrain-global": 100, "pretrain-local": 1500, "finetune": 600}},
-    # stage iii alone on a supervised checkpoint (README: test 0.688, against 0.682 for the same wall time of
-    # supervised training from the same checkpoint):
-    # action train --preset finetune-cpu --init runs/baseline-3p/best.pt
+    # stage iii alone on a supervised checkpoint, with the stage iii recipe of benchmarks/ssl_protocol.py (the
+    # defaults): action train --preset finetune-cpu --init runs/baseline-3p/best.pt
     "finetune-cpu": {"stage": "finetune", "size": 128, "labelled_batch": 8, "unlabelled_batch": 4, "iterations": 300,
-                     "val_every": 100, "checkpoint_every": 100, "unsup_rampup": 100, "unsup_mask": "pixel",
-                     "bn_recalibrate": 50},
+                     "val_every": 100, "checkpoint_every": 100, "bn_recalibrate": 50},
     # the 3D path: volumes assembled from the ACDC slices, UNet3D on 16 x 96 x 96 patches, sliding-window evaluation
     "acdc-3d-cpu": {"dims": 3, "size": 128, "patch": [16, 96, 96], "base_channels": 8, "iterations": 1000,
                     "labelled_batch": 2, "val_every": 250, "checkpoint_every": 250},
@@ -369,34 +437,6 @@ PRESETS: dict[str, dict] = {
     "smoke": {"size": 64, "iterations": 20, "labelled_batch": 2, "max_train_slices": 8, "val_every": 10,
               "val_volumes": 2, "checkpoint_every": 5, "log_every": 5},
 }
-
-
-def load_file(path: str) -> dict:
-    """A JSON or YAML (.yaml, .yml) config file -> its mapping; a syntax error names the file and the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as fh:
-        text = fh.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ValueError(f"config file {path}: YAML syntax error{at}: {problem}") from exc
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: "
-                             f"{exc.msg} (a .yaml / .yml name is read as YAML)") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values, got "
-                         f"{type(data).__name__}")
-    return data
 
 
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:

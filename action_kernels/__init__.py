@@ -5,6 +5,7 @@ Public API:
     hard_negative_topk(anchors, labels, keys, key_labels, k) the k most similar other-class keys per anchor
     anatomical_contrast_loss(queries, labels, prototypes, keys, key_labels, ...)   ACTION's anatomical InfoNCE
     class_prototypes, class_graph_negatives, indexed_cosine  the helpers of that loss
+    MemoryBank(size, dim, num_classes=None)                  a ring buffer of keys (and labels) for the ops
     SoftContrastiveLoss, HardNegativeMiner, AnatomicalContrastLoss   nn.Module forms
     SoftContrastiveLossFunction, HardNegativeTopkFunction, IndexedCosineFunction, AnatomicalContrastLossFunction
                                                              the ops as drop-in autograd Functions
@@ -12,6 +13,8 @@ Public API:
     set_value_checks(enabled)                                value checks on or off (host syncs: docs/kernels.md)
 """
 from action_kernels._validation import set_value_checks
+from action_kernels._version import __version__
+from action_kernels.bank import MemoryBank
 from action_kernels.nn import AnatomicalContrastLoss, HardNegativeMiner, SoftContrastiveLoss
 from action_kernels.ops.anatomical import (
     AnatomicalContrastLossFunction,
@@ -33,9 +36,8 @@ from action_kernels.reference import (
     soft_contrastive_loss_ref,
 )
 
-__version__ = "0.2.0"
 __all__ = ["AnatomicalContrastLoss", "AnatomicalContrastLossFunction", "HardNegativeMiner", "HardNegativeTopkFunction",
-           "IndexedCosineFunction", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
+           "IndexedCosineFunction", "MemoryBank", "SoftContrastiveLoss", "SoftContrastiveLossFunction",
            "anatomical_contrast_loss", "anatomical_contrast_loss_ref", "class_graph_negatives", "class_prototypes",
            "class_prototypes_ref", "hard_negative_topk", "hard_negative_topk_ref", "indexed_cosine",
            "set_value_checks", "soft_contrastive_loss", "soft_contrastive_loss_ref", "__version__"]

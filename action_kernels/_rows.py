@@ -12,6 +12,16 @@ import torch
 from action_kernels._validation import RowLayout
 
 
+def plain(x):
+    """A tensor subclass (MONAI's MetaTensor, ...) as a plain torch.Tensor sharing its data; anything else as is."""
+    if not isinstance(x, torch.Tensor) or type(x) is torch.Tensor:
+        return x
+    if hasattr(x, "as_tensor"):  # MetaTensor: drops the metadata without its per-op bookkeeping
+        return x.as_tensor()
+    with torch._C.DisableTorchFunctionSubclass():
+        return x.as_subclass(torch.Tensor)
+
+
 def work_dtype(x: torch.Tensor) -> torch.dtype:
     """The accumulation dtype of every path: fp64 inputs stay fp64, everything else (fp32/fp16/bf16) runs in fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

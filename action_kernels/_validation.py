@@ -280,6 +280,19 @@ def check_keys(keys, ref_name: str, ref: torch.Tensor, d: int, allow_empty: bool
         raise ValueError(f"keys must hold at least one key (K >= 1), got an empty bank of shape {tuple(keys.shape)}")
 
 
+def per_row_shapes(layout: RowLayout) -> list[tuple[int, ...]]:
+    """The shapes a per-row tensor (weights, masks, labels) of a rows or map input may have: (N,) always; for a map
+    (B, D, *spatial) also (B, *spatial) and MONAI's channel-first (B, 1, *spatial). Nothing is ever resized."""
+    shapes = [(layout.rows,)]
+    if layout.spatial:
+        shapes += [(layout.batch, *layout.spatial), (layout.batch, 1, *layout.spatial)]
+    return shapes
+
+
+def _shape_choices(layout: RowLayout) -> str:
+    return " or ".join(str(a) for a in per_row_shapes(layout))
+
+
 def _same_shape(shape, want: tuple) -> bool:
     """Dimension by dimension (under torch.compile(dynamic=True) the sizes are symbolic: each == is a guard)."""
     if len(shape) != len(want):
@@ -292,20 +305,18 @@ def _same_shape(shape, want: tuple) -> bool:
 
 def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: bool = True,
                  ref_name: str = "student", checks: ValueChecks | None = None) -> torch.Tensor | None:
-    """weight: (N,) for rows, (B, *spatial) or (N,) for maps of `ref_name`; finite and non-negative (a value check:
-    deferred into `checks`, or one host sync; skipped with check_values=False). Returns it flattened to (N,), bool
-    as float32."""
+    """weight: (N,) for rows, (B, *spatial), (B, 1, *spatial) or (N,) for maps of `ref_name`; finite and
+    non-negative (a value check: deferred into `checks`, or one host sync; skipped with check_values=False). Returns
+    it flattened to (N,), bool as float32."""
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    allowed = [(layout.rows,)]
-    if layout.spatial:
-        allowed.append((layout.batch, *layout.spatial))
-    if not any(_same_shape(weight.shape, a) for a in allowed):
+    if not any(_same_shape(weight.shape, a) for a in per_row_shapes(layout)):
         raise ValueError(
-            f"weight must have shape {' or '.join(str(a) for a in allowed)} (one weight per row of {ref_name}), "
-            f"got {tuple(weight.shape)}"
+            f"weight must have shape {_shape_choices(layout)} (one weight per row of {ref_name}, whose shape is "
+            f"{tuple(ref.shape)}), got {tuple(weight.shape)}; nothing is resized: bring the mask to the feature grid "
+            f"first (e.g. F.interpolate(mask.float(), size=..., mode='nearest'))"
         )
     if weight.device != ref.device:
         raise ValueError(f"weight must be on {ref.device} like {ref_name}, got {weight.device}")
@@ -321,8 +332,10 @@ def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: boo
 
 
 def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: int | None = None,
-                 ignore_label: int | None = None, checks: ValueChecks | None = None) -> torch.Tensor:
-    """Integer labels with `count` elements (any shape) on ref's device -> flat contiguous int64.
+                 ignore_label: int | None = None, layout: RowLayout | None = None,
+                 ref_name: str = "", checks: ValueChecks | None = None) -> torch.Tensor:
+    """Integer labels on ref's device -> flat contiguous int64. With the layout of a map `ref_name` (B, D, *S):
+    shape (B, *S), (B, 1, *S) or (N,) exactly (nothing is resized); otherwise any shape with `count` elements.
 
     With num_classes, every label must be in [0, num_classes) or equal ignore_label (a value check: deferred into
     `checks`, or one host sync).
@@ -331,6 +344,11 @@ def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: 
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class labels, got {labels.dtype}; convert with {name}.long()")
+    if layout is not None and layout.spatial and not any(_same_shape(labels.shape, a) for a in per_row_shapes(layout)):
+        raise ValueError(f"{name} must have shape {_shape_choices(layout)} (one label per location of {ref_name}, "
+                         f"whose shape is {tuple(ref.shape)}), got {tuple(labels.shape)}; nothing is resized: bring "
+                         f"the labels to the feature grid first (e.g. nearest-neighbour F.interpolate, or strided "
+                         f"slicing)")
     if labels.numel() != count:
         raise ValueError(f"{name} must have {count} elements (one per row), got shape {tuple(labels.shape)}")
     if labels.device != ref.device:
@@ -417,7 +435,7 @@ def check_hard_negative_topk(anchors, anchor_labels, keys, key_labels, k, ignore
     check_keys(keys, "anchors", anchors, layout.features, allow_empty=True)
     k = check_k(k)
     ignore_label = check_ignore_label(ignore_label)
-    ya = check_labels("anchor_labels", anchor_labels, layout.rows, anchors)
+    ya = check_labels("anchor_labels", anchor_labels, layout.rows, anchors, layout=layout, ref_name="anchors")
     yk = check_labels("key_labels", key_labels, keys.shape[0], anchors)
     return layout, ya, yk, k, ignore_label, common_dtype(anchors, keys)
 
@@ -473,7 +491,8 @@ def check_class_prototypes(features, labels, num_classes, weight, ignore_label):
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     checks = ValueChecks()
-    y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label), checks)
+    y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label), layout,
+                     "features", checks=checks)
     w = check_weight(weight, layout, features, ref_name="features", checks=checks)
     checks.verify()
     return layout, y, w
@@ -482,8 +501,9 @@ def check_class_prototypes(features, labels, num_classes, weight, ignore_label):
 def check_class_graph_negatives(prototypes, query_labels, key_labels, num_negatives, tau, ignore_label,
                                 checks: ValueChecks | None = None):
     """Validates class_graph_negatives arguments (values deferred into `checks`, else one host sync); returns
-    (prototypes, flat query labels, flat key labels, tau as float). The sampler draws from softmax(cos(μ_c, μ_v)/τ):
-    a non-finite prototype leaves it undefined and an integer index has no NaN, so finite prototypes are required."""
+    (prototypes, flat query labels, flat key labels, tau as float). Query and key labels are in [0, C) or
+    ignore_label. The sampler draws from softmax(cos(μ_c, μ_v)/τ): a non-finite prototype leaves it undefined and an
+    integer index has no NaN, so finite prototypes are required."""
     own = checks is None
     checks = ValueChecks() if own else checks
     check_tensor("prototypes", prototypes, (2,), "(C, D)")
@@ -491,9 +511,9 @@ def check_class_graph_negatives(prototypes, query_labels, key_labels, num_negati
     for name, y in (("query_labels", query_labels), ("key_labels", key_labels)):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"{name} must be an integer torch.Tensor, got {type(y).__name__}")
-    yq = check_labels("query_labels", query_labels, query_labels.numel(), prototypes, C, checks=checks)
-    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, check_ignore_label(ignore_label),
-                      checks)
+    ignore_label = check_ignore_label(ignore_label)
+    yq = check_labels("query_labels", query_labels, query_labels.numel(), prototypes, C, ignore_label, checks=checks)
+    yk = check_labels("key_labels", key_labels, key_labels.numel(), prototypes, C, ignore_label, checks=checks)
     if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
         raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
     check_floats(prototypes.detach(), "prototypes", False, checks)
@@ -507,22 +527,57 @@ NEGATIVE_MODES = ("topk", "class_graph")
 
 
 def check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau, negatives, reduction,
-                              ignore_label, checks: ValueChecks | None = None):
-    """Validates anatomical_contrast_loss arguments (label values deferred into `checks`; an index tensor of
-    negatives is checked by indexed_cosine); returns (flat query labels, flat key labels, tau as float)."""
-    check_tensor("queries", queries, (2,), "(Q, D)")
+                              ignore_label, weight, checks: ValueChecks | None = None):
+    """Validates anatomical_contrast_loss arguments (values deferred into `checks`; an index tensor of negatives is
+    checked by indexed_cosine): queries (Q, D) rows or a (B, D, *S) map with query_labels of its per-row shapes
+    (per_row_shapes), in [0, C) or ignore_label; returns (the queries' layout, flat query labels, flat key labels,
+    tau as float, reduction, flat weight or None)."""
+    layout = row_layout("queries", queries)
     check_tensor("prototypes", prototypes, (2,), "(C, D)")
     check_tensor("keys", keys, (2,), "(K, D)")
     for name, x in (("prototypes", prototypes), ("keys", keys)):
         check_same(name, x, "queries", queries)
-        check_feature_size(name, x, "queries", queries.shape[1])
+        check_feature_size(name, x, "queries", layout.features)
     C = prototypes.shape[0]
     ignore_label = check_ignore_label(ignore_label)
-    yq = check_labels("query_labels", query_labels, queries.shape[0], queries, C, checks=checks)
-    yk = check_labels("key_labels", key_labels, keys.shape[0], queries, C, ignore_label, checks)
+    yq = check_labels("query_labels", query_labels, layout.rows, queries, C, ignore_label, layout, "queries",
+                      checks=checks)
+    yk = check_labels("key_labels", key_labels, keys.shape[0], queries, C, ignore_label, checks=checks)
     tau = check_tau("tau", tau)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    reduction = check_reduction(reduction)
     if not isinstance(negatives, torch.Tensor) and negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be 'topk', 'class_graph' or a (Q, n) int64 index tensor, got {negatives!r}")
-    return yq, yk, tau
+    w = check_weight(weight, layout, queries, ref_name="queries", checks=checks)
+    return layout, yq, yk, tau, reduction, w
+
+
+def check_bank_push(features, labels, mask, dim: int, num_classes: int | None, ignore_label: int):
+    """Validates MemoryBank.push arguments (plain tensors: the bank unwraps subclasses first): features (n, D) rows or
+    a (B, D, *S) map with D = the bank's dim; labels (one per row, per_row_shapes) in [0, num_classes) or
+    ignore_label, required exactly when the bank stores labels; mask None or one value per row (any dtype, kept
+    where non-zero). Returns (layout, flat int64 labels or None, flat bool mask or None)."""
+    layout = row_layout("features", features)
+    if layout.features != dim:
+        raise ValueError(f"features must have the bank's feature size D={dim} (rows (n, {dim}) or a channel-first map "
+                         f"(B, {dim}, *S)), got shape {tuple(features.shape)}")
+    y = None
+    if num_classes is not None:
+        if labels is None:
+            raise ValueError(f"labels are required: this MemoryBank stores labels (num_classes={num_classes}); pass "
+                             f"one label per row of features {tuple(features.shape)}")
+        y = check_labels("labels", labels, layout.rows, features, num_classes, check_ignore_label(ignore_label),
+                         layout, "features")
+    elif labels is not None:
+        raise ValueError("labels given to a MemoryBank built without num_classes, which stores no labels; build it "
+                         "with num_classes=C to keep them, or choose the rows to push with mask=")
+    keep = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if not any(_same_shape(mask.shape, a) for a in per_row_shapes(layout)):
+            raise ValueError(f"mask must have shape {_shape_choices(layout)} (one value per row of features, whose "
+                             f"shape is {tuple(features.shape)}), got {tuple(mask.shape)}; nothing is resized")
+        if mask.device != features.device:
+            raise ValueError(f"mask must be on {features.device} like features, got {mask.device}")
+        keep = mask.reshape(-1) != 0
+    return layout, y, keep

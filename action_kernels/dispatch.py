@@ -7,9 +7,10 @@ op files, tests and benchmarks read their backend lists from here.
 Order of choice: the explicit `backend=` argument, then the ACTION_KERNELS_BACKEND environment variable, then
 automatic (auto_order): on CUDA tensors the CUDA extension, then Triton, then the chunked torch path, except where
 PREFERENCES picks Triton first for an op, dtype, feature size and top-k k (the kernel report's static estimates; the
-reasons are in AUTO_ORDER_REASON and PREFERENCES, printed by env_report); on CPU the chunked torch path. A forced
-backend that cannot run raises with every reason; an automatic choice that skips the device's first preference warns
-once per (op, device type, reason).
+reasons are in AUTO_ORDER_REASON and PREFERENCES, printed by env_report); on CPU the chunked torch path. A backend
+cannot run a call whose dtype, device or size it does not take: the sizes are its `limits` (D, k per op), data in
+the registry, read by Backend.supports like the rest. A forced backend that cannot run raises with every reason; an
+automatic choice that skips the device's first preference warns once per (op, device type, reason).
 """
 from __future__ import annotations
 
@@ -109,12 +110,22 @@ def _extension_device(device: torch.device) -> str:
 
 # -- the registry --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Limit:
+    """The largest value of one argument (D, k) that a backend's kernels take for an op, and why."""
+
+    top: int
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Backend:
     """One backend. package: where its kernels live (package.<OPS[op]>, implementing CONTRACTS[op]); None for the
     torch backend, which runs the op's materialising reference (reference.<op>_ref) with the functional's
     arguments. dtypes: None for any. device: '' or why it cannot run on tensors of a device. cpu: how it runs on
     CPU tensors: "native", "emulated" (the CUDA kernels' logic on host threads) or "interpreted" (Triton's
-    interpreter), the last two for tests only. limits: {op: {argument: largest value taken}}, e.g. {"k": 1024}.
+    interpreter), the last two for tests only. limits: {op: {argument: Limit}}, e.g. {"hard_negative_topk":
+    {"k": Limit(512, why)}}, on every device (the emulation and the interpreter keep the GPU's limits, so that a CPU
+    test sees what a GPU run would); automatic dispatch skips a backend whose limit a call exceeds.
     ops: the ops it has kernels for (None: every op of OPS). device_dtypes: {device type: (dtypes, why)} where the
     backend takes fewer dtypes on one device type than `dtypes` says."""
 
@@ -123,7 +134,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] | None
     device: Callable[[torch.device], str]
     cpu: str
-    limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    limits: Mapping[str, Mapping[str, Limit]] = field(default_factory=dict)
     ops: tuple[str, ...] | None = None
     device_dtypes: Mapping[str, tuple[tuple[torch.dtype, ...], str]] = field(default_factory=dict)
 
@@ -145,10 +156,19 @@ class Backend:
         if narrower is not None and dtype not in narrower:
             return f"{self.name} takes {dtype_names(narrower)} on {device.type} tensors, got {dtype}: {why}"
         for arg, value in limits.items():
-            top = self.limits.get(op, {}).get(arg) if op is not None else None
-            if top is not None and value > top:
-                return f"{self.name} takes {arg} <= {top} for {op}, got {arg}={value}"
+            if not self.within(op, arg, value):
+                limit = self.limits[op][arg]
+                others = [b.name for b in REGISTRY.values() if b.name != self.name and b.within(op, arg, value)]
+                hint = f"; use backend={' or '.join(repr(o) for o in others)}" if others else ""
+                why = f" ({limit.why})" if limit.why else ""
+                return f"{self.name} takes {arg} <= {limit.top} for {op}, got {arg}={value}{why}{hint}"
         return ""
+
+    def within(self, op: str | None, arg: str, value: int | None) -> bool:
+        """Whether `value` of argument `arg` (D, k) is within this backend's limit for `op` (None: any op; no limit
+        or an unknown value: True)."""
+        limit = self.limits.get(op, {}).get(arg) if op is not None else None
+        return limit is None or value is None or value <= limit.top
 
     def kernels(self, op: str):
         """The module implementing CONTRACTS[op] for this backend (imported on first use)."""
@@ -163,19 +183,28 @@ def dtype_names(dtypes) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-# Why Triton takes no fp32 CUDA tensors (the kernel report measures it: `python -m action_kernels.kernel_report
-# --dtypes fp32`): its fp32 path (tf32x3 on tensor cores) holds the split operands in registers, and every fp32
+# Why Triton takes no fp32 CUDA tensors (the kernel report measures it: docs/kernel-report.md,
+# `--dtypes fp32`): its fp32 path (tf32x3 on tensor cores) holds the split operands in registers, and every fp32
 # launch-table entry but one spills to local memory on sm_80 and sm_90, several beyond a block's shared memory.
 TRITON_FP32_WHY = ("Triton's fp32 (tf32x3) kernels spill to local memory at every tile the kernel report tried, "
-                   "some beyond a block's shared memory (README, Known limits)")
+                   "some beyond a block's shared memory (docs/known-limits.md)")
 TRITON_FP32_REASON = (f"{TRITON_FP32_WHY}; fp32 CUDA tensors run on the cuda backend, or cast them to "
                       f"bfloat16/float16 for Triton")
+# The fused GPU kernels' size limits (tests/test_dispatch.py holds them equal to what the launchers and csrc/ are
+# built for; the launchers keep a last-line check). The chunked and torch paths take any D and k.
+CUDA_D = Limit(512, "the CUDA kernels hold whole rows in shared memory and are instantiated for the feature buckets "
+                    "64, 128, 256 and 512, csrc/tc_tiles.cuh feature_bucket")
+TRITON_D = Limit(512, "the Triton launch tables stop at a 512-wide feature tile: wider tiles and their accumulators "
+                      "do not fit registers and shared memory")
+TRITON_K = Limit(512, "the Triton top-k's merge buffers keep at most 512 candidates a row")
 REGISTRY: Mapping[str, Backend] = MappingProxyType({b.name: b for b in (
     Backend("torch", None, None, _anywhere, "native"),
     Backend("chunked", "action_kernels.chunked", FUSED_DTYPES + (torch.float64,), _anywhere, "native"),
     Backend("triton", "action_kernels.triton", FUSED_DTYPES, _triton_device, "interpreted",
+            limits={"soft_contrastive_loss": {"D": TRITON_D}, "hard_negative_topk": {"D": TRITON_D, "k": TRITON_K}},
             device_dtypes={"cuda": ((torch.float16, torch.bfloat16), TRITON_FP32_REASON)}),
-    Backend("cuda", "action_kernels.cuda", FUSED_DTYPES, _extension_device, "emulated"),
+    Backend("cuda", "action_kernels.cuda", FUSED_DTYPES, _extension_device, "emulated",
+            limits={"soft_contrastive_loss": {"D": CUDA_D}, "hard_negative_topk": {"D": CUDA_D}}),
 )})
 BACKENDS = tuple(REGISTRY)  # names
 FUSED = tuple(name for name, b in REGISTRY.items() if b.package is not None)  # backends with kernels of their own
@@ -187,7 +216,7 @@ AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("cuda", "
 AUTO_ORDER_REASON: Mapping[str, str] = MappingProxyType({
     "cuda": ("cuda before triton: by the kernel report's static estimates (docs/cuda_kernels.md) the CUDA "
              "tensor-core kernels are faster for top-k with k > 64 and the anatomical top-k at every dtype "
-             "(1.7-7x), for top-k at D > 256, for the soft loss at D > 128 (1.35-2.0x at 16-bit D >= 256) and in "
+             "(1.7-7x), for top-k at D > 256, for the soft loss at D > 128 (1.35-1.9x at 16-bit D >= 256) and in "
              "fp32 (Triton takes no fp32 CUDA tensors)"),
     "cpu": "the chunked path's native CPU kernels (triton and cuda run on CPU only interpreted or emulated, for tests)",
 })

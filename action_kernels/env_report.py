@@ -27,6 +27,10 @@ def lines() -> list[str]:
         k = f" and k <= {pref.max_k}" if pref.max_k is not None else ""
         out.append(f"  except {op} on {dispatch.dtype_names((dtype,))} {dev} tensors with D <= {pref.max_D}{k}: "
                    f"{' > '.join(pref.order)} ({pref.why})")
+    for name, backend in dispatch.REGISTRY.items():
+        for op, limits in backend.limits.items():
+            out.append(f"limits of {name} for {op}: " + ", ".join(
+                f"{arg} <= {limit.top} ({limit.why})" for arg, limit in limits.items()))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         out.append(f"backends for {dev.type} tensors (auto picks "

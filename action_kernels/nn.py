@@ -52,7 +52,7 @@ class HardNegativeMiner(nn.Module):
 
 class AnatomicalContrastLoss(nn.Module):
     """Module form of `anatomical_contrast_loss`:
-    forward(queries, query_labels, prototypes, keys, key_labels, generator=None) -> loss."""
+    forward(queries, query_labels, prototypes, keys, key_labels, generator=None, weight=None) -> loss."""
 
     def __init__(self, tau: float = 0.5, negatives="topk", num_negatives: int = 512, reduction: str = "mean",
                  ignore_label: int = -1, backend: str | None = None):
@@ -61,12 +61,13 @@ class AnatomicalContrastLoss(nn.Module):
         self.reduction, self.ignore_label, self.backend = reduction, ignore_label, backend
 
     def forward(self, queries: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tensor, keys: torch.Tensor,
-                key_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                key_labels: torch.Tensor, generator: torch.Generator | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         return anatomical_contrast_loss(queries, query_labels, prototypes, keys, key_labels, tau=self.tau,
                                         negatives=self.negatives, num_negatives=self.num_negatives,
                                         generator=generator, backend=self.backend, reduction=self.reduction,
-                                        ignore_label=self.ignore_label)
+                                        ignore_label=self.ignore_label, weight=weight)
 
     def extra_repr(self) -> str:
         return (f"tau={self.tau}, negatives={self.negatives!r}, num_negatives={self.num_negatives}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, ignore_label={self.ignore_label}, backend={self.backend!r}")

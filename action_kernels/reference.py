@@ -159,12 +159,14 @@ def class_prototypes_ref(features: torch.Tensor, labels: torch.Tensor, num_class
 def anatomical_contrast_loss_ref(
     queries: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tensor, keys: torch.Tensor,
     key_labels: torch.Tensor, tau: float = 0.5, negatives="topk", num_negatives: int = 512, generator=None,
-    backend=None, reduction: str = "mean", ignore_label: int = -1,
+    backend=None, reduction: str = "mean", ignore_label: int = -1, weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reference code's formula, with the arguments of anatomical_contrast_loss: queries (Q, D), prototypes
-    (C, D), keys (K, D), key_labels (K,); negatives "topk" (the brute-force hard_negative_topk_ref) or a (Q, n)
-    int64 index tensor with -1 padding -> per-class mean of CE(cos(q, [μ_y | keys[idx]]) / tau, target 0), summed
-    over the classes present in query_labels, divided by their number (0 with one class or none); (Q,) for "none".
+    """The reference code's formula, with the arguments of anatomical_contrast_loss: queries (Q, D) or (B, D, *S),
+    query_labels of Q elements, prototypes (C, D), keys (K, D), key_labels (K,), weight None or of Q elements;
+    negatives "topk" (the brute-force hard_negative_topk_ref) or a (Q, n) int64 index tensor with -1 padding ->
+    per query CE(cos(q, [μ_y | keys[idx]]) / tau, target 0). Queries labelled ignore_label or whose prototype is
+    all zeros are dropped. "mean": per-class weighted mean over the classes with positive weight, summed, divided by
+    their number (0 with one class or none); "sum": the weighted sum; "none": (Q,) weighted, 0 where dropped.
 
     Gathers the [Q, 1 + n, D] key tensor like the reference code (materialising; the ground truth). "class_graph"
     is random: draw its indices with class_graph_negatives and pass them as `negatives`. generator and backend
@@ -176,23 +178,30 @@ def anatomical_contrast_loss_ref(
                                   "negatives=")
     if isinstance(negatives, str) and negatives != "topk":
         raise ValueError(f"negatives must be 'topk' or a (Q, n) int64 index tensor, got {negatives!r}")
+    queries = _to_rows(queries)
     y = query_labels.reshape(-1)
     if isinstance(negatives, str):
         negatives = hard_negative_topk_ref(queries.detach(), y, keys.detach(), key_labels.reshape(-1), num_negatives,
                                            ignore_label)[1]
     work = _work_dtype(queries)
+    ys = torch.where(y == ignore_label, 0, y)
+    keep = (y != ignore_label) & (prototypes.detach() != 0).any(1)[ys]
     q = queries.to(work)
-    pos = prototypes.to(work)[y].unsqueeze(1)
+    pos = prototypes.to(work)[ys].unsqueeze(1)
     idx = negatives.clamp_min(0)
     neg = keys.to(work)[idx]  # (Q, n, D)
     cand = torch.cat([pos, neg], dim=1)
     logits = F.cosine_similarity(q.unsqueeze(1), cand, dim=2) / tau
     pad = torch.cat([torch.zeros_like(y[:, None], dtype=torch.bool), negatives < 0], dim=1)
     logits = logits.masked_fill(pad, float("-inf"))
-    per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    per_query = torch.where(keep, torch.logsumexp(logits, dim=1) - logits[:, 0], 0.0)
+    w = keep.to(work) if weight is None else torch.where(keep, weight.reshape(-1).to(work), 0.0)
+    weighted = per_query if weight is None else per_query * w
     if reduction == "none":
-        return per_query
-    classes = torch.unique(y)
-    if classes.numel() <= 1:
-        return per_query.sum() * 0.0
-    return torch.stack([per_query[y == c].mean() for c in classes]).sum() / classes.numel()
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    classes = [c for c in torch.unique(ys[keep]).tolist() if w[ys == c].sum() > 0]
+    if len(classes) <= 1:
+        return weighted.sum() * 0.0
+    return torch.stack([weighted[ys == c].sum() / w[ys == c].sum() for c in classes]).sum() / len(classes)

@@ -76,6 +76,8 @@ PYBIND11_MODULE(AK_MODULE, m) {
         py::arg("rk"), py::arg("ya"), py::arg("yk"), py::arg("ignore_label"), py::arg("N"), py::arg("K"),
         py::arg("D"), py::arg("k_out"), py::arg("values"), py::arg("indices"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+#ifdef AK_EMULATION
+  // the primitive self-tests (csrc/selftest.cu) are built into the emulation/test module only, never into _C
   auto rel = py::call_guard<py::gil_scoped_release>();
   m.def("selftest_mma", &ak::selftest_mma, py::arg("type"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"),
         py::arg("stream"), rel);
@@ -90,7 +92,6 @@ PYBIND11_MODULE(AK_MODULE, m) {
   m.def("selftest_convert", &ak::selftest_convert, py::arg("x"), py::arg("n"), py::arg("bf16"), py::arg("f16"),
         py::arg("tf32"), py::arg("exp2"), py::arg("stream"), rel);
   m.def("selftest_broken", &ak::selftest_broken, py::arg("which"), py::arg("out"), py::arg("stream"), rel);
-#ifdef AK_EMULATION
   m.def("emulated_launches", [] {
     py::list out;
     for (const auto& r : ak_emu::launch_log) {

@@ -62,8 +62,8 @@ std::string cpu_rows_isa();
 void hard_negative_topk_rows_cpu(uintptr_t sim, int64_t rows, int64_t K, uintptr_t row_labels, uintptr_t key_labels,
                                  int64_t ignore_label, int64_t k, uintptr_t values, uintptr_t indices, int threads);
 
-// Primitive self-tests (csrc/selftest.cu, one warp each; tests/test_cuda_primitives.py): registers and results are
-// lane-major arrays (lane l's registers at [l * count, (l + 1) * count)).
+// Primitive self-tests (csrc/selftest.cu, one warp each; tests/test_cuda_primitives.py; bound in the emulation/test
+// module _C_cpu only, never in _C): registers and results are lane-major arrays (lane l's registers at [l * count, (l + 1) * count)).
 void selftest_mma(int type, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, uintptr_t stream);
 void selftest_ldmatrix(uintptr_t image, int elems, uintptr_t offsets, int num, bool trans, uintptr_t out,
                        uintptr_t stream);

@@ -1,7 +1,8 @@
 // Single-warp kernels that run one primitive of csrc/warp_matrix.cuh (or a warp intrinsic) on data given by the
 // test: tests/test_cuda_primitives.py builds every lane's registers from the PTX ISA's tables itself and checks the
-// results against plain matrix products and the CUDA definitions. The same kernels run on a GPU (CUDA tensors)
-// and in the CPU emulation (CPU tensors), so a GPU run checks the emulation against the hardware.
+// results against plain matrix products and the CUDA definitions. They are built into the emulation/test module
+// _C_cpu only (setup.py, CMakeLists.txt), never into the CUDA module _C that users load; the kernel report compiles
+// them with nvcc for sm_80 and sm_90 (tests/kernel_known_limits.json).
 #include <cstdint>
 
 #include "cuda_compat.h"

@@ -41,6 +41,7 @@ def test_predict_volume_3d_resizes_and_slides():
     assert labels.shape == (9, 40, 30) and torch.equal(labels, (vol < 0).long())
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_3d_training_resumes_evaluates_and_serves_the_cli(tmp_path, capsys):
     trainer = Trainer(small_3d(tmp_path / "run"), progress=False)
@@ -61,6 +62,7 @@ def test_3d_training_resumes_evaluates_and_serves_the_cli(tmp_path, capsys):
     assert "| LV |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_acdc
 @pytest.mark.parametrize("plusplus", [False, True])
 def test_action_pipeline_runs_in_3d(tmp_path, plusplus):

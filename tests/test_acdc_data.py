@@ -19,8 +19,8 @@ def test_list_counts_and_reference_splits():
         lab, unlab = layout.split(labelled_patients=patients)
         assert len(lab) == n and len(unlab) == 1312 - n
         assert len({name.split("_")[0] for name in lab}) == patients
-    with pytest.raises(ValueError, match="labelled_patients must be one of"):
-        layout.split(labelled_patients=2)
+    with pytest.raises(ValueError, match="labelled_patients must be a number of patients >= 1"):
+        layout.split(labelled_patients=0)
 
 
 def test_slices_and_volumes_load_with_labels_in_range():

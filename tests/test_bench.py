@@ -10,6 +10,7 @@ import bench_loss  # noqa: E402
 from action_kernels.testing import tolerance  # noqa: E402
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_table_csv_and_json(tmp_path, capsys):
     import torch
 

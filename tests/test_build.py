@@ -42,6 +42,7 @@ def test_built_modules_do_not_link_against_torch():
         assert not any("torch" in line or "libc10" in line for line in deps), f"{so} links against torch: {deps}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
 def test_cmake_builds_the_emulation_module(tmp_path):
     pybind11 = pytest.importorskip("pybind11")

@@ -8,7 +8,23 @@ import numpy as np
 import pytest
 
 from action.cli import main
-from helpers import ACDC, needs_acdc
+from helpers import ACDC, SHARED, acdc_root, needs_acdc
+
+
+def test_the_data_root_is_action_acdc_for_tests_and_cli_and_acdc_root_a_deprecated_alias(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ACTION_ACDC set: ACDC_ROOT is ignored without a word
+        assert acdc_root({"ACTION_ACDC": "/new", "ACDC_ROOT": "/old"}) == "/new"
+        assert acdc_root({}) == os.path.join(SHARED, "acdc")
+    with pytest.warns(FutureWarning, match="ACDC_ROOT=/old is deprecated: set ACTION_ACDC") as caught:
+        assert acdc_root({"ACDC_ROOT": "/old"}) == "/old"
+    assert len(caught) == 1
+    code = "from action.config import TrainConfig; print(TrainConfig().data)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ACTION_ACDC": str(tmp_path)},
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path), out.stderr
 
 
 def test_every_command_explains_itself():
@@ -30,6 +46,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         main(["train", "--size", "abc"])
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_train_evaluate_convert_predict_round_trip(tmp_path, capsys, monkeypatch):
     nib = pytest.importorskip("nibabel")

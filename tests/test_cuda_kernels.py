@@ -15,6 +15,7 @@ import torch
 
 import action_kernels as ak
 from action_kernels import cuda as ak_cuda
+from action_kernels import dispatch
 from action_kernels.reference import hard_negative_topk_ref
 from action_kernels.testing import assert_close
 from helpers import fresh_seed, require
@@ -84,6 +85,12 @@ def test_every_planned_kernel_is_in_the_built_cubins_with_tensor_cores_and_no_st
                     got = kernels[plan["kernel"]]
                     assert got["hmma"] > 0, f"{where}: no HMMA (tensor-core) instruction"
                     assert got["stack"] == 0, f"{where}: {got['stack']} bytes of stack (spills)"
+
+
+def test_cuda_module_holds_no_primitive_selftest_kernels(cubins):
+    """csrc/selftest.cu builds into the emulation/test module _C_cpu only (setup.py, CMakeLists.txt)."""
+    for arch, kernels in cubins.items():
+        assert not [name for name in kernels if "selftest" in name], f"{arch}: self-test kernels in _C"
 
 
 @pytest.mark.parametrize("op,mode", MODES)
@@ -267,11 +274,16 @@ def test_emulated_launches_are_the_launch_plans():
         [(p["grid"], p["block"], p["dynamic_smem"]) for p in plan]
 
 
-def test_features_beyond_the_largest_bucket_raise_not_implemented():
+def test_features_beyond_the_largest_bucket_are_refused_by_the_registry_and_the_launcher():
     require("cuda")
     x = torch.randn(4, 600)
-    with pytest.raises(NotImplementedError, match="D <= 512"):
+    with pytest.raises(RuntimeError, match="cuda takes D <= 512"):
         ak.soft_contrastive_loss(x, x, torch.randn(5, 600), backend="cuda")
-    with pytest.raises(NotImplementedError, match="D <= 512"):
+    with pytest.raises(RuntimeError, match="cuda takes D <= 512"):
         ak.hard_negative_topk(x, torch.zeros(4, dtype=torch.long), torch.randn(5, 600), torch.ones(5, dtype=torch.long),
                               2, backend="cuda")
+    ones = torch.ones(4)
+    with pytest.raises(NotImplementedError, match="D <= 512"):  # the launcher's last-line check
+        dispatch.kernels("hard_negative_topk", "cuda").hard_negative_topk(
+            x[None], torch.zeros(4, dtype=torch.long), torch.randn(5, 600), torch.ones(5, dtype=torch.long), ones,
+            torch.ones(5), 2, -1)

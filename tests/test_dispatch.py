@@ -106,12 +106,14 @@ def test_backend_lists_derive_from_the_registry():
 
 
 def test_a_per_op_limit_rejects_the_backend_for_that_op_only(monkeypatch):
-    limited = dataclasses.replace(dispatch.REGISTRY["chunked"], limits={"hard_negative_topk": {"k": 8}})
+    limited = dataclasses.replace(dispatch.REGISTRY["chunked"],
+                                  limits={"hard_negative_topk": {"k": dispatch.Limit(8, "a test's limit")}})
     monkeypatch.setattr(dispatch, "REGISTRY", {**dispatch.REGISTRY, "chunked": limited})
     cpu = torch.device("cpu")
     assert limited.supports("hard_negative_topk", cpu, torch.float32, k=8) == ""
     why = limited.supports("hard_negative_topk", cpu, torch.float32, k=9)
-    assert why == "chunked takes k <= 8 for hard_negative_topk, got k=9"
+    assert why == ("chunked takes k <= 8 for hard_negative_topk, got k=9 (a test's limit); use backend='torch' or "
+                   "'triton' or 'cuda'")
     assert limited.supports("soft_contrastive_loss", cpu, torch.float32, k=9) == ""
     a, ya, keys, yk = torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(7, 4), torch.ones(7).long()
     with pytest.raises(RuntimeError, match=r"backend='chunked' cannot run here: chunked takes k <= 8"):
@@ -164,3 +166,69 @@ def test_triton_refuses_fp32_cuda_tensors_with_the_reason_and_auto_picks_cuda(mo
         assert dispatch.select("soft_contrastive_loss", None, cuda, torch.float32, D=128) == "cuda"
     with pytest.raises(RuntimeError, match="spill"):
         dispatch.select("soft_contrastive_loss", "triton", cuda, torch.float32)
+
+
+def _gpu_machine(monkeypatch):
+    """The registry as on a machine with a CUDA GPU, Triton and the `_C` build: every backend runs on CUDA tensors,
+    the limits stay. No GPU is needed: dispatch decides from the device, dtype and sizes alone."""
+    here = {name: dataclasses.replace(b, device=lambda dev: "") for name, b in dispatch.REGISTRY.items()}
+    monkeypatch.setattr(dispatch, "REGISTRY", here)
+    monkeypatch.setattr(dispatch, "_warned", set())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_call_with_768_features_skips_both_gpu_backends_with_one_warning_naming_their_limits(monkeypatch, dtype):
+    _gpu_machine(monkeypatch)
+    cuda, soft, topk = torch.device("cuda"), "soft_contrastive_loss", "hard_negative_topk"
+    assert dispatch.auto_order(soft, "cuda", dtype, D=768)[0] == ("cuda", "triton", "chunked")
+    want = (r"using backend 'chunked' because cuda: cuda takes D <= 512 for {op}, got D=768 \(the CUDA kernels hold "
+            r"whole rows in shared memory.*\); use backend='torch' or 'chunked'; triton: triton takes D <= 512 for "
+            r"{op}, got D=768 \(the Triton launch tables stop at a 512-wide feature tile.*\)")
+    for op, limits in ((soft, {}), (topk, {"k": 64})):
+        with pytest.warns(UserWarning, match=want.format(op=op)) as caught:
+            assert dispatch.select(op, None, cuda, dtype, D=768, **limits) == "chunked"
+        assert len(caught) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per reason
+            assert dispatch.select(op, None, cuda, dtype, D=768, **limits) == "chunked"
+            assert dispatch.select(op, None, cuda, dtype, D=512, **limits) in ("cuda", "triton")  # within both
+    for name in ("cuda", "triton"):  # forced: raises with the reason and the backends that take it
+        with pytest.raises(RuntimeError, match=rf"backend='{name}' cannot run here: {name} takes D <= 512 for "
+                                               rf"{soft}, got D=768 \(.*\); use backend='torch' or 'chunked'"):
+            dispatch.select(soft, name, cuda, dtype, D=768)
+
+
+def test_topk_with_k_above_triton_buffers_runs_on_cuda_and_a_forced_triton_says_why(monkeypatch):
+    _gpu_machine(monkeypatch)
+    cuda, topk = torch.device("cuda"), "hard_negative_topk"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cuda is first at k > 64: no fallback, no warning
+        assert dispatch.select(topk, None, cuda, torch.bfloat16, k=600, D=128) == "cuda"
+    with pytest.raises(RuntimeError, match=r"triton takes k <= 512 for hard_negative_topk, got k=600 \(the Triton "
+                                           r"top-k's merge buffers.*\); use backend='torch' or 'chunked' or 'cuda'"):
+        dispatch.select(topk, "triton", cuda, torch.bfloat16, k=600, D=128)
+    # where Triton is preferred (k <= 64, D <= 256) its limits still apply first
+    assert dispatch.unavailable_reason("triton", cuda, torch.bfloat16, topk, k=64, D=256) == ""
+
+
+def test_registry_limits_are_what_the_kernels_are_built_for():
+    """The registry decides; the launchers' last-line checks and the compiled buckets must say the same numbers."""
+    from action_kernels.cuda._operands import MAX_FEATURES
+    limits = {name: b.limits for name, b in dispatch.REGISTRY.items()}
+    assert limits["torch"] == limits["chunked"] == {}
+    assert {op: lim["D"].top for op, lim in limits["cuda"].items()} == {op: MAX_FEATURES for op in dispatch.OPS}
+    assert "k" not in limits["cuda"]["hard_negative_topk"]  # the CUDA top-k keeps its lists in global memory
+    from action_kernels import env_report
+    assert "limits of cuda for soft_contrastive_loss: D <= 512 (the CUDA kernels" in "\n".join(env_report.lines())
+    from action_kernels import _extension
+    mod = _extension.host_module()  # the CUDA kernels' C++ under emulation: the same feature buckets
+    if mod is not None:
+        mod.launch_plans("hard_negative_topk", "topk", "fp32", 40, 70, MAX_FEATURES, 9)
+        with pytest.raises(ValueError, match="D <= 512"):
+            mod.launch_plans("hard_negative_topk", "topk", "fp32", 40, 70, MAX_FEATURES + 1, 9)
+    if dispatch.triton_status()[0]:
+        from action_kernels.triton import hard_negative_topk as ttk
+        from action_kernels.triton import soft_contrastive as tsc
+        assert limits["triton"]["hard_negative_topk"]["k"].top == ttk.MAX_K == max(ttk.BUFFERS)
+        assert limits["triton"]["hard_negative_topk"]["D"].top == max(key[2] for key in ttk.CONFIGS)
+        assert limits["triton"]["soft_contrastive_loss"]["D"].top == max(key[3] for key in tsc.CONFIGS)

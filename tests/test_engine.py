@@ -79,6 +79,7 @@ def test_supervised_run_saves_resumes_identically_and_evaluates(tmp_path):
     assert len(os.listdir(tmp_path / "eval" / "overlays")) == 1
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_resume_after_sigkill_continues_with_identical_losses(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -129,7 +130,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 @needs_acdc
 def test_every_documented_hook_is_called_by_the_loop(tmp_path):
-    """The hooks of action/engine/trainer.py's docstring (and the README), each overridden: all take effect."""
+    """The hooks of action/engine/trainer.py's docstring (and docs/training.md), each overridden: all take effect."""
     calls = []
 
     class Recording(Trainer):

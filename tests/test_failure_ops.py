@@ -298,7 +298,8 @@ def test_value_checks_still_name_the_bad_argument_after_folding():
     yk = torch.arange(12) % 3
     protos, _ = ak.class_prototypes(keys, yk, 3)
     for negatives in ("topk", "class_graph"):
-        with pytest.raises(ValueError, match=r"query_labels must be in \[0, 3\) \(num_classes = 3\), got 7"):
+        with pytest.raises(ValueError, match=r"query_labels must be in \[0, 3\) \(num_classes = 3\) or "
+                                             r"ignore_label=-1, got 7"):
             ak.anatomical_contrast_loss(q, torch.tensor([0, 1, 2, 7, 0, 1]), protos, keys, yk, 0.5, negatives, 3)
     with pytest.raises(ValueError, match=r"indices must be key indices in \[0, K=12\)"):
         ak.indexed_cosine(q, keys, torch.full((6, 2), 12))
@@ -368,6 +369,7 @@ def test_fused_soft_loss_gives_exact_first_derivatives_and_refuses_a_second(back
         torch.autograd.grad((ds * ds).sum() + (dk * dk).sum(), (s, k))
 
 
+@pytest.mark.slow
 def test_topk_values_and_indexed_cosine_pass_gradgradcheck_on_the_torch_side_paths():
     a, ya, keys, yk = _topk_inputs()
     a, keys = a.double().requires_grad_(True), keys.double().requires_grad_(True)
@@ -483,6 +485,7 @@ def _limited(K: int, k: int) -> subprocess.CompletedProcess:
                           cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_native_topk_allocation_failure_in_a_worker_thread_is_a_python_exception():
     """An allocation failure inside a std::thread terminated the process (exit 134) with no Python exception, so a
     trainer could not save: each thread's heap of 2^24 entries (128 MiB) does not fit under a 64 MiB margin."""
@@ -491,6 +494,7 @@ def test_native_topk_allocation_failure_in_a_worker_thread_is_a_python_exception
     assert "RESULT MemoryError" in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 def test_native_topk_reserves_at_most_k_candidates_per_thread_when_k_exceeds_k_keys():
     """k = 2^23 with K = 4 keys: the old reserve(k) took 64 MiB per thread, more than the 64 MiB margin."""
     out = _limited(4, 1 << 23)
@@ -498,6 +502,7 @@ def test_native_topk_reserves_at_most_k_candidates_per_thread_when_k_exceeds_k_k
     assert "RESULT ok 0 -inf" in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 def test_a_source_tree_that_shadows_the_installed_package_warns_loudly_with_the_fix(tmp_path):
     """`python -m action_kernels.env_report` from the repository root of a non-editable install imported the
     source tree (no compiled modules): 'not built', about 10x slower top-k, no warning."""

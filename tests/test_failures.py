@@ -1,4 +1,4 @@
-"""Failure behaviour of the training package (README "Failure behaviour"): bad data, bad values and faults give a
+"""Failure behaviour of the training package (docs/failure-behaviour.md): bad data, bad values and faults give a
 clear error naming the file, the option or the iteration, and lose nothing. Each test is named after the
 behaviour; every one failed on the code before issue 15 was fixed. About 60 s in all on 2 cores (the three
 signal tests run a training subprocess each)."""
@@ -210,7 +210,8 @@ def test_resume_says_when_there_is_nothing_to_resume(tmp_path):
     from action.method import run_pipeline
 
     with pytest.raises(FileNotFoundError, match="no stage of the pipeline in .* has a last.pt"):
-        run_pipeline(build_config("smoke", overrides={"stage": "pipeline", "out": str(tmp_path / "p")}), resume=True)
+        run_pipeline(build_config("smoke", overrides={"stage": "pipeline", "out": str(tmp_path / "p"),
+                                                     "unlabelled_batch": 2}), resume=True)
 
 
 @needs_acdc
@@ -273,6 +274,7 @@ def test_resume_reads_a_train_log_with_the_old_dice_column(tmp_path):
 
 
 # -- signals: SIGTERM and SIGHUP save like Ctrl-C, without a traceback -----------------------------------------------
+@pytest.mark.slow
 @needs_acdc
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_stop_signal_saves_last_pt_and_exits_without_traceback(tmp_path, signum):

@@ -1,5 +1,5 @@
 """GPU checks (pytest -m cuda; skipped without a CUDA device): every backend on CUDA tensors against the float64
-reference, 16-bit inputs included, plus determinism of the fused kernels. Run by benchmarks/gpu_check.sh."""
+reference, 16-bit inputs included, plus determinism of the fused kernels. Run by tools/gpu/gpu_check.sh."""
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
 """The GPU check cannot misfire: its rehearsal runs every step on this CPU, and the interpreter stays off on a GPU.
 
 The dry run takes 64-82 s on 2 shared cores (a kernel-report compile, the GPU tests skipping, a tiny benchmark, the gloo
-part of ddp_check with nibabel unimportable, about 16 s of it), so the first real run of benchmarks/gpu_check.sh on
+part of ddp_check with nibabel unimportable, about 16 s of it), so the first real run of tools/gpu/gpu_check.sh on
 a lent GPU is not its first run; the budget test takes about 8 s.
 """
 import json
@@ -10,13 +10,16 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+SCRIPT = os.path.join(ROOT, "tools", "gpu", "gpu_check.sh")
 STEPS = ("build", "kernel_report", "gpu_tests", "bench_soft", "bench_topk", "ddp")
 FILES = {"summary.md", "steps.log", "env.txt", "kernel_report.json", "kernel_report.txt", "tests.log",
          "bench_results.tar.gz", "ddp.log"}
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_and_writes_every_file(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1", PYTHON=sys.executable)
     done = subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""The GPU training check (benchmarks/gpu_train.sh, gpu_train.py, gpu_data.py) on this CPU: the whole dry run end
+"""The GPU training check (tools/gpu/gpu_train.sh, gpu_train.py, gpu_data.py) on this CPU: the whole dry run end
 to end (data copy, size check, probe, plan, both runs through the CLI, tests, table), the planner, the compact copy's
 encoding, and the carried-size check."""
 import json
@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "tools", "gpu"))
 import gpu_data  # noqa: E402
 import gpu_train  # noqa: E402
 
-ACDC = os.environ.get("ACDC_ROOT", os.path.join(REPO, "..", "shared", "data", "acdc"))
-needs_acdc = pytest.mark.skipif(not os.path.isdir(os.path.join(ACDC, "data")),
-                                reason=f"real ACDC data not found at {ACDC} (set ACDC_ROOT)")
+from helpers import ACDC, needs_acdc  # noqa: E402
 
 
 def fake_probe(step=0.05):
@@ -57,11 +55,13 @@ def test_dry_run_settings_cap_the_plan_at_max_iterations():
     assert set(plan["stage_iterations"].values()) == {gpu_train.DRY["max_iterations"]}
 
 
-def test_action_argv_scales_the_presets_ramp_up_and_is_what_the_cli_parses():
+def test_action_argv_runs_the_stage_iii_recipe_and_is_what_the_cli_parses():
     s = gpu_train.Settings()
     argv = gpu_train.action_argv(s, "data", "out", {"pretrain-global": 10, "pretrain-local": 120, "finetune": 60})
     cfg = gpu_train.config_from_argv(argv)
-    assert cfg.stage == "pipeline" and cfg.size == 256 and cfg.unsup_rampup == 20  # 200 of 600 in the preset
+    assert cfg.stage == "pipeline" and cfg.size == 256 and cfg.unsup_rampup == 0
+    assert (cfg.unsup_loss, cfg.unlabelled_view, cfg.cutmix_p, cfg.cutmix_pairing) == ("ce+dice", "strong", 1.0,
+                                                                                       "derangement")
     assert cfg.stage_iterations == {"pretrain-global": 10, "pretrain-local": 120, "finetune": 60}
     assert cfg.bn_recalibrate == 50 and cfg.val_every == 30 and cfg.labelled_batch == 8
     sup = gpu_train.config_from_argv(gpu_train.supervised_argv(s, "data", "out", 100))
@@ -110,13 +110,14 @@ def test_compact_copy_keeps_labels_exactly_and_images_within_float16_rounding(tm
     assert manifest["image_max_abs_error"] <= 2.0 ** -12
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_dry_run_runs_every_step_writes_every_file_and_prints_the_per_class_table_last(tmp_path):
     """Also the fallback: the Triton backend cannot run on CPU tensors outside the interpreter, so the ACTION stages
     fail in the first probe and the runs use the chunked backend, as they would after a kernel failure on a GPU."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = {**os.environ, "PYTHON": sys.executable, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_train.sh"), "--dry-run", "--backend",
+    proc = subprocess.run(["bash", os.path.join(REPO, "tools", "gpu", "gpu_train.sh"), "--dry-run", "--backend",
                            "triton", "--out", str(out), "--runs", str(runs), "--source", ACDC],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,26 +4,10 @@ import torch
 
 import action_kernels as ak
 from action_kernels.reference import hard_negative_topk_ref
-from action_kernels.testing import ALLOWANCES, assert_allowed
-from helpers import FAST_ON_CPU, INTERPRETED_ON_CPU, fresh_seed, make_topk, require
+from action_kernels.testing import assert_allowed
+from helpers import FAST_ON_CPU, INTERPRETED_ON_CPU, assert_topk_equal, fresh_seed, make_topk, require
 
 pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
-
-TIE = ALLOWANCES["topk_values_fp32"].atol  # fp32 cosines closer than this to the reference's are ties
-
-
-def _assert_topk_equal(got, ref, where):
-    (v, i), (v0, i0) = got, ref
-    assert v.dtype == torch.float32 and i.dtype == torch.int64, where
-    assert torch.equal(torch.isfinite(v), torch.isfinite(v0)), f"padding differs [{where}]"
-    fin = torch.isfinite(v0)
-    assert_allowed(f"values [{where}]", v[fin], v0[fin], "topk_values_fp32")
-    # index sets equal up to ties: where values tie within rounding, the order may differ only among them
-    mismatch = i != i0
-    if mismatch.any():
-        close = (v - v0).abs() <= TIE
-        assert bool(close[mismatch].all()), f"indices differ beyond ties [{where}]"
-    assert torch.equal(i[~fin], torch.full_like(i[~fin], -1)), f"padding indices [{where}]"
 
 
 @pytest.mark.parametrize("backend", FAST_ON_CPU)
@@ -34,7 +18,7 @@ def test_topk_matches_brute_force(backend, n, keys, d, k):
     for skew in (False, True):
         a, ya, kk, yk = make_topk(n, keys, d, 4, seed, skew)
         got = ak.hard_negative_topk(a, ya, kk, yk, k, backend=backend)
-        _assert_topk_equal(got, hard_negative_topk_ref(a, ya, kk, yk, k), f"{backend} n={n} K={keys} k={k} seed={seed}")
+        assert_topk_equal(got, hard_negative_topk_ref(a, ya, kk, yk, k), f"{backend} n={n} K={keys} k={k} seed={seed}")
 
 
 @pytest.mark.parametrize("backend", INTERPRETED_ON_CPU)  # smaller shapes: the interpreter's tl.topk is slow
@@ -44,7 +28,7 @@ def test_interpreted_topk_matches_brute_force(backend):
     for n, keys, d, k in [(20, 100, 16, 8), (24, 150, 33, 40)]:
         a, ya, kk, yk = make_topk(n, keys, d, 3, seed, skew=n == 24)
         got = ak.hard_negative_topk(a, ya, kk, yk, k, backend=backend)
-        _assert_topk_equal(got, hard_negative_topk_ref(a, ya, kk, yk, k), f"{backend} n={n} k={k} seed={seed}")
+        assert_topk_equal(got, hard_negative_topk_ref(a, ya, kk, yk, k), f"{backend} n={n} k={k} seed={seed}")
 
 
 @pytest.mark.parametrize("backend", FAST_ON_CPU + ("torch",))
@@ -112,7 +96,7 @@ def test_chunked_torch_selection_fallback_matches(monkeypatch):
 
     monkeypatch.setattr(chunked, "USE_NATIVE", False)
     a, ya, kk, yk = make_topk(70, 130, 20, 4, fresh_seed(), skew=True)
-    _assert_topk_equal(ak.hard_negative_topk(a, ya, kk, yk, 16, backend="chunked"),
+    assert_topk_equal(ak.hard_negative_topk(a, ya, kk, yk, 16, backend="chunked"),
                        hard_negative_topk_ref(a, ya, kk, yk, 16), "torch fallback")
 
 

@@ -15,13 +15,13 @@ import types
 
 import pytest
 
-from action_kernels.kernel_report import cuda_aot, estimate, matrix, sass, tools
-from action_kernels.kernel_report.devices import device
+from tools.kernel_report import cuda_aot, estimate, matrix, sass, tools
+from tools.kernel_report.devices import device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWN_LIMITS = os.path.join(HERE, "kernel_known_limits.json")
 ARCHS = (80, 90)
-# the bar holds for D <= 256; D = 512 is in the README's Known limits with its measured spill bytes (the full
+# the bar holds for D <= 256; D = 512 is in docs/known-limits.md with its measured spill bytes (the full
 # report, `--dims 64,128,256,512`, prints it)
 DIMS = (64, 128, 256)
 # fp16 and bf16 share the launch tables (keyed by "16" / "32" bits) but not the machine code: the mma input type,
@@ -44,7 +44,7 @@ def report(tmp_path_factory):
     _need_tools()
     out = tmp_path_factory.mktemp("kernel_report")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    cmd = [sys.executable, "-m", "action_kernels.kernel_report", "--arch", ",".join(f"sm_{a}" for a in ARCHS),
+    cmd = [sys.executable, "-m", "tools.kernel_report", "--arch", ",".join(f"sm_{a}" for a in ARCHS),
            "--dims", ",".join(map(str, DIMS)), "--dtypes", ",".join(DTYPES), "--json", str(out / "report.json"),
            "--dump-cubins", str(out / "cubins"),
            "--jobs", str(max(2, os.cpu_count() or 2))]
@@ -70,6 +70,7 @@ def _where(row, k):
             f"{k.get('kernel')} ({tiles}, {k.get('num_warps')} warps, {k.get('num_stages')} stages)")
 
 
+@pytest.mark.slow
 def test_every_triton_config_compiles_without_local_memory(report):
     assert not report["triton"]["skipped"], report["triton"]["skipped"]
     bad = []
@@ -82,18 +83,21 @@ def test_every_triton_config_compiles_without_local_memory(report):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_every_triton_config_can_launch(report):
     bad = [f"{_where(row, k)}: {k['occupancy']['limited_by']}" for row, k in _triton_kernels(report)
            if "error" not in k and k["occupancy"]["ctas_per_sm"] < 1]
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_every_triton_kernel_with_a_dot_uses_tensor_cores(report):
     bad = [f"{_where(row, k)}: no HGMMA/HMMA (FFMA {k['ffma']})" for row, k in _triton_kernels(report)
            if "error" not in k and k["dot"] and k["tensor_instructions"] == 0]
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_report_covers_every_op_dtype_dim_and_mode(report):
     seen = {(r["arch"], r["op"], r["mode"], r["dtype"], r["D"], r["k"]) for r in report["triton"]["rows"]}
     want = {(a, e.op, e.mode, e.dtype, e.D, e.k) for a in ARCHS for e in matrix.entries(dtypes=DTYPES, dims=DIMS)}
@@ -101,6 +105,7 @@ def test_report_covers_every_op_dtype_dim_and_mode(report):
     assert all(r["estimate_ms"] and r["floor_ms"] > 0 for r in report["triton"]["rows"])
 
 
+@pytest.mark.slow
 def test_dumped_cubins_are_the_ones_reported(report):
     cubins = os.path.join(report["_dir"], "cubins")
     with open(os.path.join(cubins, "manifest.json")) as f:
@@ -123,6 +128,7 @@ def _cuda_violations(k):
     return v
 
 
+@pytest.mark.slow
 def test_cuda_kernels_meet_the_bar_or_their_known_limits_entry(report):
     assert not report["cuda"]["skipped"], report["cuda"]["skipped"]
     with open(KNOWN_LIMITS) as f:
@@ -215,7 +221,7 @@ def test_branch_regions_count_at_the_plans_rate_or_not_behind_a_zero_trip_loop()
 
 
 def test_topk_model_follows_the_kernels_overflow_rule():
-    from action_kernels.kernel_report.topk_model import simulate
+    from tools.kernel_report.topk_model import simulate
     few = simulate(128, 64, 64, 64, 256)  # two tiles fit in 256 slots: no prune, every lane group appends
     assert few["merges"] == 0 and few["tiles"] == 2 and few["append_rate"] > 0.9
     runs = {W: simulate(8192, 64, 64, 64, W) for W in (128, 256, 512)}
@@ -225,6 +231,35 @@ def test_topk_model_follows_the_kernels_overflow_rule():
     assert runs[128]["merges"] > runs[256]["merges"] > runs[512]["merges"] >= 1
     ragged = simulate(8192 + 5, 64, 64, 64, 256)
     assert ragged["tiles"] == 8192 // 64 + 1 + ragged["merges"]
+
+
+def test_launch_model_derives_trips_and_branch_rates_from_the_captured_launch():
+    """The launchers record only what they run; the report derives the estimate's inputs from that record."""
+    pytest.importorskip("triton")
+    from action_kernels.triton import _common
+    from tools.kernel_report import launch_model
+    from tools.kernel_report.topk_model import simulate
+
+    N, K, k = 4096, 8192, 64
+    with _common.capture(90) as launches:
+        matrix.call_launcher(matrix.Entry("hard_negative_topk", "topk", "bf16", 128, N, K, k))
+    scan, select = launches
+    c = scan.constexprs
+    sim = simulate(K, k, c["BLOCK_M"], c["BLOCK_N"], c["W"])
+    got = launch_model.model(scan)
+    assert got.trips == [sim["merges"] + 1, sim["tiles"], sim["merges"] * (c["BLOCK_M"] // c["MERGE_ROWS"]), 0]
+    assert got.branch_rates == {"ATOMG": sim["append_rate"]} and got.notes == {"merges": sim["merges"]}
+    assert got.dram_bytes == float(sum(scan.args[n].numel() * scan.args[n].element_size() for n in ("A", "Kp")))
+    assert launch_model.model(select).trips == []
+    with _common.capture(90) as launches:
+        matrix.call_launcher(matrix.Entry("soft_contrastive", "forward_grad", "bf16", 128, N, K))
+        matrix.call_launcher(matrix.Entry("soft_contrastive", "key_grad", "bf16", 128, N, K))
+    for launch in launches:
+        blocks = (K // launch.constexprs["BLOCK_N"]) if launch.name != "key_grad" else N // launch.constexprs["BLOCK_M"]
+        assert launch_model.model(launch).trips == [blocks], launch.name
+    unknown = _common.Launch("soft_contrastive", "backward2", None, (1,), {}, {}, 4, 1)
+    with pytest.raises(ValueError, match="no launch model for the soft_contrastive kernel 'backward2'"):
+        launch_model.model(unknown)
 
 
 def test_tensor_work_comes_from_the_instruction_shapes():
@@ -262,6 +297,7 @@ def _reuse_the_reports_cubins(report, monkeypatch):
     monkeypatch.setattr(cuda_aot, "subprocess", types.SimpleNamespace(run=nvcc_or_run))
 
 
+@pytest.mark.slow
 def test_cuda_estimates_use_the_extensions_launch_plan(report, monkeypatch, tmp_path):
     """The consumer side of launch_plans(op, mode, dtype, N, K, D, k) with a fake plan naming a real kernel."""
     _need_tools()
@@ -271,7 +307,7 @@ def test_cuda_estimates_use_the_extensions_launch_plan(report, monkeypatch, tmp_
     monkeypatch.setattr(tools, "csrc_dir", lambda: (os.path.join(os.path.dirname(HERE), "csrc"), ""))
     monkeypatch.setattr(cuda_aot, "launch_plans_fn", lambda: None)
     entry = matrix.Entry("soft_contrastive", "forward", "bf16", 128, 4096, 4096)
-    from action_kernels.kernel_report import report as rep
+    from tools.kernel_report import report as rep
     plain = cuda_aot.section([entry], [90], str(tmp_path), rep.cubin_numbers)
     assert plain["rows"][0]["note"] == cuda_aot.NO_PLAN and plain["rows"][0]["estimate_ms"] is None
     name = next(k["name"] for k in plain["kernels"] if "forward_kernel" in k["name"])
@@ -290,7 +326,7 @@ def test_cuda_estimates_use_the_extensions_launch_plan(report, monkeypatch, tmp_
 
 def test_missing_tools_are_reported_not_fatal(monkeypatch, tmp_path):
     monkeypatch.setattr(tools, "nvcc", lambda: (None, "nvcc not found (test)"))
-    from action_kernels.kernel_report import report as rep
+    from tools.kernel_report import report as rep
     sec = cuda_aot.section([], [90], str(tmp_path), rep.cubin_numbers)
     assert sec["skipped"] == "nvcc not found (test)"
     monkeypatch.setattr(tools, "triton_status", lambda: (None, "triton is not importable (test)"))

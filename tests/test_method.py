@@ -12,18 +12,18 @@ from action.engine.evaluate import acdc_cases
 from action.engine.inference import predict_slices, recalibrate_batchnorm
 from action.method import (
     STAGE_TRAINERS,
-    FifoBank,
     anatomical_term,
     pseudo_label_loss,
     run_pipeline,
     sample_hard_queries,
+    teacher_bank,
 )
 from action.models import UNet2D
 from helpers import ACDC, SMALL, kill_after_checkpoint, needs_acdc, stage_config
 
 
-def test_fifo_bank_wraps_in_order():
-    bank = FifoBank(4, 2)
+def test_teacher_bank_wraps_in_order():
+    bank = teacher_bank(4, 2)
     assert bank.keys().shape == (0, 2)
     bank.push(torch.arange(6.0).view(3, 2))
     bank.push(torch.arange(6.0, 12.0).view(3, 2))
@@ -164,6 +164,7 @@ def test_pipeline_hands_each_stage_the_previous_weights(tmp_path):
     assert all(r == {"skipped": True} for r in again.values())
 
 
+@pytest.mark.slow
 @needs_acdc
 def test_finetune_resume_after_sigkill_restores_banks_ema_and_losses(tmp_path):
     def script(out):
@@ -280,3 +281,17 @@ def test_batch_statistics_normalises_with_the_batch_and_restores_the_module():
     assert not torch.allclose(inside, net(x))  # outside: the running statistics again
     assert not net[1].training
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_every_stage_of_the_config_has_the_trainer_registered_under_its_name():
+    from action.config import PIPELINE, STAGES, TRAINED_STAGES, build_config
+    from action.method import trainer_class
+
+    assert tuple(s for s in STAGE_TRAINERS if "+" not in s) == TRAINED_STAGES
+    assert STAGES == (*TRAINED_STAGES, "pipeline") and set(PIPELINE) < set(TRAINED_STAGES)
+    assert all(cls.stage == key.split("+")[0] for key, cls in STAGE_TRAINERS.items())
+    for stage in TRAINED_STAGES:  # stage iii refuses a config without unlabelled images
+        assert trainer_class(build_config(overrides={"stage": stage, "unlabelled_batch": 4})) is STAGE_TRAINERS[stage]
+    assert trainer_class(build_config(overrides={"stage": "finetune", "plusplus": True, "unlabelled_batch": 4})
+                         ).__name__ == "PlusPlusFinetuner"
+    assert list(build_config().stage_iterations) == list(PIPELINE)

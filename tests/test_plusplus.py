@@ -103,7 +103,22 @@ def test_running_means_and_queue():
     assert state.phi[2].abs().sum() == 0  # unseen class untouched
     assert state.assignment().tolist() == [0, 1, 2]
     state.push(torch.randn(7, 4), torch.arange(7) % 3)
-    assert (state.queue_labels >= 0).all() and int(state.ptr) == 0
+    assert (state.queue_labels >= 0).all() and int(state.queue_bank.ptr) == 0 and state.queue.shape == (5, 4)
+    torch.testing.assert_close(state.queue.norm(dim=1), torch.ones(5))  # unit rows
+
+
+def test_a_saacl_state_of_the_former_buffer_layout_loads_into_the_memory_bank_queue():
+    """Checkpoints written before the queue became an ak.MemoryBank held queue / queue_labels / ptr buffers, the
+    queue full-size with labels -1 in its empty slots."""
+    queue = F.normalize(torch.randn(6, 4), dim=1)
+    queue[4:] = 0
+    old = {"centres": torch.eye(3, 4), "phi": torch.zeros(3, 4), "seen": torch.zeros(3, dtype=torch.bool),
+           "queue": queue, "queue_labels": torch.tensor([2, 0, 1, 1, -1, -1]), "ptr": torch.tensor(4)}
+    state = SaaclState(3, 4, queue_size=6, centres=torch.zeros(3, 4))
+    state.load_state_dict(old)
+    assert torch.equal(state.queue, queue[:4]) and state.queue_labels.tolist() == [2, 0, 1, 1]
+    state.push(torch.ones(3, 4), torch.tensor([0, 1, 2]))  # continues at slot 4, wraps to slot 0
+    assert state.queue_labels.tolist() == [2, 0, 1, 1, 0, 1] and int(state.queue_bank.ptr) == 1
 
 
 @needs_acdc

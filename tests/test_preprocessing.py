@@ -44,7 +44,9 @@ def test_minmax_and_zscore_normalise_away_the_intensity_scale():
     unit[0, 0, 0], unit[0, 0, 1] = 0.0, 1.0
     assert torch.equal(normalise_intensity(unit, "minmax"), unit)  # the HDF5 layout's images pass unchanged
     with pytest.raises(ValueError, match="intensity: expected one of"):
-        normalise_intensity(vol, "ct")
+        normalise_intensity(vol, "hu")
+    with pytest.raises(ValueError, match="intensity 'ct' needs the training foreground"):
+        normalise_intensity(vol, "ct")  # its statistics come from the dataset (tests/test_nnunet_dataset.py)
 
 
 def test_an_input_far_from_the_training_intensities_warns_and_a_similar_one_does_not():
@@ -221,3 +223,39 @@ def test_checkpoints_store_the_preprocessing_and_old_ones_load_with_the_default_
     with pytest.raises(ValueError, match="the HDF5 layout's images are min-max normalised already"):
         bad = Trainer(smoke_config(tmp_path / "z", intensity="zscore"), progress=False)
         bad.preprocessing
+
+
+@needs_acdc
+@needs_nifti
+def test_the_modality_check_catches_a_ct_fed_to_a_cardiac_mr_model_and_not_an_mr():
+    """The smoke model (8 ACDC slices) against the fixtures: the histogram distance alone left the CT at 0.78 < 0.8;
+    the air share (voxels below -500: 36% of the CT, 0% of the MR and of the training slices) catches it."""
+    import tempfile
+
+    from action.data import AcdcLayout, AcdcVolumes
+    from action.data.preprocessing import air_share
+    from action.engine import Trainer
+
+    prep = Trainer(smoke_config(tempfile.mkdtemp()), progress=False).preprocessing
+    assert len(prep.raw_quantiles) == 101 and air_share(quantiles=prep.raw_quantiles) == 0.0
+    ct, mr = (load_nifti(os.path.join(NIFTI, f"example_{m}_sm.nii.gz"), np.float32).data for m in ("ct", "mr"))
+    ct, mr = torch.from_numpy(ct), torch.from_numpy(mr)
+    with pytest.warns(InputRangeWarning, match=r"ct: 36% of its voxels are below -500 .* 0% of the training"):
+        distance = prep.check_range(normalise_intensity(ct, "minmax"), "ct", raw=ct)
+    assert distance < RANGE_WARNING  # what the distance alone missed
+    acdc = AcdcLayout(ACDC)
+    volumes = AcdcVolumes(acdc.root, acdc.val_volumes[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputRangeWarning)
+        prep.check_range(normalise_intensity(mr, "minmax"), "mr", raw=mr)  # the matching modality: silent
+        for i in range(len(volumes)):
+            prep.check_range(volumes[i]["image"], "acdc", raw=volumes[i]["image"])
+    # the reverse: a model trained on CT (HU) fed an MR
+    ct_model = Preprocessing("minmax", quantiles=tuple(intensity_quantiles(normalise_intensity(ct, "minmax"))),
+                             raw_quantiles=tuple(intensity_quantiles(ct)))
+    with pytest.warns(InputRangeWarning, match=r"mr: 0% of its voxels are below -500 .* 3[56]% of the training"):
+        ct_model.check_range(normalise_intensity(mr, "minmax"), "mr", raw=mr)
+    assert Preprocessing.from_json(ct_model.to_json()) == ct_model
+    old = json.loads(ct_model.to_json())
+    del old["raw_quantiles"]  # a checkpoint written before the fingerprint: no modality check, no error
+    assert Preprocessing.from_json(json.dumps(old)).raw_quantiles == ()

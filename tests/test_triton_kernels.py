@@ -6,13 +6,12 @@ test_hard_negative_topk.py and test_anatomical_contrast.py. About 40 s in all.
 """
 import pytest
 import torch
-from test_hard_negative_topk import _assert_topk_equal
 
 import action_kernels as ak
 from action_kernels.reference import hard_negative_topk_ref
+from helpers import assert_topk_equal, require
 from helpers import fresh_seed as _seed
 from helpers import make_topk as _make
-from helpers import require
 
 pytestmark = pytest.mark.numerics  # .ci/run runs these again with the AVX2 paths forced
 
@@ -31,7 +30,7 @@ def test_topk_stays_exact_through_many_prunes(ttk, monkeypatch):
     for skew in (False, True):
         a, ya, kk, yk = _make(70, 700, 40, 4, seed, skew)
         got = ak.hard_negative_topk(a, ya, kk, yk, 20, backend="triton")
-        _assert_topk_equal(got, hard_negative_topk_ref(a, ya, kk, yk, 20), f"prunes skew={skew} seed={seed}")
+        assert_topk_equal(got, hard_negative_topk_ref(a, ya, kk, yk, 20), f"prunes skew={skew} seed={seed}")
 
 
 def test_topk_stays_exact_when_tiles_overflow_and_run_again(ttk, monkeypatch):
@@ -64,7 +63,7 @@ def test_topk_stays_exact_when_tiles_overflow_and_run_again(ttk, monkeypatch):
             assert len(live) == len(set(live)), f"cut={cut} row {i}: a key twice in the slots: {sorted(live)}"
             assert set(want[1][i].tolist()) <= set(live), f"cut={cut} row {i}: a best key missing from the slots"
         _common.launch(select)
-        _assert_topk_equal((values, indices), want, f"cut={cut} seed={seed}")
+        assert_topk_equal((values, indices), want, f"cut={cut} seed={seed}")
 
 
 def test_topk_exact_ties_beyond_the_buffer_go_to_the_lower_indices(ttk):
@@ -93,9 +92,10 @@ def test_topk_labels_outside_int32_are_compared_exactly(ttk):
     yk = big + torch.randint(-1, 3, (90,), generator=g)           # equal after truncation to int32 with 2**40 + x
     yk[::7] = -1
     got = ak.hard_negative_topk(a, ya, keys, yk, 16, ignore_label=-1, backend="triton")
-    _assert_topk_equal(got, hard_negative_topk_ref(a, ya, keys, yk, 16, ignore_label=-1), "int64 labels")
+    assert_topk_equal(got, hard_negative_topk_ref(a, ya, keys, yk, 16, ignore_label=-1), "int64 labels")
 
 
+@pytest.mark.slow
 def test_topk_selection_by_tl_topk_matches_the_interpreter_shortcut(ttk, monkeypatch):
     a, ya, kk, yk = _make(16, 100, 24, 3, _seed(), skew=True)
     fast = ak.hard_negative_topk(a, ya, kk, yk, 12, backend="triton")
@@ -111,10 +111,12 @@ def test_topk_three_runs_are_bitwise_equal(ttk):
         assert torch.equal(v, runs[0][0]) and torch.equal(i, runs[0][1])
 
 
-def test_topk_above_512_is_not_implemented_with_the_alternatives_named(ttk):
+def test_topk_above_512_is_refused_with_the_alternatives_named(ttk):
     a, ya, kk, yk = _make(8, 600, 16, 3, 0)
-    with pytest.raises(NotImplementedError, match="at most 512.*backend='chunked'"):
+    with pytest.raises(RuntimeError, match="triton takes k <= 512.*use backend=.*'chunked'"):
         ak.hard_negative_topk(a, ya, kk, yk, 513, backend="triton")
+    with pytest.raises(NotImplementedError, match="at most 512.*backend='chunked'"):  # the launcher's last-line check
+        ttk.hard_negative_topk(a[None], ya, kk, yk, torch.ones(8), torch.ones(600), 513, -1)
 
 
 def test_dense_labels_are_equal_exactly_where_the_labels_are(ttk):
@@ -139,7 +141,8 @@ def test_launch_capture_records_the_launchers_decisions_without_running(monkeypa
     fwd = launches[0]
     assert fwd.args["S"].shape == (1000, 128) and fwd.constexprs["BLOCK_D"] == 128  # D = 96 padded to 128
     cfg = tsc.config("forward", 90, torch.bfloat16, 128)
-    assert fwd.constexprs["BLOCK_M"] == cfg["BLOCK_M"] and fwd.trips == [700 // fwd.constexprs["BLOCK_N"]]
+    assert fwd.constexprs["BLOCK_M"] == cfg["BLOCK_M"] and fwd.constexprs["BLOCK_N"] == cfg["BLOCK_N"]
+    assert fwd.args["N"] == 1000 and fwd.args["K"] == 700
 
 
 def test_soft_contrastive_ragged_feature_size_is_padded_not_misread():

@@ -67,8 +67,8 @@ def test_non_finite_inputs_propagate_to_the_affected_rows_only():
 
 def test_class_prototypes_weights_are_checked_like_the_soft_loss_weights():
     features, labels = torch.randn(2, 4, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"weight must have shape \(18,\) or \(2, 3, 3\) \(one weight per row of "
-                                         r"features\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(18,\) or \(2, 3, 3\) or \(2, 1, 3, 3\) \(one "
+                                         r"weight per row of features, whose shape is \(2, 4, 3, 3\)\), got \(9, 2\)"):
         ak.class_prototypes(features, labels, 2, weight=torch.ones(9, 2))
     with pytest.raises(ValueError, match="weight must be non-negative"):
         ak.class_prototypes(features, labels, 2, weight=-torch.ones(2, 3, 3))

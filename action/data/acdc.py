@@ -3,8 +3,9 @@
 Layout (a folder, e.g. ../shared/data/acdc): `data/<name>.h5` with datasets `image` (float, [0, 1]) and `label`
 (integers 0 background, 1 RV, 2 myocardium, 3 LV); `train_slices.list` (one 2D training slice per line:
 `patient<NNN>_frame<FF>_slice_<Z>`), `val.list` and `test.list` (one 3D volume per line: `patient<NNN>_frame<FF>`).
-The labelled set for 1 / 3 / 7 labelled patients is the first 23 / 68 / 136 lines of train_slices.list (the
-reference mapping); the remaining slices are the unlabelled set. The HDF5 files carry no voxel spacing.
+The labelled set for N labelled patients is every slice of the first N patients of train_slices.list (for 3 / 7:
+its first 68 / 136 lines, the reference mapping; for 1 the reference's first 23 lines); the remaining slices are
+the unlabelled set. The HDF5 files carry no voxel spacing.
 """
 from __future__ import annotations
 
@@ -22,11 +23,18 @@ CLASSES = ("background", "RV", "Myo", "LV")
 LABELLED_SLICES = {1: 23, 3: 68, 7: 136}
 
 
+def patient_of(name: str) -> str:
+    """The patient of a slice or volume name: `patient<NNN>_frame<FF>[_slice_<Z>]` -> `patient<NNN>`."""
+    return name.split("_", 1)[0]
+
+
 def _read_list(path: str) -> list[str]:
+    """The names of a list file, each a checked case name (action.data.names: the error names the file and line)."""
+    from action.data.names import read_name_list
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ACDC list file not found: {path}")
-    with open(path) as fh:
-        names = [line.strip() for line in fh if line.strip()]
+    names = read_name_list(path)
     if not names:
         raise ValueError(f"ACDC list file is empty: {path}")
     return names
@@ -38,7 +46,9 @@ def read_case(root: str, name: str, num_classes: int | None = len(CLASSES)) -> t
     error names the file."""
     import h5py
 
-    path = os.path.join(root, "data", f"{name}.h5")
+    from action.data.names import check_case_name
+
+    path = os.path.join(root, "data", f"{check_case_name(name, 'ACDC case')}.h5")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ACDC case {name!r}: file not found: {path}")
     try:
@@ -46,6 +56,7 @@ def read_case(root: str, name: str, num_classes: int | None = len(CLASSES)) -> t
             missing = [k for k in ("image", "label") if k not in fh]
             if missing:
                 raise ValueError(f"ACDC case {name!r}: {path} has no dataset(s) {missing} (found {list(fh.keys())})")
+            check_datasets(path, fh, ("image", "label"))
             image = np.asarray(fh["image"][()], dtype=np.float32)
             raw_label = np.asarray(fh["label"][()])
     except OSError as exc:
@@ -57,6 +68,31 @@ def read_case(root: str, name: str, num_classes: int | None = len(CLASSES)) -> t
     if num_classes is not None:
         labels_in_range(label, num_classes, f"ACDC case {name!r}: {path} dataset 'label'")
     return image, label
+
+
+def check_datasets(path: str, fh, keys) -> None:
+    """HDF5 datasets `keys` of open file `fh` (at `path`) checked before they are read: each a dataset (not a group)
+    of real numbers (not complex, compound or strings), together no larger than the file can hold and the read cap
+    allow (action.data.limits: a 4 kB file declaring 10 GB is refused before any allocation)."""
+    import h5py
+
+    from action.data.limits import DEFLATE_RATIO, check_declared
+
+    total, ratio, shown = 0, 1.0, []
+    for key in keys:
+        item = fh[key]
+        if not isinstance(item, h5py.Dataset):
+            raise ValueError(f"{path}: {key!r} is an HDF5 {type(item).__name__.lower()}, not a dataset; expected an "
+                             f"array of numbers")
+        if item.dtype.names or item.dtype.kind not in "biuf":
+            kind = "compound" if item.dtype.names else {"c": "complex", "S": "string", "U": "string", "O": "object"
+                                                        }.get(item.dtype.kind, str(item.dtype))
+            raise ValueError(f"{path}: dataset {key!r} holds {kind} values ({item.dtype}); expected real numbers "
+                             f"(integers or floats)")
+        total += int(item.size) * item.dtype.itemsize
+        ratio = DEFLATE_RATIO if item.chunks is not None else ratio  # chunked: compressed, or unwritten (fill value)
+        shown.append(f"{key!r} {tuple(item.shape)} {item.dtype}")
+    check_declared(path, total, f"dataset(s) {', '.join(shown)}", ratio)
 
 
 @dataclass(frozen=True)
@@ -81,18 +117,41 @@ class AcdcLayout:
     def test_volumes(self) -> list[str]:
         return _read_list(os.path.join(self.root, "test.list"))
 
-    def split(self, labelled_patients: int | None = None, labelled: list[str] | None = None):
-        """(labelled slice names, unlabelled slice names): by number of labelled patients (1, 3 or 7: the first
-        23 / 68 / 136 lines of train_slices.list) or by an explicit list of slice names."""
+    def split(self, labelled_patients: int | None = None, labelled: list[str] | None = None,
+              labelled_cases: int | None = None):
+        """(labelled slice names, unlabelled slice names): by number of labelled patients N (every slice of the
+        first N patients of train_slices.list, in order of first appearance: the reference's 68 / 136 slices for
+        3 / 7; N = 1 keeps the reference's first 23 lines, LABELLED_SLICES), by number of labelled cases N (every
+        slice of the first N volumes `patient<NNN>_frame<FF>`, in order of first appearance) or by an explicit list
+        of slice names."""
         names = self.train_slices
-        if (labelled_patients is None) == (labelled is None):
-            raise ValueError("give exactly one of labelled_patients (1, 3 or 7) and labelled (a list of slice names)")
+        if sum(x is not None for x in (labelled_patients, labelled, labelled_cases)) != 1:
+            raise ValueError("give exactly one of labelled_patients (a number of patients >= 1), labelled_cases (a "
+                             "number of volumes >= 1) and labelled (a list of slice names)")
+        if labelled_cases is not None:
+            if isinstance(labelled_cases, bool) or not isinstance(labelled_cases, int) or labelled_cases < 1:
+                raise ValueError(f"labelled_cases must be a number of volumes >= 1, got {labelled_cases!r}")
+            volumes = list(dict.fromkeys(n.rpartition("_slice_")[0] or n for n in names))
+            if labelled_cases >= len(volumes):
+                raise ValueError(f"labelled_cases={labelled_cases}: train_slices.list of {self.root} has "
+                                 f"{len(volumes)} volumes, and at least one must stay unlabelled; choose at most "
+                                 f"{len(volumes) - 1}")
+            chosen = set(volumes[:labelled_cases])
+            inside = [(n.rpartition("_slice_")[0] or n) in chosen for n in names]
+            return [n for n, k in zip(names, inside) if k], [n for n, k in zip(names, inside) if not k]
         if labelled_patients is not None:
-            if labelled_patients not in LABELLED_SLICES:
-                raise ValueError(f"labelled_patients must be one of {sorted(LABELLED_SLICES)} (the reference "
-                                 f"splits), got {labelled_patients}; pass labelled=[...] for another split")
-            n = LABELLED_SLICES[labelled_patients]
-            return names[:n], names[n:]
+            if isinstance(labelled_patients, bool) or not isinstance(labelled_patients, int) or labelled_patients < 1:
+                raise ValueError(f"labelled_patients must be a number of patients >= 1, got {labelled_patients!r}")
+            if labelled_patients in LABELLED_SLICES:
+                n = LABELLED_SLICES[labelled_patients]
+                return names[:n], names[n:]
+            patients = list(dict.fromkeys(patient_of(n) for n in names))
+            if labelled_patients >= len(patients):
+                raise ValueError(f"labelled_patients={labelled_patients}: train_slices.list of {self.root} has "
+                                 f"{len(patients)} patients, and at least one must stay unlabelled; choose at most "
+                                 f"{len(patients) - 1}")
+            chosen = set(patients[:labelled_patients])
+            return [n for n in names if patient_of(n) in chosen], [n for n in names if patient_of(n) not in chosen]
         chosen = set(labelled)
         unknown = sorted(chosen - set(names))
         if unknown:

@@ -4,10 +4,14 @@ to images, labels and (pseudo-label) confidences.
 Shapes: image (B, C, *S) float, label (B, *S) int64, confidence (B, *S) float, with S = (H, W) or (D, H, W).
 Every random number is drawn from the given generator (on its device, then moved), so the same generator state
 gives the same batch on any run; per-sample parameters are drawn for every sample even when a transform is skipped
-for it, so one sample's choices never shift another's. Geometric transforms move image, label and confidence
-together (bilinear for the image, nearest for label and confidence; pixels that come from outside the image get
-image 0, label 0 and confidence 0); intensity transforms touch the image only; cutout marks its box as
-`ignore_index` in the label and 0 in the confidence. No PIL, no 8-bit round trip.
+for it, so one sample's choices never shift another's. Only what a sample chose is computed: flips and rotations
+per group of samples that chose them, warps and noise for the samples a transform applies to (intensity and blur
+for the whole batch once any sample is chosen, so their rounding cannot depend on the batch's composition); a
+transform that chooses no sample returns its input. The outputs equal, bit for bit, those of the implementation
+that computed every branch for every sample (tests/test_augment_equivalence.py). Geometric transforms move image,
+label and confidence together (bilinear for the image, nearest for label and confidence; pixels that come from
+outside the image get image 0, label 0 and confidence 0); intensity transforms touch the image only; cutout marks
+its box as `ignore_index` in the label and 0 in the confidence. No PIL, no 8-bit round trip.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from action.data.labels import IGNORE_INDEX
 
 
 def _uniform(shape, lo, hi, g: torch.Generator, device) -> torch.Tensor:
@@ -40,35 +46,68 @@ def _check(image, label, confidence):
         raise ValueError(f"label must be int64, got {label.dtype}")
 
 
+def _chosen(flags: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """flags (B,) bool -> (indices of the True samples, or None when there are none; whether all are True). One
+    host sync: which samples a transform touches decides which tensors are computed at all."""
+    idx = torch.nonzero(flags)[:, 0]
+    n = int(idx.numel())
+    return (idx if n else None), n == flags.numel()
+
+
+def _on_chosen(t: torch.Tensor, idx: torch.Tensor | None, every: bool, fn) -> torch.Tensor:
+    """fn applied to the samples idx of t (B, ...) only, the others passed through: t itself when idx is None,
+    fn(t) when every sample is chosen. fn must treat each sample on its own (its result for a sample cannot
+    depend on which other samples it sees), which makes this equal to torch.where(chosen, fn(t), t)."""
+    if idx is None:
+        return t
+    if every:
+        return fn(t)
+    out = t.clone()
+    out.index_copy_(0, idx, fn(t.index_select(0, idx)))
+    return out
+
+
 def flip_rot90(image, label=None, confidence=None, *, generator, flip_p=0.5, rot90=True):
     """Per sample: each spatial axis flipped with probability flip_p; a rotation by k*90 degrees in the last two
-    axes, k uniform in {0, 1, 2, 3} (in {0, 2} when those axes differ in length). Exact (a permutation)."""
+    axes, k uniform in {0, 1, 2, 3} (in {0, 2} when those axes differ in length). Exact (a permutation).
+
+    Each sample's own flips and rotation only: a sample's flips and rotation are one flip of some axes and an
+    optional swap of the last two (_flip_rot_plan), copied once into the output, whatever the choices."""
     _check(image, label, confidence)
     B, nd = image.shape[0], image.dim() - 2
-    fields = [image] + [t.unsqueeze(1) if t is not None else None for t in (label, confidence)]
     flips = _uniform((B, nd), 0, 1, generator, image.device) < flip_p
     ks = torch.randint(0, 4, (B,), generator=generator, device=generator.device).to(image.device)
     square = image.shape[-1] == image.shape[-2]
     if not square:
         ks = (ks // 2) * 2
-    out = []
-    for t in fields:
+    if not rot90:
+        ks = torch.zeros_like(ks)
+    plans = [_flip_rot_plan(nd, [a for a in range(nd) if f[a]], int(k)) for f, k in zip(flips.tolist(), ks.tolist())]
+    if all(not axes and not swap for axes, swap in plans):  # nobody flipped or rotated
+        return image, label, confidence
+
+    def permute(t):  # t (B, C, *S): each sample copied once through its own flips (and axis swap)
         if t is None:
-            out.append(None)
-            continue
-        for axis in range(nd):
-            t = torch.where(_bcast(flips[:, axis], t), t.flip(2 + axis), t)
-        if rot90:
-            rotated = t
-            for k in (1, 2, 3):
-                if k % 2 and not square:
-                    continue
-                rotated = torch.where(_bcast(ks == k, t), torch.rot90(t, k, dims=(-2, -1)), rotated)
-            t = rotated
-        out.append(t)
-    image, label, confidence = out
-    return image, (label.squeeze(1) if label is not None else None), \
-        (confidence.squeeze(1) if confidence is not None else None)
+            return None
+        if len({(tuple(axes), swap) for axes, swap in plans}) == 1:  # one plan for the whole batch
+            axes, swap = plans[0]
+            x = t.flip([2 + a for a in axes]) if axes else t
+            return (x.transpose(-2, -1) if swap else x).contiguous()
+        out = torch.empty_like(t)
+        for b, (axes, swap) in enumerate(plans):
+            x = t[b].flip([1 + a for a in axes]) if axes else t[b]
+            out[b].copy_(x.transpose(-2, -1) if swap else x)
+        return out
+
+    return permute(image), *(None if t is None else permute(t.unsqueeze(1)).squeeze(1) for t in (label, confidence))
+
+
+def _flip_rot_plan(nd: int, flipped: list[int], k: int) -> tuple[list[int], bool]:
+    """The flips of spatial axes `flipped` followed by rot90 by k in the last two axes, as one flip of some axes and
+    an optional swap of the last two (torch.rot90 by 1 is a flip of the last axis then the swap, by 2 a flip of
+    both, by 3 a flip of the second-last then the swap) -> (axes to flip, swap)."""
+    axes = set(flipped) ^ {0: set(), 1: {nd - 1}, 2: {nd - 2, nd - 1}, 3: {nd - 2}}[k % 4]
+    return sorted(axes), k % 2 == 1
 
 
 def random_affine(image, label=None, confidence=None, *, generator, p=0.5, degrees=15.0, scale=(0.9, 1.1),
@@ -90,17 +129,29 @@ def random_affine(image, label=None, confidence=None, *, generator, p=0.5, degre
     if nd == 3:
         theta[:, 2, 2] = 1.0 / s
     theta[:, :, nd] = shift
-    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    idx, every = _chosen(apply)
+    if idx is None:
+        return image, label, confidence
+    chosen = theta if every else theta.index_select(0, idx)  # the grids of the chosen samples only
+    grid = F.affine_grid(chosen, [chosen.shape[0], *image.shape[1:]], align_corners=False)
 
-    def warp(t, mode):
-        return torch.where(_bcast(apply, t), F.grid_sample(t, grid, mode=mode, padding_mode="zeros",
-                                                             align_corners=False), t)
+    def sample(t, mode):  # each sample is sampled on its own grid, whatever the others are
+        return F.grid_sample(t, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
-    image = warp(image, "bilinear")
+    image_dtype = image.dtype
+    image = _on_chosen(image, idx, every, lambda t: sample(t, "bilinear"))
+    # nearest neighbour moves values without arithmetic: label (as the image's dtype, as it always was) and a
+    # confidence of that dtype go through one sampling as two channels
+    together = label is not None and confidence is not None and confidence.dtype == image_dtype
+    if together:
+        both = _on_chosen(torch.stack([label.to(image_dtype), confidence], 1), idx, every,
+                          lambda t: sample(t, "nearest"))
+        return image, both[:, 0].long(), both[:, 1]
     if label is not None:
-        label = warp(label.unsqueeze(1).to(image.dtype), "nearest").squeeze(1).round().long()
+        label = _on_chosen(label, idx, every,
+                           lambda t: sample(t.unsqueeze(1).to(image_dtype), "nearest")[:, 0].long())
     if confidence is not None:
-        confidence = warp(confidence.unsqueeze(1), "nearest").squeeze(1)
+        confidence = _on_chosen(confidence, idx, every, lambda t: sample(t.unsqueeze(1), "nearest")[:, 0])
     return image, label, confidence
 
 
@@ -112,6 +163,10 @@ def intensity(image, *, generator, p=0.8, brightness=0.1, contrast=(0.9, 1.1), g
     b = _uniform((B,), -brightness, brightness, generator, dev)
     c = _uniform((B,), contrast[0], contrast[1], generator, dev)
     gam = torch.exp(_uniform((B,), math.log(gamma[0]), math.log(gamma[1]), generator, dev))
+    if not bool(apply.any()):
+        return image
+    # computed for every sample once any is chosen: pow's vectorised and scalar code paths may round the last
+    # bit differently, and a subset of the batch would move which elements take which (p = 0.8: little to save)
     flat = image.flatten(1)
     lo, hi, mean = flat.min(1).values, flat.max(1).values, flat.mean(1)
     rng = (hi - lo).clamp_min(1e-6)
@@ -130,6 +185,10 @@ def gaussian_blur(image, *, generator, p=0.2, sigma=(0.1, 1.0)):
     offsets = torch.arange(-radius, radius + 1, device=dev, dtype=image.dtype)
     kernel = torch.exp(-0.5 * (offsets[None] / sig[:, None]) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, taps)
+    if not bool(apply.any()):
+        return image
+    # computed for every sample once any is chosen: a grouped convolution of fewer groups may take another
+    # algorithm (one group does, on CPU) and round differently; blur is cheap beside the warps
     nd = image.dim() - 2
     conv = (F.conv2d, F.conv3d)[nd - 2]
     x = image.reshape(1, B * C, *image.shape[2:])
@@ -149,7 +208,11 @@ def gaussian_noise(image, *, generator, p=0.2, std=0.03):
     flat = image.flatten(1)
     rng = (flat.max(1).values - flat.min(1).values).clamp_min(1e-6)
     noise = torch.randn(image.shape, generator=generator, device=generator.device).to(dev, image.dtype)
-    return torch.where(_bcast(apply, image), image + noise * _bcast(std * rng, image), image)
+    idx, every = _chosen(apply)  # the noise is drawn for every sample (the generator moves as it always did)
+    scale = _bcast(std * rng, image)
+    if idx is not None and not every:
+        noise, scale = noise.index_select(0, idx), scale.index_select(0, idx)
+    return _on_chosen(image, idx, every, lambda t: t + noise * scale)
 
 
 def _boxes(shape, generator, device, area):
@@ -168,7 +231,7 @@ def _boxes(shape, generator, device, area):
     return mask
 
 
-def cutout(image, label=None, confidence=None, *, generator, p=0.5, area=(0.02, 0.2), ignore_index=255):
+def cutout(image, label=None, confidence=None, *, generator, p=0.5, area=(0.02, 0.2), ignore_index=IGNORE_INDEX):
     """Per sample with probability p: a box (area fraction in `area`) set to 0 in the image, `ignore_index` in the
     label and 0 in the confidence."""
     _check(image, label, confidence)
@@ -190,12 +253,26 @@ def _mix(mask, image, label, confidence, perm):
     return image, label, confidence
 
 
-def cutmix(image, label=None, confidence=None, *, generator, p=0.5, area=(0.1, 0.5)):
-    """Per sample b with probability p: a box of sample perm[b] (perm: a random permutation of the batch) pasted
+def partners(batch: int, generator: torch.Generator, device, pairing: str = "random") -> torch.Tensor:
+    """(batch,) int64: the mixing partner of each sample. "random": a random permutation (a sample is its own
+    partner with probability 1/batch); "derangement": a random cyclic order, each sample paired with the next, so
+    no sample is its own partner (a batch of one is). Both draw one randperm from `generator`."""
+    if pairing not in ("random", "derangement"):
+        raise ValueError(f"pairing must be 'random' or 'derangement', got {pairing!r}")
+    perm = torch.randperm(batch, generator=generator, device=generator.device).to(device)
+    if pairing == "random":
+        return perm
+    partner = torch.empty_like(perm)
+    partner[perm] = perm.roll(-1)
+    return partner
+
+
+def cutmix(image, label=None, confidence=None, *, generator, p=0.5, area=(0.1, 0.5), pairing="random"):
+    """Per sample b with probability p: a box of sample perm[b] (perm: its partner, `partners(pairing)`) pasted
     into sample b, in image, label and confidence alike. Returns (image, label, confidence, mask, perm)."""
     _check(image, label, confidence)
     B, dev = image.shape[0], image.device
-    perm = torch.randperm(B, generator=generator, device=generator.device).to(dev)
+    perm = partners(B, generator, dev, pairing)
     apply = _uniform((B,), 0, 1, generator, dev) < p
     mask = _boxes(image.shape, generator, dev, area) & _bcast(apply, image[:, 0])
     return (*_mix(mask, image, label, confidence, perm), mask, perm)
@@ -235,7 +312,15 @@ class AugmentConfig:
     noise_std: float = 0.03
     cutout_p: float = 0.0
     cutout_area: tuple[float, float] = (0.02, 0.2)
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
+
+
+# the strong view of stage iii's unlabelled images (FixMatch / UniMatch style: the student sees a strongly perturbed
+# copy of what the teacher labelled): photometric only, so the pseudo-labels stay pixel-aligned; geometric fields
+# off. Overridden by the strong_augmentation option.
+STRONG_PHOTOMETRIC = {"flip_p": 0.0, "rot90": False, "affine_p": 0.0, "intensity_p": 0.8, "brightness": 0.3,
+                      "contrast": (0.6, 1.4), "gamma": (0.6, 1.6), "blur_p": 0.5, "blur_sigma": (0.1, 1.5),
+                      "noise_p": 0.5, "noise_std": 0.05}
 
 
 class Augment:

@@ -8,6 +8,7 @@ header; predictions are turned back and written with the source's header).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 @dataclass
 class Case:
     name: str
-    image: torch.Tensor  # (Z, H, W)
+    image: torch.Tensor  # (Z, H, W), or (C, Z, H, W) for several input channels
     label: torch.Tensor | None = None  # (Z, H, W)
     spacing: tuple[float, float, float] | None = None  # (Z, H, W) order, mm
     reference: object | None = None  # action.data.nifti.Volume of the source image, for writing predictions
@@ -54,33 +55,73 @@ def unique_case_names(names: list[str], paths: list[str]) -> None:
                          f"predictions/<name>.nii.gz over the other: rename or remove the duplicates")
 
 
-def nifti_cases(items, orientation: str | None = None, num_classes: int | None = None):
-    """Cases from NIfTI files: items are (image path, label path or None) or (name, image path, label path or
-    None). With `orientation` (axis codes, e.g. the training orientation "RAS") every volume is first reoriented to
-    it (flips and permutations, exact); nibabel's (X, Y, Z) arrays are then moved to (Z, Y, X) for slice-wise
-    inference. Predictions go back through Case.to_source. Images must be finite; label maps integral and, when
-    num_classes is given, in [0, num_classes); case names distinct (checked before the first case is read). Each
-    error names the file."""
+def nifti_cases(items, orientation: str | None = None, num_classes: int | None = None,
+                ignore_label: int | None = None):
+    """Cases from image files (NIfTI, or other formats through SimpleITK: action.data.image_io): items are (image
+    path, label path or None) or (name, image path, label path or None), an image path being one file or a tuple
+    of one file per channel (nnU-Net's `_0000`, `_0001`, ...: the case's image is then (C, Z, H, W)). With
+    `orientation` (axis codes, e.g. the training orientation "RAS") every volume is first reoriented to it (flips
+    and permutations, exact); the (X, Y, Z) arrays are then moved to (Z, Y, X) for slice-wise inference.
+    Predictions go back through Case.to_source. Images must be finite, channels of one shape and affine; label maps
+    integral and, when num_classes is given, in [0, num_classes), the value ignore_label (dataset.json's "ignore")
+    being mapped to IGNORE_INDEX; case names distinct (checked before the first case is read). Each error names
+    the file."""
     from action.data.checks import finite_image, labels_in_range
-    from action.data.nifti import case_name, load_nifti, load_pair, reorient
+    from action.data.image_io import read_pair, read_volume
+    from action.data.labels import IGNORE_INDEX
+    from action.data.nifti import case_name, reorient
 
-    items = [item if len(item) == 3 else (case_name(item[0]), *item) for item in items]
-    unique_case_names([name for name, _, _ in items], [image for _, image, _ in items])
-    for name, image_path, label_path in items:
+    items = [item if len(item) == 3 else (case_name(_first(item[0])), *item) for item in items]
+    unique_case_names([name for name, _, _ in items], [_first(image) for _, image, _ in items])
+    for name, image_paths, label_path in items:
+        paths = _paths(image_paths)
         if label_path is not None:
-            source, label = load_pair(image_path, label_path)
+            source, label = read_pair(paths[0], label_path)
+            data = label.data
+            if ignore_label is not None:
+                data = np.where(data == ignore_label, IGNORE_INDEX, data)
             if num_classes is not None:
-                labels_in_range(label.data, num_classes, label_path)
+                labels_in_range(data if ignore_label is None else data[data != IGNORE_INDEX], num_classes, label_path)
         else:
-            source, label = load_nifti(image_path, np.float32), None
-            finite_image(source.data, image_path)
+            source, data = read_volume(paths[0], np.float32), None
+            finite_image(source.data, paths[0])
         if source.data.ndim != 3:
-            raise ValueError(f"{image_path}: expected a 3D volume, got shape {source.data.shape} (several channels "
-                             f"or time points are not supported)")
+            raise ValueError(f"{paths[0]}: expected a 3D volume, got shape {source.data.shape} (store channels as "
+                             f"separate _0000, _0001 files; time series are not supported)")
+        more = [_channel(path, source) for path in paths[1:]]
         image, turn = (source, None) if orientation is None else reorient(source, orientation)
+        arrays = [image.data] + [c if turn is None else turn.apply(c) for c in more]
+        tensors = [torch.from_numpy(np.ascontiguousarray(a.transpose(2, 1, 0))) for a in arrays]
         lab = None
-        if label is not None:
-            data = label.data if turn is None else turn.apply(label.data)
+        if data is not None:
+            data = data if turn is None else turn.apply(data)
             lab = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))
-        yield Case(name, torch.from_numpy(np.ascontiguousarray(image.data.transpose(2, 1, 0))), lab,
+        yield Case(name, tensors[0] if len(tensors) == 1 else torch.stack(tensors), lab,
                    tuple(reversed(image.spacing[:3])), source, turn)
+
+
+def _paths(image_paths) -> tuple[str, ...]:
+    """One image path (str or path-like) or a sequence of them (one per channel) -> a tuple of str."""
+    if isinstance(image_paths, (str, os.PathLike)):
+        return (os.fspath(image_paths),)
+    return tuple(os.fspath(p) for p in image_paths)
+
+
+def _first(image_paths) -> str:
+    return _paths(image_paths)[0]
+
+
+def _channel(path: str, first):
+    """The array (X, Y, Z) of a further channel's file, checked against channel 0's Volume `first`."""
+    from action.data.checks import finite_image
+    from action.data.image_io import read_volume
+
+    volume = read_volume(path, np.float32)
+    finite_image(volume.data, path)
+    if volume.data.shape != first.data.shape:
+        raise ValueError(f"{path} shape {volume.data.shape} != {first.path} shape {first.data.shape} (channels of "
+                         f"one case must match)")
+    if not np.allclose(volume.affine, first.affine, atol=1e-3):
+        raise ValueError(f"{path} and {first.path} have different affines (channels of one case must share the "
+                         f"grid):\n{volume.affine}\n{first.affine}")
+    return volume.data

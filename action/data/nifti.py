@@ -39,9 +39,12 @@ class Volume:
 
 
 def case_name(path: str, channel_suffix: bool = False) -> str:
-    """A case's name from an image path: the file name without .nii / .nii.gz; with channel_suffix also without
-    nnU-Net's channel suffix (`la_003_0000.nii.gz` -> `la_003`)."""
-    name = os.path.basename(path).split(".nii")[0]
+    """A case's name from an image path: the file name without its image ending (.nii.gz, .mha, ...:
+    action.data.image_io); with channel_suffix also without nnU-Net's channel suffix (`la_003_0000.nii.gz` ->
+    `la_003`)."""
+    from action.data.filenames import strip_ending
+
+    name = strip_ending(path)
     stem, sep, channel = name.rpartition("_")
     return stem if channel_suffix and sep and len(channel) == 4 and channel.isdigit() else name
 
@@ -58,8 +61,12 @@ def load_nifti(path: str, dtype=None) -> Volume:
         raise FileNotFoundError(f"NIfTI file not found: {path}")
     try:
         img = nib.load(path)
-        data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for corrupt files
+        raise ValueError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
+    check_header(path, img)
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as exc:
         raise ValueError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
     if dtype is not None:
         data = data.astype(dtype)
@@ -67,11 +74,39 @@ def load_nifti(path: str, dtype=None) -> Volume:
     return Volume(data, np.asarray(img.affine, dtype=np.float64), spacing, path, img.header.copy())
 
 
+def load_header(path: str):
+    """The nibabel image of a NIfTI file with its header read and checked (check_header), its voxels not read; a
+    file that is not NIfTI is a ValueError naming it."""
+    try:
+        img = _nib().load(path)
+    except Exception as exc:  # nibabel raises several types for files that are not NIfTI
+        raise ValueError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    check_header(path, img)
+    return img
+
+
+def check_header(path: str, img) -> None:
+    """A loaded NIfTI header checked before its voxels are read: a finite affine, and a declared image size (shape x
+    the stored type's size) no larger than the file can hold (deflate's ratio for .gz, the file itself for .nii)
+    and the read cap (action.data.limits)."""
+    from action.data.limits import DEFLATE_RATIO, check_declared
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the header's affine (sform/qform) holds NaN or infinite values; fix the header "
+                         f"(e.g. nibabel's set_sform) or re-export the image")
+    dtype = img.get_data_dtype()
+    declared = int(np.prod([int(n) for n in img.shape], dtype=object)) * dtype.itemsize
+    offset = int(img.header.get("vox_offset", 0)) if not path.endswith(".gz") else 0
+    check_declared(path, declared + offset, f"image {tuple(int(n) for n in img.shape)} {dtype}",
+                   DEFLATE_RATIO if path.endswith(".gz") else 1.0)
+
+
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str, header=None) -> str:
     """Writes data with the given affine (the spacing follows from it); with `header` (a source image's), its
     qform and sform matrices and codes, units and descriptions are kept and only the data type follows `data`
     (no intensity scaling). Creates parent folders; written to a temporary file first and renamed, so an
-    interrupted write never leaves a truncated volume."""
+    interrupted write never leaves a truncated volume, and on any error the temporary is removed."""
     nib = _nib()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -88,8 +123,16 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str, header=None) -> 
         img.set_sform(header.get_sform(), code=int(header["sform_code"]))
         img.set_data_dtype(data.dtype)
         img.header.set_slope_inter(None, None)  # labels are written as they are, never rescaled
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full or read-only disk: name the file being written
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -150,13 +193,15 @@ def reoriented_geometry(affine: np.ndarray, shape, target: str):
     return forward, backward, turned, spacing
 
 
-def load_pair(image_path: str, label_path: str) -> tuple[Volume, Volume]:
+def load_pair(image_path: str, label_path: str, read=None) -> tuple[Volume, Volume]:
     """An image and its label map, checked to share shape and affine (the error names both files), the image to
     be finite and the label map integral (action.data.checks: a float map with fractions is an error, never
-    truncated)."""
+    truncated). read: path, dtype -> Volume (default load_nifti; action.data.image_io.read_pair passes its reader
+    of every format)."""
     from action.data.checks import finite_image, label_map
 
-    image, label = load_nifti(image_path, np.float32), load_nifti(label_path)
+    read = read or load_nifti
+    image, label = read(image_path, np.float32), read(label_path)
     finite_image(image.data, image_path)
     if image.data.shape != label.data.shape:
         raise ValueError(f"{image_path} shape {image.data.shape} != {label_path} shape {label.data.shape}")
@@ -180,8 +225,10 @@ def acdc_raw_pairs(root: str) -> list[tuple[str, str]]:
 
 def label_path(image: str, labels_dir: str) -> str | None:
     """The label map of `image` in `labels_dir`: the same file name, or the name without nnU-Net's channel suffix
-    (`case_0000.nii.gz` -> `case.nii.gz`); None when neither exists."""
-    ending = ".nii.gz" if image.endswith(".nii.gz") else ".nii"
+    (`case_0000.nii.gz` -> `case.nii.gz`, `case_0001.mha` -> `case.mha`); None when neither exists."""
+    from action.data.filenames import ending_of
+
+    ending = ending_of(image) or ".nii.gz"
     for name in (os.path.basename(image), case_name(image, True) + ending):
         path = os.path.join(labels_dir, name)
         if os.path.isfile(path):
@@ -192,15 +239,17 @@ def label_path(image: str, labels_dir: str) -> str | None:
 def folder_pairs(images_dir: str, labels_dir: str) -> list[tuple[str, str]]:
     """(image, label) paths of a generic layout: an images folder and a labels folder with the same file names (an
     image's nnU-Net channel suffix `_0000` allowed: imagesTs/case_0000.nii.gz pairs with labelsTs/case.nii.gz)."""
-    images = sorted(glob.glob(os.path.join(images_dir, "*.nii*")))
+    from action.data.filenames import ENDINGS, ending_of
+
+    images = sorted(p for p in glob.glob(os.path.join(images_dir, "*")) if ending_of(p))
     if not images:
-        raise FileNotFoundError(f"no .nii / .nii.gz files in {images_dir}")
+        raise FileNotFoundError(f"no image files ({', '.join(ENDINGS)}) in {images_dir}")
     pairs = []
     for image in images:
         label = label_path(image, labels_dir)
         if label is None:
             raise FileNotFoundError(f"image {image} has no label map {os.path.basename(image)} or "
-                                    f"{case_name(image, True)}.nii.gz in {labels_dir}")
+                                    f"{case_name(image, True)}{ending_of(image)} in {labels_dir}")
         pairs.append((image, label))
     return pairs
 
@@ -209,6 +258,7 @@ def hdf5_to_nifti(root: str, names: list[str], out_dir: str, spacing=(1.0, 1.0, 
     """Converts HDF5 volumes (Z, H, W) of the ACDC layout to NIfTI pairs <name>.nii.gz and <name>_gt.nii.gz in
     (x, y, z) = (W, H, Z) order with a diagonal affine of the given (x, y, z) spacing. Returns the written paths."""
     from action.data.acdc import read_case
+    from action.data.names import check_case_name, output_path
 
     affine = np.diag([float(spacing[0]), float(spacing[1]), float(spacing[2]), 1.0])
     written = []
@@ -217,6 +267,6 @@ def hdf5_to_nifti(root: str, names: list[str], out_dir: str, spacing=(1.0, 1.0, 
         if image.ndim != 3:
             raise ValueError(f"ACDC case {name!r} is not a volume (shape {image.shape}); convert val/test volumes")
         for suffix, arr in (("", image.astype(np.float32)), ("_gt", label.astype(np.uint8))):
-            path = os.path.join(out_dir, f"{name}{suffix}.nii.gz")
+            path = output_path(out_dir, f"{check_case_name(name, 'hdf5_to_nifti')}{suffix}.nii.gz")
             written.append(save_nifti(np.transpose(arr, (2, 1, 0)), affine, path))
     return written

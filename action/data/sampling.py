@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from action.data.labels import IGNORE_INDEX
+
 
 def run_seed(seed: int, step: int) -> int:
     """The seed of step `step` (an iteration, or an epoch of an index stream) of a run seeded with `seed`: every
@@ -82,7 +84,8 @@ def random_patches(image: torch.Tensor, label: torch.Tensor | None, patch: tuple
                    generator: torch.Generator, foreground_p: float = 0.5):
     """Random 3D patches of one volume: image (Z, H, W) [or (C, Z, H, W)], label (Z, H, W) -> images
     (count, C, *patch), labels (count, *patch). A volume smaller than the patch is zero-padded (label 0). With
-    probability foreground_p a patch is centred on a random foreground voxel (when the label has one)."""
+    probability foreground_p a patch is centred on a random foreground voxel (when the label has one; ignored voxels
+    are not foreground)."""
     img = image if image.dim() == 4 else image.unsqueeze(0)
     if img.dim() != 4 or len(patch) != 3:
         raise ValueError(f"random_patches needs a (Z, H, W) or (C, Z, H, W) volume and a 3-element patch, got "
@@ -96,7 +99,8 @@ def random_patches(image: torch.Tensor, label: torch.Tensor | None, patch: tuple
     img = F.pad(img, pad)
     lab = F.pad(label, pad) if label is not None else None
     shape = img.shape[1:]
-    fg = torch.nonzero(lab > 0) if lab is not None else torch.empty(0, 3, dtype=torch.long)
+    # foreground: a class other than background, not an ignored voxel (action.data.labels.IGNORE_INDEX)
+    fg = torch.nonzero((lab > 0) & (lab != IGNORE_INDEX)) if lab is not None else torch.empty(0, 3, dtype=torch.long)
     images, labels = [], []
     for _ in range(count):
         u = torch.rand(4, generator=generator)

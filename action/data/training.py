@@ -1,100 +1,13 @@
-"""A run's training images in memory, as the trainer and `action evaluate --bn-recalibrate` load them: the ACDC
-names of a config (labelled split, validation and test volumes), SliceData (2D: slices at the training size) and
-VolumeData (3D: the slices assembled into volumes, batches of random patches), training_data, the one rule for
-which images a run loads, and check_volumes, which reads and checks the evaluation volumes a run will use before
-its first iteration."""
+"""A run's training images in memory, as the trainer and `action evaluate --bn-recalibrate` load them:
+training_data, the one rule for which images a run loads (SliceData / VolumeData of the HDF5 layout from
+action.data.hdf5_training, their NIfTI forms from action.data.nifti_training), and check_volumes, which reads and
+checks the evaluation volumes a run will use before its first iteration."""
 from __future__ import annotations
 
-import torch
-
 from action.config import TrainConfig
-from action.data.acdc import AcdcLayout, AcdcSlices, assemble_volumes
-from action.data.cases import acdc_cases
+from action.data.hdf5_training import SliceData, VolumeData
 from action.data.layouts import detect_layout
-from action.data.sampling import load_slices, random_patches, run_seed
-
-
-def acdc_names(cfg: TrainConfig):
-    """(labelled slice names, unlabelled slice names, validation volumes, test volumes) of a config's ACDC folder:
-    the labelled split by cfg.labelled_patients, validation cut to cfg.val_volumes when set."""
-    layout = AcdcLayout(cfg.data)
-    labelled, unlabelled = layout.split(labelled_patients=cfg.labelled_patients)
-    val = layout.val_volumes[:cfg.val_volumes] if cfg.val_volumes else layout.val_volumes
-    return labelled, unlabelled, val, layout.test_volumes
-
-
-class SliceData:
-    """The training slices of an ACDC folder in memory at the training size: labelled images (N_l, 1, S, S) with
-    labels (N_l, S, S), unlabelled images (N_u, 1, S, S) (loaded only when the stage uses them); names and
-    unlabelled_names: the slices in that order (errors about a batch name its files)."""
-
-    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
-        self.root, self.num_classes = cfg.data, cfg.num_classes
-        if cfg.max_train_slices:
-            labelled, unlabelled = labelled[:cfg.max_train_slices], unlabelled[:cfg.max_train_slices]
-        size = (cfg.size, cfg.size)
-        self.images, self.labels, self.names = load_slices(
-            AcdcSlices(cfg.data, labelled, size, num_classes=cfg.num_classes), "labelled slices", progress)
-        self.unlabelled, self.unlabelled_names = None, []
-        if need_unlabelled:
-            self.unlabelled, _, self.unlabelled_names = load_slices(
-                AcdcSlices(cfg.data, unlabelled, size, labels=False), "unlabelled slices", progress)
-
-    def cases(self, names):
-        """The validation or test volumes `names` as action.data.cases.Case records."""
-        return acdc_cases(self.root, names, self.num_classes)
-
-    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 16):
-        """`count` batches (batch, 1, S, S) of un-augmented training slices drawn with replacement: the unlabelled
-        ones when loaded, else the labelled ones (BatchNorm re-estimation)."""
-        source = self.unlabelled if self.unlabelled is not None else self.images
-        for _ in range(count):
-            yield source[torch.randint(len(source), (batch,), generator=generator)].to(device)
-
-
-class VolumeData:
-    """The training slices assembled into volumes (Z, S, S) at the in-plane training size, in memory; batches are
-    random 3D patches (cfg.patch, half of them centred on foreground), drawn from generators seeded by (seed, t);
-    names and unlabelled_names: the volumes in that order."""
-
-    def __init__(self, cfg: TrainConfig, need_unlabelled: bool, progress: bool = True):
-        labelled, unlabelled, self.val_names, self.test_names = acdc_names(cfg)
-        size = (cfg.size, cfg.size)
-        self.cfg = cfg
-        self.images, self.labels, self.names = assemble_volumes(cfg.data, labelled, size, cfg.num_classes)
-        self.unlabelled, self.unlabelled_names = None, []
-        if need_unlabelled:
-            self.unlabelled, _, self.unlabelled_names = assemble_volumes(cfg.data, unlabelled, size, None)
-
-    def cases(self, names):
-        """The validation or test volumes `names` as action.data.cases.Case records."""
-        return acdc_cases(self.cfg.data, names, self.cfg.num_classes)
-
-    def clean_batches(self, count: int, generator: torch.Generator, device, batch: int = 4):
-        """`count` batches (batch, 1, *patch) of un-augmented random patches of the training volumes (unlabelled
-        when loaded, else labelled): BatchNorm re-estimation."""
-        source = self.unlabelled if self.unlabelled is not None else self.images
-        for _ in range(count):
-            picks = torch.randint(len(source), (batch,), generator=generator).tolist()
-            yield torch.cat([random_patches(source[i], None, tuple(self.cfg.patch), 1, generator)[0]
-                             for i in picks]).to(device)
-
-    def patches(self, indices, t: int, device) -> dict:
-        lab, unl = indices
-        base = run_seed(self.cfg.seed, t) * 64
-        out_i, out_l = [], []
-        for k, i in enumerate(lab.tolist()):
-            g = torch.Generator().manual_seed(base + k)
-            img, lbl = random_patches(self.images[i], self.labels[i], tuple(self.cfg.patch), 1, g)
-            out_i.append(img)
-            out_l.append(lbl)
-        batch = {"image_l": torch.cat(out_i).to(device), "label_l": torch.cat(out_l).to(device)}
-        if len(unl):
-            batch["image_u"] = torch.cat([random_patches(self.unlabelled[i], None, tuple(self.cfg.patch), 1,
-                                                         torch.Generator().manual_seed(base + 32 + k))[0]
-                                          for k, i in enumerate(unl.tolist())]).to(device)
-        return batch
+from action.data.nifti_training import nifti_training_data
 
 
 def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True):
@@ -103,10 +16,24 @@ def training_data(cfg: TrainConfig, uses_unlabelled: bool, progress: bool = True
     (uses_unlabelled) or the config asks for an unlabelled batch."""
     need_unlabelled = uses_unlabelled or cfg.unlabelled_batch > 0
     if detect_layout(cfg.data) != "hdf5":  # a NIfTI dataset folder (action.data.layouts)
-        from action.data.nifti_training import nifti_training_data
-
+        if cfg.audit_pseudo_labels:
+            raise ValueError(f"--audit-pseudo-labels needs unlabelled images that carry ground truth (the ACDC HDF5 "
+                             f"layout); {cfg.data} is a NIfTI dataset whose unlabelled images have none: drop the "
+                             f"option")
         return nifti_training_data(cfg, need_unlabelled, progress)
     return (VolumeData if cfg.dims == 3 else SliceData)(cfg, need_unlabelled, progress)
+
+
+def resolve_input_channels(cfg: TrainConfig, data) -> int:
+    """The input channels of a run's network, from its training data (`data.channels`: 1 for the HDF5 layout, the
+    dataset's channel files per case for NIfTI), written into cfg.in_channels (stored with the config in every
+    checkpoint, which inference builds its network from); a config that names another number is an error."""
+    channels = int(getattr(data, "channels", 1))
+    if cfg.in_channels is not None and cfg.in_channels != channels:
+        raise ValueError(f"config in_channels={cfg.in_channels}: the training data {cfg.data} has {channels} input "
+                         f"channel(s) per case; leave in_channels unset (it follows the data)")
+    cfg.in_channels = channels
+    return channels
 
 
 def check_volumes(cases_of, names: list[str], what: str) -> None:
@@ -118,8 +45,9 @@ def check_volumes(cases_of, names: list[str], what: str) -> None:
     for name in names:
         try:
             for case in cases_of([name]):
-                if case.image.dim() != 3:
-                    raise ValueError(f"volume {name!r} must be 3D, got shape {tuple(case.image.shape)}")
+                if case.image.dim() not in (3, 4):
+                    raise ValueError(f"volume {name!r} must be 3D (or channels x 3D), got shape "
+                                     f"{tuple(case.image.shape)}")
         except (ValueError, FileNotFoundError, OSError) as exc:
             problems.append(str(exc))
     if problems:

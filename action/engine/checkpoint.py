@@ -15,10 +15,14 @@ validated) and align_keys (a checkpoint's names onto a model's: with or without 
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 
 import torch
+
+from action.data.limits import check_zip_archive
+from action.data.staging import process_running
 
 FORMAT = "action-checkpoint/1"
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
@@ -34,20 +38,15 @@ def save_checkpoint(state: dict, path: str) -> str:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full or read-only disk: torch.save reports a short write as RuntimeError
+        if isinstance(exc, OSError) and exc.filename:
+            raise
+        raise OSError(getattr(exc, "errno", None) or errno.EIO, f"writing the checkpoint failed "
+                      f"({str(exc).splitlines()[0][:160]}): is the disk full or read-only?", path) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def clean_stale_temporaries(folder: str) -> list[str]:
@@ -58,7 +57,7 @@ def clean_stale_temporaries(folder: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(folder)):
         match = _TEMPORARY.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _running(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not process_running(int(match.group(1))):
             path = os.path.join(folder, name)
             try:
                 os.remove(path)
@@ -86,6 +85,7 @@ def check_same_model(weights: dict, target: dict, path: str) -> None:
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    check_zip_archive(path)  # bounded: no entry may declare more than the file holds (action.data.limits)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file, or objects outside the safe set

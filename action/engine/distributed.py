@@ -84,6 +84,21 @@ def wrap(model: nn.Module, compute_losses, device: torch.device, sync_bn: bool =
                find_unused_parameters=True)
 
 
+def shard(views: dict, index: int, count: int) -> dict:
+    """The index-th of count contiguous shards of a step's views ("_l" keys by the labelled batch, "_u" keys by the
+    unlabelled one, anything else whole)."""
+    if count == 1:
+        return views
+    out = {}
+    for key, value in views.items():
+        if isinstance(value, torch.Tensor) and key.endswith(("_l", "_u")):
+            n = value.shape[0] // count
+            out[key] = value[index * n:(index + 1) * n]
+        else:
+            out[key] = value
+    return out
+
+
 def average_buffers(buffers) -> None:
     """All-reduce (mean) floating-point buffers (BatchNorm running statistics) so every rank keeps the same ones."""
     n = world()

@@ -2,16 +2,20 @@
 
 L_sup = 0.5 * (CE(logits, y) + Dice(softmax(logits), y)); Dice is the V-Net form averaged over all C classes,
 background included: 1 - (2 sum p y + eps) / (sum p^2 + sum y^2 + eps), eps = 1e-5, sums over batch and pixels.
-Pixels labelled ignore_index (cutout boxes) count in neither term.
+Pixels labelled ignore_index (IGNORE_INDEX, 255: cutout boxes) count in neither term.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from action.data.labels import IGNORE_INDEX
 
-def dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, eps: float = 1e-5) -> torch.Tensor:
-    """probs (B, C, *S) softmax output, target (B, *S) int64 -> scalar: mean over the C classes of 1 - Dice."""
+
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, eps: float = 1e-5,
+              per_class: bool = False) -> torch.Tensor:
+    """probs (B, C, *S) softmax output, target (B, *S) int64 -> scalar: mean over the C classes of 1 - Dice
+    (per_class: the (C,) terms before the mean)."""
     C = probs.shape[1]
     valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)
     onehot = F.one_hot(target.clamp(0, C - 1) * (target != ignore_index), C).movedim(-1, 1).to(probs.dtype)
@@ -19,10 +23,12 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = 255
     p, y = probs * valid, onehot * valid
     inter = (p * y).sum(dims)
     denom = (p * p).sum(dims) + (y * y).sum(dims)
-    return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
+    terms = 1.0 - (2.0 * inter + eps) / (denom + eps)
+    return terms if per_class else terms.mean()
 
 
-def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> dict[str, torch.Tensor]:
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor,
+                    ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """logits (B, C, *S), target (B, *S) int64 -> {"ce", "dice", "sup" = 0.5 (ce + dice)} (float32)."""
     logits = logits.float()
     if (target != ignore_index).any():

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import action_kernels as ak
+
 
 def ats_temperature(t: int, period: int, tau_min: float = 0.1, tau_max: float = 1.0) -> float:
     """The ACTION++ temperature at iteration t (cosine, one period of `period` iterations, starts at tau_max)."""
@@ -57,23 +59,49 @@ def compute_centres(num_classes: int, dim: int, tau: float = 0.1, steps: int = 2
 def class_centres(num_classes: int, dim: int, tau: float = 0.1, cache_dir: str | None = None,
                   steps: int = 2000) -> torch.Tensor:
     """compute_centres, cached as <cache_dir>/centres-C<C>-d<dim>-tau<tau>-<hash>.pt (default cache:
-    $ACTION_CACHE or ~/.cache/action). A corrupt cache file is recomputed."""
+    $ACTION_CACHE or ~/.cache/action). A cache file that is not such centres (centres_problem: corrupt, poisoned with
+    NaN, or tampered) is recomputed, with a line naming it."""
     cache_dir = cache_dir or os.environ.get("ACTION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "action"))
     key = hashlib.sha1(f"{num_classes}-{dim}-{tau}-{steps}-v1".encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"centres-C{num_classes}-d{dim}-tau{tau}-{key}.pt")
     if os.path.isfile(path):
         try:
+            from action.data.limits import check_zip_archive
+
+            check_zip_archive(path)
             psi = torch.load(path, weights_only=True)
-            if psi.shape == (num_classes, dim):
-                return psi
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
-            pass
+            problem = centres_problem(psi, num_classes, dim, tau)
+        except Exception as exc:  # noqa: BLE001 - a broken cache is rebuilt
+            problem = f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+        if problem is None:
+            return psi
+        print(f"ignored the class-centre cache {path}: {problem}; recomputing it", flush=True)
     psi = compute_centres(num_classes, dim, tau, steps)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(psi, tmp)
     os.replace(tmp, path)
     return psi
+
+
+def centres_problem(psi, num_classes: int, dim: int, tau: float) -> str | None:
+    """Why `psi` (read from a cache) is not a set of class centres of compute_centres' kind, or None: a float tensor
+    (num_classes, dim) of finite unit rows at a stationary point of the uniformity loss (its gradient along the
+    sphere below 1e-4: random unit vectors give about 1e-2). A rotation of the optimum is an optimum too and passes."""
+    if not isinstance(psi, torch.Tensor) or not psi.is_floating_point() or tuple(psi.shape) != (num_classes, dim):
+        return f"expected a float tensor of shape ({num_classes}, {dim})"
+    if not bool(torch.isfinite(psi).all()):
+        return "it holds NaN or infinite values"
+    x = psi.detach().double()
+    if float((x.norm(dim=1) - 1).abs().max()) > 1e-4:
+        return "its rows are not unit vectors"
+    x.requires_grad_(True)
+    uniformity_loss(x, tau).backward()
+    x, g = x.detach(), x.grad
+    along = float((g - (g * x).sum(1, keepdim=True) * x).norm())  # the gradient's part along the sphere
+    if along > 1e-4:
+        return f"not a minimum of the uniformity loss (gradient {along:.1e})"
+    return None
 
 
 def assign_centres(phi: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
@@ -115,8 +143,9 @@ def saacl_loss(queries: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor,
 
 
 class SaaclState(nn.Module):
-    """Running class means phi (C, d), the centres psi (C, d) and a labelled feature queue, as buffers (saved in
-    checkpoints)."""
+    """Running class means phi (C, d), the centres psi (C, d) and a labelled feature queue (queue_bank, an
+    ak.MemoryBank: queue / queue_labels are its filled rows), as buffers (saved in checkpoints; those of the former
+    queue / queue_labels / ptr buffers load too)."""
 
     def __init__(self, num_classes: int, dim: int, queue_size: int, centres: torch.Tensor, eta: float = 0.1):
         super().__init__()
@@ -124,9 +153,28 @@ class SaaclState(nn.Module):
         self.register_buffer("centres", centres.clone())
         self.register_buffer("phi", torch.zeros(num_classes, dim))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("queue", torch.zeros(queue_size, dim))
-        self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        # gather=False: the Trainer all-gathers the deferred rows itself (action.engine.distributed.gather_in_order)
+        self.queue_bank = ak.MemoryBank(queue_size, dim, num_classes, gather=False)
+
+    @property
+    def queue(self) -> torch.Tensor:
+        """(k, d) the unit teacher features in the queue, k <= queue_size."""
+        return self.queue_bank.keys()
+
+    @property
+    def queue_labels(self) -> torch.Tensor:
+        """(k,) their labels."""
+        return self.queue_bank.labels()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "queue"
+        if old in state_dict and prefix + "queue_bank.bank" not in state_dict:  # a checkpoint of the former layout
+            labels = state_dict.pop(prefix + "queue_labels")
+            state_dict[prefix + "queue_bank.bank"] = state_dict.pop(old)
+            state_dict[prefix + "queue_bank.bank_labels"] = labels
+            state_dict[prefix + "queue_bank.ptr"] = state_dict.pop(prefix + "ptr")
+            state_dict[prefix + "queue_bank.filled"] = (labels >= 0).sum()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update_means(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -145,12 +193,8 @@ class SaaclState(nn.Module):
 
     @torch.no_grad()
     def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        K = self.queue.shape[0]
-        features, labels = features[-K:], labels[-K:]
-        pos = (int(self.ptr) + torch.arange(features.shape[0], device=features.device)) % K
-        self.queue[pos] = F.normalize(features.float(), dim=1)
-        self.queue_labels[pos] = labels
-        self.ptr.fill_((int(self.ptr) + features.shape[0]) % K)
+        """features (n, d), labels (n,) in [0, C): their unit rows into the queue (the oldest overwritten)."""
+        self.queue_bank.push(F.normalize(features.float(), dim=1), labels)
 
     def assignment(self) -> torch.Tensor:
         return assign_centres(self.phi, self.centres)

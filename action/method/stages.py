@@ -8,9 +8,12 @@ registry, and the pipeline that runs the stages in order.
 
 Views: one geometric augmentation per image shared by student and teacher (so maps stay pixel-aligned for the
 local loss), independent photometric augmentation per view. Teachers are EMA copies (of the network and of the
-heads whose outputs they provide), updated once per iteration under no_grad, always in eval mode. Banks are FIFO
-buffers pushed after the optimizer step. Each stage initialises from the previous stage's checkpoint (--init);
-fine-tuning initialises student and teacher from the pre-trained student.
+heads whose outputs they provide), updated once per iteration under no_grad; with teacher_bn "batch" (the default)
+every teacher forward normalises with its batch's statistics and the teacher's running statistics (for its
+eval-mode validation) are an EMA of the student's, with "running" it runs in eval mode on statistics copied from the
+student.
+Banks are FIFO buffers pushed after the optimizer step. Each stage initialises from the previous stage's checkpoint
+(--init); fine-tuning initialises student and teacher from the pre-trained student.
 """
 from __future__ import annotations
 
@@ -24,11 +27,19 @@ import torch
 from torch import nn
 
 from action.config import PIPELINE, TrainConfig
-from action.data.augment import cutmix
+from action.data.augment import STRONG_PHOTOMETRIC, Augment, AugmentConfig, cutmix
 from action.engine.checkpoint import load_checkpoint
 from action.engine.losses import supervised_loss
 from action.engine.trainer import Trainer
-from action.method.losses import FifoBank, anatomical_term, distillation_loss, pseudo_label_loss, sample_hard_queries
+from action.method.losses import (
+    anatomical_term,
+    distillation_loss,
+    pseudo_label_audit,
+    pseudo_label_diagnostics,
+    pseudo_label_terms,
+    sample_hard_queries,
+    teacher_bank,
+)
 from action.method.plusplus import SaaclState, ats_temperature, class_centres, saacl_loss
 from action.models import EMATeacher, PredictorHead, ProjectionHead, RepresentationHead, build_network
 from action.models.ema import batch_statistics
@@ -57,8 +68,17 @@ class _TeacherStage(Trainer):
         return {}
 
     def setup(self) -> None:
-        self.teacher = EMATeacher(self._teacher_source(), self.cfg.ema_decay).to(self.device)
+        self.teacher = EMATeacher(self._teacher_source(), self.cfg.ema_decay,
+                                  buffers="copy" if self.cfg.teacher_bn == "running" else "ema").to(self.device)
         self.banks = nn.ModuleDict(self.build_banks()).to(self.device)
+
+    def teacher_statistics(self):
+        """The context of every teacher forward: with teacher_bn "batch", BatchNorm on the batch's statistics (the
+        teacher's running statistics, an EMA of the student's, serve its eval-mode validation only); with
+        "running", nothing (eval mode on statistics copied from the student)."""
+        if self.cfg.teacher_bn == "batch":
+            return batch_statistics(self.teacher.module)
+        return contextlib.nullcontext()
 
     def build_banks(self) -> dict:
         return {}
@@ -111,7 +131,7 @@ class GlobalPretrainer(_TeacherStage):
         return {"proj": ProjectionHead(self.bottleneck, d, d), "pred": PredictorHead(d, d)}
 
     def build_banks(self) -> dict:
-        return {"global": FifoBank(self.cfg.global_bank, self.cfg.global_dim)}
+        return {"global": teacher_bank(self.cfg.global_bank, self.cfg.global_dim)}
 
     def prepare(self, batch, generator):
         """Two views per image: one geometric augmentation shared (maps stay pixel-aligned), photometric per view."""
@@ -130,7 +150,7 @@ class GlobalPretrainer(_TeacherStage):
         return torch.cat([views[k] for k in (f"{who}_l", f"{who}_u") if k in views])
 
     def distill_global(self, bott_s, bott_t):
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_statistics():
             z_t = self.teacher.module["proj"](bott_t)
         z_s = self.model["pred"](self.model["proj"](bott_s))
         self.defer("global", z_t)
@@ -139,7 +159,7 @@ class GlobalPretrainer(_TeacherStage):
 
     def compute_losses(self, views, generator):
         _, _, bott_s = self.model["net"](self._both(views, "student"), return_features=True)
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_statistics():
             _, _, bott_t = self.teacher.module["net"](self._both(views, "teacher"), return_features=True)
         loss = self.distill_global(bott_s, bott_t)
         return {"loss": self.cfg.global_weight * loss, "global": loss}
@@ -157,7 +177,7 @@ class LocalPretrainer(GlobalPretrainer):
                                                                      dims=self.cfg.dims)}
 
     def build_banks(self) -> dict:
-        return {**super().build_banks(), "local": FifoBank(self.cfg.local_bank, self.cfg.local_dim)}
+        return {**super().build_banks(), "local": teacher_bank(self.cfg.local_bank, self.cfg.local_dim)}
 
     def local_grid_shape(self, spatial) -> tuple[int, ...]:
         """The local embedding map's size: local_grid x local_grid in-plane; in 3D the depth scaled alike (at
@@ -171,7 +191,7 @@ class LocalPretrainer(GlobalPretrainer):
         # one student pass gives the logits (supervised part) and the features (both distillation terms)
         logits, feats_s, bott_s = self.model["net"](self._both(views, "student"), return_features=True)
         grid = self.local_grid_shape(views["label_l"].shape[1:])
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_statistics():
             _, feats_t, bott_t = self.teacher.module["net"](self._both(views, "teacher"), return_features=True)
             local_t = self.teacher.module["local"](feats_t, size=grid)
         glob = self.distill_global(bott_s, bott_t)
@@ -203,26 +223,53 @@ class Finetuner(_TeacherStage):
     terms through more_losses (ACTION++: PlusPlusFinetuner). BatchNorm as in the ReCo code this stage follows: the
     teacher labels the clean unlabelled batch with that batch's statistics (teacher_bn "batch"), the student sees
     labelled and unlabelled images in separate forwards (split_bn); with running statistics and one mixed forward
-    the loop collapsed on this project's CPU runs (README, the stage iii diagnostics)."""
+    the loop collapsed on this project's CPU runs (benchmarks/RESULTS.md). The pseudo-label loss (unsup_loss, on pixels
+    whose confidence >= pseudo_threshold), the student's unlabelled view (unlabelled_view "strong": a strong
+    photometric pass after the joint augmentation) and cutmix (cutmix_p, cutmix_pairing, cutmix_area) are options;
+    every log step records what the pseudo-labels give (pseudo_label_diagnostics; with audit_pseudo_labels, their
+    Dice against the unlabelled images' ground truth, which reaches no loss)."""
 
     stage = "finetune"
 
     def build_heads(self) -> dict:
         return {"rep": RepresentationHead(self.decoder, self.cfg.rep_dim, dims=self.cfg.dims)}
 
+    def setup(self) -> None:
+        super().setup()
+        cfg = self.cfg
+        self.pseudo_threshold = cfg.strong_threshold if cfg.pseudo_threshold is None else cfg.pseudo_threshold
+        strong = {**STRONG_PHOTOMETRIC, **cfg.strong_augmentation,
+                  "ignore_index": self.augment.config.ignore_index}
+        self.strong = Augment(AugmentConfig(**strong)) if cfg.unlabelled_view == "strong" else None
+
+    def batch(self, t: int) -> dict:
+        """The trainer's batch; with audit_pseudo_labels also the unlabelled slices' ground truth ("truth_u"), which
+        prepare turns into logged numbers and drops (it never reaches a view or a loss)."""
+        out = super().batch(t)
+        if self.cfg.audit_pseudo_labels and "image_u" in out:
+            out["truth_u"] = self.data.unlabelled_truth[self.sampler.batch(t)[1]].to(self.device)
+        return out
+
     def prepare(self, batch, generator):
         """Teacher pseudo-labels and confidences of the un-augmented unlabelled images, then one augmentation
-        applied jointly to images, labels, pseudo-labels and confidences, then cutmix among unlabelled images."""
+        applied jointly to images, labels, pseudo-labels and confidences, the strong view's photometric pass on the
+        unlabelled images (unlabelled_view "strong"), then cutmix among unlabelled images."""
         cfg, aug = self.cfg, self.augment
+        truth = batch.pop("truth_u", None)
         net_t = self.teacher.module["net"]
-        with torch.no_grad(), batch_statistics(net_t) if cfg.teacher_bn == "batch" else contextlib.nullcontext():
+        with torch.no_grad(), self.teacher_statistics():
             p_u = net_t(batch["image_u"]).float().softmax(1)
             conf_u, y_u = p_u.max(1)
+        audit = {} if truth is None else pseudo_label_audit(y_u, conf_u, truth, self.pseudo_threshold,
+                                                              cfg.num_classes)
         x_l, y_l, _ = aug(batch["image_l"], batch["label_l"], generator=generator)
         x_u, y_u, conf_u = aug(batch["image_u"], y_u, conf_u, generator=generator)
+        if self.strong is not None:
+            x_u, y_u, conf_u = self.strong.photometric(x_u, y_u, conf_u, generator=generator)
         if cfg.cutmix_p > 0:
-            x_u, y_u, conf_u, _, _ = cutmix(x_u, y_u, conf_u, generator=generator, p=cfg.cutmix_p)
-        return {"image_l": x_l, "label_l": y_l, "image_u": x_u, "pseudo_u": y_u, "conf_u": conf_u}
+            x_u, y_u, conf_u, _, _ = cutmix(x_u, y_u, conf_u, generator=generator, p=cfg.cutmix_p,
+                                            area=tuple(cfg.cutmix_area), pairing=cfg.cutmix_pairing)
+        return {"image_l": x_l, "label_l": y_l, "image_u": x_u, "pseudo_u": y_u, "conf_u": conf_u, "audit": audit}
 
     def unsup_weight(self) -> float:
         """unsup_weight, ramped up as exp(-5 (1 - t/R)^2) over the first R = unsup_rampup iterations (the
@@ -261,8 +308,9 @@ class Finetuner(_TeacherStage):
         B = x_l.shape[0]
         logits, feats = self.student_forward(x_l, views["image_u"])
         sup = supervised_loss(logits[:B], views["label_l"], ignore)
-        unsup = pseudo_label_loss(logits[B:], views["pseudo_u"], views["conf_u"], cfg.strong_threshold, ignore,
-                                   cfg.unsup_mask)
+        pseudo = pseudo_label_terms(logits[B:], views["pseudo_u"], views["conf_u"], self.pseudo_threshold, ignore,
+                                    cfg.unsup_mask, cfg.unsup_loss)
+        unsup = pseudo["loss"]
         small = tuple(n // cfg.rep_stride for n in x_l.shape[2:])
         rep = self.model["rep"](feats, size=small)
         y_small, probs = self.grid_targets(views, logits)
@@ -271,7 +319,19 @@ class Finetuner(_TeacherStage):
                                negatives=cfg.negatives, num_negatives=cfg.num_negatives, generator=generator)
         loss = sup["sup"] + self.unsup_weight() * unsup + cfg.anco_weight * anco
         out = {"loss": loss, "sup": sup["sup"], "unsup": unsup, "anco": anco}
-        return self.more_losses(out, views, StudentPass(logits, feats, y_small, small), generator)
+        out = self.more_losses(out, views, StudentPass(logits, feats, y_small, small), generator)
+        return {**out, **self.diagnostics(views, pseudo)}
+
+    def diagnostics(self, views: dict, pseudo: dict) -> dict:
+        """What this step's pseudo-labels gave (logged, detached): pseudo_label_diagnostics of the student's
+        unlabelled view, the foreground share of the pseudo-label loss (pl_fg_share) and the audit's numbers."""
+        cfg = self.cfg
+        out = pseudo_label_diagnostics(views["pseudo_u"], views["conf_u"], self.pseudo_threshold, cfg.num_classes,
+                                       self.augment.config.ignore_index)
+        total = pseudo["loss"].detach()
+        out["pl_fg_share"] = torch.where(total > 0, pseudo["foreground"].detach() / total.clamp_min(1e-30),
+                                         torch.zeros_like(total))
+        return {**out, **{k: torch.tensor(v) for k, v in views.get("audit", {}).items()}}
 
     def more_losses(self, out: dict, views: dict, student: StudentPass, generator: torch.Generator) -> dict:
         """Hook for variants: further terms from this step's student pass, added to out["loss"] and logged under
@@ -319,7 +379,7 @@ class PlusPlusFinetuner(Finetuner):
         emb = self.model["saacl"]([f[:B] for f in feats], size=small)
         rows = rows_of(emb)
         y = y_small_l.reshape(-1)
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_statistics():
             _, feats_t, _ = self.teacher.module["net"](view_l, return_features=True)
             rows_t = rows_of(self.teacher.module["saacl"](feats_t, size=small))
         state = self.banks["saacl"]
@@ -336,8 +396,8 @@ class PlusPlusFinetuner(Finetuner):
 
 
 # stage -> Trainer class; "<stage>+<variant>" -> a variant of that stage, chosen by the config switch of its name
-STAGE_TRAINERS = {"supervised": Trainer, "pretrain-global": GlobalPretrainer, "pretrain-local": LocalPretrainer,
-                  "finetune": Finetuner, "finetune+plusplus": PlusPlusFinetuner}
+STAGE_TRAINERS = {**{cls.stage: cls for cls in (Trainer, GlobalPretrainer, LocalPretrainer, Finetuner)},
+                  f"{PlusPlusFinetuner.stage}+plusplus": PlusPlusFinetuner}  # keys: action.config.TRAINED_STAGES
 VARIANTS = ("plusplus",)  # config switches (bool fields of TrainConfig) that select a registered variant
 
 

@@ -49,6 +49,8 @@ def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     if not normalize:
         return torch.ones(x.shape[:-1], dtype=work, device=x.device)
     xw = x.to(work)
+    if xw.numel() == 0:  # as nonfinite_rows: no norm to take (D = 0 rows are zero rows, clamped to eps)
+        return torch.full(x.shape[:-1], 1.0 / NORM_EPS, dtype=work, device=x.device)
     m = torch.linalg.vector_norm(xw.detach(), ord=float("inf"), dim=-1)
     c = _pow2_near(torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     c = torch.where(m > 0, c, torch.ones_like(c))
@@ -82,7 +84,7 @@ def unit_rows(rows: torch.Tensor, keys: torch.Tensor, r_rows: torch.Tensor, r_ke
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     """x: (..., D) -> (...) bool, True where the row holds a NaN or an Inf (no host sync)."""
-    if x.shape[-1] == 0:
+    if x.numel() == 0:  # no rows (or no columns): torch.compile's fake inf norm refuses an empty (0, D) tensor
         return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
     return ~torch.isfinite(torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, dtype=work_dtype(x)))
 
@@ -118,7 +120,7 @@ def kernel_inputs(normalize: bool, *xs: torch.Tensor, sync: bool = True, flags=(
     clean = decide and not any(slows)
     for x, n, slow in zip(xs, norms, slows):
         scale = None
-        if not slow:
+        if not slow or x.numel() == 0:  # an empty (0, D) tensor: nothing to scale (and no inf norm to take)
             bad = torch.zeros(n.shape, dtype=torch.bool, device=n.device)
         else:
             m = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, dtype=n.dtype)

@@ -1,10 +1,18 @@
 """The anatomical contrast loss of ACTION's fine-tuning stage, and its sampling helpers.
 
     loss_q = lse(z⁺, z_1..z_n) - z⁺,   z⁺ = cos(q, μ_{y_q}) / τ,   z_j = cos(q, neg_j) / τ
-    reduction "mean": per-class mean over the queries of each class, summed over the classes present among the
-    queries, divided by their number; 0 (graph kept) when at most one class is present. (The reference code divides
-    by the classes present among all valid pixels, hard or not: docs/method.md section 4.) Padding negatives
-    (index -1) are left out; a query with none has loss lse(z⁺) - z⁺ = 0.
+
+Queries: (Q, D) rows or a channel-first map (B, D, *S) (one query per location, read in place by the negatives'
+ops), labels (Q,), (B, *S) or (B, 1, *S), optional weights of the same shapes (a bool mask is a weight).
+Dropped queries (docs/conventions.md): a query labelled ignore_label, or whose class has an all-zero prototype
+(class_prototypes' absent class: no direction, so no cosine), is left out of the loss: weight 0, its "none" entry 0,
+no gradient; it never meets a zero prototype.
+Reductions, over the kept queries with weights w_q (1 without a weight):
+    "mean": per-class weighted mean Σ w l / Σ w, summed over the classes with Σ w > 0, divided by their number;
+            0 (graph kept) when at most one class is present. (The reference code divides by the classes present
+            among all valid pixels, hard or not: docs/method.md section 4.)
+    "sum":  Σ_q w_q loss_q.     "none": (Q,) w_q loss_q, 0 for dropped queries, in the queries' row order.
+Padding negatives (index -1) are left out; a query with none has loss lse(z⁺) - z⁺ = 0.
 
 Negatives: "topk" (hard_negative_topk: the logits are the selected similarities themselves, no key gather),
 "class_graph" (the reference code's sampling, class_graph_negatives, then indexed_cosine), or an explicit (Q, n)
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from action_kernels._rows import to_rows, work_dtype
+from action_kernels._rows import as_row_view, to_rows, work_dtype
 from action_kernels._validation import (
     ValueChecks,
     check_anatomical_contrast,
@@ -24,7 +32,6 @@ from action_kernels._validation import (
     check_indexed_cosine,
     check_k,
     common_dtype,
-    row_layout,
 )
 from action_kernels.ops._autograd import no_autocast, once_differentiable
 from action_kernels.ops._normalization import inverse_norms, nonfinite_rows
@@ -33,9 +40,12 @@ from action_kernels.ops.hard_negative_topk import _indexed_cosine_op, _topk
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      weight: torch.Tensor | None = None, ignore_label: int = -1):
-    """Weighted class means. features: (N, D) or (B, D, *spatial); labels: (N,) or (B, *spatial); weight: optional
-    non-negative, finite per-row weights -> prototypes (C, D) (zeros for absent classes), present (C,) bool.
-    Differentiable with respect to features (detach them for the reference setting).
+    """Weighted class means. features: (N, D) or (B, D, *spatial); labels: (N,), or (B, *spatial) / (B, 1,
+    *spatial) for maps, in [0, num_classes) or ignore_label (those rows count nowhere); weight: optional
+    non-negative, finite per-row weights of the labels' shapes (a bool mask is a weight) -> prototypes (C, D) (zeros
+    for absent classes: anatomical_contrast_loss drops their queries), present (C,) bool. Nothing is resized: a
+    label map off the feature grid is an error naming both shapes. Differentiable with respect to features (detach
+    them for the reference setting).
 
     NaN policy: prototype c is NaN when a row labelled c (not ignore_label, whatever its weight) is non-finite;
     other classes are unaffected. Counts and sums run in fp32 (fp64 for fp64 features: a bf16 count saturates at
@@ -76,8 +86,9 @@ def class_graph_negatives(prototypes: torch.Tensor, query_labels: torch.Tensor, 
     """The reference code's negative sampling, vectorised on the device: for each query of class c, each negative's
     class v is drawn from softmax_v(cos(μ_c, μ_v) / tau) over the other classes present among the keys, and the key
     uniformly within class v. prototypes: (C, D), finite (an integer index has no NaN: a non-finite prototype is an
-    error); query_labels: (Q,); key_labels: (K,) -> indices (Q, n) int64, -1 where a query's class has no other
-    class to draw from. Reproducible from `generator`."""
+    error); query_labels: (Q,); key_labels: (K,), both in [0, C) or ignore_label -> indices (Q, n) int64, -1 where
+    a query's class has no other class to draw from and for queries labelled ignore_label (their draws are still
+    taken, so a query's draws do not depend on which others are ignored). Reproducible from `generator`."""
     prototypes, yq, yk, tau = check_class_graph_negatives(prototypes, query_labels, key_labels, num_negatives, tau,
                                                           ignore_label)
     with no_autocast(prototypes.device):
@@ -89,14 +100,15 @@ def _class_graph_draws(prototypes, yq, yk, num_negatives, tau, generator, ignore
     device = prototypes.device
     valid_keys = yk != ignore_label
     counts = torch.zeros(C, dtype=torch.int64, device=device).index_add_(
-        0, yk.clamp_min(0), valid_keys.to(torch.int64))
+        0, torch.where(valid_keys, yk, 0), valid_keys.to(torch.int64))
     protos = prototypes.detach().to(work_dtype(prototypes))
     mu = protos * inverse_norms(protos, True)[:, None]
     logits = mu @ mu.T / tau
     allowed = (counts > 0)[None, :] & ~torch.eye(C, dtype=torch.bool, device=device)
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=1).nan_to_num_(0.0)
-    q_probs = probs[yq]  # (Q, C)
-    has_any = q_probs.sum(1) > 0
+    labelled = yq != ignore_label
+    q_probs = probs[torch.where(labelled, yq, 0)]  # (Q, C)
+    has_any = (q_probs.sum(1) > 0) & labelled
     safe = torch.where(has_any[:, None], q_probs, torch.ones_like(q_probs))
     Q = yq.numel()
     if Q == 0:
@@ -113,13 +125,15 @@ def _class_graph_draws(prototypes, yq, yk, num_negatives, tau, generator, ignore
     return torch.where(has_any[:, None], idx, -1)
 
 
-def _reduce_per_class(per_query: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    counts = torch.zeros(num_classes, dtype=per_query.dtype, device=y.device).index_add_(
-        0, y, torch.ones_like(per_query))
-    sums = torch.zeros(num_classes, dtype=per_query.dtype, device=y.device).index_add(0, y, per_query)
+def _reduce_per_class(weighted: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                      num_classes: int) -> torch.Tensor:
+    """weighted (Q,) = w_q loss_q, y (Q,) in [0, C), weights (Q,) w_q (0 for dropped queries) -> the per-class
+    weighted mean summed over the classes with Σ w > 0, divided by their number."""
+    counts = torch.zeros(num_classes, dtype=weighted.dtype, device=y.device).index_add(0, y, weights)
+    sums = torch.zeros(num_classes, dtype=weighted.dtype, device=y.device).index_add(0, y, weighted)
     present = counts > 0
     n_present = present.sum()
-    means = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    means = torch.where(present, sums / counts.clamp_min(torch.finfo(counts.dtype).tiny), torch.zeros_like(sums))
     loss = means.sum() / n_present.clamp_min(1)
     # one or zero classes present: a zero that keeps the graph (gradients exist and are zero), no host sync
     return torch.where(n_present > 1, loss, loss * 0.0)
@@ -129,22 +143,29 @@ def anatomical_contrast_loss(
     queries: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tensor, keys: torch.Tensor,
     key_labels: torch.Tensor, tau: float = 0.5, negatives="topk", num_negatives: int = 512,
     generator: torch.Generator | None = None, backend: str | None = None, reduction: str = "mean",
-    ignore_label: int = -1,
+    ignore_label: int = -1, weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ACTION's anatomical contrast (InfoNCE with the class prototype as positive and selected negatives).
 
-    Shapes: queries (Q, D); query_labels (Q,) in [0, C); prototypes (C, D); keys (K, D); key_labels (K,) (keys
-    labelled ignore_label are never negatives). negatives: "topk" (the num_negatives most similar keys of other
-    classes, fused), "class_graph" (the reference code's sampling from `generator`), or an int64 (Q, n) index
-    tensor with -1 padding. Returns () for reduction "mean" (see the module docstring) or (Q,) for "none".
-    Gradients flow to queries, and to prototypes and keys when they require grad. backend picks the top-k kernel.
+    Shapes: queries (Q, D) rows or a channel-first map (B, D, *S) (Q = B prod(S), read in place); query_labels
+    (Q,), or (B, *S) / (B, 1, *S) for a map, in [0, C) or ignore_label; prototypes (C, D) (class_prototypes'; an
+    all-zero row marks an absent class); keys (K, D); key_labels (K,) (keys labelled ignore_label are never
+    negatives); weight: None or non-negative per-query weights of the labels' shapes (a bool mask is a weight).
+    Nothing is resized: labels or weights off the queries' grid are an error naming both shapes.
+    negatives: "topk" (the num_negatives most similar keys of other classes, fused), "class_graph" (the reference
+    code's sampling from `generator`), or an int64 (Q, n) index tensor with -1 padding.
+    Queries labelled ignore_label or of a class with an all-zero prototype are dropped (module docstring).
+    Returns () for reduction "mean" (per-class weighted mean over the classes present) and "sum", (Q,) for "none"
+    (w_q loss_q, 0 for dropped queries). Gradients flow to queries, and to prototypes and keys when they require
+    grad. backend picks the top-k kernel.
 
     Example:
-        >>> loss = anatomical_contrast_loss(q, yq, protos.detach(), pix.detach(), pix_labels, tau=0.5)
+        >>> loss = anatomical_contrast_loss(emb_map, label_map, protos.detach(), bank.keys(), bank.labels())
     """
     checks = ValueChecks()  # every value check of the call read in one host sync (the top-k op's, with "topk")
-    yq, yk, tau = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels, tau, negatives,
-                                            reduction, ignore_label, checks)
+    layout, yq, yk, tau, reduction, w = check_anatomical_contrast(queries, query_labels, prototypes, keys, key_labels,
+                                                                  tau, negatives, reduction, ignore_label, weight,
+                                                                  checks)
     C = prototypes.shape[0]
     dtype = common_dtype(queries, prototypes, keys)
     with no_autocast(queries.device):
@@ -152,9 +173,8 @@ def anatomical_contrast_loss(
         if isinstance(negatives, torch.Tensor):
             _, idx, _ = check_indexed_cosine(queries, keys, negatives, checks)
             checks.verify()
-            neg = _indexed_cosine_op(queries.unsqueeze(0), keys, idx, True)
+            neg = _indexed_cosine_op(as_row_view(queries, layout), keys, idx, True)
         elif negatives == "topk":
-            layout = row_layout("queries", queries)
             neg = _topk(queries, layout, yq, keys, yk, check_k(num_negatives), check_ignore_label(ignore_label), True,
                         backend, dtype, checks)[0]
         else:  # "class_graph"
@@ -162,16 +182,25 @@ def anatomical_contrast_loss(
             checks.verify()
             with no_autocast(protos.device):
                 idx = _class_graph_draws(protos, yq, yk, num_negatives, tau, generator, ignore_label)
-            neg = _indexed_cosine_op(queries.unsqueeze(0), keys, idx, True)
+            neg = _indexed_cosine_op(as_row_view(queries, layout), keys, idx, True)
         work = neg.dtype
+        # dropped: ignored, or a class without a prototype (all zeros: no direction, z+ would be a silent 0)
+        labelled = yq != ignore_label
+        ys = torch.where(labelled, yq, 0)
+        keep = labelled & (prototypes.detach() != 0).any(1)[ys]
         # cos(q, μ_y) on unit rows whose norms cannot overflow (F.cosine_similarity gives 0 at |x| ~ 1e30)
-        q, mu = queries.to(work), prototypes.to(work)[yq]
+        q, mu = to_rows(queries).to(work), prototypes.to(work)[ys]
         pos = ((q * inverse_norms(q, True)[:, None]) * (mu * inverse_norms(mu, True)[:, None])).sum(1)
         logits = torch.cat([pos[:, None], neg], dim=1) / tau
-        per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+        zero = torch.zeros((), dtype=work, device=q.device)
+        per_query = torch.where(keep, torch.logsumexp(logits, dim=1) - logits[:, 0], zero)
+        weights = keep.to(work) if w is None else torch.where(keep, w.to(work), zero)
+        weighted = per_query if w is None else per_query * weights
         if reduction == "none":
-            return per_query
-        return _reduce_per_class(per_query, yq, C)
+            return weighted
+        if reduction == "sum":
+            return weighted.sum()
+        return _reduce_per_class(weighted, ys, weights, C)
 
 
 class AnatomicalContrastLossFunction(torch.autograd.Function):
@@ -182,17 +211,17 @@ class AnatomicalContrastLossFunction(torch.autograd.Function):
     differentiable to any order).
 
     Args: the functional's, positionally: queries, query_labels, prototypes, keys, key_labels, tau, negatives,
-    num_negatives, generator, backend, reduction, ignore_label. Returns () or (Q,) as the functional.
+    num_negatives, generator, backend, reduction, ignore_label, weight. Returns () or (Q,) as the functional.
     """
 
     @staticmethod
     def forward(ctx, queries, query_labels, prototypes, keys, key_labels, tau=0.5, negatives="topk",
-                num_negatives=512, generator=None, backend=None, reduction="mean", ignore_label=-1):
+                num_negatives=512, generator=None, backend=None, reduction="mean", ignore_label=-1, weight=None):
         leaves = [x.detach().requires_grad_(ctx.needs_input_grad[i]) for i, x in ((0, queries), (2, prototypes),
                                                                                   (3, keys))]
         with torch.enable_grad():
             loss = anatomical_contrast_loss(leaves[0], query_labels, leaves[1], leaves[2], key_labels, tau, negatives,
-                                            num_negatives, generator, backend, reduction, ignore_label)
+                                            num_negatives, generator, backend, reduction, ignore_label, weight)
         ctx.graph = (loss, leaves)
         ctx.inputs = (queries, prototypes, keys)  # only to reach the once-differentiable guard from them
         return loss.detach()
@@ -209,4 +238,4 @@ class AnatomicalContrastLossFunction(torch.autograd.Function):
                                          "built from detached copies of the inputs", "Use anatomical_contrast_loss "
                                          "(the functional, differentiable to any order)", (dq, dp, dk),
                                          ctx.inputs)
-        return dq, None, dp, dk, None, None, None, None, None, None, None, None
+        return dq, None, dp, dk, None, None, None, None, None, None, None, None, None

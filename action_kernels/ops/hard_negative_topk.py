@@ -301,7 +301,8 @@ def hard_negative_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k hardest negatives of each anchor: the most similar keys of another class.
 
-    Shapes: anchors (N, D) or (B, D, *spatial) read in place; anchor_labels (N,) or (B, *spatial) int;
+    Shapes: anchors (N, D) or (B, D, *spatial) read in place; anchor_labels (N,), (B, *spatial) or (B, 1, *spatial)
+    int (nothing resized: labels off the anchors' grid are an error naming both shapes);
     keys (K, D); key_labels (K,) int. Returns values (N, k) fp32, sorted descending, and indices (N, k) int64;
     rows with fewer than k candidates are padded with -inf and -1 (k > K and K = 0 are allowed). Ties go to the
     lower key index. Keys labelled ignore_label are never selected. anchors and keys may differ in float dtype

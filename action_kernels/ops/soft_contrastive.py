@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from action_kernels import dispatch
-from action_kernels._rows import as_row_view, reduce_rows, work_dtype
+from action_kernels._rows import as_row_view, plain, reduce_rows, work_dtype
 from action_kernels._validation import (
     ValueCheckFailed,
     ValueChecks,
@@ -243,7 +243,8 @@ def soft_contrastive_loss(
     """Soft-label contrastive distillation loss (ACTION's global and local distillation).
 
     Shapes: student, teacher: (N, D) rows or channel-first maps (B, D, H, W) / (B, D, Z, H, W), read in place;
-    keys: (K, D); weight: None, (N,) or (B, *spatial), non-negative (a bool mask is a weight).
+    keys: (K, D); weight: None, (N,), (B, *spatial) or MONAI's (B, 1, *spatial), non-negative (a bool mask is a
+    weight; nothing resized: a mask off the feature grid is an error naming both shapes).
     Returns: () fp32 for "mean" (weighted mean) and "sum"; (N,) fp32 per row, in the input's row order, for "none"
     (multiplied by the weight when given). fp64 inputs give fp64 results on the torch and chunked backends.
 
@@ -259,7 +260,7 @@ def soft_contrastive_loss(
     raises; backend="torch" is differentiable to any order).
     An empty bank (K = 0) gives a loss of 0 that keeps the graph: backward gives zero gradients to student and keys
     (the op's outputs for K = 0 on every backend).
-    NaN policy (README, "NaN and Inf"): a non-finite value in a student or teacher row makes that row's loss NaN,
+    NaN policy (docs/failure-behaviour.md): a non-finite value in a student or teacher row makes that row's loss NaN,
     one in keys every row's; its gradient rows are NaN likewise (the key gradient when any row is NaN).
 
     Raises:
@@ -285,7 +286,9 @@ def soft_contrastive_loss(
                            lambda: check_dot_range(OP, rows, keys, work_dtype(keys)))
             checks.verify()
             return dispatch.reference(OP)(student, teacher, keys, tau_s, tau_t, w, reduction, normalize)
-        s, t = as_row_view(student, layout), as_row_view(teacher, layout)
+        # a tensor subclass (MONAI's MetaTensor) would carry its per-op bookkeeping into the kernels' row slicing;
+        # plain views keep the autograd graph
+        s, t, keys = as_row_view(plain(student), layout), as_row_view(plain(teacher), layout), plain(keys)
         with_grad = torch.is_grad_enabled() and s.requires_grad
         try:  # the weight's value check is read in the library op's one host sync
             loss = rows_op(s.device)(s, t, keys, 1.0 / tau_s, 1.0 / tau_t, bool(normalize), name, with_grad,

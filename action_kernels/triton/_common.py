@@ -1,9 +1,10 @@
 """What the Triton kernels share: interpreter handling, row preparation, dot precision, and the one launch path.
 
 Every kernel is launched through `launch(Launch(...))`. Normally that runs `kernel[grid](...)`; inside `capture()`
-it records the launch instead, which is how `action_kernels.kernel_report` compiles exactly what the launchers
-would run (same kernel, arguments, constexprs, warps and stages) without a GPU: the report calls the real
-launchers on meta tensors.
+it records the launch instead, which is how the kernel report (a developer tool under tools/, outside the
+package; docs/kernel-report.md) compiles exactly what the launchers would run (same kernel, arguments,
+constexprs, warps and stages) without a GPU: the report calls the real launchers on meta tensors, and derives
+what its estimate needs (loop trips, DRAM bytes, branch rates) from the recorded launch itself.
 
 Specialisation is explicit: every integer argument is `do_not_specialize` (so the JIT never turns a size into a
 constant or a divisibility hint on its own), every pointer the launchers pass is 16-byte aligned (`aligned()`
@@ -96,7 +97,7 @@ def check_int32(what: str, value: int) -> None:
 
 @dataclasses.dataclass
 class Launch:
-    """One kernel launch as the launcher decided it. `trips` and `notes` feed the kernel report's estimate."""
+    """One kernel launch as the launcher decided it: exactly what `launch()` runs."""
     op: str                      # "soft_contrastive" | "hard_negative_topk"
     name: str                    # the kernel's role: "forward", "row_grad", "key_grad", "topk"
     kernel: object               # the @triton.jit function
@@ -105,12 +106,7 @@ class Launch:
     constexprs: dict             # every constexpr argument by name
     num_warps: int
     num_stages: int
-    trips: list                  # trip counts of the kernel's loops per program, outermost first
-    notes: dict = dataclasses.field(default_factory=dict)
     dot: bool = True             # the kernel computes dot products (so it must issue tensor-core instructions)
-    # {marker opcode: rate}: forward-branch regions holding the marker run this fraction of their loop's trips
-    # (kernel_report.estimate.branch_regions); from a simulation of the data, never a guess
-    branch_rates: dict = dataclasses.field(default_factory=dict)
 
 
 _captured: list | None = None
@@ -129,10 +125,6 @@ def capture(arch: int | None = None):
         yield _captured
     finally:
         _captured, _capture_arch = saved
-
-
-def capturing() -> bool:
-    return _captured is not None
 
 
 def launch(plan: Launch) -> None:

@@ -11,7 +11,7 @@ One program per BLOCK_M anchors streams key tiles against a per-row threshold in
           the values, no sort), the slots below it are dropped (compaction) and the tile runs again. Rows whose
           survivors would still not fit (massive exact ties) get the exact k-th by a radix select instead.
           After the first tiles the threshold rejects almost every key: about 6 prunes per program at K = 65,536,
-          k = 64, on random unit vectors (kernel_report.topk_model).
+          k = 64, on random unit vectors (the kernel report's top-k model, docs/kernel-report.md).
   final   one tl.topk per row over what remains (packed int64: value order, ties to the lower index), writing
           values (times the anchor's inverse norm) and indices.
 Exact and deterministic whatever order the buffer was filled in (prune and final see sets). Labels arrive as
@@ -33,11 +33,12 @@ from action_kernels.triton import _common as C
 OP = "hard_negative_topk"
 MAX_K = 512
 # (arch, "16" | "32" input bits, BLOCK_D, KP) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, RELOAD]), chosen among
-# the configurations without local memory by the kernel report's static estimate (kernel_report.tune). 16-bit entries:
-# retuned for the overflow-and-rerun scan, every D, as the best configuration without local memory under both
-# triton 3.8.0 (CI) and 3.6.0 (the lent GPU's), by the larger of the two estimates; where none is clean under both
-# ((90, 64, 512), (90, 512, 512), (80, 64, 512)) the best under 3.8.0 (README, Known limits). The fp32 entries were not
-# retuned: fp32 CUDA tensors never reach this kernel (dispatch.TRITON_FP32_REASON); the report still compiles them.
+# the configurations without local memory by the kernel report's static estimate (its tuner, docs/kernel-report.md).
+# 16-bit entries: retuned for the overflow-and-rerun scan, every D, as the best configuration without local memory
+# under both triton 3.8.0 (CI) and 3.6.0 (the lent GPU's), by the larger of the two estimates; where none is clean
+# under both ((90, 64, 512), (90, 512, 512), (80, 64, 512)) the best under 3.8.0 (docs/known-limits.md). The fp32
+# entries were not retuned: fp32 CUDA tensors never reach this kernel (dispatch.TRITON_FP32_REASON); the report
+# still compiles them.
 CONFIGS = {
     (90, "16", 64, 64): (64, 64, 4, 2), (90, "16", 128, 64): (128, 64, 8, 2), (90, "16", 256, 64): (128, 64, 8, 2),
     (90, "16", 512, 64): (64, 64, 8, 2), (90, "16", 64, 512): (128, 64, 8, 2), (90, "16", 128, 512): (32, 128, 8, 2),
@@ -88,7 +89,7 @@ def config(arch: int, dtype: torch.dtype, BLOCK_D: int, k: int) -> dict:
 # Append, one element: a candidate (another class, value above the row's threshold) takes a slot from its row's
 # counter and stores (key index, value bits) there, if the slot is below W (the count goes on: an overflow). The
 # warp votes first and skips the rest unless one of its lanes has a candidate in this register: on random data
-# about 1 register in 5 over a whole scan (kernel_report.topk_model), so most elements cost the two compares, the
+# about 1 register in 5 over a whole scan (the kernel report's top-k model), so most elements cost the two compares, the
 # vote and the branch. The output is a dummy (inline asm must return something).
 _APPEND = tl.constexpr("""{
 .reg .pred p, any;
@@ -281,14 +282,6 @@ def _scan_kernel(A, Kp, RK, YA, YK, Buf, Cnt, Thr, N, K, k_out,
     tl.debug_barrier()
 
 
-def simulated(K: int, k: int, BLOCK_M: int, BLOCK_N: int) -> dict:
-    """Prunes, tiles run (reruns included) and the append's warp rate per program, for the kernel report's
-    estimate (the data decide the real numbers): simulated with the kernel's rule on random data
-    (kernel_report.topk_model)."""
-    from action_kernels.kernel_report.topk_model import simulate
-    return simulate(K, k, BLOCK_M, BLOCK_N, BUFFERS[kept(k)][0])
-
-
 def dense_labels(anchor_labels: torch.Tensor, key_labels: torch.Tensor):
     """(N,), (K,) int64 -> int32 class ids, equal exactly where the labels are equal: the rank of each label among
     the distinct values of both (one sort of N + K values, no host synchronisation)."""
@@ -331,26 +324,16 @@ def topk_launches(anchors, anchor_labels, keys, key_labels, ra, rk, k, ignore_la
     yk_pad[:K] = yk
     scan_args = dict(A=a2, Kp=k2, RK=rk_eff, YA=C.aligned(ya), YK=yk_pad, Buf=buf, Cnt=cnt, Thr=thr, N=N, K=K,
                      k_out=k)
-    model = simulated(K, k, bm, bn) if C.capturing() else dict(merges=0, tiles=k2.shape[0] // bn, append_rate=1.0)
-    merges = model["merges"]
-    chunks = bm // merge_rows
-    # loops, outermost first: prune loop (merges + 1 runs), scan (every tile, reruns included), the prune's row
-    # steps, the exact select's 64 bit steps (a fallback, not run on data without massive ties); the append's
-    # warp rate weighs its branch (kernel_report.estimate.branch_regions)
     scan = C.Launch(OP, "topk_scan", _scan_kernel, (grid,), scan_args,
                     dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, W=W,
                          MERGE_ROWS=merge_rows, APPEND_ASM=not C.interpreting(), RELOAD=cfg["RELOAD"]),
-                    cfg["num_warps"], cfg["num_stages"],
-                    trips=[merges + 1, model["tiles"], merges * chunks, 0],
-                    notes=dict(merges=merges,
-                               dram_bytes=float(a2.numel() * a2.element_size() + k2.numel() * k2.element_size())),
-                    branch_rates={"ATOMG": model["append_rate"]})
+                    cfg["num_warps"], cfg["num_stages"])
     rows = SELECT_ROWS[KP]
     select = C.Launch(OP, "topk_select", _select_kernel, (triton.cdiv(grid * bm, rows),),
                       dict(Buf=buf, Cnt=cnt, RA=C.aligned(ra.float().contiguous()), Values=values, Indices=indices,
                            N=N, k_out=k),
                       dict(KP=KP, W=W, ROWS=rows, BY_MAX=C.interpreting() and INTERPRETER_SELECT_BY_MAX),
-                      4, 1, trips=[], notes=dict(dram_bytes=float(values.numel() * 12 + N * W * 8)), dot=False)
+                      4, 1, dot=False)
     return [scan, select]
 
 

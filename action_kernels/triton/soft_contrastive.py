@@ -1,7 +1,7 @@
 """Triton kernels of the soft-label contrastive loss (launchers only; autograd lives in ops/).
 
 Three kernels, each holding at most one fp32 accumulator tile, so that none spills (checked by
-tests/test_kernel_report.py for every configuration the launchers can choose, sm_80 and sm_90):
+the kernel report's CI test for every configuration the launchers can choose, sm_80 and sm_90):
   forward   per row block, streams key tiles: online softmax statistics of student and teacher and the KL
             accumulator (2 GEMM-equivalents: s·kᵀ and t·kᵀ).
   row_grad  per row block, streams key tiles again: recomputes both logits from the saved log-sum-exps and
@@ -22,8 +22,8 @@ from action_kernels.triton import _common as C
 OP = "soft_contrastive"
 # (kernel, arch, "16" | "32" input bits, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, RELOAD]). Chosen
 # by the static estimate of the kernel report among the configurations that compile with no local memory
-# (python -m action_kernels.kernel_report.tune); where the tuner found none, or the entry is not retuned yet (the
-# fp32 entries), the report shows its local memory and README's Known limits lists it. arch 80 is used for sm_8x,
+# (its tuner, docs/kernel-report.md); where the tuner found none, or the entry is not retuned yet (the
+# fp32 entries), the report shows its local memory and docs/known-limits.md lists it. arch 80 is used for sm_8x,
 # 90 for sm_90 and newer. RELOAD
 # re-reads the loop-invariant operand tile (rows; keys in the key gradient) every iteration instead of holding it:
 # mma.sync (sm_80) takes its A operand from registers, D/4 of them per operand at 16 bits, and tf32x3 splits fp32
@@ -361,7 +361,7 @@ def forward_launches(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad, out):
         dict(S=s2, T=t2, Kp=k2, RS=rs2, RT=rt2, RK=rk2, Loss=out["loss"], LseS=out["lse_s"], LseT=out["lse_t"],
              Piv=out["pivot"], PivR=out["pivot_r"], N=N, K=K, inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t),
         dict(PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, RELOAD=cfg["RELOAD"]), cfg["num_warps"],
-        cfg["num_stages"], trips=[K // bn]))
+        cfg["num_stages"]))
     if with_grad:
         cfg = config("row_grad", arch, dtype, BD)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -370,7 +370,7 @@ def forward_launches(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, with_grad, out):
             dict(S=s2, T=t2, Kp=k2, RS=rs2, RT=rt2, RK=rk2, LseS=out["lse_s"], LseT=out["lse_t"], DS=out["ds0p"],
                  N=N, K=K, inv_tau_s=inv_tau_s, inv_tau_t=inv_tau_t),
             dict(PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, RELOAD=cfg["RELOAD"]), cfg["num_warps"],
-            cfg["num_stages"], trips=[K // bn]))
+            cfg["num_stages"]))
     return plans
 
 
@@ -409,7 +409,7 @@ def key_grad_launches(s, t, k, rs, rt, rk, inv_tau_s, inv_tau_t, loss, lse_s, ls
              inv_tau_t=inv_tau_t),
         dict(PRECISION=C.dot_precision(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, RELOAD=cfg["RELOAD"],
              SCALE16=dtype == torch.float16),
-        cfg["num_warps"], cfg["num_stages"], trips=[N // bm])]
+        cfg["num_warps"], cfg["num_stages"])]
 
 
 def soft_contrastive_key_grad(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: float, loss, lse_s, lse_t, pivot,

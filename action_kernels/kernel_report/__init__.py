@@ -1,2 +1,0 @@
-"""Static kernel report: ahead-of-time compilation of the launchers' kernels, their cubins' numbers, and a static
-time estimate. Run `python -m action_kernels.kernel_report --help`; the model is in docs/kernel_report.md."""
