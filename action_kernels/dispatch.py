@@ -216,7 +216,7 @@ AUTO_ORDER: Mapping[str, tuple[str, ...]] = MappingProxyType({"cuda": ("cuda", "
 AUTO_ORDER_REASON: Mapping[str, str] = MappingProxyType({
     "cuda": ("cuda before triton: by the kernel report's static estimates (docs/cuda_kernels.md) the CUDA "
              "tensor-core kernels are faster for top-k with k > 64 and the anatomical top-k at every dtype "
-             "(1.7-7x), for top-k at D > 256, for the soft loss at D > 128 (1.35-2.0x at 16-bit D >= 256) and in "
+             "(1.7-7x), for top-k at D > 256, for the soft loss at D > 128 (1.35-1.9x at 16-bit D >= 256) and in "
              "fp32 (Triton takes no fp32 CUDA tensors)"),
     "cpu": "the chunked path's native CPU kernels (triton and cuda run on CPU only interpreted or emulated, for tests)",
 })
@@ -236,12 +236,12 @@ class Preference:
 PREFERENCES: Mapping[tuple[str, str, torch.dtype], Preference] = MappingProxyType({
     ("cuda", "soft_contrastive_loss", torch.bfloat16): Preference(
         ("triton", "cuda", "chunked"), 128,
-        "triton for the bf16 soft loss at D <= 128: estimated 8% faster (forward + backward at D = 128, "
-        "N = K = 65,536: triton 11.18 ms, cuda 12.09 ms)"),
+        "triton for the bf16 soft loss at D <= 128: estimated 2% faster (forward + backward at D = 128, "
+        "N = K = 65,536: triton 13.79 ms, cuda 14.09 ms; both with issue 26's pivot branch counted on every tile)"),
     ("cuda", "soft_contrastive_loss", torch.float16): Preference(
         ("triton", "cuda", "chunked"), 128,
-        "triton for the fp16 soft loss at D <= 128: estimated 29-32% faster (forward + backward at D = 128, "
-        "N = K = 65,536: triton 11.18 ms, cuda 14.47 ms)"),
+        "triton for the fp16 soft loss at D <= 128: estimated 6-20% faster (forward + backward at D = 128, "
+        "N = K = 65,536: triton 15.48 ms, cuda 16.49 ms; both with issue 26's pivot branch counted on every tile)"),
     ("cuda", "hard_negative_topk", torch.bfloat16): Preference(
         ("triton", "cuda", "chunked"), 256,
         "triton for the bf16 top-k at k <= 64, D <= 256: estimated 8-23% faster (N = K = 65,536, k = 64: "

@@ -12,6 +12,7 @@ import torch
 import action_kernels as ak
 import helpers
 from action_kernels import _extension, dispatch
+from action_kernels.ops import _normalization
 from action_kernels.testing import assert_allowed, assert_close, tolerance
 
 BACKENDS = dispatch.BACKENDS  # torch, chunked, triton (interpreter), cuda (emulation build): all run on CPU here
@@ -264,7 +265,9 @@ def _calls():
 
 def test_each_op_call_reads_values_on_the_host_at_most_once_and_never_with_value_checks_off(monkeypatch):
     """The value checks and the rescaling decision each synchronised (7 ms a call at tiny sizes on the AMD machine of
-    issue 26, 3.5-4.9x the torch reference): now folded into one read per forward call, none when switched off."""
+    issue 26, 3.5-4.9x the torch reference): now folded into one read per forward call, none when switched off.
+    Counted as on a GPU: no device type's reads are free (FREE_HOST_READS empty)."""
+    monkeypatch.setattr(_normalization, "FREE_HOST_READS", ())
     calls = _calls()
     for name, call in calls.items():
         call()  # warm-up
@@ -272,6 +275,7 @@ def test_each_op_call_reads_values_on_the_host_at_most_once_and_never_with_value
         call()
         assert syncs.count <= 1, f"{name}: {syncs.count} host reads"
         monkeypatch.undo()
+        monkeypatch.setattr(_normalization, "FREE_HOST_READS", ())
     previous = ak.set_value_checks(False)
     try:
         for name, call in calls.items():
@@ -279,6 +283,7 @@ def test_each_op_call_reads_values_on_the_host_at_most_once_and_never_with_value
             call()
             assert syncs.count == 0, f"{name} with value checks off: {syncs.count} host reads"
             monkeypatch.undo()
+            monkeypatch.setattr(_normalization, "FREE_HOST_READS", ())
     finally:
         ak.set_value_checks(previous)
 
@@ -303,6 +308,7 @@ def test_value_checks_still_name_the_bad_argument_after_folding():
 def test_compiled_graphs_read_no_values_on_the_host(monkeypatch):
     """Inside torch.compile'd graphs the value checks are skipped (no host sync), and kernel_inputs handles every row
     on the device: the NaN policy still holds."""
+    monkeypatch.setattr(_normalization, "FREE_HOST_READS", ())  # counted as on a GPU
     torch._dynamo.reset()
     s, t, k = _soft_inputs()
     soft = torch.compile(lambda s, t, k, w: ak.soft_contrastive_loss(s, t, k, weight=w, reduction="none"),
@@ -315,6 +321,28 @@ def test_compiled_graphs_read_no_values_on_the_host(monkeypatch):
     assert syncs.count == 0, syncs.count
     monkeypatch.undo()
     assert torch.isnan(rows[2]) and torch.isfinite(rows[torch.arange(6) != 2]).all()
+
+
+def test_cpu_calls_with_value_checks_off_take_the_common_path():
+    """Reading a CPU tensor drains no stream, so without value checks the rescaling decision is still read there:
+    finite rows reach the kernels as they are, with no NaN masking (before: every tensor took the device-side slow
+    path, and a tiny soft-loss call with value checks off cost twice one with them). Non-finite rows are still
+    zeroed and flagged."""
+    x, k = torch.randn(6, 8), torch.randn(5, 8)
+    ((x_in, bad_x, _, _), (k_in, bad_k, _, _)), failed, clean = _normalization.kernel_inputs(True, x, k, sync=False)
+    assert clean and not failed and x_in is x and k_in is k and not bad_x.any() and not bad_k.any()
+    x[2, 1] = NAN
+    ((x_in, bad_x, _, _), _), _, clean = _normalization.kernel_inputs(True, x, k, sync=False)
+    assert not clean and bad_x.tolist() == [False, False, True, False, False, False]
+    assert torch.equal(x_in[2], torch.zeros(8)) and torch.equal(x_in[[0, 1, 3, 4, 5]], x[[0, 1, 3, 4, 5]])
+    previous = ak.set_value_checks(False)
+    try:
+        s, t, keys = _soft_inputs()
+        s[1, 0] = NAN
+        rows = ak.soft_contrastive_loss(s, t, keys, reduction="none", backend="chunked")
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[torch.arange(6) != 1]).all()
+    finally:
+        ak.set_value_checks(previous)
 
 
 # -- double backward ---------------------------------------------------------------------------------------------
