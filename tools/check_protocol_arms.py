@@ -2,9 +2,9 @@
 protocol arm for a few iterations with the protocol's settings (64x64, batch 8 + 4, one thread, the arms' own flags),
 in this checkout and in another one (a git worktree of the protocol's commit, e.g. `git worktree add --detach
 /tmp/proto <commit>`, with the CPU extension built in place or action_kernels/_C_cpu*.so copied in: without it the
-chunked loss runs its torch fallback and rounds differently), and compares each run's train.csv (the columns both write) and a SHA-256 of the student's
-final weights (the model state of last.pt: the teachers' BatchNorm statistics and the banks' layout may differ
-between commits without changing what is trained).
+chunked loss runs its torch fallback and rounds differently), and compares each run's train.csv (the columns both
+write) and a SHA-256 of the student's final weights (the model state of last.pt: the teachers' BatchNorm statistics
+and the banks' layout may differ between commits without changing what is trained).
 
     python tools/check_protocol_arms.py --other /tmp/proto [--iterations 12] [--out /tmp/protocol-arms]
 
