@@ -1,7 +1,8 @@
 """Threads (issue 27, finding 9): `--threads` on every command, and a default that does not collapse on a busy machine:
 the idle cores (available cores minus the load average, 1 to 4), OMP_NUM_THREADS when set. The measurement behind
 the default (torch's 2 threads against 1 under load) is in benchmarks/RESULTS.md, not here. On the code before the
-fix evaluate, predict and data convert had no --threads, and the default was torch's (both tests fail there)."""
+fix evaluate, predict, ensemble and data convert had no --threads, and the default was torch's (both tests fail
+there)."""
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from action.engine import threads
 @pytest.mark.parametrize("command", [["train", "--preset", "smoke", "--data", "nowhere"],
                                      ["evaluate", "--checkpoint", "nowhere.pt"],
                                      ["predict", "--checkpoint", "nowhere.pt", "--input", "nowhere"],
+                                     ["ensemble", "--predictions", "nowhere-a", "nowhere-b"],
                                      ["data", "convert", "--data", "nowhere"]], ids=lambda c: c[0])
 def test_every_command_takes_threads_and_applies_it_first(tmp_path, command):
     before = torch.get_num_threads()
