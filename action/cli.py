@@ -231,6 +231,16 @@ def _image_items(folder: str, labels: str | None, channels: int = 1):
     return items
 
 
+def _dataset_beside(labels: str) -> tuple[tuple[str, ...] | None, int | None]:
+    """(class names, ignore label) of the dataset.json beside a label folder (nnU-Net's layout: labelsTs/ next to
+    dataset.json); (None, None) without one."""
+    from action.data.nnunet import DatasetSpec, read_json
+
+    beside = os.path.join(os.path.dirname(os.path.abspath(labels)), "dataset.json")
+    spec = DatasetSpec.read(read_json(beside, {}), beside)
+    return spec.class_names, spec.ignore_label
+
+
 def _cases(args, cfg, prep):
     """(cases, count, class names or None) of evaluate's data options, after --cases / --max-volumes; prep: the
     checkpoint's preprocessing (orientation, ignore label)."""
@@ -243,7 +253,10 @@ def _cases(args, cfg, prep):
     if args.images:
         items = select_cases(_image_items(args.images, args.labels, cfg.in_channels or 1), names, limit,
                              lambda i: i[0])
-        return nifti_cases(items, prep.orientation, cfg.num_classes, ignore), len(items), None
+        class_names = _dataset_beside(args.labels)[0] if args.labels else None  # columns named as in dataset.json
+        if class_names is not None and len(class_names) != cfg.num_classes:
+            class_names = None  # a dataset.json of other classes than the checkpoint's: generic names
+        return nifti_cases(items, prep.orientation, cfg.num_classes, ignore), len(items), class_names
     if args.acdc_raw:
         from action.data.nifti import acdc_raw_pairs
 
@@ -277,13 +290,9 @@ def _score_predictions(args) -> int:
         if getattr(args, name):
             raise ValueError(f"--predictions scores files that exist: drop --{name.replace('_', '-')} (it selects "
                              f"images for a checkpoint to segment)")
-    from action.data.nnunet import DatasetSpec, read_json
-
     labels, class_names, ignore_label = args.labels, None, None
-    if args.labels and not args.data:  # nnU-Net's layout: labelsTs/ beside dataset.json (classes, ignore label)
-        beside = os.path.join(os.path.dirname(os.path.abspath(args.labels)), "dataset.json")
-        spec = DatasetSpec.read(read_json(beside, {}), beside)
-        class_names, ignore_label = spec.class_names, spec.ignore_label
+    if args.labels and not args.data:
+        class_names, ignore_label = _dataset_beside(args.labels)
     if args.data:
         from action.data.layouts import NiftiLayout
 

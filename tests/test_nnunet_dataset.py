@@ -321,9 +321,11 @@ def test_a_two_channel_mha_dataset_with_an_ignore_label_trains_evaluates_and_pre
         assert main(["evaluate", "--checkpoint", str(tmp_path / run / "best.pt"), "--data", str(root), "--split",
                      "test", "--out", str(ev), "--overlays", "1"]) == 0
         assert "| liver |" in capsys.readouterr().out and (ev / "overlays" / "s6.png").exists()
+        capsys.readouterr()
         assert main(["evaluate", "--checkpoint", str(tmp_path / run / "best.pt"), "--images",
                      str(root / "imagesTs"), "--labels", str(root / "labelsTs"), "--out", str(ev / "folders"),
                      "--overlays", "0"]) == 0
+        assert "| liver |" in capsys.readouterr().out  # class names from the dataset.json beside labelsTs/
         pred = tmp_path / f"pred-{run}"
         assert main(["predict", "--checkpoint", str(tmp_path / run / "best.pt"), "--input", str(root / "imagesTs"),
                      "--out", str(pred), "--overlays", "0", "--save-probabilities"]) == 0
@@ -340,7 +342,8 @@ def test_a_two_channel_mha_dataset_with_an_ignore_label_trains_evaluates_and_pre
                      str(ev / "scored")]) == 0
         assert "| liver |" in capsys.readouterr().out
         scored, by_model = (list(csv.reader(open(ev / folder / "metrics.csv"))) for folder in ("scored", "folders"))
-        assert [r[0] for r in scored] == [r[0] for r in by_model]  # the same numbers as scoring with the model
+        assert scored[0] == by_model[0] and [r[0] for r in scored] == [r[0] for r in by_model]  # same columns
+        # and the same numbers as scoring with the model
         assert np.allclose(np.array([r[1:] for r in scored[1:]], float), np.array([r[1:] for r in by_model[1:]],
                                                                                   float), rtol=1e-9, equal_nan=True)
     assert main(["ensemble", "--checkpoints", str(tmp_path / "2d" / "best.pt"), str(tmp_path / "3d" / "best.pt"),
