@@ -37,6 +37,15 @@ def _pow2_near(m: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(m), e - 1)
 
 
+def row_abs_max(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x: (..., D) -> (...) max |x| of each row (its inf norm) in `dtype` (default the work dtype), 0 for rows of no
+    values. An empty x gets no inf norm taken: torch.compile's fake tensors refuse one over a (0, D) tensor."""
+    dtype = dtype or work_dtype(x)
+    if x.numel() == 0:
+        return torch.zeros(x.shape[:-1], dtype=dtype, device=x.device)
+    return torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, dtype=dtype)
+
+
 def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     """x: (..., D) -> (...) 1 / max(||x||, eps) in fp32 (fp64 for fp64), or ones when not normalising.
 
@@ -49,9 +58,7 @@ def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     if not normalize:
         return torch.ones(x.shape[:-1], dtype=work, device=x.device)
     xw = x.to(work)
-    if xw.numel() == 0:  # as nonfinite_rows: no norm to take (D = 0 rows are zero rows, clamped to eps)
-        return torch.full(x.shape[:-1], 1.0 / NORM_EPS, dtype=work, device=x.device)
-    m = torch.linalg.vector_norm(xw.detach(), ord=float("inf"), dim=-1)
+    m = row_abs_max(xw)
     c = _pow2_near(torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     c = torch.where(m > 0, c, torch.ones_like(c))
     ns = torch.linalg.vector_norm(xw / c[..., None], dim=-1)
@@ -84,9 +91,7 @@ def unit_rows(rows: torch.Tensor, keys: torch.Tensor, r_rows: torch.Tensor, r_ke
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     """x: (..., D) -> (...) bool, True where the row holds a NaN or an Inf (no host sync)."""
-    if x.numel() == 0:  # no rows (or no columns): torch.compile's fake inf norm refuses an empty (0, D) tensor
-        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    return ~torch.isfinite(torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, dtype=work_dtype(x)))
+    return ~torch.isfinite(row_abs_max(x))
 
 
 def kernel_inputs(normalize: bool, *xs: torch.Tensor, sync: bool = True, flags=()):
@@ -120,10 +125,10 @@ def kernel_inputs(normalize: bool, *xs: torch.Tensor, sync: bool = True, flags=(
     clean = decide and not any(slows)
     for x, n, slow in zip(xs, norms, slows):
         scale = None
-        if not slow or x.numel() == 0:  # an empty (0, D) tensor: nothing to scale (and no inf norm to take)
+        if not slow:
             bad = torch.zeros(n.shape, dtype=torch.bool, device=n.device)
         else:
-            m = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, dtype=n.dtype)
+            m = row_abs_max(x, n.dtype)
             bad = ~torch.isfinite(m)
             if normalize:  # c > m / 2, so |x| / (c 2^-BOUND_EXP) < 2^(BOUND_EXP + 1)
                 big = (m > 2.0 ** BOUND_EXP[m.dtype]) & ~bad

@@ -34,7 +34,7 @@ from action_kernels._validation import (
     common_dtype,
 )
 from action_kernels.ops._autograd import no_autocast, once_differentiable
-from action_kernels.ops._normalization import inverse_norms, nonfinite_rows
+from action_kernels.ops._normalization import inverse_norms, nonfinite_rows, row_abs_max
 from action_kernels.ops.hard_negative_topk import _indexed_cosine_op, _topk
 
 
@@ -65,7 +65,7 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         cls = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
         counted = keep & (w > 0) & ~bad
         clean = torch.where(counted[:, None], x, zero)  # rows that do not count are an exact 0, however large
-        row_max = clean.detach().abs().amax(dim=1) if x.shape[1] else torch.zeros_like(w)
+        row_max = row_abs_max(clean, work)
         class_max = torch.zeros(num_classes, dtype=work, device=x.device).scatter_reduce(0, cls, row_max, "amax")
         # per class, a power of two within a factor 2 below its max |x|: an exact division, sums of N rows then
         # need N < 2^126, and one class's magnitude does not push another's values below the range
