@@ -303,6 +303,11 @@ def _same_shape(shape, want: tuple) -> bool:
     return True
 
 
+def is_per_row(shape, layout: RowLayout) -> bool:
+    """Whether `shape` is one of per_row_shapes(layout) (compared as _same_shape does)."""
+    return any(_same_shape(shape, a) for a in per_row_shapes(layout))
+
+
 def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: bool = True,
                  ref_name: str = "student", checks: ValueChecks | None = None) -> torch.Tensor | None:
     """weight: (N,) for rows, (B, *spatial), (B, 1, *spatial) or (N,) for maps of `ref_name`; finite and
@@ -312,7 +317,7 @@ def check_weight(weight, layout: RowLayout, ref: torch.Tensor, check_values: boo
         return None
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    if not any(_same_shape(weight.shape, a) for a in per_row_shapes(layout)):
+    if not is_per_row(weight.shape, layout):
         raise ValueError(
             f"weight must have shape {_shape_choices(layout)} (one weight per row of {ref_name}, whose shape is "
             f"{tuple(ref.shape)}), got {tuple(weight.shape)}; nothing is resized: bring the mask to the feature grid "
@@ -344,7 +349,7 @@ def check_labels(name: str, labels, count: int, ref: torch.Tensor, num_classes: 
         raise TypeError(f"{name} must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class labels, got {labels.dtype}; convert with {name}.long()")
-    if layout is not None and layout.spatial and not any(_same_shape(labels.shape, a) for a in per_row_shapes(layout)):
+    if layout is not None and layout.spatial and not is_per_row(labels.shape, layout):
         raise ValueError(f"{name} must have shape {_shape_choices(layout)} (one label per location of {ref_name}, "
                          f"whose shape is {tuple(ref.shape)}), got {tuple(labels.shape)}; nothing is resized: bring "
                          f"the labels to the feature grid first (e.g. nearest-neighbour F.interpolate, or strided "
@@ -574,7 +579,7 @@ def check_bank_push(features, labels, mask, dim: int, num_classes: int | None, i
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if not any(_same_shape(mask.shape, a) for a in per_row_shapes(layout)):
+        if not is_per_row(mask.shape, layout):
             raise ValueError(f"mask must have shape {_shape_choices(layout)} (one value per row of features, whose "
                              f"shape is {tuple(features.shape)}), got {tuple(mask.shape)}; nothing is resized")
         if mask.device != features.device:
