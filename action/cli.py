@@ -400,10 +400,11 @@ def cmd_ensemble(args) -> int:
             raise ValueError(f"--checkpoints: ensembling needs at least two, got {len(args.checkpoints)}")
         if not args.input:
             raise ValueError("--checkpoints needs --input (a NIfTI file or a folder of them) to segment")
-        _input_items(args.input)  # names checked before any checkpoint is read
+        items = _input_items(args.input)  # names checked before any checkpoint is read
         predictors = [_predictor_from_checkpoint(path, args.device, window=args.sliding_window, tta=args.tta)[0]
                       for path in args.checkpoints]
-        items = _input_items(args.input, predictors[0].cfg.in_channels or 1)
+        if (predictors[0].cfg.in_channels or 1) > 1:  # one file per channel: regrouped as the inputs' channels
+            items = _input_items(args.input, predictors[0].cfg.in_channels)
         written = ensemble_checkpoints(predictors, items, args.out, args.save_probabilities,
                                        component_filter(args.largest_component, predictors[0].cfg.num_classes))
         source = f"{len(args.checkpoints)} checkpoints"
