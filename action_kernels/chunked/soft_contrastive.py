@@ -102,8 +102,8 @@ def soft_contrastive_forward(s, t, k, rs, rt, rk, inv_tau_s: float, inv_tau_t: f
     pivot_r, ds0 (N, D).
 
     ds0 (dL/dŝ per unit upstream gradient) is empty when not with_grad. Outputs are fp32 (fp64 for fp64 inputs).
-    pivot (-1) and pivot_r (0) are placeholders: this backend's key gradient recomputes its statistics (module
-    docstring).
+    pivot is -1 and pivot_r 0 for every row: the backends share one output signature, and this backend's key
+    gradient recomputes both per chunk from its own logits (module docstring), so it keeps none.
     """
     B, P, D = s.shape
     N, K = B * P, k.shape[0]
